@@ -1,0 +1,554 @@
+//! LoRA hyper-parameters: [`LayerConfig`] for one layer (what `#[lora(...)]` declares) and
+//! [`LoraConfig`], PEFT's `adapter_config.json`.
+//!
+//! ```
+//! use lora_runtime::{LayerConfig, LoraConfig, LoraInit};
+//!
+//! let layer = LayerConfig::new(8, 16.0);
+//! assert_eq!(layer.scaling(), 2.0);
+//! assert_eq!(layer.with_rslora(true).scaling(), 16.0 / 8f64.sqrt());
+//!
+//! let json = r#"{"peft_type": "LORA", "r": 8, "lora_alpha": 16,
+//!                "target_modules": ["q_proj", "v_proj"], "rank_pattern": {"v_proj": 4},
+//!                "some_future_field": 1}"#;
+//! let config = LoraConfig::from_json(json)?;
+//! assert_eq!(config.rank_for("model.layers.0.self_attn.q_proj"), 8);
+//! assert_eq!(config.rank_for("model.layers.0.self_attn.v_proj"), 4);
+//! assert!(config.targets_module("model.layers.0.self_attn.q_proj"));
+//! # Ok::<(), lora_runtime::Error>(())
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+/// How a fresh adapter's `A` is initialised (`B` always starts at zero, so a fresh adapter is an
+/// exact no-op).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub enum LoraInit {
+    /// PEFT's default (`init_lora_weights = true`): `A ~ kaiming_uniform(a = sqrt(5))`, which is
+    /// `U(-1/sqrt(in), 1/sqrt(in))`.
+    #[default]
+    Kaiming,
+    /// PEFT's `init_lora_weights = "gaussian"`: `A ~ N(0, std = 1/r)`.
+    Gaussian,
+}
+
+/// The LoRA hyper-parameters of one layer: what `#[lora(rank = .., alpha = .., ..)]` declares for
+/// the targets of a struct.
+///
+/// Defaults are PEFT's: `rank = 8`, `alpha = 8`, `dropout = 0`, `use_rslora = false`,
+/// `init = Kaiming`.
+///
+/// ```
+/// use lora_runtime::{LayerConfig, LoraInit};
+/// let cfg = LayerConfig::new(4, 8.0).with_dropout(0.05).with_init(LoraInit::Gaussian);
+/// assert_eq!(cfg.scaling(), 2.0);
+/// cfg.validate()?;
+/// # Ok::<(), lora_runtime::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LayerConfig {
+    /// The rank `r` of the factors `A [r, in]` and `B [out, r]`.
+    pub rank: usize,
+    /// `lora_alpha`: the delta is scaled by `alpha / r` (or `alpha / sqrt(r)` with rsLoRA).
+    pub alpha: f64,
+    /// Dropout probability applied to the input of the LoRA branch in training mode.
+    pub dropout: f32,
+    /// rsLoRA scaling `alpha / sqrt(r)` instead of `alpha / r`.
+    pub use_rslora: bool,
+    /// How `A` is initialised.
+    pub init: LoraInit,
+}
+
+impl Default for LayerConfig {
+    fn default() -> Self {
+        Self::new(8, 8.0)
+    }
+}
+
+impl LayerConfig {
+    /// A config with the given rank and alpha, no dropout, standard scaling, Kaiming init.
+    pub const fn new(rank: usize, alpha: f64) -> Self {
+        Self {
+            rank,
+            alpha,
+            dropout: 0.0,
+            use_rslora: false,
+            init: LoraInit::Kaiming,
+        }
+    }
+
+    /// Sets the dropout probability of the LoRA branch.
+    pub const fn with_dropout(mut self, dropout: f32) -> Self {
+        self.dropout = dropout;
+        self
+    }
+
+    /// Switches rsLoRA scaling on or off.
+    pub const fn with_rslora(mut self, use_rslora: bool) -> Self {
+        self.use_rslora = use_rslora;
+        self
+    }
+
+    /// Sets the initialisation scheme of `A`.
+    pub const fn with_init(mut self, init: LoraInit) -> Self {
+        self.init = init;
+        self
+    }
+
+    /// The factor applied to `B A`: `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
+    pub fn scaling(&self) -> f64 {
+        scaling(self.rank, self.alpha, self.use_rslora)
+    }
+
+    /// Checks rank > 0, finite alpha > 0, dropout in `[0, 1)`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] naming the field at fault.
+    pub fn validate(&self) -> Result<()> {
+        validate_values(self.rank, self.alpha, self.dropout as f64, None)
+    }
+}
+
+/// `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
+pub(crate) fn scaling(rank: usize, alpha: f64, use_rslora: bool) -> f64 {
+    if use_rslora {
+        alpha / (rank as f64).sqrt()
+    } else {
+        alpha / rank as f64
+    }
+}
+
+fn invalid(file: Option<&Path>, field: &str, reason: String) -> Error {
+    Error::InvalidConfig {
+        file: file.map(Path::to_path_buf),
+        field: field.to_string(),
+        reason,
+    }
+}
+
+fn validate_values(rank: usize, alpha: f64, dropout: f64, file: Option<&Path>) -> Result<()> {
+    if rank == 0 {
+        return Err(invalid(file, "r", "the rank must be at least 1".into()));
+    }
+    if !(alpha.is_finite() && alpha > 0.0) {
+        return Err(invalid(
+            file,
+            "lora_alpha",
+            format!("alpha must be a finite number > 0, got {alpha}"),
+        ));
+    }
+    if !(0.0..1.0).contains(&dropout) {
+        return Err(invalid(
+            file,
+            "lora_dropout",
+            format!("dropout must be in [0, 1), got {dropout}"),
+        ));
+    }
+    Ok(())
+}
+
+/// PEFT's `target_modules`: a list of module names (matched as the whole path or its last
+/// components) or one regular expression (matched against the whole path).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TargetModules {
+    /// Names such as `["q_proj", "v_proj"]`: a path matches when it equals a name or ends with
+    /// `.name`.
+    List(Vec<String>),
+    /// A regex such as `".*\.(q|v)_proj"`, matched against the whole module path.
+    Regex(String),
+}
+
+impl Default for TargetModules {
+    fn default() -> Self {
+        TargetModules::List(Vec::new())
+    }
+}
+
+/// PEFT's `init_lora_weights`: `true`, `false` or a scheme name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum InitLoraWeights {
+    /// `true` (Kaiming A, zero B) or `false` (both random; only for tests in PEFT).
+    Bool(bool),
+    /// A scheme name such as `"gaussian"`.
+    Name(String),
+}
+
+impl Default for InitLoraWeights {
+    fn default() -> Self {
+        InitLoraWeights::Bool(true)
+    }
+}
+
+impl From<LoraInit> for InitLoraWeights {
+    fn from(init: LoraInit) -> Self {
+        match init {
+            LoraInit::Kaiming => InitLoraWeights::Bool(true),
+            LoraInit::Gaussian => InitLoraWeights::Name("gaussian".into()),
+        }
+    }
+}
+
+fn default_peft_type() -> String {
+    "LORA".into()
+}
+fn default_rank() -> usize {
+    8
+}
+fn default_alpha() -> f64 {
+    8.0
+}
+fn default_bias() -> String {
+    "none".into()
+}
+
+/// PEFT's `adapter_config.json` for a LoRA adapter.
+///
+/// Unknown fields are tolerated on load and kept (in [`LoraConfig::extra`]) so a config
+/// round-trips; fields that ask for features this runtime does not implement are refused by
+/// [`LoraConfig::check_supported`]. Written with sorted keys and an indent of 2, as PEFT does.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraConfig {
+    /// Always `"LORA"`.
+    #[serde(default = "default_peft_type")]
+    pub peft_type: String,
+    /// Default rank `r`.
+    #[serde(rename = "r", default = "default_rank")]
+    pub rank: usize,
+    /// Default `lora_alpha`.
+    #[serde(rename = "lora_alpha", default = "default_alpha")]
+    pub alpha: f64,
+    /// `lora_dropout`.
+    #[serde(rename = "lora_dropout", default)]
+    pub dropout: f64,
+    /// `target_modules`: names or a regex.
+    #[serde(rename = "target_modules", default)]
+    pub targets: TargetModules,
+    /// `use_rslora`: scaling `alpha / sqrt(r)`.
+    #[serde(default)]
+    pub use_rslora: bool,
+    /// `init_lora_weights`.
+    #[serde(rename = "init_lora_weights", default)]
+    pub init: InitLoraWeights,
+    /// `bias`: only `"none"` is supported.
+    #[serde(default = "default_bias")]
+    pub bias: String,
+    /// `use_dora`: DoRA is not supported.
+    #[serde(default)]
+    pub use_dora: bool,
+    /// `fan_in_fan_out`: targets store their weight `[in, out]` (GPT-2 `Conv1D`).
+    #[serde(default)]
+    pub fan_in_fan_out: bool,
+    /// `inference_mode`: PEFT writes `true` on save.
+    #[serde(default)]
+    pub inference_mode: bool,
+    /// `base_model_name_or_path`.
+    #[serde(default)]
+    pub base_model_name_or_path: Option<String>,
+    /// `task_type`.
+    #[serde(default)]
+    pub task_type: Option<String>,
+    /// `modules_to_save`: not supported when non-empty.
+    #[serde(default)]
+    pub modules_to_save: Option<Vec<String>>,
+    /// `rank_pattern`: module-name pattern -> rank.
+    #[serde(default)]
+    pub rank_pattern: BTreeMap<String, usize>,
+    /// `alpha_pattern`: module-name pattern -> alpha.
+    #[serde(default)]
+    pub alpha_pattern: BTreeMap<String, f64>,
+    /// `layers_to_transform`: not supported when set.
+    #[serde(default)]
+    pub layers_to_transform: Option<Value>,
+    /// `layers_pattern`.
+    #[serde(default)]
+    pub layers_pattern: Option<Value>,
+    /// `exclude_modules`.
+    #[serde(default)]
+    pub exclude_modules: Option<Value>,
+    /// `peft_version`.
+    #[serde(default)]
+    pub peft_version: Option<String>,
+    /// Every other field, kept as it was read.
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, Value>,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self::new(8, 8.0, Vec::<String>::new())
+    }
+}
+
+/// Fields PEFT added over time that ask for behaviour we do not implement when they are set to
+/// anything but null / false / an empty list or map.
+const UNSUPPORTED_EXTRA_FIELDS: &[(&str, &str)] = &[
+    ("lora_bias", "a trainable bias on lora_B"),
+    ("target_parameters", "LoRA on raw parameters"),
+    ("trainable_token_indices", "trainable token embeddings"),
+    ("layer_replication", "layer replication"),
+    ("use_qalora", "QA-LoRA"),
+    ("alora_invocation_tokens", "activated LoRA"),
+    ("arrow_config", "Arrow routing"),
+    ("megatron_config", "Megatron parallel layers"),
+];
+
+impl LoraConfig {
+    /// A config with the given default rank, alpha and target module names; everything else is
+    /// PEFT's default.
+    pub fn new(rank: usize, alpha: f64, targets: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        Self {
+            peft_type: default_peft_type(),
+            rank,
+            alpha,
+            dropout: 0.0,
+            targets: TargetModules::List(targets.into_iter().map(Into::into).collect()),
+            use_rslora: false,
+            init: InitLoraWeights::default(),
+            bias: default_bias(),
+            use_dora: false,
+            fan_in_fan_out: false,
+            inference_mode: true,
+            base_model_name_or_path: None,
+            task_type: None,
+            modules_to_save: None,
+            rank_pattern: BTreeMap::new(),
+            alpha_pattern: BTreeMap::new(),
+            layers_to_transform: None,
+            layers_pattern: None,
+            exclude_modules: None,
+            peft_version: None,
+            extra: BTreeMap::new(),
+        }
+    }
+
+    /// Parses an `adapter_config.json` text.
+    ///
+    /// # Errors
+    /// [`Error::Json`] when the text is not a JSON object of the expected shape.
+    pub fn from_json(text: &str) -> Result<Self> {
+        Self::parse(text, Path::new("adapter_config.json"))
+    }
+
+    pub(crate) fn parse(text: &str, path: &Path) -> Result<Self> {
+        serde_json::from_str(text).map_err(|source| Error::Json {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    /// Reads and parses an `adapter_config.json` file.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the file cannot be read, [`Error::Json`] when it does not parse.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::parse(&text, path)
+    }
+
+    /// The JSON text PEFT writes: sorted keys, indent 2.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] if a value cannot be represented in JSON (a non-finite alpha).
+    pub fn to_json(&self) -> Result<String> {
+        // serde_json's `Value` keeps object keys in a BTreeMap: serializing through it sorts them.
+        let value = serde_json::to_value(self).map_err(|e| invalid(None, "adapter_config", e.to_string()))?;
+        serde_json::to_string_pretty(&value).map_err(|e| invalid(None, "adapter_config", e.to_string()))
+    }
+
+    /// Refuses PEFT features this runtime does not implement, naming the field.
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] naming the first unsupported field; [`Error::InvalidConfig`] for
+    /// a rank, alpha or dropout out of range.
+    pub fn check_supported(&self, path: &Path) -> Result<()> {
+        let unsupported = |field: &str, reason: String| Error::Unsupported {
+            path: path.to_path_buf(),
+            field: field.to_string(),
+            reason,
+        };
+        if self.peft_type != "LORA" {
+            return Err(unsupported(
+                "peft_type",
+                format!("`{}` adapters are not supported, only `LORA`", self.peft_type),
+            ));
+        }
+        if self.use_dora {
+            return Err(unsupported("use_dora", "DoRA adapters are not supported".into()));
+        }
+        if self.bias != "none" {
+            return Err(unsupported(
+                "bias",
+                format!("bias = `{}` (trained biases) is not supported, only `none`", self.bias),
+            ));
+        }
+        if self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
+            return Err(unsupported(
+                "modules_to_save",
+                "fully trained extra modules are not supported".into(),
+            ));
+        }
+        if self.layers_to_transform.as_ref().is_some_and(|v| !is_unset(v)) {
+            return Err(unsupported(
+                "layers_to_transform",
+                "selecting layers by index is not supported".into(),
+            ));
+        }
+        for (field, what) in UNSUPPORTED_EXTRA_FIELDS {
+            if self.extra.get(*field).is_some_and(|v| !is_unset(v)) {
+                return Err(unsupported(field, format!("{what} is not supported")));
+            }
+        }
+        validate_values(self.rank, self.alpha, self.dropout, Some(path))?;
+        for (pattern, &rank) in &self.rank_pattern {
+            if rank == 0 {
+                return Err(invalid(
+                    Some(path),
+                    "rank_pattern",
+                    format!("rank of `{pattern}` must be at least 1"),
+                ));
+            }
+        }
+        for (pattern, &alpha) in &self.alpha_pattern {
+            if !(alpha.is_finite() && alpha > 0.0) {
+                return Err(invalid(
+                    Some(path),
+                    "alpha_pattern",
+                    format!("alpha of `{pattern}` must be a finite number > 0, got {alpha}"),
+                ));
+            }
+        }
+        if let TargetModules::Regex(re) = &self.targets {
+            full_match_regex(re).map_err(|e| invalid(Some(path), "target_modules", e))?;
+        }
+        Ok(())
+    }
+
+    /// The rank of the module at `module_path`: the first matching `rank_pattern` entry, else `r`.
+    pub fn rank_for(&self, module_path: &str) -> usize {
+        pattern_value(&self.rank_pattern, module_path).unwrap_or(self.rank)
+    }
+
+    /// The alpha of the module at `module_path`: the first matching `alpha_pattern` entry, else
+    /// `lora_alpha`.
+    pub fn alpha_for(&self, module_path: &str) -> f64 {
+        pattern_value(&self.alpha_pattern, module_path).unwrap_or(self.alpha)
+    }
+
+    /// The scaling of the module at `module_path`, with patterns and rsLoRA.
+    pub fn scaling_for(&self, module_path: &str) -> f64 {
+        scaling(self.rank_for(module_path), self.alpha_for(module_path), self.use_rslora)
+    }
+
+    /// Whether `target_modules` selects the module at `module_path`, as PEFT decides it: a regex
+    /// must match the whole path; a name must equal the path or its last components.
+    pub fn targets_module(&self, module_path: &str) -> bool {
+        match &self.targets {
+            TargetModules::Regex(re) => {
+                full_match_regex(re).is_ok_and(|re| re.is_match(module_path))
+            }
+            TargetModules::List(names) => names
+                .iter()
+                .any(|name| module_path == name || module_path.ends_with(&format!(".{name}"))),
+        }
+    }
+}
+
+fn is_unset(v: &Value) -> bool {
+    match v {
+        Value::Null | Value::Bool(false) => true,
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.is_empty(),
+        _ => false,
+    }
+}
+
+fn full_match_regex(re: &str) -> std::result::Result<regex::Regex, String> {
+    regex::Regex::new(&format!("^(?:{re})$")).map_err(|e| format!("invalid regex: {e}"))
+}
+
+/// PEFT's `get_pattern_key`: an exact key wins, else the first key `k` (in sorted order) with
+/// `re.match(rf"(.*\.)?({k})$", path)`.
+fn pattern_value<T: Copy>(patterns: &BTreeMap<String, T>, module_path: &str) -> Option<T> {
+    if let Some(v) = patterns.get(module_path) {
+        return Some(*v);
+    }
+    patterns.iter().find_map(|(key, v)| {
+        let re = regex::Regex::new(&format!(r"^(?:.*\.)?(?:{key})$")).ok()?;
+        re.is_match(module_path).then_some(*v)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_fields_are_kept_and_keys_sorted() {
+        let json = r#"{"zeta": 1, "peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": "model\\..*\\.(q|v)_proj"}"#;
+        let cfg = LoraConfig::from_json(json).unwrap();
+        assert_eq!(cfg.extra.get("zeta"), Some(&Value::from(1)));
+        assert!(cfg.targets_module("model.layers.3.q_proj"));
+        assert!(!cfg.targets_module("model.layers.3.k_proj"));
+        assert!(!cfg.targets_module("x.model.layers.3.q_proj"));
+        let out = cfg.to_json().unwrap();
+        let keys: Vec<&str> = out
+            .lines()
+            .filter_map(|l| l.strip_prefix("  \"").and_then(|l| l.split('"').next()))
+            .collect();
+        let mut sorted = keys.clone();
+        sorted.sort();
+        assert_eq!(keys, sorted);
+        assert!(out.contains("\n  \"zeta\": 1"));
+        assert_eq!(LoraConfig::from_json(&out).unwrap(), cfg);
+    }
+
+    #[test]
+    fn patterns_follow_peft() {
+        let mut cfg = LoraConfig::new(8, 16.0, ["q_proj", "v_proj"]);
+        cfg.rank_pattern.insert("v_proj".into(), 4);
+        cfg.rank_pattern.insert("layers.1.self_attn.q_proj".into(), 2);
+        cfg.alpha_pattern.insert(r"layers\.0\..*".into(), 32.0);
+        assert_eq!(cfg.rank_for("model.layers.0.self_attn.v_proj"), 4);
+        assert_eq!(cfg.rank_for("model.layers.1.self_attn.q_proj"), 2);
+        assert_eq!(cfg.rank_for("model.layers.0.self_attn.q_proj"), 8);
+        assert_eq!(cfg.alpha_for("model.layers.0.self_attn.q_proj"), 32.0);
+        assert_eq!(cfg.alpha_for("model.layers.1.self_attn.q_proj"), 16.0);
+        // "q_proj" must not match "qq_proj": patterns match whole path components.
+        assert_eq!(cfg.rank_for("model.qq_v_proj"), 8);
+        assert!(!cfg.targets_module("model.layers.0.self_attn.kq_proj"));
+    }
+
+    #[test]
+    fn unsupported_features_are_named() {
+        let p = Path::new("a/adapter_config.json");
+        for (json, field) in [
+            (r#"{"use_dora": true}"#, "use_dora"),
+            (r#"{"bias": "all"}"#, "bias"),
+            (r#"{"modules_to_save": ["lm_head"]}"#, "modules_to_save"),
+            (r#"{"layers_to_transform": [0, 1]}"#, "layers_to_transform"),
+            (r#"{"lora_bias": true}"#, "lora_bias"),
+            (r#"{"peft_type": "IA3"}"#, "peft_type"),
+        ] {
+            let err = LoraConfig::from_json(json).unwrap().check_supported(p).unwrap_err();
+            match err {
+                Error::Unsupported { field: f, .. } => assert_eq!(f, field),
+                other => panic!("{json}: {other}"),
+            }
+        }
+        let ok = LoraConfig::from_json(r#"{"modules_to_save": null, "lora_bias": false}"#).unwrap();
+        ok.check_supported(p).unwrap();
+        let err = LoraConfig::from_json(r#"{"r": 0}"#).unwrap().check_supported(p).unwrap_err();
+        assert!(err.to_string().contains("`r`"), "{err}");
+        let err = LoraConfig::from_json(r#"{"lora_alpha": -1}"#).unwrap().check_supported(p).unwrap_err();
+        assert!(err.to_string().contains("`lora_alpha`"), "{err}");
+    }
+}

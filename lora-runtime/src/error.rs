@@ -1,0 +1,175 @@
+//! The one error type of the runtime.
+//!
+//! Every variant names what went wrong: the file, the tensor key, the config field or the
+//! module path, so a user can find the fault without a debugger.
+
+use std::path::PathBuf;
+
+/// A `Result` whose error is the runtime's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Everything that can go wrong in the runtime.
+///
+/// Operations that fail leave the model exactly as it was: validation happens before any layer is
+/// touched.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A tensor operation failed in candle.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+
+    /// Reading or writing a file failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or directory at fault.
+        path: PathBuf,
+        /// The underlying I/O error.
+        source: std::io::Error,
+    },
+
+    /// A safetensors file could not be parsed (truncated, corrupt header, bad offsets, ...).
+    #[error("{}: not a valid safetensors file: {source}", path.display())]
+    SafeTensors {
+        /// The file at fault.
+        path: PathBuf,
+        /// What the safetensors parser found.
+        source: safetensors::SafeTensorError,
+    },
+
+    /// A JSON file (adapter config, shard index) could not be parsed.
+    #[error("{}: invalid JSON: {source}", path.display())]
+    Json {
+        /// The file at fault.
+        path: PathBuf,
+        /// What the JSON parser found.
+        source: serde_json::Error,
+    },
+
+    /// A configuration value is invalid (rank 0, negative alpha, dropout outside `[0, 1)`, ...).
+    #[error("invalid config field `{field}`{}: {reason}", in_file(file))]
+    InvalidConfig {
+        /// The config file, when the value came from one.
+        file: Option<PathBuf>,
+        /// The field at fault, e.g. `r` or `lora_alpha`.
+        field: String,
+        /// Why the value is refused.
+        reason: String,
+    },
+
+    /// The adapter uses a PEFT feature this runtime does not implement (DoRA, `modules_to_save`, ...).
+    #[error("{}: unsupported PEFT feature `{field}`: {reason}", path.display())]
+    Unsupported {
+        /// The file that asks for the feature.
+        path: PathBuf,
+        /// The config field or tensor key that asks for it.
+        field: String,
+        /// What is not supported and what to do instead.
+        reason: String,
+    },
+
+    /// A tensor in an adapter file is wrong (shape, dtype, non-finite values, missing partner).
+    #[error("{}: tensor `{key}`: {reason}", file.display())]
+    BadTensor {
+        /// The adapter file.
+        file: PathBuf,
+        /// The tensor key at fault.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A tensor in an adapter file names a module that is not a LoRA layer of the model.
+    #[error(
+        "{}: tensor `{key}` targets module `{module}`, which is not a LoRA layer of this model{}",
+        file.display(),
+        hint(known)
+    )]
+    UnknownModule {
+        /// The adapter file.
+        file: PathBuf,
+        /// The tensor key.
+        key: String,
+        /// The module path the key names.
+        module: String,
+        /// A few module paths the model does have, as a hint.
+        known: Vec<String>,
+    },
+
+    /// A layer-level operation was refused (shape mismatch, no adapter, ...).
+    #[error("layer `{path}`: {reason}")]
+    Layer {
+        /// The module path of the layer (empty for a standalone layer).
+        path: String,
+        /// What went wrong.
+        reason: String,
+    },
+
+    /// `merge()` on a layer that is already merged, or an operation that needs unmerged weights.
+    #[error("layer `{path}` is merged: call `unmerge()` first")]
+    Merged {
+        /// The module path of the layer.
+        path: String,
+    },
+
+    /// `unmerge()` on a layer that is not merged.
+    #[error("layer `{path}` is not merged: nothing to unmerge")]
+    NotMerged {
+        /// The module path of the layer.
+        path: String,
+    },
+
+    /// A merge would produce NaN or infinite weights; nothing was changed.
+    #[error("layer `{path}`: merging the adapter gives non-finite weights (NaN or inf); the layer is unchanged")]
+    NonFinite {
+        /// The module path of the layer.
+        path: String,
+    },
+
+    /// The model has no LoRA layers, or no adapter where one is needed.
+    #[error("{0}")]
+    NoAdapter(String),
+}
+
+fn in_file(file: &Option<PathBuf>) -> String {
+    match file {
+        Some(f) => format!(" in {}", f.display()),
+        None => String::new(),
+    }
+}
+
+fn hint(known: &[String]) -> String {
+    if known.is_empty() {
+        " (the model has no LoRA layers)".to_string()
+    } else {
+        format!(" (LoRA layers include `{}`)", known.join("`, `"))
+    }
+}
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn layer(path: &str, reason: impl Into<String>) -> Self {
+        Error::Layer {
+            path: path.to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn bad_tensor(
+        file: impl Into<PathBuf>,
+        key: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> Self {
+        Error::BadTensor {
+            file: file.into(),
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+}

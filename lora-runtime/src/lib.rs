@@ -1,0 +1,117 @@
+//! The runtime behind the [`lora`](https://docs.rs/lora) crate: LoRA layers on candle, exact
+//! merge and unmerge, and adapter files in Hugging Face PEFT's format.
+//!
+//! Most users depend on `lora` and write `#[lora(...)]` on their model struct; this crate is what
+//! the generated code calls. It can be used directly:
+//!
+//! ```
+//! use candle_core::{Device, Module, Tensor};
+//! use candle_nn::Linear;
+//! use lora_runtime::{LayerConfig, LoraLinear, LoraModel};
+//!
+//! let dev = Device::Cpu;
+//! let mut layer = LoraLinear::from(Linear::new(Tensor::randn(0f32, 1., (16, 16), &dev)?, None));
+//! layer.init_adapter(&LayerConfig::new(4, 8.0), 42)?;
+//! let x = Tensor::randn(0f32, 1., (2, 16), &dev)?;
+//! let unmerged = layer.forward(&x)?;
+//! layer.merge()?;                  // W += (alpha / r) * B A, computed in f32
+//! let merged = layer.forward(&x)?; // one matmul, same output
+//! assert!((unmerged - merged)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-5);
+//! layer.unmerge()?;                // the original W, bit for bit
+//! # Ok::<(), lora_runtime::Error>(())
+//! ```
+//!
+//! - [`LoraLinear`]: a frozen linear layer plus an optional adapter.
+//! - [`LoraModel`]: the trait `#[lora]` implements; merge, save, load and friends for a model.
+//! - [`LayerConfig`], [`LoraConfig`]: hyper-parameters; PEFT's `adapter_config.json`.
+//! - [`peft`]: reading and writing PEFT adapter directories.
+//! - [`merge_file`]: merging an adapter into a safetensors model without model code (the `lora`
+//!   command-line tool).
+#![warn(missing_docs)]
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
+pub mod config;
+pub mod error;
+pub mod linear;
+pub mod merge_file;
+pub mod model;
+pub mod peft;
+
+pub use config::{LayerConfig, LoraConfig, LoraInit, TargetModules};
+pub use error::{Error, Result};
+pub use linear::{Adapter, LoraLinear};
+pub use model::{LoraModel, ModulePath, TrainableParameters, VisitFn, VisitMutFn};
+
+/// What the code `#[lora]` generates calls. Not a public API: it changes without notice.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::config::{LayerConfig, LoraInit};
+    pub use crate::error::Result;
+    pub use crate::linear::LoraLinear;
+    pub use crate::model::{LoraModel, ModulePath, VisitFn, VisitMutFn};
+
+    /// The layer types a `#[lora]` target field may have.
+    #[diagnostic::on_unimplemented(
+        message = "`{Self}` cannot be a LoRA target",
+        label = "not a linear layer",
+        note = "LoRA targets must be `candle_nn::Linear` (or `lora::LoraLinear`); Embedding and Conv LoRA are not supported yet: remove this field from `targets`"
+    )]
+    pub trait LoraTarget {}
+    impl LoraTarget for candle_nn::Linear {}
+    impl LoraTarget for LoraLinear {}
+
+    /// Fails to compile, at the field's type, when it is not a supported target layer.
+    #[inline(always)]
+    pub const fn assert_lora_target<T: LoraTarget + ?Sized>() {}
+
+    /// Fails to compile, at the field's type, when a `#[lora(nested)]` field is not a LoRA model.
+    #[inline(always)]
+    pub const fn assert_lora_model<T: LoraModel + ?Sized>() {}
+
+    /// Visits a target field.
+    #[inline]
+    pub fn visit_layer<'a>(
+        path: &mut ModulePath,
+        name: &str,
+        layer: &'a LoraLinear,
+        config: &LayerConfig,
+        f: &mut VisitFn<'a, '_>,
+    ) -> Result<()> {
+        path.scoped(name, |p| f(p, layer, config))
+    }
+
+    /// Visits a target field mutably.
+    #[inline]
+    pub fn visit_layer_mut(
+        path: &mut ModulePath,
+        name: &str,
+        layer: &mut LoraLinear,
+        config: &LayerConfig,
+        f: &mut VisitMutFn<'_>,
+    ) -> Result<()> {
+        path.scoped(name, |p| f(p, layer, config))
+    }
+
+    /// Visits a `#[lora(nested)]` field.
+    #[inline]
+    pub fn visit_nested<'a, T: LoraModel + ?Sized>(
+        path: &mut ModulePath,
+        name: &str,
+        model: &'a T,
+        f: &mut VisitFn<'a, '_>,
+    ) -> Result<()> {
+        path.scoped(name, |p| model.visit_lora_layers(p, f))
+    }
+
+    /// Visits a `#[lora(nested)]` field mutably.
+    #[inline]
+    pub fn visit_nested_mut<T: LoraModel + ?Sized>(
+        path: &mut ModulePath,
+        name: &str,
+        model: &mut T,
+        f: &mut VisitMutFn<'_>,
+    ) -> Result<()> {
+        path.scoped(name, |p| model.visit_lora_layers_mut(p, f))
+    }
+}

@@ -1,0 +1,365 @@
+//! Merging a PEFT adapter into a safetensors model with no model code: what `lora merge` runs.
+//!
+//! Each targeted tensor `<module>.weight` becomes `W + s * B A` (computed in f32, stored in `W`'s
+//! dtype, transposed for `fan_in_fan_out`); every other tensor is copied byte for byte. The base is
+//! memory-mapped and the output is written tensor by tensor, so memory stays near the largest
+//! tensor, not the model's size. Everything is validated before the first byte is written, and the
+//! output appears only when complete (temporary files, then rename): a failed merge leaves no
+//! output behind.
+//!
+//! ```no_run
+//! use lora_runtime::merge_file::merge_safetensors;
+//! let report = merge_safetensors("model.safetensors".as_ref(), "my-adapter".as_ref(),
+//!                                "merged.safetensors".as_ref(), &mut |_done, _total| {})?;
+//! println!("merged {} of {} tensors", report.merged, report.tensors);
+//! # Ok::<(), lora_runtime::Error>(())
+//! ```
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use memmap2::Mmap;
+use safetensors::{Dtype, View};
+
+use crate::error::{Error, Result};
+use crate::linear::all_finite;
+use crate::peft::{parse_safetensors, temp_path_for, AdapterFile, Factors};
+
+/// The index file of a sharded model.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// What a merge did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MergeReport {
+    /// Tensors written.
+    pub tensors: usize,
+    /// Tensors that received a LoRA delta.
+    pub merged: usize,
+    /// Bytes of tensor data written.
+    pub bytes: u64,
+    /// Output files written.
+    pub files: usize,
+}
+
+/// One input file and where its merged copy goes.
+struct Shard {
+    input: PathBuf,
+    output: PathBuf,
+    map: Mmap,
+}
+
+fn map_file(path: &Path) -> Result<Mmap> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: the mapping is read-only; a concurrent truncation of the input by another process
+    // is outside what any reader of a file can defend against.
+    unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))
+}
+
+#[derive(serde::Deserialize)]
+struct Index {
+    weight_map: BTreeMap<String, String>,
+}
+
+/// The shards of `base` and their output paths under `out`.
+fn plan(base: &Path, out: &Path) -> Result<(Vec<(PathBuf, PathBuf)>, Option<PathBuf>)> {
+    let meta = std::fs::metadata(base).map_err(|e| Error::io(base, e))?;
+    if !meta.is_dir() {
+        return Ok((vec![(base.to_path_buf(), out.to_path_buf())], None));
+    }
+    let index_path = base.join(INDEX_FILE);
+    if index_path.exists() {
+        let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
+        let index: Index = serde_json::from_str(&text).map_err(|source| Error::Json { path: index_path.clone(), source })?;
+        let mut files: Vec<&String> = index.weight_map.values().collect();
+        files.sort();
+        files.dedup();
+        let shards = files
+            .into_iter()
+            .map(|f| {
+                if f.contains('/') || f.contains('\\') || f.starts_with('.') {
+                    return Err(Error::InvalidConfig {
+                        file: Some(index_path.clone()),
+                        field: "weight_map".into(),
+                        reason: format!("shard name `{f}` must be a plain file name"),
+                    });
+                }
+                Ok((base.join(f), out.join(f)))
+            })
+            .collect::<Result<_>>()?;
+        return Ok((shards, Some(index_path)));
+    }
+    let single = base.join("model.safetensors");
+    if single.exists() {
+        return Ok((vec![(single, out.join("model.safetensors"))], None));
+    }
+    Err(Error::io(
+        base,
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("directory has neither {INDEX_FILE} nor model.safetensors"),
+        ),
+    ))
+}
+
+/// The delta to add to one base tensor.
+struct Delta {
+    /// `s * B`, f32 `[out, r]`.
+    b: Tensor,
+    /// `A`, f32 `[r, in]`.
+    a: Tensor,
+    fan_in_fan_out: bool,
+}
+
+impl Delta {
+    fn apply(&self, bytes: &[u8], dtype: DType, shape: &[usize]) -> candle_core::Result<Tensor> {
+        let w = Tensor::from_raw_buffer(bytes, dtype, shape, &Device::Cpu)?;
+        let d = self.b.matmul(&self.a)?;
+        let d = if self.fan_in_fan_out { d.t()? } else { d };
+        if dtype == DType::F32 {
+            w + d
+        } else {
+            (w.to_dtype(DType::F32)? + d)?.to_dtype(dtype)
+        }
+    }
+}
+
+/// A tensor of the output: the input's bytes, or computed with its delta when written.
+struct OutTensor<'a> {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    source: &'a [u8],
+    delta: Option<(&'a str, Delta)>,
+    ctx: &'a WriteCtx<'a>,
+}
+
+/// State shared by the tensors of one output file while it is written.
+struct WriteCtx<'a> {
+    error: RefCell<Option<Error>>,
+    progress: RefCell<&'a mut dyn FnMut(u64, u64)>,
+    done: Cell<u64>,
+    total: u64,
+    map: &'a Mmap,
+    /// The range of the mapping handed out last: released when the next tensor is asked for.
+    last: Cell<Option<(usize, usize)>>,
+}
+
+impl WriteCtx<'_> {
+    fn release_last(&self) {
+        if let Some((offset, len)) = self.last.take() {
+            // Dropping already written pages keeps the resident set near one tensor. Advice only:
+            // a failure changes nothing.
+            // SAFETY: the mapping is a read-only file mapping; dropped pages are re-read from the
+            // file if touched again.
+            let _ = unsafe { self.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len) };
+        }
+    }
+}
+
+impl View for OutTensor<'_> {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data_len(&self) -> usize {
+        self.source.len()
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        let ctx = self.ctx;
+        ctx.release_last();
+        let offset = self.source.as_ptr() as usize - ctx.map.as_ptr() as usize;
+        ctx.last.set(Some((offset, self.source.len())));
+        ctx.done.set(ctx.done.get() + self.source.len() as u64);
+        (ctx.progress.borrow_mut())(ctx.done.get(), ctx.total);
+        let Some((key, delta)) = &self.delta else {
+            return std::borrow::Cow::Borrowed(self.source);
+        };
+        let merged = crate::peft::candle_of(self.dtype)
+            .ok_or_else(|| Error::layer(key, "not a float tensor"))
+            .and_then(|dtype| Ok(delta.apply(self.source, dtype, &self.shape)?))
+            .and_then(|t| {
+                if !all_finite(&t)? {
+                    return Err(Error::NonFinite { path: key.to_string() });
+                }
+                Ok(crate::peft::tensor_bytes(&t)?.1)
+            });
+        match merged {
+            Ok(bytes) if bytes.len() == self.source.len() => std::borrow::Cow::Owned(bytes),
+            Ok(_) => {
+                ctx.error.borrow_mut().get_or_insert(Error::layer(key, "merged tensor changed size"));
+                std::borrow::Cow::Owned(vec![0; self.source.len()])
+            }
+            Err(e) => {
+                ctx.error.borrow_mut().get_or_insert(e);
+                std::borrow::Cow::Owned(vec![0; self.source.len()])
+            }
+        }
+    }
+}
+
+/// Merges the PEFT adapter at `adapter` into the safetensors model at `base`, writing `out`.
+///
+/// `base` is a `.safetensors` file (then `out` is a file), or a directory with
+/// `model.safetensors.index.json` and its shards, or with `model.safetensors` (then `out` is a
+/// directory with the same files; the index is copied). `progress(bytes_done, bytes_total)` is
+/// called as tensors are written.
+///
+/// # Errors
+/// Any error naming the file, tensor or field at fault: a broken or unsupported adapter, a module
+/// with no `<module>.weight` in the base, a shape that does not fit, a non-finite result, or I/O.
+/// On error no output file is left behind.
+pub fn merge_safetensors(base: &Path, adapter: &Path, out: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<MergeReport> {
+    let adapter = AdapterFile::read(adapter)?;
+    let (plan, index) = plan(base, out)?;
+    let shards: Vec<Shard> = plan
+        .into_iter()
+        .map(|(input, output)| Ok(Shard { map: map_file(&input)?, input, output }))
+        .collect::<Result<_>>()?;
+    let parsed: Vec<_> = shards.iter().map(|s| parse_safetensors(&s.map, &s.input)).collect::<Result<_>>()?;
+
+    // Validate every adapter module against the base before writing anything.
+    let mut location: HashMap<String, usize> = HashMap::new();
+    for (i, st) in parsed.iter().enumerate() {
+        for name in st.names() {
+            location.insert(name.to_string(), i);
+        }
+    }
+    let fifo = adapter.config.fan_in_fan_out;
+    let mut deltas: HashMap<String, (String, Delta)> = HashMap::new();
+    for (module, f) in &adapter.factors {
+        let weight = format!("{module}.weight");
+        let Some(&i) = location.get(&weight) else {
+            return Err(Error::bad_tensor(
+                &adapter.path,
+                &f.a_key,
+                format!("targets `{module}`, but the base model has no tensor `{weight}`"),
+            ));
+        };
+        let view = parsed[i].tensor(&weight).map_err(|source| Error::SafeTensors { path: shards[i].input.clone(), source })?;
+        check_fits(&adapter, module, f, view.shape(), view.dtype(), fifo, &shards[i].input)?;
+        let scale = adapter.config.scaling_for(module);
+        let delta = Delta {
+            b: f.b.to_dtype(DType::F32)?.affine(scale, 0.0)?,
+            a: f.a.to_dtype(DType::F32)?,
+            fan_in_fan_out: fifo,
+        };
+        deltas.insert(weight, (module.clone(), delta));
+    }
+
+    let created_dir = index.is_some() || base.is_dir();
+    let made_dir = if created_dir && !out.exists() {
+        std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+        true
+    } else {
+        false
+    };
+    let mut temps: Vec<(PathBuf, PathBuf)> = Vec::new();
+    let result = (|| -> Result<MergeReport> {
+        let mut report = MergeReport::default();
+        let total: u64 = parsed.iter().map(|st| st.tensors().iter().map(|(_, v)| v.data().len() as u64).sum::<u64>()).sum();
+        let mut done = 0u64;
+        for (shard, st) in shards.iter().zip(&parsed) {
+            let tmp = temp_path_for(&shard.output);
+            temps.push((tmp.clone(), shard.output.clone()));
+            let base_done = done;
+            let progress = &mut *progress;
+            let mut shard_progress = move |d: u64, _t: u64| progress(base_done + d, total);
+            let ctx = WriteCtx {
+                error: RefCell::new(None),
+                progress: RefCell::new(&mut shard_progress),
+                done: Cell::new(0),
+                total,
+                map: &shard.map,
+                last: Cell::new(None),
+            };
+            let mut tensors = Vec::new();
+            for (name, view) in st.tensors() {
+                let delta = deltas.remove(&name).map(|(module, d)| (module, d));
+                report.merged += usize::from(delta.is_some());
+                tensors.push((name, view, delta));
+            }
+            let modules: Vec<Option<String>> = tensors.iter().map(|(_, _, d)| d.as_ref().map(|(m, _)| m.clone())).collect();
+            let views: Vec<(String, OutTensor)> = tensors
+                .into_iter()
+                .zip(&modules)
+                .map(|((name, view, delta), module)| {
+                    let source = view.data();
+                    let out = OutTensor {
+                        dtype: view.dtype(),
+                        shape: view.shape().to_vec(),
+                        source,
+                        delta: delta.and_then(|(_, d)| module.as_deref().map(|m| (m, d))),
+                        ctx: &ctx,
+                    };
+                    (name, out)
+                })
+                .collect();
+            report.tensors += views.len();
+            let metadata = st_metadata(&shard.map, &shard.input)?;
+            safetensors::serialize_to_file(views, metadata, &tmp).map_err(|source| match source {
+                safetensors::SafeTensorError::IoError(e) => Error::io(&tmp, e),
+                source => Error::SafeTensors { path: tmp.clone(), source },
+            })?;
+            ctx.release_last();
+            if let Some(e) = ctx.error.borrow_mut().take() {
+                return Err(e);
+            }
+            done += ctx.done.get();
+            report.bytes += ctx.done.get();
+            report.files += 1;
+        }
+        if let Some(index) = &index {
+            let dest = out.join(INDEX_FILE);
+            let tmp = temp_path_for(&dest);
+            temps.push((tmp.clone(), dest));
+            std::fs::copy(index, &tmp).map_err(|e| Error::io(&tmp, e))?;
+            report.files += 1;
+        }
+        for (tmp, _) in &temps {
+            File::open(tmp).and_then(|f| f.sync_all()).map_err(|e| Error::io(tmp, e))?;
+        }
+        for (tmp, dest) in &temps {
+            std::fs::rename(tmp, dest).map_err(|e| Error::io(dest, e))?;
+        }
+        Ok(report)
+    })();
+    if result.is_err() {
+        for (tmp, _) in &temps {
+            let _ = std::fs::remove_file(tmp);
+        }
+        if made_dir {
+            let _ = std::fs::remove_dir(out);
+        }
+    }
+    result
+}
+
+fn st_metadata(map: &[u8], path: &Path) -> Result<Option<HashMap<String, String>>> {
+    let (_, meta) = safetensors::SafeTensors::read_metadata(map).map_err(|source| Error::SafeTensors { path: path.to_path_buf(), source })?;
+    Ok(meta.metadata().clone())
+}
+
+fn check_fits(adapter: &AdapterFile, module: &str, f: &Factors, shape: &[usize], dtype: Dtype, fifo: bool, base: &Path) -> Result<()> {
+    let (r, inp) = (f.a.dims()[0], f.a.dims()[1]);
+    let out = f.b.dims()[0];
+    let expected = if fifo { [inp, out] } else { [out, inp] };
+    if shape != expected {
+        return Err(Error::bad_tensor(
+            &adapter.path,
+            &f.a_key,
+            format!(
+                "lora_A [{r}, {inp}] and lora_B [{out}, {r}] need `{module}.weight` of shape {expected:?}{}, but {} has {shape:?}",
+                if fifo { " (fan_in_fan_out)" } else { "" },
+                base.display()
+            ),
+        ));
+    }
+    if crate::peft::candle_of(dtype).is_none() {
+        return Err(Error::bad_tensor(base, format!("{module}.weight"), format!("dtype {dtype:?} cannot be merged: only F32, F16, BF16 and F64 weights")));
+    }
+    Ok(())
+}

@@ -1,0 +1,482 @@
+//! [`LoraModel`]: the seam between `#[lora]` and the runtime.
+//!
+//! A model implements two visitors (shared and mutable) that hand every LoRA layer to a callback
+//! together with its module path and hyper-parameters; `#[lora]` writes them. Everything else,
+//! from `init_adapter` to `save_adapter`, is a default method built on the visitors.
+//!
+//! ```
+//! use candle_core::{Device, Tensor};
+//! use candle_nn::VarMap;
+//! use lora_runtime::{LayerConfig, LoraLinear, LoraModel, ModulePath, VisitFn, VisitMutFn};
+//!
+//! // What `#[lora(rank = 4, alpha = 8, targets = ["q_proj"])]` generates, by hand.
+//! struct Attention { q_proj: LoraLinear }
+//! const CONFIG: LayerConfig = LayerConfig::new(4, 8.0);
+//! impl LoraModel for Attention {
+//!     fn visit_lora_layers<'a>(&'a self, path: &mut ModulePath, f: &mut VisitFn<'a, '_>) -> lora_runtime::Result<()> {
+//!         path.scoped("q_proj", |p| f(p, &self.q_proj, &CONFIG))
+//!     }
+//!     fn visit_lora_layers_mut(&mut self, path: &mut ModulePath, f: &mut VisitMutFn<'_>) -> lora_runtime::Result<()> {
+//!         path.scoped("q_proj", |p| f(p, &mut self.q_proj, &CONFIG))
+//!     }
+//! }
+//!
+//! let w = Tensor::randn(0f32, 1., (8, 8), &Device::Cpu)?;
+//! let mut layers = vec![Attention { q_proj: LoraLinear::new(w.clone(), None) },
+//!                       Attention { q_proj: LoraLinear::new(w, None) }];
+//! let varmap = VarMap::new();
+//! layers.init_adapter(&varmap)?;
+//! assert_eq!(layers.trainable_vars().len(), 4);
+//! let paths: Vec<String> = layers.lora_layers().into_iter().map(|(p, _, _)| p).collect();
+//! assert_eq!(paths, ["0.q_proj", "1.q_proj"]);
+//! assert_eq!(
+//!     layers.trainable_parameters().to_string(),
+//!     "trainable params: 128 || all params: 256 || trainable%: 50.0000"
+//! );
+//! # Ok::<(), lora_runtime::Error>(())
+//! ```
+
+use std::fmt;
+use std::path::Path;
+
+use candle_core::Var;
+use candle_nn::VarMap;
+
+use crate::config::{LayerConfig, LoraConfig};
+use crate::error::{Error, Result};
+use crate::linear::{Adapter, LoraLinear};
+use crate::peft;
+
+/// The dotted module path of a layer, e.g. `model.layers.0.self_attn.q_proj`, as PyTorch names it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ModulePath(String);
+
+impl ModulePath {
+    /// The empty path (the model's root).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The path as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Runs `f` with `segment` appended, then removes it again.
+    pub fn scoped<R>(&mut self, segment: &str, f: impl FnOnce(&mut Self) -> R) -> R {
+        let len = self.0.len();
+        if !self.0.is_empty() {
+            self.0.push('.');
+        }
+        self.0.push_str(segment);
+        let out = f(self);
+        self.0.truncate(len);
+        out
+    }
+}
+
+impl fmt::Display for ModulePath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl AsRef<str> for ModulePath {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The callback of [`LoraModel::visit_lora_layers`]: module path, layer, its hyper-parameters.
+pub type VisitFn<'a, 'f> = dyn FnMut(&ModulePath, &'a LoraLinear, &LayerConfig) -> Result<()> + 'f;
+
+/// The callback of [`LoraModel::visit_lora_layers_mut`].
+pub type VisitMutFn<'f> = dyn FnMut(&ModulePath, &mut LoraLinear, &LayerConfig) -> Result<()> + 'f;
+
+/// The seed [`LoraModel::init_adapter`] uses; see [`LoraModel::init_adapter_seeded`].
+pub const DEFAULT_SEED: u64 = 0x10_0A;
+
+/// Trainable and total parameter counts, printed as PEFT's `print_trainable_parameters` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrainableParameters {
+    /// Parameters of the adapters (`A` and `B`).
+    pub trainable: usize,
+    /// Trainable plus frozen parameters.
+    pub total: usize,
+}
+
+impl TrainableParameters {
+    /// The trainable share in percent.
+    pub fn percent(&self) -> f64 {
+        if self.total == 0 {
+            0.0
+        } else {
+            100.0 * self.trainable as f64 / self.total as f64
+        }
+    }
+
+    /// The same counts with `frozen` more frozen parameters (the layers outside the LoRA
+    /// targets, which the visitor does not see: embeddings, norms, other linears).
+    pub fn with_frozen(self, frozen: usize) -> Self {
+        Self { trainable: self.trainable, total: self.total + frozen }
+    }
+}
+
+impl fmt::Display for TrainableParameters {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "trainable params: {} || all params: {} || trainable%: {:.4}",
+            thousands(self.trainable),
+            thousands(self.total),
+            self.percent()
+        )
+    }
+}
+
+fn thousands(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::with_capacity(s.len() + s.len() / 3);
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The PEFT name of a factor: `base_model.model.<path>.lora_A.weight`.
+pub(crate) fn peft_key(path: &str, factor: &str) -> String {
+    format!("base_model.model.{path}.{factor}.weight")
+}
+
+fn layer_seed(seed: u64, path: &str) -> u64 {
+    // FNV-1a over the path, mixed with the seed: each layer gets its own stream, independent of
+    // the order in which layers are visited.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    for b in path.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// A model with LoRA layers. `#[lora]` implements the two visitors; everything else is provided.
+///
+/// Operations on the whole model are all-or-nothing: they check every layer first and change
+/// nothing when one fails.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a LoRA model",
+    label = "`{Self}` has no `#[lora]` attribute",
+    note = "add `#[lora]` to the definition of `{Self}`, or remove `#[lora(nested)]` from this field"
+)]
+pub trait LoraModel {
+    /// Calls `f` on every LoRA layer, with its full module path (below `path`) and
+    /// hyper-parameters, in a fixed order.
+    ///
+    /// # Errors
+    /// The first error `f` returns.
+    fn visit_lora_layers<'a>(&'a self, path: &mut ModulePath, f: &mut VisitFn<'a, '_>) -> Result<()>;
+
+    /// Mutable twin of [`visit_lora_layers`](Self::visit_lora_layers), in the same order.
+    ///
+    /// # Errors
+    /// The first error `f` returns.
+    fn visit_lora_layers_mut(&mut self, path: &mut ModulePath, f: &mut VisitMutFn<'_>) -> Result<()>;
+
+    /// Every LoRA layer with its module path and hyper-parameters.
+    fn lora_layers(&self) -> Vec<(String, &LoraLinear, LayerConfig)> {
+        let mut out = Vec::new();
+        // The callback never fails, so neither does the visit.
+        let _ = self.visit_lora_layers(&mut ModulePath::new(), &mut |p, l, c| {
+            out.push((p.to_string(), l, *c));
+            Ok(())
+        });
+        out
+    }
+
+    /// Gives every LoRA layer a fresh adapter with the rank, alpha, dropout, scaling and init
+    /// its struct declares, and registers `A` and `B` in `varmap` under their PEFT names
+    /// (`base_model.model.<path>.lora_A.weight`). Uses [`DEFAULT_SEED`].
+    ///
+    /// # Errors
+    /// See [`init_adapter_seeded`](Self::init_adapter_seeded).
+    fn init_adapter(&mut self, varmap: &VarMap) -> Result<()> {
+        self.init_adapter_seeded(varmap, DEFAULT_SEED)
+    }
+
+    /// [`init_adapter`](Self::init_adapter) with a seed: each layer draws from its own generator
+    /// seeded by `seed` and its module path, so the result does not depend on visiting order.
+    ///
+    /// # Errors
+    /// [`Error::Merged`] when the model is merged, [`Error::NoAdapter`] when it has no LoRA
+    /// layers, [`Error::InvalidConfig`] for invalid hyper-parameters. Nothing changes on error.
+    fn init_adapter_seeded(&mut self, varmap: &VarMap, seed: u64) -> Result<()> {
+        let mut fresh: Vec<(String, Adapter)> = Vec::new();
+        self.visit_lora_layers(&mut ModulePath::new(), &mut |p, l, c| {
+            if l.is_merged() {
+                return Err(Error::Merged { path: p.to_string() });
+            }
+            let ad = l.fresh_adapter(c, layer_seed(seed, p.as_str())).map_err(|e| match e {
+                Error::Layer { reason, .. } => Error::layer(p.as_str(), reason),
+                e => e,
+            })?;
+            fresh.push((p.to_string(), ad));
+            Ok(())
+        })?;
+        if fresh.is_empty() {
+            return Err(Error::NoAdapter("the model has no LoRA layers".into()));
+        }
+        {
+            let mut data = varmap
+                .data()
+                .lock()
+                .map_err(|_| Error::NoAdapter("the VarMap's lock is poisoned".into()))?;
+            for (path, ad) in &fresh {
+                data.insert(peft_key(path, "lora_A"), ad.a().clone());
+                data.insert(peft_key(path, "lora_B"), ad.b().clone());
+            }
+        }
+        let mut fresh = fresh.into_iter();
+        self.visit_lora_layers_mut(&mut ModulePath::new(), &mut |_, l, _| {
+            if let Some((_, ad)) = fresh.next() {
+                l.install_adapter(Some(ad));
+            }
+            Ok(())
+        })
+    }
+
+    /// The variables to hand to the optimizer: `A` and `B` of every adapter, nothing else.
+    fn trainable_vars(&self) -> Vec<Var> {
+        let mut vars = Vec::new();
+        for (_, l, _) in self.lora_layers() {
+            if let Some(ad) = l.adapter() {
+                vars.push(ad.a().clone());
+                vars.push(ad.b().clone());
+            }
+        }
+        vars
+    }
+
+    /// Trainable (adapter) and total parameters of the LoRA layers, printed like PEFT's
+    /// `print_trainable_parameters`. Add the rest of the model with
+    /// [`TrainableParameters::with_frozen`].
+    fn trainable_parameters(&self) -> TrainableParameters {
+        let mut counts = TrainableParameters { trainable: 0, total: 0 };
+        for (_, l, _) in self.lora_layers() {
+            let base = l.weight().elem_count() + l.bias().map_or(0, |b| b.elem_count());
+            let adapter = l.adapter().map_or(0, Adapter::num_parameters);
+            counts.trainable += adapter;
+            counts.total += base + adapter;
+        }
+        counts
+    }
+
+    /// Folds every adapter into its weight (see [`LoraLinear::merge`]): afterwards the forward
+    /// costs exactly the base model's. All-or-nothing.
+    ///
+    /// # Errors
+    /// [`Error::Merged`] when a layer is already merged, [`Error::NoAdapter`] when no layer has
+    /// an adapter, [`Error::NonFinite`] when a merged weight would be NaN or inf. Nothing changes
+    /// on error.
+    fn merge(&mut self) -> Result<()> {
+        let mut merged = Vec::new();
+        self.visit_lora_layers(&mut ModulePath::new(), &mut |p, l, _| {
+            if l.is_merged() {
+                return Err(Error::Merged { path: p.to_string() });
+            }
+            merged.push(match l.adapter() {
+                Some(_) => Some(l.merged_weight(p.as_str())?),
+                None => None,
+            });
+            Ok(())
+        })?;
+        if merged.iter().all(Option::is_none) {
+            return Err(Error::NoAdapter("no LoRA layer has an adapter: nothing to merge".into()));
+        }
+        let mut merged = merged.into_iter();
+        self.visit_lora_layers_mut(&mut ModulePath::new(), &mut |_, l, _| {
+            if let Some(Some(w)) = merged.next() {
+                l.commit_merge(w);
+            }
+            Ok(())
+        })
+    }
+
+    /// Restores every merged weight bit for bit.
+    ///
+    /// # Errors
+    /// [`Error::NotMerged`] when no layer is merged.
+    fn unmerge(&mut self) -> Result<()> {
+        if !self.is_merged() {
+            return Err(Error::NotMerged { path: "<model>".into() });
+        }
+        self.visit_lora_layers_mut(&mut ModulePath::new(), &mut |_, l, _| {
+            if l.is_merged() {
+                l.unmerge()?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Merges every adapter and drops the adapters and original weights: a plain model with no
+    /// LoRA overhead in time or memory. Not reversible.
+    ///
+    /// # Errors
+    /// As [`merge`](Self::merge) (an already merged model is fine).
+    fn merge_and_unload(&mut self) -> Result<()> {
+        if !self.is_merged() {
+            self.merge()?;
+        }
+        self.visit_lora_layers_mut(&mut ModulePath::new(), &mut |_, l, _| l.merge_and_unload())
+    }
+
+    /// Puts every LoRA layer in training mode (dropout on the LoRA branch) or inference mode,
+    /// like PyTorch's `model.train()` / `model.eval()`.
+    fn set_training(&mut self, training: bool) {
+        // The callback never fails, so neither does the visit.
+        let _ = self.visit_lora_layers_mut(&mut ModulePath::new(), &mut |_, l, _| {
+            l.set_training(training);
+            Ok(())
+        });
+    }
+
+    /// Whether any LoRA layer is merged.
+    fn is_merged(&self) -> bool {
+        self.lora_layers().iter().any(|(_, l, _)| l.is_merged())
+    }
+
+    /// The `adapter_config.json` that [`save_adapter`](Self::save_adapter) writes: the most
+    /// common rank and alpha as `r` / `lora_alpha`, the others as `rank_pattern` /
+    /// `alpha_pattern` by full module path.
+    ///
+    /// # Errors
+    /// [`Error::NoAdapter`] when no layer has an adapter.
+    fn adapter_config(&self) -> Result<LoraConfig> {
+        let layers = self.lora_layers();
+        let adapters: Vec<(&str, &Adapter, bool)> = layers
+            .iter()
+            .filter_map(|(p, l, _)| l.adapter().map(|a| (p.as_str(), a, l.fan_in_fan_out())))
+            .collect();
+        peft::config_for(&adapters)
+    }
+
+    /// Writes the adapters in PEFT's format: `DIR/adapter_model.safetensors` (only `A` and `B`,
+    /// metadata `format: pt`) and `DIR/adapter_config.json`, creating `DIR` if needed. Each file
+    /// is written to a temporary file and renamed, so a failed save leaves any previous adapter
+    /// intact.
+    ///
+    /// # Errors
+    /// [`Error::NoAdapter`] without adapters, [`Error::Io`] naming the file on I/O failure.
+    fn save_adapter(&self, dir: impl AsRef<Path>) -> Result<()> {
+        let layers = self.lora_layers();
+        let adapters: Vec<(&str, &LoraLinear)> = layers
+            .iter()
+            .filter(|(_, l, _)| l.adapter().is_some())
+            .map(|(p, l, _)| (p.as_str(), *l))
+            .collect();
+        peft::save(dir.as_ref(), &adapters)
+    }
+
+    /// Loads a PEFT adapter directory (or an `adapter_model.safetensors` file next to its
+    /// `adapter_config.json`). Keys may carry the `base_model.model.` prefix or not, and an
+    /// adapter-name infix (`lora_A.default.weight`). Ranks and alphas come from the file.
+    ///
+    /// Every tensor is validated against the model first (known module, shape, dtype, finite
+    /// values, ranks of `A`, `B` and the config agree); only then are the layers changed, so a
+    /// bad file leaves the model exactly as it was. LoRA layers the file does not mention are
+    /// left without adapter.
+    ///
+    /// # Errors
+    /// [`Error::Merged`] when the model is merged; [`Error::Io`], [`Error::SafeTensors`],
+    /// [`Error::Json`], [`Error::Unsupported`], [`Error::BadTensor`], [`Error::UnknownModule`]
+    /// or [`Error::Layer`] naming the file, key or module at fault.
+    fn load_adapter(&mut self, dir: impl AsRef<Path>) -> Result<()> {
+        let file = peft::AdapterFile::read(dir.as_ref())?;
+        let layers = self.lora_layers();
+        if let Some((p, _, _)) = layers.iter().find(|(_, l, _)| l.is_merged()) {
+            return Err(Error::Merged { path: p.clone() });
+        }
+        let targets: Vec<(&str, &LoraLinear)> = layers.iter().map(|(p, l, _)| (p.as_str(), *l)).collect();
+        let mut adapters = file.into_adapters(&targets)?;
+        drop(layers);
+        self.visit_lora_layers_mut(&mut ModulePath::new(), &mut |p, l, _| {
+            l.install_adapter(adapters.remove(p.as_str()));
+            Ok(())
+        })
+    }
+}
+
+impl LoraModel for LoraLinear {
+    /// Visits the layer itself at `path`, with PEFT's default hyper-parameters.
+    fn visit_lora_layers<'a>(&'a self, path: &mut ModulePath, f: &mut VisitFn<'a, '_>) -> Result<()> {
+        f(path, self, &LayerConfig::default())
+    }
+    fn visit_lora_layers_mut(&mut self, path: &mut ModulePath, f: &mut VisitMutFn<'_>) -> Result<()> {
+        f(path, self, &LayerConfig::default())
+    }
+}
+
+macro_rules! forward_through {
+    ($($ty:ty),*) => {$(
+        impl<T: LoraModel> LoraModel for $ty {
+            fn visit_lora_layers<'a>(&'a self, path: &mut ModulePath, f: &mut VisitFn<'a, '_>) -> Result<()> {
+                match self.as_ref() {
+                    Some(inner) => inner.visit_lora_layers(path, f),
+                    None => Ok(()),
+                }
+            }
+            fn visit_lora_layers_mut(&mut self, path: &mut ModulePath, f: &mut VisitMutFn<'_>) -> Result<()> {
+                match self.as_mut() {
+                    Some(inner) => inner.visit_lora_layers_mut(path, f),
+                    None => Ok(()),
+                }
+            }
+        }
+    )*};
+}
+
+forward_through!(Option<T>);
+
+impl<T: LoraModel + ?Sized> LoraModel for Box<T> {
+    fn visit_lora_layers<'a>(&'a self, path: &mut ModulePath, f: &mut VisitFn<'a, '_>) -> Result<()> {
+        (**self).visit_lora_layers(path, f)
+    }
+    fn visit_lora_layers_mut(&mut self, path: &mut ModulePath, f: &mut VisitMutFn<'_>) -> Result<()> {
+        (**self).visit_lora_layers_mut(path, f)
+    }
+}
+
+/// List elements take their index as path segment, like PyTorch's `ModuleList`.
+fn visit_slice<'a, T: LoraModel>(items: &'a [T], path: &mut ModulePath, f: &mut VisitFn<'a, '_>) -> Result<()> {
+    for (i, item) in items.iter().enumerate() {
+        path.scoped(&i.to_string(), |p| item.visit_lora_layers(p, f))?;
+    }
+    Ok(())
+}
+
+fn visit_slice_mut<T: LoraModel>(items: &mut [T], path: &mut ModulePath, f: &mut VisitMutFn<'_>) -> Result<()> {
+    for (i, item) in items.iter_mut().enumerate() {
+        path.scoped(&i.to_string(), |p| item.visit_lora_layers_mut(p, f))?;
+    }
+    Ok(())
+}
+
+impl<T: LoraModel> LoraModel for Vec<T> {
+    fn visit_lora_layers<'a>(&'a self, path: &mut ModulePath, f: &mut VisitFn<'a, '_>) -> Result<()> {
+        visit_slice(self, path, f)
+    }
+    fn visit_lora_layers_mut(&mut self, path: &mut ModulePath, f: &mut VisitMutFn<'_>) -> Result<()> {
+        visit_slice_mut(self, path, f)
+    }
+}
+
+impl<T: LoraModel, const N: usize> LoraModel for [T; N] {
+    fn visit_lora_layers<'a>(&'a self, path: &mut ModulePath, f: &mut VisitFn<'a, '_>) -> Result<()> {
+        visit_slice(self, path, f)
+    }
+    fn visit_lora_layers_mut(&mut self, path: &mut ModulePath, f: &mut VisitMutFn<'_>) -> Result<()> {
+        visit_slice_mut(self, path, f)
+    }
+}
