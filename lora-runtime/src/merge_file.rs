@@ -340,7 +340,10 @@ pub fn merge_safetensors(base: &Path, adapter: &Path, out: &Path, progress: &mut
 
 fn st_metadata(map: &[u8], path: &Path) -> Result<Option<HashMap<String, String>>> {
     let (_, meta) = safetensors::SafeTensors::read_metadata(map).map_err(|source| Error::SafeTensors { path: path.to_path_buf(), source })?;
-    Ok(meta.metadata().clone())
+    // Keep the input's metadata; loaders such as transformers expect `format: pt`.
+    let mut metadata = meta.metadata().clone().unwrap_or_default();
+    metadata.entry("format".to_string()).or_insert_with(|| "pt".to_string());
+    Ok(Some(metadata))
 }
 
 fn check_fits(adapter: &AdapterFile, module: &str, f: &Factors, shape: &[usize], dtype: Dtype, fifo: bool, base: &Path) -> Result<()> {

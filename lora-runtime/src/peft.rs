@@ -390,8 +390,10 @@ pub(crate) fn config_for(adapters: &[(&str, &Adapter, bool)]) -> Result<LoraConf
     let effective_alpha = |a: &Adapter| -> f64 {
         let r = (a.rank() as f64).sqrt();
         match (a.use_rslora(), use_rslora) {
-            (true, false) => a.alpha() / r,
-            (false, true) => a.alpha() * r,
+            // alpha'/r = alpha/sqrt(r)
+            (true, false) => a.alpha() * r,
+            // alpha'/sqrt(r) = alpha/r
+            (false, true) => a.alpha() / r,
             _ => a.alpha(),
         }
     };

@@ -1,1 +1,133 @@
-fn main() {}
+//! `lora`: merge a PEFT LoRA adapter into a safetensors model, or inspect an adapter, with no
+//! model code.
+//!
+//! ```text
+//! lora merge --base model.safetensors --adapter my-adapter --out merged.safetensors
+//! lora merge --base sharded-model-dir --adapter my-adapter --out merged-dir
+//! lora inspect my-adapter
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use lora::merge_file::merge_safetensors;
+use lora::peft::AdapterFile;
+use lora::TargetModules;
+
+#[derive(Parser)]
+#[command(name = "lora", version, about = "Merge and inspect PEFT LoRA adapters")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Merge an adapter into a safetensors model (a file, or a directory of shards with
+    /// model.safetensors.index.json). The output has the same form; dtypes are kept.
+    Merge {
+        /// The base model: a .safetensors file or a sharded model directory.
+        #[arg(long)]
+        base: PathBuf,
+        /// The PEFT adapter directory (adapter_model.safetensors + adapter_config.json).
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Where to write the merged model (a file for a file base, a directory otherwise).
+        #[arg(long)]
+        out: PathBuf,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Print an adapter's ranks, alphas, scalings, targets, parameter count, dtype and size.
+    Inspect {
+        /// The PEFT adapter directory.
+        adapter: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Merge { base, adapter, out, quiet } => merge(base, adapter, out, quiet),
+        Command::Inspect { adapter } => inspect(adapter),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn merge(base: PathBuf, adapter: PathBuf, out: PathBuf, quiet: bool) -> Result<(), lora::Error> {
+    let start = Instant::now();
+    let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} merging [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let report = merge_safetensors(&base, &adapter, &out, &mut |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    });
+    bar.finish_and_clear();
+    let report = report?;
+    if !quiet {
+        println!(
+            "merged {} of {} tensors ({:.1} MB in {} file(s)) into {} in {:.2} s",
+            report.merged,
+            report.tensors,
+            report.bytes as f64 / 1e6,
+            report.files,
+            out.display(),
+            start.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+fn inspect(dir: PathBuf) -> Result<(), lora::Error> {
+    let adapter = AdapterFile::read(&dir)?;
+    let cfg = &adapter.config;
+    let size = std::fs::metadata(&adapter.path).map(|m| m.len()).unwrap_or(0);
+    let mut ranks: BTreeMap<usize, usize> = BTreeMap::new();
+    let mut scalings: BTreeMap<String, usize> = BTreeMap::new();
+    let mut alphas: BTreeMap<String, usize> = BTreeMap::new();
+    let mut dtypes: BTreeMap<String, usize> = BTreeMap::new();
+    let mut params = 0usize;
+    for (module, f) in &adapter.factors {
+        *ranks.entry(f.rank()).or_default() += 1;
+        *alphas.entry(format!("{}", cfg.alpha_for(module))).or_default() += 1;
+        *scalings.entry(format!("{:.6}", cfg.scaling_for(module))).or_default() += 1;
+        *dtypes.entry(format!("{:?}", f.a.dtype())).or_default() += 1;
+        params += f.a.elem_count() + f.b.elem_count();
+    }
+    let counted = |m: &BTreeMap<String, usize>| {
+        m.iter().map(|(k, n)| format!("{k} ({n} modules)")).collect::<Vec<_>>().join(", ")
+    };
+    let targets = match &cfg.targets {
+        TargetModules::List(names) => names.join(", "),
+        TargetModules::Regex(re) => format!("regex {re}"),
+    };
+    println!("adapter:    {}", adapter.path.display());
+    println!("modules:    {}", adapter.factors.len());
+    println!(
+        "rank:       {}",
+        ranks.iter().map(|(r, n)| format!("{r} ({n} modules)")).collect::<Vec<_>>().join(", ")
+    );
+    println!("alpha:      {}", counted(&alphas));
+    println!("scaling:    {}{}", counted(&scalings), if cfg.use_rslora { " (rsLoRA: alpha/sqrt(r))" } else { " (alpha/r)" });
+    println!("targets:    {targets}");
+    println!("fan_in_fan_out: {}", cfg.fan_in_fan_out);
+    println!("parameters: {params}");
+    println!("dtype:      {}", dtypes.keys().cloned().collect::<Vec<_>>().join(", "));
+    println!("size:       {size} bytes ({:.2} MB)", size as f64 / 1e6);
+    Ok(())
+}
