@@ -32,6 +32,11 @@
 pub use lora_macros::lora;
 pub use lora_runtime::*;
 
+/// The candle this crate is built on, so users need no separate (and possibly mismatched)
+/// dependency: `lora::candle::Tensor`, `lora::candle_nn::Linear`.
+pub use candle_core as candle;
+pub use candle_nn;
+
 /// The names most users need: `use lora::prelude::*;`.
 pub mod prelude {
     pub use lora_macros::lora;

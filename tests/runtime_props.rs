@@ -171,7 +171,7 @@ fn half_precision_merges_through_an_f32_delta() {
         let w32 = tensor(1, &[32, 24], 1.0);
         let mut l = LoraLinear::new(w32.to_dtype(dtype).unwrap(), None);
         l.init_adapter(&LayerConfig::new(4, 8.0), 1).unwrap();
-        l.adapter().unwrap().b().set(&tensor(2, &[32, 4], 0.5).to_dtype(dtype).unwrap()).unwrap();
+        l.adapter().unwrap().b().set(&tensor(2, &[32, 4], 0.5)).unwrap();
         let w0 = l.weight().clone();
         let delta = l.delta_weight().unwrap();
         assert_eq!(delta.dtype(), DType::F32);

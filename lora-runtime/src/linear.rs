@@ -239,7 +239,7 @@ impl LoraLinear {
                 (0..r * inp).map(|_| normal.sample(&mut rng)).collect()
             }
         };
-        let (dtype, device) = (self.weight.dtype(), self.weight.device());
+        let (dtype, device) = (self.adapter_dtype(), self.weight.device());
         let a = Tensor::from_vec(values, (r, inp), device)?.to_dtype(dtype)?;
         let b = Tensor::zeros((out, r), dtype, device)?;
         Adapter::new(
@@ -249,6 +249,16 @@ impl LoraLinear {
             config.use_rslora,
             config.dropout,
         )
+    }
+
+    /// The dtype adapters of this layer use: the weight's, except that f16 and bf16 layers keep
+    /// f32 factors (as PEFT's `autocast_adapter_dtype` does), so small updates are not lost to
+    /// rounding; the LoRA branch then runs in f32 and its result is cast back.
+    pub fn adapter_dtype(&self) -> DType {
+        match self.weight.dtype() {
+            DType::F16 | DType::BF16 => DType::F32,
+            other => other,
+        }
     }
 
     /// Attaches a fresh adapter (see [`fresh_adapter`](Self::fresh_adapter)) and returns it.
@@ -369,7 +379,7 @@ impl LoraLinear {
     fn lora_term(&self, ad: &Adapter, x: &Tensor) -> candle_core::Result<Tensor> {
         let inp = x.dim(D::Minus1)?;
         let n = x.elem_count() / inp.max(1);
-        let x2 = x.reshape((n, inp))?;
+        let x2 = x.reshape((n, inp))?.to_dtype(ad.a.dtype())?;
         // [n, in] x [in, r]: scale the thin [n, r] product, not the [n, out] output.
         let h = x2.matmul(&ad.a.as_tensor().t()?)?.affine(ad.scaling(), 0.0)?;
         let d = h.matmul(&ad.b.as_tensor().t()?)?;
@@ -377,7 +387,7 @@ impl LoraLinear {
         if let Some(last) = out_dims.last_mut() {
             *last = self.out_features();
         }
-        d.reshape(out_dims)
+        d.reshape(out_dims)?.to_dtype(x.dtype())
     }
 }
 
@@ -397,6 +407,7 @@ pub(crate) fn all_finite(t: &Tensor) -> Result<bool> {
         return Ok(true);
     }
     // x - x is 0 for finite x and NaN for NaN or inf, and a sum of zeros cannot overflow.
+    #[allow(clippy::eq_op)] // deliberate: x - x tells finite from non-finite
     let zeros = (&t32 - &t32)?.sum_all()?.to_scalar::<f32>()?;
     Ok(zeros == 0.0)
 }

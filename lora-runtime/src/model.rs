@@ -213,38 +213,16 @@ pub trait LoraModel {
     /// [`Error::Merged`] when the model is merged, [`Error::NoAdapter`] when it has no LoRA
     /// layers, [`Error::InvalidConfig`] for invalid hyper-parameters. Nothing changes on error.
     fn init_adapter_seeded(&mut self, varmap: &VarMap, seed: u64) -> Result<()> {
-        let mut fresh: Vec<(String, Adapter)> = Vec::new();
-        self.visit_lora_layers(&mut ModulePath::new(), &mut |p, l, c| {
-            if l.is_merged() {
-                return Err(Error::Merged { path: p.to_string() });
-            }
-            let ad = l.fresh_adapter(c, layer_seed(seed, p.as_str())).map_err(|e| match e {
-                Error::Layer { reason, .. } => Error::layer(p.as_str(), reason),
-                e => e,
-            })?;
-            fresh.push((p.to_string(), ad));
-            Ok(())
-        })?;
-        if fresh.is_empty() {
-            return Err(Error::NoAdapter("the model has no LoRA layers".into()));
-        }
-        {
-            let mut data = varmap
-                .data()
-                .lock()
-                .map_err(|_| Error::NoAdapter("the VarMap's lock is poisoned".into()))?;
-            for (path, ad) in &fresh {
-                data.insert(peft_key(path, "lora_A"), ad.a().clone());
-                data.insert(peft_key(path, "lora_B"), ad.b().clone());
-            }
-        }
-        let mut fresh = fresh.into_iter();
-        self.visit_lora_layers_mut(&mut ModulePath::new(), &mut |_, l, _| {
-            if let Some((_, ad)) = fresh.next() {
-                l.install_adapter(Some(ad));
-            }
-            Ok(())
-        })
+        init_adapters(self, varmap, None, seed)
+    }
+
+    /// [`init_adapter_seeded`](Self::init_adapter_seeded) with `config` for every layer instead of
+    /// the hyper-parameters the structs declare: for choosing rank or alpha at run time.
+    ///
+    /// # Errors
+    /// See [`init_adapter_seeded`](Self::init_adapter_seeded).
+    fn init_adapter_with(&mut self, varmap: &VarMap, config: &LayerConfig, seed: u64) -> Result<()> {
+        init_adapters(self, varmap, Some(config), seed)
     }
 
     /// The variables to hand to the optimizer: `A` and `B` of every adapter, nothing else.
@@ -407,6 +385,42 @@ pub trait LoraModel {
         })
     }
 }
+
+
+fn init_adapters<M: LoraModel + ?Sized>(model: &mut M, varmap: &VarMap, config: Option<&LayerConfig>, seed: u64) -> Result<()> {
+        let mut fresh: Vec<(String, Adapter)> = Vec::new();
+        model.visit_lora_layers(&mut ModulePath::new(), &mut |p, l, c| {
+            if l.is_merged() {
+                return Err(Error::Merged { path: p.to_string() });
+            }
+            let ad = l.fresh_adapter(config.unwrap_or(c), layer_seed(seed, p.as_str())).map_err(|e| match e {
+                Error::Layer { reason, .. } => Error::layer(p.as_str(), reason),
+                e => e,
+            })?;
+            fresh.push((p.to_string(), ad));
+            Ok(())
+        })?;
+        if fresh.is_empty() {
+            return Err(Error::NoAdapter("the model has no LoRA layers".into()));
+        }
+        {
+            let mut data = varmap
+                .data()
+                .lock()
+                .map_err(|_| Error::NoAdapter("the VarMap's lock is poisoned".into()))?;
+            for (path, ad) in &fresh {
+                data.insert(peft_key(path, "lora_A"), ad.a().clone());
+                data.insert(peft_key(path, "lora_B"), ad.b().clone());
+            }
+        }
+        let mut fresh = fresh.into_iter();
+        model.visit_lora_layers_mut(&mut ModulePath::new(), &mut |_, l, _| {
+            if let Some((_, ad)) = fresh.next() {
+                l.install_adapter(Some(ad));
+            }
+            Ok(())
+        })
+    }
 
 impl LoraModel for LoraLinear {
     /// Visits the layer itself at `path`, with PEFT's default hyper-parameters.

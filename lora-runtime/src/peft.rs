@@ -254,7 +254,7 @@ impl AdapterFile {
                     format!("does not fit layer `{module}` (in = {}, out = {}): {reason}", layer.in_features(), layer.out_features()),
                 ));
             }
-            let (dtype, device) = (layer.weight().dtype(), layer.weight().device());
+            let (dtype, device) = (layer.adapter_dtype(), layer.weight().device());
             let a = Var::from_tensor(&f.a.to_dtype(dtype)?.to_device(device)?)?;
             let b = Var::from_tensor(&f.b.to_dtype(dtype)?.to_device(device)?)?;
             let adapter = Adapter::new(

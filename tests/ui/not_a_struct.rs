@@ -1,0 +1,6 @@
+use lora::prelude::*;
+
+#[lora]
+fn model() {}
+
+fn main() {}

@@ -1,0 +1,6 @@
+use lora::prelude::*;
+
+#[lora]
+struct Empty;
+
+fn main() {}
