@@ -21,7 +21,7 @@ use std::time::Instant;
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{
-    embedding, layer_norm, linear, Embedding, LayerNorm, Linear, Optimizer, ParamsAdamW, VarBuilder, VarMap,
+    embedding, linear, Embedding, Linear, Optimizer, ParamsAdamW, VarBuilder, VarMap,
 };
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -42,6 +42,25 @@ struct Attention {
     v_proj: Linear,
     o_proj: Linear,
     n_head: usize,
+}
+
+/// Layer norm built from differentiable ops (candle-nn's fused kernel has no backward pass).
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+fn layer_norm(d: usize, vb: VarBuilder) -> candle_core::Result<LayerNorm> {
+    Ok(LayerNorm { weight: vb.get_with_hints(d, "weight", candle_nn::Init::Const(1.0))?, bias: vb.get_with_hints(d, "bias", candle_nn::Init::Const(0.0))? })
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        xc.broadcast_div(&(var + 1e-5)?.sqrt()?)?.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+    }
 }
 
 struct Mlp {
@@ -111,7 +130,9 @@ impl Attention {
         let k = heads(self.k_proj.forward(x)?)?;
         let v = heads(self.v_proj.forward(x)?)?;
         let att = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?.broadcast_add(mask)?;
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        // `softmax_last_dim` and candle-nn's fused `LayerNorm` have no backward pass: use the
+        // differentiable compositions.
+        let att = candle_nn::ops::softmax(&att, D::Minus1)?;
         let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
         self.o_proj.forward(&y)
     }
@@ -121,9 +142,9 @@ impl Block {
     fn new(cfg: &GptConfig, vb: VarBuilder, mode: Mode) -> Result<Self> {
         let d = cfg.d_model;
         Ok(Self {
-            ln_1: layer_norm(d, 1e-5, vb.pp("ln_1"))?,
+            ln_1: layer_norm(d, vb.pp("ln_1"))?,
             attn: Attention::new(cfg, vb.pp("attn"), mode)?,
-            ln_2: layer_norm(d, 1e-5, vb.pp("ln_2"))?,
+            ln_2: layer_norm(d, vb.pp("ln_2"))?,
             mlp: Mlp { c_fc: linear(d, 4 * d, vb.pp("mlp.c_fc"))?, c_proj: linear(4 * d, d, vb.pp("mlp.c_proj"))? },
         })
     }
@@ -141,7 +162,7 @@ impl Gpt {
             wte: embedding(cfg.vocab, cfg.d_model, vb.pp("wte"))?,
             wpe: embedding(cfg.ctx, cfg.d_model, vb.pp("wpe"))?,
             h: (0..cfg.n_layer).map(|i| Block::new(cfg, vb.pp(format!("h.{i}")), mode)).collect::<Result<_>>()?,
-            ln_f: layer_norm(cfg.d_model, 1e-5, vb.pp("ln_f"))?,
+            ln_f: layer_norm(cfg.d_model, vb.pp("ln_f"))?,
             lm_head: candle_nn::linear_no_bias(cfg.d_model, cfg.vocab, vb.pp("lm_head"))?,
         })
     }
