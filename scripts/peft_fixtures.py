@@ -15,7 +15,6 @@ instead of the two files; `half` has a bf16 base and no io.safetensors.)
 Setup (CPU only; CI does not run this, it only reads the committed fixtures):
 
     python3 -m venv /tmp/peftvenv
-    /tmp/peftvenv/bin/pip install --index-url https://download.pytorch.org/whl/cpu torch==2.15.0
     /tmp/peftvenv/bin/pip install -r scripts/requirements.txt
 
 Regenerate the fixtures (from the repository root):
