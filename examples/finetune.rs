@@ -20,9 +20,7 @@ use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{
-    embedding, linear, Embedding, Linear, Optimizer, ParamsAdamW, VarBuilder, VarMap,
-};
+use candle_nn::{embedding, linear, Embedding, Linear, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use lora::prelude::*;
@@ -51,7 +49,10 @@ struct LayerNorm {
 }
 
 fn layer_norm(d: usize, vb: VarBuilder) -> candle_core::Result<LayerNorm> {
-    Ok(LayerNorm { weight: vb.get_with_hints(d, "weight", candle_nn::Init::Const(1.0))?, bias: vb.get_with_hints(d, "bias", candle_nn::Init::Const(0.0))? })
+    Ok(LayerNorm {
+        weight: vb.get_with_hints(d, "weight", candle_nn::Init::Const(1.0))?,
+        bias: vb.get_with_hints(d, "bias", candle_nn::Init::Const(0.0))?,
+    })
 }
 
 impl Module for LayerNorm {
@@ -59,7 +60,9 @@ impl Module for LayerNorm {
         let mean = x.mean_keepdim(D::Minus1)?;
         let xc = x.broadcast_sub(&mean)?;
         let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        xc.broadcast_div(&(var + 1e-5)?.sqrt()?)?.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+        xc.broadcast_div(&(var + 1e-5)?.sqrt()?)?
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)
     }
 }
 
@@ -125,7 +128,11 @@ impl Attention {
     fn forward(&self, x: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
         let (b, t, d) = x.dims3()?;
         let hd = d / self.n_head;
-        let heads = |y: Tensor| y.reshape((b, t, self.n_head, hd))?.transpose(1, 2)?.contiguous();
+        let heads = |y: Tensor| {
+            y.reshape((b, t, self.n_head, hd))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
         let q = heads(self.q_proj.forward(x)?)?;
         let k = heads(self.k_proj.forward(x)?)?;
         let v = heads(self.v_proj.forward(x)?)?;
@@ -145,7 +152,10 @@ impl Block {
             ln_1: layer_norm(d, vb.pp("ln_1"))?,
             attn: Attention::new(cfg, vb.pp("attn"), mode)?,
             ln_2: layer_norm(d, vb.pp("ln_2"))?,
-            mlp: Mlp { c_fc: linear(d, 4 * d, vb.pp("mlp.c_fc"))?, c_proj: linear(4 * d, d, vb.pp("mlp.c_proj"))? },
+            mlp: Mlp {
+                c_fc: linear(d, 4 * d, vb.pp("mlp.c_fc"))?,
+                c_proj: linear(4 * d, d, vb.pp("mlp.c_proj"))?,
+            },
         })
     }
 
@@ -161,7 +171,9 @@ impl Gpt {
         Ok(Self {
             wte: embedding(cfg.vocab, cfg.d_model, vb.pp("wte"))?,
             wpe: embedding(cfg.ctx, cfg.d_model, vb.pp("wpe"))?,
-            h: (0..cfg.n_layer).map(|i| Block::new(cfg, vb.pp(format!("h.{i}")), mode)).collect::<Result<_>>()?,
+            h: (0..cfg.n_layer)
+                .map(|i| Block::new(cfg, vb.pp(format!("h.{i}")), mode))
+                .collect::<Result<_>>()?,
             ln_f: layer_norm(cfg.d_model, vb.pp("ln_f"))?,
             lm_head: candle_nn::linear_no_bias(cfg.d_model, cfg.vocab, vb.pp("lm_head"))?,
         })
@@ -171,7 +183,10 @@ impl Gpt {
     fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
         let (_, t) = ids.dims2()?;
         let pos = Tensor::arange(0u32, t as u32, ids.device())?;
-        let mut x = self.wte.forward(ids)?.broadcast_add(&self.wpe.forward(&pos)?)?;
+        let mut x = self
+            .wte
+            .forward(ids)?
+            .broadcast_add(&self.wpe.forward(&pos)?)?;
         let mask = causal_mask(t, ids.device())?;
         for block in &self.h {
             x = block.forward(&x, &mask)?;
@@ -181,7 +196,9 @@ impl Gpt {
 }
 
 fn causal_mask(t: usize, dev: &Device) -> candle_core::Result<Tensor> {
-    let m: Vec<f32> = (0..t).flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
+    let m: Vec<f32> = (0..t)
+        .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
     Tensor::from_vec(m, (t, t), dev)
 }
 
@@ -189,9 +206,15 @@ fn causal_mask(t: usize, dev: &Device) -> candle_core::Result<Tensor> {
 fn build(cfg: &GptConfig, mode: Mode, weights: Option<&Path>, seed: u64) -> Result<(Gpt, VarMap)> {
     let dev = Device::Cpu;
     let mut varmap = VarMap::new();
-    let model = Gpt::new(cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev), mode)?;
+    let model = Gpt::new(
+        cfg,
+        VarBuilder::from_varmap(&varmap, DType::F32, &dev),
+        mode,
+    )?;
     match weights {
-        Some(path) => varmap.load(path).with_context(|| format!("loading {}", path.display()))?,
+        Some(path) => varmap
+            .load(path)
+            .with_context(|| format!("loading {}", path.display()))?,
         None => seeded_init(&varmap, seed)?,
     }
     Ok((model, varmap))
@@ -200,7 +223,10 @@ fn build(cfg: &GptConfig, mode: Mode, weights: Option<&Path>, seed: u64) -> Resu
 /// candle's CPU generator cannot be seeded: re-initialise every variable from a seeded one
 /// (N(0, 0.02) for weights, zeros for biases, ones for layer-norm gains) so runs are reproducible.
 fn seeded_init(varmap: &VarMap, seed: u64) -> Result<()> {
-    let data = varmap.data().lock().map_err(|_| anyhow::anyhow!("poisoned VarMap"))?;
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned VarMap"))?;
     let mut names: Vec<&String> = data.keys().collect();
     names.sort();
     let mut rng = StdRng::seed_from_u64(seed);
@@ -230,7 +256,9 @@ const EOS: u32 = 2;
 const CHARS: &str = " abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,[]=>-'";
 
 fn encode(s: &str) -> Vec<u32> {
-    s.chars().map(|c| CHARS.find(c).map_or(3, |i| i as u32 + 4)).collect()
+    s.chars()
+        .map(|c| CHARS.find(c).map_or(3, |i| i as u32 + 4))
+        .collect()
 }
 
 fn vocab_size() -> usize {
@@ -238,14 +266,40 @@ fn vocab_size() -> usize {
 }
 
 const NAMES: &[&str] = &[
-    "Aromi", "Cotto", "Zizzi", "The Mill", "Giraffe", "Alimentum", "Loch Fyne", "Wildwood", "Fitzbillies",
-    "The Phoenix", "Strada", "Green Man", "The Punter", "Clowns", "The Vaults", "Blue Spice", "The Eagle",
-    "Browns", "The Wrestlers", "Taste of Cambridge", "The Golden Curry", "Bibimbap", "The Olive Grove",
-    "The Rice Boat", "Cocum", "The Cricketers", "Midsummer", "The Dumpling Tree",
+    "Aromi",
+    "Cotto",
+    "Zizzi",
+    "The Mill",
+    "Giraffe",
+    "Alimentum",
+    "Loch Fyne",
+    "Wildwood",
+    "Fitzbillies",
+    "The Phoenix",
+    "Strada",
+    "Green Man",
+    "The Punter",
+    "Clowns",
+    "The Vaults",
+    "Blue Spice",
+    "The Eagle",
+    "Browns",
+    "The Wrestlers",
+    "Taste of Cambridge",
+    "The Golden Curry",
+    "Bibimbap",
+    "The Olive Grove",
+    "The Rice Boat",
+    "Cocum",
+    "The Cricketers",
+    "Midsummer",
+    "The Dumpling Tree",
 ];
 /// Names kept out of the adaptation's training split.
 const HELD_OUT_NAMES: usize = 6;
-const FOODS: &[&str] = &["French", "Italian", "Chinese", "Indian", "Japanese", "English", "Thai", "Spanish"];
+const FOODS: &[&str] = &[
+    "French", "Italian", "Chinese", "Indian", "Japanese", "English", "Thai", "Spanish",
+];
 const AREAS: &[&str] = &["riverside", "city centre"];
 const PRICES: &[&str] = &["cheap", "moderately priced", "expensive"];
 
@@ -254,7 +308,9 @@ fn e2e_example(rng: &mut StdRng, names: &[&str]) -> (String, String) {
     let name = *names.choose(rng).unwrap_or(&"Aromi");
     let food = *FOODS.choose(rng).unwrap_or(&"Thai");
     let area = *AREAS.choose(rng).unwrap_or(&"riverside");
-    let price = rng.random_bool(0.5).then(|| *PRICES.choose(rng).unwrap_or(&"cheap"));
+    let price = rng
+        .random_bool(0.5)
+        .then(|| *PRICES.choose(rng).unwrap_or(&"cheap"));
     let family = rng.random_bool(0.5).then(|| rng.random_bool(0.5));
     let mut mr = format!("name[{name}] food[{food}] area[{area}]");
     let mut sentence = match price {
@@ -266,7 +322,11 @@ fn e2e_example(rng: &mut StdRng, names: &[&str]) -> (String, String) {
     };
     if let Some(f) = family {
         mr.push_str(&format!(" family[{}]", if f { "yes" } else { "no" }));
-        sentence.push_str(if f { " It is family friendly." } else { " It is not family friendly." });
+        sentence.push_str(if f {
+            " It is family friendly."
+        } else {
+            " It is not family friendly."
+        });
     }
     (mr, sentence)
 }
@@ -274,21 +334,84 @@ fn e2e_example(rng: &mut StdRng, names: &[&str]) -> (String, String) {
 /// Pre-training text: plain sentences, with names repeated inside a line so the model learns to
 /// copy words it has not seen before.
 fn corpus_line(rng: &mut StdRng) -> String {
-    const WHO: &[&str] = &["Anna", "Tom", "the farmer", "a child", "my friend", "the cook", "Lena", "Omar", "the teacher"];
-    const VERB: &[&str] = &["likes", "sees", "makes", "finds", "wants", "sells", "eats", "paints", "visits"];
-    const WHAT: &[&str] = &["bread", "a red boat", "the old house", "fresh fish", "green tea", "a small dog", "the city", "warm soup", "the river"];
-    const WHERE: &[&str] = &["in the park", "near the river", "in the city centre", "at home", "by the sea", "in the morning"];
+    const WHO: &[&str] = &[
+        "Anna",
+        "Tom",
+        "the farmer",
+        "a child",
+        "my friend",
+        "the cook",
+        "Lena",
+        "Omar",
+        "the teacher",
+    ];
+    const VERB: &[&str] = &[
+        "likes", "sees", "makes", "finds", "wants", "sells", "eats", "paints", "visits",
+    ];
+    const WHAT: &[&str] = &[
+        "bread",
+        "a red boat",
+        "the old house",
+        "fresh fish",
+        "green tea",
+        "a small dog",
+        "the city",
+        "warm soup",
+        "the river",
+    ];
+    const WHERE: &[&str] = &[
+        "in the park",
+        "near the river",
+        "in the city centre",
+        "at home",
+        "by the sea",
+        "in the morning",
+    ];
     let word: String = (0..rng.random_range(4..9))
         .map(|i| {
             let c = rng.random_range(b'a'..=b'z') as char;
-            if i == 0 { c.to_ascii_uppercase() } else { c }
+            if i == 0 {
+                c.to_ascii_uppercase()
+            } else {
+                c
+            }
         })
         .collect();
-    match rng.random_range(0..4) {
-        0 => format!("{} {} {} {}.", WHO.choose(rng).unwrap_or(&"Tom"), VERB.choose(rng).unwrap_or(&"likes"), WHAT.choose(rng).unwrap_or(&"bread"), WHERE.choose(rng).unwrap_or(&"at home")),
-        1 => format!("The place is called {word}. People go to {word} {}.", WHERE.choose(rng).unwrap_or(&"at home")),
-        2 => format!("{word} {} {}, and {word} is happy.", VERB.choose(rng).unwrap_or(&"likes"), WHAT.choose(rng).unwrap_or(&"bread")),
-        _ => format!("I met {word} {}. {word} {} {}.", WHERE.choose(rng).unwrap_or(&"at home"), VERB.choose(rng).unwrap_or(&"likes"), WHAT.choose(rng).unwrap_or(&"bread")),
+    let food = *FOODS.choose(rng).unwrap_or(&"Thai");
+    let area = *AREAS.choose(rng).unwrap_or(&"riverside");
+    let price = *PRICES.choose(rng).unwrap_or(&"cheap");
+    match rng.random_range(0..8) {
+        4 => format!(
+            "{} likes {food} food, and the {area} is nice.",
+            WHO.choose(rng).unwrap_or(&"Tom")
+        ),
+        // The sentences of the downstream task occur as plain text (with made-up names); the
+        // meaning-representation format and the mapping are what adaptation has to learn.
+        5 => e2e_example(rng, &[word.as_str()]).1,
+        6 => format!("We ate in the {area}. The place is family friendly and not {price}."),
+        7 => format!("{word} is a small restaurant in the {area}, and {word} is {price}."),
+        0 => format!(
+            "{} {} {} {}.",
+            WHO.choose(rng).unwrap_or(&"Tom"),
+            VERB.choose(rng).unwrap_or(&"likes"),
+            WHAT.choose(rng).unwrap_or(&"bread"),
+            WHERE.choose(rng).unwrap_or(&"at home")
+        ),
+        1 => format!(
+            "The place is called {word}. People go to {word} {}.",
+            WHERE.choose(rng).unwrap_or(&"at home")
+        ),
+        2 => format!(
+            "{word} {} {}, and {word} is happy.",
+            VERB.choose(rng).unwrap_or(&"likes"),
+            WHAT.choose(rng).unwrap_or(&"bread")
+        ),
+        _ => format!(
+            "I met {word} {}. {word} {} {}.",
+            WHERE.choose(rng).unwrap_or(&"at home"),
+            VERB.choose(rng).unwrap_or(&"likes"),
+            WHAT.choose(rng).unwrap_or(&"bread")
+        ),
     }
 }
 
@@ -323,7 +446,12 @@ struct Batch {
 }
 
 fn batch(seqs: &[&Sequence], ctx: usize) -> Result<Batch> {
-    let t = seqs.iter().map(|s| s.ids.len() - 1).max().unwrap_or(1).min(ctx);
+    let t = seqs
+        .iter()
+        .map(|s| s.ids.len() - 1)
+        .max()
+        .unwrap_or(1)
+        .min(ctx);
     let (mut inputs, mut targets, mut mask) = (Vec::new(), Vec::new(), Vec::new());
     for s in seqs {
         for i in 0..t {
@@ -350,12 +478,19 @@ fn loss_and_accuracy(model: &Gpt, b: &Batch) -> Result<(Tensor, Vec<bool>, f64)>
     let picked = logp.gather(&b.targets.unsqueeze(2)?, 2)?.squeeze(2)?;
     let n = b.mask.sum_all()?;
     let loss = (picked.mul(&b.mask)?.sum_all()?.neg()? / n.to_scalar::<f32>()? as f64)?;
-    let correct = logits.argmax(D::Minus1)?.eq(&b.targets)?.to_dtype(DType::F32)?;
+    let correct = logits
+        .argmax(D::Minus1)?
+        .eq(&b.targets)?
+        .to_dtype(DType::F32)?;
     let wrong = ((1.0 - correct)? * &b.mask)?;
     let wrong_per_seq: Vec<f32> = wrong.sum(1)?.to_vec1()?;
     let total_wrong: f32 = wrong_per_seq.iter().sum();
     let count = n.to_scalar::<f32>()?;
-    Ok((loss, wrong_per_seq.iter().map(|w| *w == 0.0).collect(), f64::from(1.0 - total_wrong / count)))
+    Ok((
+        loss,
+        wrong_per_seq.iter().map(|w| *w == 0.0).collect(),
+        f64::from(1.0 - total_wrong / count),
+    ))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -400,14 +535,26 @@ fn make_data(seed: u64, quick: bool) -> Data {
     let mut rng = StdRng::seed_from_u64(seed);
     let (seen, unseen) = NAMES.split_at(NAMES.len() - HELD_OUT_NAMES);
     let n = if quick { 64 } else { 2000 };
-    let pretrain = (0..n * 2).map(|_| corpus_sequence(&corpus_line(&mut rng))).collect();
+    let pretrain = (0..n * 2)
+        .map(|_| corpus_sequence(&corpus_line(&mut rng)))
+        .collect();
     let mut task = |names: &[&str], k: usize| -> Vec<Sequence> {
-        (0..k).map(|_| { let (mr, s) = e2e_example(&mut rng, names); task_sequence(&mr, &s) }).collect()
+        (0..k)
+            .map(|_| {
+                let (mr, s) = e2e_example(&mut rng, names);
+                task_sequence(&mr, &s)
+            })
+            .collect()
     };
     let train = task(seen, n);
     let valid = task(seen, if quick { 16 } else { 128 });
     let held_out = task(unseen, if quick { 16 } else { 256 });
-    Data { pretrain, train, valid, held_out }
+    Data {
+        pretrain,
+        train,
+        valid,
+        held_out,
+    }
 }
 
 struct Trained {
@@ -417,23 +564,44 @@ struct Trained {
 fn bar(len: u64, label: &str) -> ProgressBar {
     let pb = ProgressBar::new(len);
     pb.set_style(
-        ProgressStyle::with_template("{prefix:>22} [{bar:30}] {pos}/{len} {msg} ({elapsed}, eta {eta})")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{prefix:>22} [{bar:30}] {pos}/{len} {msg} ({elapsed}, eta {eta})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
     );
     pb.set_prefix(label.to_string());
     pb
 }
 
 /// Trains `vars` with AdamW on random batches of `seqs`.
-fn train(model: &Gpt, vars: Vec<candle_core::Var>, seqs: &[Sequence], steps: usize, lr: f64, seed: u64, ctx: usize, batch_size: usize, label: &str) -> Result<Trained> {
-    let mut opt = candle_nn::AdamW::new(vars, ParamsAdamW { lr, weight_decay: 0.0, ..Default::default() })?;
+fn train(
+    model: &Gpt,
+    vars: Vec<candle_core::Var>,
+    seqs: &[Sequence],
+    steps: usize,
+    lr: f64,
+    seed: u64,
+    ctx: usize,
+    batch_size: usize,
+    label: &str,
+) -> Result<Trained> {
+    let mut opt = candle_nn::AdamW::new(
+        vars,
+        ParamsAdamW {
+            lr,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+    )?;
     let mut rng = StdRng::seed_from_u64(seed);
     let pb = bar(steps as u64, label);
     let start = Instant::now();
     let mut smooth = None;
     for step in 0..steps {
-        let picks: Vec<&Sequence> = (0..batch_size).filter_map(|_| seqs.choose(&mut rng)).collect();
+        let picks: Vec<&Sequence> = (0..batch_size)
+            .filter_map(|_| seqs.choose(&mut rng))
+            .collect();
         let b = batch(&picks, ctx)?;
         let (loss, _, _) = loss_and_accuracy(model, &b)?;
         opt.backward_step(&loss)?;
@@ -446,7 +614,9 @@ fn train(model: &Gpt, vars: Vec<candle_core::Var>, seqs: &[Sequence], steps: usi
         pb.inc(1);
     }
     pb.finish();
-    Ok(Trained { steps_per_s: steps as f64 / start.elapsed().as_secs_f64() })
+    Ok(Trained {
+        steps_per_s: steps as f64 / start.elapsed().as_secs_f64(),
+    })
 }
 
 /// Held-out loss, exact match and token accuracy.
@@ -468,7 +638,11 @@ fn evaluate(model: &Gpt, seqs: &[Sequence], ctx: usize) -> Result<(f32, f64, f64
 fn peak_rss() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
         .map_or(0, |kb| kb * 1024)
 }
 
@@ -493,7 +667,11 @@ fn count_params(varmap: &VarMap) -> usize {
 }
 
 fn human_bytes(b: u64) -> String {
-    if b >= 1 << 20 { format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64) } else { format!("{:.1} KiB", b as f64 / 1024.0) }
+    if b >= 1 << 20 {
+        format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
+    } else {
+        format!("{:.1} KiB", b as f64 / 1024.0)
+    }
 }
 
 struct Row {
@@ -526,24 +704,63 @@ fn main() -> Result<()> {
 pub(crate) fn run(args: Args) -> Result<Summary> {
     ensure!(args.rank >= 1, "--rank must be at least 1");
     let (cfg, steps, pretrain_steps, batch_size) = if args.quick {
-        (GptConfig { vocab: vocab_size(), ctx: 128, d_model: 32, n_layer: 1, n_head: 2 }, args.steps.min(12), args.pretrain_steps.min(20), 8)
+        (
+            GptConfig {
+                vocab: vocab_size(),
+                ctx: 128,
+                d_model: 32,
+                n_layer: 1,
+                n_head: 2,
+            },
+            args.steps.min(12),
+            args.pretrain_steps.min(20),
+            8,
+        )
     } else {
-        (GptConfig { vocab: vocab_size(), ctx: 128, d_model: 64, n_layer: 2, n_head: 4 }, args.steps, args.pretrain_steps, 12)
+        (
+            GptConfig {
+                vocab: vocab_size(),
+                ctx: 128,
+                d_model: 64,
+                n_layer: 2,
+                n_head: 4,
+            },
+            args.steps,
+            args.pretrain_steps,
+            12,
+        )
     };
-    let work = PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into())).join("lora-example");
+    let work = PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()))
+        .join("lora-example");
     std::fs::create_dir_all(&work)?;
     let out = args.out.clone().unwrap_or_else(|| work.join("adapter"));
     let data = make_data(args.seed, args.quick);
     println!("LoRA fine-tuning example: GPT d_model={} layers={} heads={} vocab={}; LoRA r={} alpha={} on q_proj, v_proj", cfg.d_model, cfg.n_layer, cfg.n_head, cfg.vocab, args.rank, 2 * args.rank);
 
     // 1. Pre-train the base model (cached).
-    let base_path = work.join(format!("base-d{}-l{}-s{}-p{}.safetensors", cfg.d_model, cfg.n_layer, args.seed, pretrain_steps));
+    let base_path = work.join(format!(
+        "base-d{}-l{}-s{}-p{}.safetensors",
+        cfg.d_model, cfg.n_layer, args.seed, pretrain_steps
+    ));
     if args.retrain || !base_path.exists() {
         let (model, varmap) = build(&cfg, Mode::Full, None, args.seed)?;
-        train(&model, varmap.all_vars(), &data.pretrain, pretrain_steps, 3e-3, args.seed, cfg.ctx, batch_size, "pre-training base")?;
+        train(
+            &model,
+            varmap.all_vars(),
+            &data.pretrain,
+            pretrain_steps,
+            3e-3,
+            args.seed,
+            cfg.ctx,
+            batch_size,
+            "pre-training base",
+        )?;
         varmap.save(&base_path)?;
     } else {
-        println!("using the cached base model {} (--retrain to pre-train again)", base_path.display());
+        println!(
+            "using the cached base model {} (--retrain to pre-train again)",
+            base_path.display()
+        );
     }
 
     // 2. Base only.
@@ -551,14 +768,28 @@ pub(crate) fn run(args: Args) -> Result<Summary> {
     let (base, base_vars) = build(&cfg, Mode::Lora, Some(&base_path), args.seed)?;
     let total_params = count_params(&base_vars);
     let (l, e, a) = evaluate(&base, &data.held_out, cfg.ctx)?;
-    rows.push(Row { name: "base model only", trainable: 0, total: total_params, opt_bytes: 0, rss: 0, steps_per_s: 0.0, lr: 0.0, loss: l, exact: e, acc: a });
+    rows.push(Row {
+        name: "base model only",
+        trainable: 0,
+        total: total_params,
+        opt_bytes: 0,
+        rss: 0,
+        steps_per_s: 0.0,
+        lr: 0.0,
+        loss: l,
+        exact: e,
+        acc: a,
+    });
 
     // 3. The same adaptation with LoRA and with full fine-tuning: same steps; each searches two
     //    learning rates on a quarter of the steps, scored on a validation split.
     let layer_config = LayerConfig::new(args.rank, 2.0 * args.rank as f64);
     let probe = (steps / 4).max(1);
     let mut lora_model = None;
-    for (mode, name, lrs) in [(Mode::Lora, "LoRA", [1e-2, 3e-3]), (Mode::Full, "full fine-tuning", [1e-3, 3e-4])] {
+    for (mode, name, lrs) in [
+        (Mode::Lora, "LoRA", [3e-2, 1e-2]),
+        (Mode::Full, "full fine-tuning", [3e-3, 1e-3]),
+    ] {
         let setup = |seed: u64| -> Result<(Gpt, VarMap, VarMap)> {
             let (mut model, vars) = build(&cfg, mode, Some(&base_path), args.seed)?;
             let adapters = VarMap::new();
@@ -567,11 +798,27 @@ pub(crate) fn run(args: Args) -> Result<Summary> {
             }
             Ok((model, vars, adapters))
         };
-        let trainable = |m: &Gpt, vars: &VarMap| if mode == Mode::Lora { m.trainable_vars() } else { vars.all_vars() };
+        let trainable = |m: &Gpt, vars: &VarMap| {
+            if mode == Mode::Lora {
+                m.trainable_vars()
+            } else {
+                vars.all_vars()
+            }
+        };
         let mut best = (f32::INFINITY, lrs[0]);
         for lr in lrs {
             let (m, vars, _) = setup(args.seed)?;
-            train(&m, trainable(&m, &vars), &data.train, probe, lr, args.seed + 1, cfg.ctx, batch_size, &format!("{name} lr {lr:e}"))?;
+            train(
+                &m,
+                trainable(&m, &vars),
+                &data.train,
+                probe,
+                lr,
+                args.seed + 1,
+                cfg.ctx,
+                batch_size,
+                &format!("{name} lr {lr:e}"),
+            )?;
             let (vl, _, _) = evaluate(&m, &data.valid, cfg.ctx)?;
             if vl < best.0 {
                 best = (vl, lr);
@@ -581,12 +828,37 @@ pub(crate) fn run(args: Args) -> Result<Summary> {
         let params = trainable(&m, &vars);
         let n_trainable: usize = params.iter().map(|v| v.elem_count()).sum();
         reset_peak_rss();
-        let t = train(&m, params, &data.train, steps, best.1, args.seed + 2, cfg.ctx, batch_size, name)?;
+        let t = train(
+            &m,
+            params,
+            &data.train,
+            steps,
+            best.1,
+            args.seed + 2,
+            cfg.ctx,
+            batch_size,
+            name,
+        )?;
         let rss = peak_rss();
         let (l, e, a) = evaluate(&m, &data.held_out, cfg.ctx)?;
-        let total = if mode == Mode::Lora { total_params + n_trainable } else { total_params };
+        let total = if mode == Mode::Lora {
+            total_params + n_trainable
+        } else {
+            total_params
+        };
         // AdamW keeps two f32 moments per trainable parameter.
-        rows.push(Row { name, trainable: n_trainable, total, opt_bytes: 2 * 4 * n_trainable as u64, rss, steps_per_s: t.steps_per_s, lr: best.1, loss: l, exact: e, acc: a });
+        rows.push(Row {
+            name,
+            trainable: n_trainable,
+            total,
+            opt_bytes: 2 * 4 * n_trainable as u64,
+            rss,
+            steps_per_s: t.steps_per_s,
+            lr: best.1,
+            loss: l,
+            exact: e,
+            acc: a,
+        });
         if mode == Mode::Lora {
             lora_model = Some(m);
         } else {
@@ -605,18 +877,33 @@ pub(crate) fn run(args: Args) -> Result<Summary> {
             "| {} | {} | {} | {} | {} | {} | {} | {:.3} | {:.1}% | {:.1}% |",
             r.name,
             r.trainable,
-            if na { "0%".into() } else { format!("{:.2}%", 100.0 * r.trainable as f64 / r.total as f64) },
+            if na {
+                "0%".into()
+            } else {
+                format!("{:.2}%", 100.0 * r.trainable as f64 / r.total as f64)
+            },
             human_bytes(r.opt_bytes),
             if na { "-".into() } else { human_bytes(r.rss) },
-            if na { "-".into() } else { format!("{:.1}", r.steps_per_s) },
-            if na { "-".into() } else { format!("{:e}", r.lr) },
+            if na {
+                "-".into()
+            } else {
+                format!("{:.1}", r.steps_per_s)
+            },
+            if na {
+                "-".into()
+            } else {
+                format!("{:e}", r.lr)
+            },
             r.loss,
             100.0 * r.exact,
             100.0 * r.acc
         );
     }
     let counts = lora_model.trainable_parameters();
-    println!("{}", counts.with_frozen(total_params - (counts.total - counts.trainable)));
+    println!(
+        "{}",
+        counts.with_frozen(total_params - (counts.total - counts.trainable))
+    );
 
     // 5. Save in PEFT format, load into a fresh base, compare.
     lora_model.save_adapter(&out)?;
@@ -636,30 +923,65 @@ pub(crate) fn run(args: Args) -> Result<Summary> {
     let probe_batch = batch(&refs, cfg.ctx)?;
     let y_trained = lora_model.forward(&probe_batch.inputs)?;
     let y_loaded = fresh.forward(&probe_batch.inputs)?;
-    let identical = y_trained.flatten_all()?.to_vec1::<f32>()? == y_loaded.flatten_all()?.to_vec1::<f32>()?;
-    ensure!(identical, "the reloaded adapter must give identical outputs");
+    let identical =
+        y_trained.flatten_all()?.to_vec1::<f32>()? == y_loaded.flatten_all()?.to_vec1::<f32>()?;
+    ensure!(
+        identical,
+        "the reloaded adapter must give identical outputs"
+    );
     println!("reloaded the adapter into a freshly built base model: outputs bit-identical");
 
     // 6. Merge: same output, and a forward costs what the base model's does.
     lora_model.merge()?;
     let y_merged = lora_model.forward(&probe_batch.inputs)?;
-    let diff = (&y_merged - &y_trained)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    let diff = (&y_merged - &y_trained)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()?;
     let scale = y_trained.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
     let runs = if args.quick { 5 } else { 41 };
     let x = &probe_batch.inputs;
     let (mut t_base, mut t_merged, mut t_unmerged) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..3 {
         // Interleaved rounds, so drift on a shared machine hits all three alike.
-        t_base.push(median_secs(&mut || { base.forward(x)?; Ok(()) }, runs)?);
-        t_merged.push(median_secs(&mut || { lora_model.forward(x)?; Ok(()) }, runs)?);
-        t_unmerged.push(median_secs(&mut || { fresh.forward(x)?; Ok(()) }, runs)?);
+        t_base.push(median_secs(
+            &mut || {
+                base.forward(x)?;
+                Ok(())
+            },
+            runs,
+        )?);
+        t_merged.push(median_secs(
+            &mut || {
+                lora_model.forward(x)?;
+                Ok(())
+            },
+            runs,
+        )?);
+        t_unmerged.push(median_secs(
+            &mut || {
+                fresh.forward(x)?;
+                Ok(())
+            },
+            runs,
+        )?);
     }
-    let med = |v: &mut Vec<f64>| { v.sort_by(f64::total_cmp); v[v.len() / 2] };
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
     let (tb, tm, tu) = (med(&mut t_base), med(&mut t_merged), med(&mut t_unmerged));
     println!("merged: max |merged - unmerged| = {diff:.2e} (outputs up to {scale:.1})");
     println!(
         "forward of 16 sequences, median of {runs} x 3: base {:.2} ms, merged {:.2} ms ({:.3}x base), unmerged LoRA {:.2} ms ({:.3}x base)",
         tb * 1e3, tm * 1e3, tm / tb, tu * 1e3, tu / tb
     );
-    Ok(Summary { base_loss: rows[0].loss, lora_loss: rows[1].loss, full_loss: rows[2].loss, adapter_bytes: adapter_size, full_bytes: full_size })
+    Ok(Summary {
+        base_loss: rows[0].loss,
+        lora_loss: rows[1].loss,
+        full_loss: rows[2].loss,
+        adapter_bytes: adapter_size,
+        full_bytes: full_size,
+    })
 }

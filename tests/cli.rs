@@ -17,16 +17,25 @@ fn base_tensors() -> Vec<(String, Tensor)> {
     let mut v = Vec::new();
     for l in 0..2 {
         for (name, out, inp) in [("q_proj", 24, 16), ("k_proj", 24, 16), ("v_proj", 16, 16)] {
-            v.push((format!("model.layers.{l}.self_attn.{name}.weight"), tensor(l * 10 + out as u64, &[out, inp], 1.0)));
+            v.push((
+                format!("model.layers.{l}.self_attn.{name}.weight"),
+                tensor(l * 10 + out as u64, &[out, inp], 1.0),
+            ));
         }
     }
-    v.push(("model.embed_tokens.weight".into(), tensor(99, &[32, 16], 1.0)));
+    v.push((
+        "model.embed_tokens.weight".into(),
+        tensor(99, &[32, 16], 1.0),
+    ));
     v.push(("model.norm.weight".into(), tensor(98, &[16], 1.0)));
     v
 }
 
 fn save(path: &Path, tensors: &[(String, Tensor)], dtype: DType) {
-    let map: HashMap<String, Tensor> = tensors.iter().map(|(k, t)| (k.clone(), t.to_dtype(dtype).unwrap())).collect();
+    let map: HashMap<String, Tensor> = tensors
+        .iter()
+        .map(|(k, t)| (k.clone(), t.to_dtype(dtype).unwrap()))
+        .collect();
     candle_core::safetensors::save(&map, path).unwrap();
 }
 
@@ -43,8 +52,14 @@ fn write_adapter(dir: &Path, extra_config: &str) -> HashMap<String, (Tensor, Ten
             let (r, alpha) = if special { (2, 2.0) } else { (4, 8.0) };
             let a = tensor(l * 7 + out as u64 + 1, &[r, inp], 0.3);
             let b = tensor(l * 7 + out as u64 + 2, &[out, r], 0.3);
-            tensors.push((format!("base_model.model.{module}.lora_A.weight"), a.clone()));
-            tensors.push((format!("base_model.model.{module}.lora_B.weight"), b.clone()));
+            tensors.push((
+                format!("base_model.model.{module}.lora_A.weight"),
+                a.clone(),
+            ));
+            tensors.push((
+                format!("base_model.model.{module}.lora_B.weight"),
+                b.clone(),
+            ));
             factors.insert(format!("{module}.weight"), (a, b, alpha / r as f64));
         }
     }
@@ -65,7 +80,9 @@ fn reference(w: &Tensor, a: &Tensor, b: &Tensor, s: f64) -> Vec<f64> {
     let mut out = Vec::new();
     for (i, row) in w.iter().enumerate() {
         for (j, wij) in row.iter().enumerate() {
-            let d: f64 = (0..a.len()).map(|k| f64::from(b[i][k]) * f64::from(a[k][j])).sum();
+            let d: f64 = (0..a.len())
+                .map(|k| f64::from(b[i][k]) * f64::from(a[k][j]))
+                .sum();
             out.push(f64::from(*wij) + s * d);
         }
     }
@@ -76,7 +93,11 @@ fn run(args: &[&str]) -> std::process::Output {
     Command::new(LORA).args(args).output().unwrap()
 }
 
-fn check_merged(out: &HashMap<String, Tensor>, factors: &HashMap<String, (Tensor, Tensor, f64)>, dtype: DType) {
+fn check_merged(
+    out: &HashMap<String, Tensor>,
+    factors: &HashMap<String, (Tensor, Tensor, f64)>,
+    dtype: DType,
+) {
     // One rounding of the f32 result to the output dtype (half an ulp), plus the f32 error of a
     // rank-4 dot product and one addition (a few f32 ulps), relative to the value.
     let rel = match dtype {
@@ -87,16 +108,33 @@ fn check_merged(out: &HashMap<String, Tensor>, factors: &HashMap<String, (Tensor
     for (name, base) in base_tensors() {
         let got = &out[&name];
         assert_eq!(got.dtype(), dtype, "{name}");
-        let got: Vec<f32> = got.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let got: Vec<f32> = got
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         match factors.get(&name) {
             Some((a, b, s)) => {
                 let want = reference(&base.to_dtype(dtype).unwrap(), a, b, *s);
                 for (g, w) in got.iter().zip(&want) {
-                    assert!((f64::from(*g) - w).abs() <= rel * w.abs() + 1e-6, "{name}: {g} vs {w}");
+                    assert!(
+                        (f64::from(*g) - w).abs() <= rel * w.abs() + 1e-6,
+                        "{name}: {g} vs {w}"
+                    );
                 }
             }
             None => {
-                let want: Vec<f32> = base.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                let want: Vec<f32> = base
+                    .to_dtype(dtype)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
                 assert_eq!(got, want, "{name} must be copied unchanged");
             }
         }
@@ -111,13 +149,35 @@ fn merges_single_files_in_every_float_dtype() {
         save(&base, &base_tensors(), dtype);
         let factors = write_adapter(&dir.path().join("adapter"), "");
         let out = dir.path().join("merged.safetensors");
-        let o = run(&["merge", "--base", base.to_str().unwrap(), "--adapter", dir.path().join("adapter").to_str().unwrap(), "--out", out.to_str().unwrap()]);
+        let o = run(&[
+            "merge",
+            "--base",
+            base.to_str().unwrap(),
+            "--adapter",
+            dir.path().join("adapter").to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        assert!(String::from_utf8_lossy(&o.stdout).contains("merged 4 of 8 tensors"), "{}", String::from_utf8_lossy(&o.stdout));
+        assert!(
+            String::from_utf8_lossy(&o.stdout).contains("merged 4 of 8 tensors"),
+            "{}",
+            String::from_utf8_lossy(&o.stdout)
+        );
         let bytes = std::fs::read(&out).unwrap();
         let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-        assert_eq!(meta.metadata().as_ref().and_then(|m| m.get("format")).map(String::as_str), Some("pt"));
-        check_merged(&candle_core::safetensors::load(&out, &candle_core::Device::Cpu).unwrap(), &factors, dtype);
+        assert_eq!(
+            meta.metadata()
+                .as_ref()
+                .and_then(|m| m.get("format"))
+                .map(String::as_str),
+            Some("pt")
+        );
+        check_merged(
+            &candle_core::safetensors::load(&out, &candle_core::Device::Cpu).unwrap(),
+            &factors,
+            dtype,
+        );
     }
 }
 
@@ -128,27 +188,69 @@ fn merges_a_sharded_base_into_the_same_shards() {
     std::fs::create_dir_all(&base).unwrap();
     let all = base_tensors();
     let (first, second) = all.split_at(4);
-    save(&base.join("model-00001-of-00002.safetensors"), first, DType::BF16);
-    save(&base.join("model-00002-of-00002.safetensors"), second, DType::BF16);
+    save(
+        &base.join("model-00001-of-00002.safetensors"),
+        first,
+        DType::BF16,
+    );
+    save(
+        &base.join("model-00002-of-00002.safetensors"),
+        second,
+        DType::BF16,
+    );
     let weight_map: serde_json::Map<String, serde_json::Value> = all
         .iter()
         .enumerate()
-        .map(|(i, (k, _))| (k.clone(), format!("model-0000{}-of-00002.safetensors", if i < 4 { 1 } else { 2 }).into()))
+        .map(|(i, (k, _))| {
+            (
+                k.clone(),
+                format!(
+                    "model-0000{}-of-00002.safetensors",
+                    if i < 4 { 1 } else { 2 }
+                )
+                .into(),
+            )
+        })
         .collect();
     let index = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": weight_map});
     std::fs::write(base.join("model.safetensors.index.json"), index.to_string()).unwrap();
     let factors = write_adapter(&dir.path().join("adapter"), "");
     let out = dir.path().join("merged");
-    let o = run(&["merge", "--quiet", "--base", base.to_str().unwrap(), "--adapter", dir.path().join("adapter").to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let o = run(&[
+        "merge",
+        "--quiet",
+        "--base",
+        base.to_str().unwrap(),
+        "--adapter",
+        dir.path().join("adapter").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let mut files: Vec<String> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut files: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     files.sort();
-    assert_eq!(files, ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"]);
-    let mut merged = candle_core::safetensors::load(out.join(&files[0]), &candle_core::Device::Cpu).unwrap();
+    assert_eq!(
+        files,
+        [
+            "model-00001-of-00002.safetensors",
+            "model-00002-of-00002.safetensors",
+            "model.safetensors.index.json"
+        ]
+    );
+    let mut merged =
+        candle_core::safetensors::load(out.join(&files[0]), &candle_core::Device::Cpu).unwrap();
     assert_eq!(merged.len(), 4, "tensors stay in their shard");
-    merged.extend(candle_core::safetensors::load(out.join(&files[1]), &candle_core::Device::Cpu).unwrap());
+    merged.extend(
+        candle_core::safetensors::load(out.join(&files[1]), &candle_core::Device::Cpu).unwrap(),
+    );
     check_merged(&merged, &factors, DType::BF16);
-    assert_eq!(std::fs::read(out.join(&files[2])).unwrap(), std::fs::read(base.join(&files[2])).unwrap());
+    assert_eq!(
+        std::fs::read(out.join(&files[2])).unwrap(),
+        std::fs::read(base.join(&files[2])).unwrap()
+    );
 }
 
 fn assert_refused(adapter_setup: impl Fn(&Path), expected: &str) {
@@ -160,10 +262,21 @@ fn assert_refused(adapter_setup: impl Fn(&Path), expected: &str) {
     adapter_setup(&adapter);
     let out = dir.path().join("out").join("merged.safetensors");
     std::fs::create_dir_all(out.parent().unwrap()).unwrap();
-    let o = run(&["merge", "--base", base.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let o = run(&[
+        "merge",
+        "--base",
+        base.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "must fail: {expected}");
-    assert!(stderr.contains(expected), "stderr should name `{expected}`: {stderr}");
+    assert!(
+        stderr.contains(expected),
+        "stderr should name `{expected}`: {stderr}"
+    );
     let left: Vec<_> = std::fs::read_dir(out.parent().unwrap()).unwrap().collect();
     assert!(left.is_empty(), "no output may be left behind: {left:?}");
 }
@@ -173,9 +286,19 @@ fn refuses_broken_foreign_or_mismatched_adapters_leaving_no_output() {
     // A module the base does not have.
     assert_refused(
         |dir| {
-            let mut t = candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &candle_core::Device::Cpu).unwrap();
-            t.insert("base_model.model.model.layers.5.self_attn.q_proj.lora_A.weight".into(), tensor(1, &[4, 16], 1.0));
-            t.insert("base_model.model.model.layers.5.self_attn.q_proj.lora_B.weight".into(), tensor(1, &[24, 4], 1.0));
+            let mut t = candle_core::safetensors::load(
+                dir.join("adapter_model.safetensors"),
+                &candle_core::Device::Cpu,
+            )
+            .unwrap();
+            t.insert(
+                "base_model.model.model.layers.5.self_attn.q_proj.lora_A.weight".into(),
+                tensor(1, &[4, 16], 1.0),
+            );
+            t.insert(
+                "base_model.model.model.layers.5.self_attn.q_proj.lora_B.weight".into(),
+                tensor(1, &[24, 4], 1.0),
+            );
             candle_core::safetensors::save(&t, dir.join("adapter_model.safetensors")).unwrap();
         },
         "model.layers.5.self_attn.q_proj.weight",
@@ -183,14 +306,26 @@ fn refuses_broken_foreign_or_mismatched_adapters_leaving_no_output() {
     // A shape that does not fit the base weight.
     assert_refused(
         |dir| {
-            let mut t = candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &candle_core::Device::Cpu).unwrap();
-            t.insert("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight".into(), tensor(1, &[4, 12], 1.0));
+            let mut t = candle_core::safetensors::load(
+                dir.join("adapter_model.safetensors"),
+                &candle_core::Device::Cpu,
+            )
+            .unwrap();
+            t.insert(
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight".into(),
+                tensor(1, &[4, 12], 1.0),
+            );
             candle_core::safetensors::save(&t, dir.join("adapter_model.safetensors")).unwrap();
         },
         "model.layers.0.self_attn.q_proj.lora_A.weight",
     );
     // DoRA.
-    assert_refused(|dir| { write_adapter(dir, r#", "use_dora": true"#); }, "use_dora");
+    assert_refused(
+        |dir| {
+            write_adapter(dir, r#", "use_dora": true"#);
+        },
+        "use_dora",
+    );
     // A truncated tensor file.
     assert_refused(
         |dir| {
@@ -203,15 +338,25 @@ fn refuses_broken_foreign_or_mismatched_adapters_leaving_no_output() {
     // NaN in a factor.
     assert_refused(
         |dir| {
-            let mut t = candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &candle_core::Device::Cpu).unwrap();
+            let mut t = candle_core::safetensors::load(
+                dir.join("adapter_model.safetensors"),
+                &candle_core::Device::Cpu,
+            )
+            .unwrap();
             let nan = Tensor::full(f32::NAN, (24, 4), &candle_core::Device::Cpu).unwrap();
-            t.insert("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight".into(), nan);
+            t.insert(
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight".into(),
+                nan,
+            );
             candle_core::safetensors::save(&t, dir.join("adapter_model.safetensors")).unwrap();
         },
         "NaN",
     );
     // No config.
-    assert_refused(|dir| std::fs::remove_file(dir.join("adapter_config.json")).unwrap(), "adapter_config.json");
+    assert_refused(
+        |dir| std::fs::remove_file(dir.join("adapter_config.json")).unwrap(),
+        "adapter_config.json",
+    );
 }
 
 #[test]
@@ -221,8 +366,14 @@ fn inspect_prints_ranks_alphas_and_size() {
     let o = run(&["inspect", dir.path().to_str().unwrap()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let s = String::from_utf8_lossy(&o.stdout);
-    assert!(s.contains("rank:       2 (1 modules), 4 (3 modules)"), "{s}");
-    assert!(s.contains("scaling:    1.000000 (1 modules), 2.000000 (3 modules) (alpha/r)"), "{s}");
+    assert!(
+        s.contains("rank:       2 (1 modules), 4 (3 modules)"),
+        "{s}"
+    );
+    assert!(
+        s.contains("scaling:    1.000000 (1 modules), 2.000000 (3 modules) (alpha/r)"),
+        "{s}"
+    );
     assert!(s.contains("parameters: 512"), "{s}");
     assert!(s.contains("dtype:      F32"), "{s}");
 }

@@ -11,10 +11,22 @@ use clap::Parser;
 #[test]
 fn finetune_example_runs_in_quick_mode() {
     let out = tempfile::tempdir().unwrap();
-    let args = finetune::Args::parse_from(["finetune", "--quick", "--out", out.path().to_str().unwrap()]);
+    let args =
+        finetune::Args::parse_from(["finetune", "--quick", "--out", out.path().to_str().unwrap()]);
     let s = finetune::run(args).unwrap();
-    assert!(s.lora_loss < s.base_loss, "LoRA must improve on the base model: {} vs {}", s.lora_loss, s.base_loss);
-    assert!(s.full_loss < s.base_loss, "full fine-tuning must improve on the base model");
-    assert!(s.adapter_bytes * 4 < s.full_bytes, "the adapter must be much smaller than the checkpoint");
+    assert!(
+        s.lora_loss < s.base_loss,
+        "LoRA must improve on the base model: {} vs {}",
+        s.lora_loss,
+        s.base_loss
+    );
+    assert!(
+        s.full_loss < s.base_loss,
+        "full fine-tuning must improve on the base model"
+    );
+    assert!(
+        s.adapter_bytes * 4 < s.full_bytes,
+        "the adapter must be much smaller than the checkpoint"
+    );
     assert!(out.path().join("adapter_config.json").exists());
 }

@@ -11,7 +11,16 @@ use lora::{LayerConfig, LoraInit, LoraLinear, LoraModel};
 use proptest::prelude::*;
 
 /// A layer with a random weight (and maybe bias) and an adapter whose B is random, not zero.
-fn random_layer(seed: u64, inp: usize, out: usize, r: usize, alpha: f64, rslora: bool, bias: bool, fifo: bool) -> LoraLinear {
+fn random_layer(
+    seed: u64,
+    inp: usize,
+    out: usize,
+    r: usize,
+    alpha: f64,
+    rslora: bool,
+    bias: bool,
+    fifo: bool,
+) -> LoraLinear {
     let w = tensor(seed, &[out, inp], 1.0);
     let b = bias.then(|| tensor(seed + 1, &[out], 1.0));
     let mut l = if fifo {
@@ -96,17 +105,25 @@ fn mixed_rslora_layers_save_with_an_equivalent_alpha() {
     let config = lora::LoraConfig::from_file(dir.path().join("adapter_config.json")).unwrap();
     assert!(config.use_rslora);
     assert_eq!(config.alpha_pattern.len(), 1, "{config:?}");
-    let mut fresh: Vec<LoraLinear> = model.iter().map(|l| LoraLinear::new(l.weight().clone(), None)).collect();
+    let mut fresh: Vec<LoraLinear> = model
+        .iter()
+        .map(|l| LoraLinear::new(l.weight().clone(), None))
+        .collect();
     fresh.load_adapter(dir.path()).unwrap();
     for (a, b) in model.iter().zip(&fresh) {
-        let (sa, sb) = (a.adapter().unwrap().scaling(), b.adapter().unwrap().scaling());
+        let (sa, sb) = (
+            a.adapter().unwrap().scaling(),
+            b.adapter().unwrap().scaling(),
+        );
         assert!((sa - sb).abs() <= 4.0 * f64::EPSILON * sa, "{sa} vs {sb}");
     }
 }
 
 #[test]
 fn init_adapter_registers_peft_names_and_only_adapters_train() {
-    let mut model: Vec<LoraLinear> = (0..3).map(|i| LoraLinear::new(tensor(i, &[8, 6], 1.0), None)).collect();
+    let mut model: Vec<LoraLinear> = (0..3)
+        .map(|i| LoraLinear::new(tensor(i, &[8, 6], 1.0), None))
+        .collect();
     let varmap = VarMap::new();
     model.init_adapter(&varmap).unwrap();
     let mut names: Vec<String> = varmap.data().lock().unwrap().keys().cloned().collect();
@@ -116,12 +133,27 @@ fn init_adapter_registers_peft_names_and_only_adapters_train() {
     assert_eq!(model.trainable_vars().len(), 6);
     // Gradients reach A and B only: the base weight is a plain tensor.
     let x = tensor(9, &[4, 6], 1.0);
-    model[0].adapter().unwrap().b().set(&tensor(3, &[8, 8], 0.1)).unwrap();
-    let loss = model[0].forward(&x).unwrap().sqr().unwrap().sum_all().unwrap();
+    model[0]
+        .adapter()
+        .unwrap()
+        .b()
+        .set(&tensor(3, &[8, 8], 0.1))
+        .unwrap();
+    let loss = model[0]
+        .forward(&x)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap();
     let grads = loss.backward().unwrap();
     assert!(grads.get(model[0].weight()).is_none());
-    assert!(grads.get(model[0].adapter().unwrap().a().as_tensor()).is_some());
-    assert!(grads.get(model[0].adapter().unwrap().b().as_tensor()).is_some());
+    assert!(grads
+        .get(model[0].adapter().unwrap().a().as_tensor())
+        .is_some());
+    assert!(grads
+        .get(model[0].adapter().unwrap().b().as_tensor())
+        .is_some());
 }
 
 #[test]
@@ -131,28 +163,52 @@ fn merge_is_all_or_nothing_and_refuses_double_merge_and_merged_loads() {
         random_layer(2, 6, 5, 2, 4.0, false, false, false),
     ];
     let w = [bits(model[0].weight()), bits(model[1].weight())];
-    model[1].adapter().unwrap().b().set(&Tensor::full(f32::NAN, (5, 2), &candle_core::Device::Cpu).unwrap()).unwrap();
+    model[1]
+        .adapter()
+        .unwrap()
+        .b()
+        .set(&Tensor::full(f32::NAN, (5, 2), &candle_core::Device::Cpu).unwrap())
+        .unwrap();
     let err = model.merge().unwrap_err();
-    assert!(matches!(err, lora::Error::NonFinite { ref path } if path == "1"), "{err}");
+    assert!(
+        matches!(err, lora::Error::NonFinite { ref path } if path == "1"),
+        "{err}"
+    );
     assert!(!model.is_merged());
     assert_eq!([bits(model[0].weight()), bits(model[1].weight())], w);
 
-    model[1].adapter().unwrap().b().set(&tensor(4, &[5, 2], 0.5)).unwrap();
+    model[1]
+        .adapter()
+        .unwrap()
+        .b()
+        .set(&tensor(4, &[5, 2], 0.5))
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     model.save_adapter(dir.path()).unwrap();
     model.merge().unwrap();
     assert!(matches!(model.merge(), Err(lora::Error::Merged { .. })));
-    assert!(matches!(model.load_adapter(dir.path()), Err(lora::Error::Merged { .. })));
+    assert!(matches!(
+        model.load_adapter(dir.path()),
+        Err(lora::Error::Merged { .. })
+    ));
     model.unmerge().unwrap();
     assert_eq!([bits(model[0].weight()), bits(model[1].weight())], w);
-    assert!(matches!(model.unmerge(), Err(lora::Error::NotMerged { .. })));
+    assert!(matches!(
+        model.unmerge(),
+        Err(lora::Error::NotMerged { .. })
+    ));
 }
 
 #[test]
 fn dropout_only_in_training_mode() {
     let mut l = LoraLinear::new(tensor(1, &[16, 16], 1.0), None);
-    l.init_adapter(&LayerConfig::new(4, 8.0).with_dropout(0.5), 1).unwrap();
-    l.adapter().unwrap().b().set(&tensor(2, &[16, 4], 1.0)).unwrap();
+    l.init_adapter(&LayerConfig::new(4, 8.0).with_dropout(0.5), 1)
+        .unwrap();
+    l.adapter()
+        .unwrap()
+        .b()
+        .set(&tensor(2, &[16, 4], 1.0))
+        .unwrap();
     let x = tensor(3, &[8, 16], 1.0);
     let eval1 = l.forward(&x).unwrap();
     assert_eq!(bits(&eval1), bits(&l.forward(&x).unwrap()));
@@ -161,7 +217,10 @@ fn dropout_only_in_training_mode() {
     let train = model[0].forward(&x).unwrap();
     assert_ne!(bits(&train), bits(&eval1));
     model.merge().unwrap();
-    assert!(model[0].forward(&x).is_err(), "training a merged layer must be refused");
+    assert!(
+        model[0].forward(&x).is_err(),
+        "training a merged layer must be refused"
+    );
 }
 
 #[test]
@@ -171,7 +230,11 @@ fn half_precision_merges_through_an_f32_delta() {
         let w32 = tensor(1, &[32, 24], 1.0);
         let mut l = LoraLinear::new(w32.to_dtype(dtype).unwrap(), None);
         l.init_adapter(&LayerConfig::new(4, 8.0), 1).unwrap();
-        l.adapter().unwrap().b().set(&tensor(2, &[32, 4], 0.5)).unwrap();
+        l.adapter()
+            .unwrap()
+            .b()
+            .set(&tensor(2, &[32, 4], 0.5))
+            .unwrap();
         let w0 = l.weight().clone();
         let delta = l.delta_weight().unwrap();
         assert_eq!(delta.dtype(), DType::F32);
@@ -179,9 +242,18 @@ fn half_precision_merges_through_an_f32_delta() {
         // Reference: the exact sum in f32 rounded once to the target dtype; ours must equal it
         // to within one rounding (half an ulp of the result, i.e. 2^-11 for f16, 2^-8 for bf16).
         let reference = (w0.to_dtype(DType::F32).unwrap() + &delta).unwrap();
-        let rel = if dtype == DType::F16 { 2f32.powi(-11) } else { 2f32.powi(-8) };
+        let rel = if dtype == DType::F16 {
+            2f32.powi(-11)
+        } else {
+            2f32.powi(-8)
+        };
         let bound = reference.abs().unwrap().affine(rel as f64, 1e-6).unwrap();
-        assert_within(&l.weight().to_dtype(DType::F32).unwrap(), &reference, &bound, "half merge");
+        assert_within(
+            &l.weight().to_dtype(DType::F32).unwrap(),
+            &reference,
+            &bound,
+            "half merge",
+        );
         l.unmerge().unwrap();
         assert_eq!(bits(l.weight()), bits(&w0));
     }

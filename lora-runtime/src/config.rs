@@ -303,7 +303,11 @@ const UNSUPPORTED_EXTRA_FIELDS: &[(&str, &str)] = &[
 impl LoraConfig {
     /// A config with the given default rank, alpha and target module names; everything else is
     /// PEFT's default.
-    pub fn new(rank: usize, alpha: f64, targets: impl IntoIterator<Item = impl Into<String>>) -> Self {
+    pub fn new(
+        rank: usize,
+        alpha: f64,
+        targets: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Self {
         Self {
             peft_type: default_peft_type(),
             rank,
@@ -360,8 +364,10 @@ impl LoraConfig {
     /// [`Error::InvalidConfig`] if a value cannot be represented in JSON (a non-finite alpha).
     pub fn to_json(&self) -> Result<String> {
         // serde_json's `Value` keeps object keys in a BTreeMap: serializing through it sorts them.
-        let value = serde_json::to_value(self).map_err(|e| invalid(None, "adapter_config", e.to_string()))?;
-        serde_json::to_string_pretty(&value).map_err(|e| invalid(None, "adapter_config", e.to_string()))
+        let value = serde_json::to_value(self)
+            .map_err(|e| invalid(None, "adapter_config", e.to_string()))?;
+        serde_json::to_string_pretty(&value)
+            .map_err(|e| invalid(None, "adapter_config", e.to_string()))
     }
 
     /// Refuses PEFT features this runtime does not implement, naming the field.
@@ -378,16 +384,25 @@ impl LoraConfig {
         if self.peft_type != "LORA" {
             return Err(unsupported(
                 "peft_type",
-                format!("`{}` adapters are not supported, only `LORA`", self.peft_type),
+                format!(
+                    "`{}` adapters are not supported, only `LORA`",
+                    self.peft_type
+                ),
             ));
         }
         if self.use_dora {
-            return Err(unsupported("use_dora", "DoRA adapters are not supported".into()));
+            return Err(unsupported(
+                "use_dora",
+                "DoRA adapters are not supported".into(),
+            ));
         }
         if self.bias != "none" {
             return Err(unsupported(
                 "bias",
-                format!("bias = `{}` (trained biases) is not supported, only `none`", self.bias),
+                format!(
+                    "bias = `{}` (trained biases) is not supported, only `none`",
+                    self.bias
+                ),
             ));
         }
         if self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
@@ -396,7 +411,11 @@ impl LoraConfig {
                 "fully trained extra modules are not supported".into(),
             ));
         }
-        if self.layers_to_transform.as_ref().is_some_and(|v| !is_unset(v)) {
+        if self
+            .layers_to_transform
+            .as_ref()
+            .is_some_and(|v| !is_unset(v))
+        {
             return Err(unsupported(
                 "layers_to_transform",
                 "selecting layers by index is not supported".into(),
@@ -445,7 +464,11 @@ impl LoraConfig {
 
     /// The scaling of the module at `module_path`, with patterns and rsLoRA.
     pub fn scaling_for(&self, module_path: &str) -> f64 {
-        scaling(self.rank_for(module_path), self.alpha_for(module_path), self.use_rslora)
+        scaling(
+            self.rank_for(module_path),
+            self.alpha_for(module_path),
+            self.use_rslora,
+        )
     }
 
     /// Whether `target_modules` selects the module at `module_path`, as PEFT decides it: a regex
@@ -515,7 +538,8 @@ mod tests {
     fn patterns_follow_peft() {
         let mut cfg = LoraConfig::new(8, 16.0, ["q_proj", "v_proj"]);
         cfg.rank_pattern.insert("v_proj".into(), 4);
-        cfg.rank_pattern.insert("layers.1.self_attn.q_proj".into(), 2);
+        cfg.rank_pattern
+            .insert("layers.1.self_attn.q_proj".into(), 2);
         cfg.alpha_pattern.insert(r"layers\.0\..*".into(), 32.0);
         assert_eq!(cfg.rank_for("model.layers.0.self_attn.v_proj"), 4);
         assert_eq!(cfg.rank_for("model.layers.1.self_attn.q_proj"), 2);
@@ -538,7 +562,10 @@ mod tests {
             (r#"{"lora_bias": true}"#, "lora_bias"),
             (r#"{"peft_type": "IA3"}"#, "peft_type"),
         ] {
-            let err = LoraConfig::from_json(json).unwrap().check_supported(p).unwrap_err();
+            let err = LoraConfig::from_json(json)
+                .unwrap()
+                .check_supported(p)
+                .unwrap_err();
             match err {
                 Error::Unsupported { field: f, .. } => assert_eq!(f, field),
                 other => panic!("{json}: {other}"),
@@ -546,9 +573,15 @@ mod tests {
         }
         let ok = LoraConfig::from_json(r#"{"modules_to_save": null, "lora_bias": false}"#).unwrap();
         ok.check_supported(p).unwrap();
-        let err = LoraConfig::from_json(r#"{"r": 0}"#).unwrap().check_supported(p).unwrap_err();
+        let err = LoraConfig::from_json(r#"{"r": 0}"#)
+            .unwrap()
+            .check_supported(p)
+            .unwrap_err();
         assert!(err.to_string().contains("`r`"), "{err}");
-        let err = LoraConfig::from_json(r#"{"lora_alpha": -1}"#).unwrap().check_supported(p).unwrap_err();
+        let err = LoraConfig::from_json(r#"{"lora_alpha": -1}"#)
+            .unwrap()
+            .check_supported(p)
+            .unwrap_err();
         assert!(err.to_string().contains("`lora_alpha`"), "{err}");
     }
 }

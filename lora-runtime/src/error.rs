@@ -79,6 +79,52 @@ pub enum Error {
         reason: String,
     },
 
+    /// A file, or a size a file declares (its safetensors header), is larger than the file
+    /// itself or than a sane limit; nothing was allocated for it.
+    #[error("{}: {what} is {size} bytes, more than {limit_what} ({limit} bytes)", path.display())]
+    TooLarge {
+        /// The file at fault.
+        path: PathBuf,
+        /// What is too large, e.g. `the declared safetensors header`.
+        what: String,
+        /// Its size in bytes.
+        size: u64,
+        /// What it was checked against, e.g. `the file` or `the limit`.
+        limit_what: String,
+        /// The limit in bytes.
+        limit: u64,
+    },
+
+    /// The safetensors metadata of an adapter file holds an entry this runtime writes
+    /// (`lora.base_fingerprint.<module>`) in a form it cannot read, or for a module without
+    /// factors.
+    #[error("{}: metadata `{key}`: {reason}", file.display())]
+    BadMetadata {
+        /// The adapter file.
+        file: PathBuf,
+        /// The metadata key at fault.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// The adapter was saved from a different base weight than the model's (its recorded
+    /// fingerprint, shape and hash, does not match).
+    #[error(
+        "{}: the adapter was trained on a different base weight for `{module}` (saved: {saved}, this model: {found}); load it onto the base model it was trained on, or skip this check with `load_adapter_with(dir, &LoadOptions::default().with_verify_base(false))`",
+        file.display()
+    )]
+    BaseMismatch {
+        /// The adapter file.
+        file: PathBuf,
+        /// The module path whose base weight differs.
+        module: String,
+        /// The fingerprint stored in the file.
+        saved: String,
+        /// The fingerprint of the model's weight.
+        found: String,
+    },
+
     /// A tensor in an adapter file names a module that is not a LoRA layer of the model.
     #[error(
         "{}: tensor `{key}` targets module `{module}`, which is not a LoRA layer of this model{}",

@@ -31,17 +31,20 @@
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+pub mod combine;
 pub mod config;
+mod cpu_kernels;
 pub mod error;
 pub mod linear;
 pub mod merge_file;
 pub mod model;
 pub mod peft;
 
+pub use combine::Combination;
 pub use config::{LayerConfig, LoraConfig, LoraInit, TargetModules};
 pub use error::{Error, Result};
 pub use linear::{Adapter, LoraLinear};
-pub use model::{LoraModel, ModulePath, TrainableParameters, VisitFn, VisitMutFn};
+pub use model::{LoadOptions, LoraModel, ModulePath, TrainableParameters, VisitFn, VisitMutFn};
 
 /// What the code `#[lora]` generates calls. Not a public API: it changes without notice.
 #[doc(hidden)]

@@ -24,6 +24,7 @@ use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
 
 use crate::config::{scaling, LayerConfig, LoraInit};
+use crate::cpu_kernels;
 use crate::error::{Error, Result};
 
 /// A trainable low-rank adapter: `A [r, in]`, `B [out, r]` and the scaling of `B A`.
@@ -43,16 +44,34 @@ impl Adapter {
     /// [`Error::Layer`] when `A` and `B` are not matrices or their ranks disagree,
     /// [`Error::InvalidConfig`] for a non-positive alpha or a dropout outside `[0, 1)`.
     pub fn new(a: Var, b: Var, alpha: f64, use_rslora: bool, dropout: f32) -> Result<Self> {
-        let (r, _) = a.dims2().map_err(|_| Error::layer("", format!("lora_A must be a matrix [r, in], got {:?}", a.dims())))?;
-        let (_, rb) = b.dims2().map_err(|_| Error::layer("", format!("lora_B must be a matrix [out, r], got {:?}", b.dims())))?;
+        let (r, _) = a.dims2().map_err(|_| {
+            Error::layer(
+                "",
+                format!("lora_A must be a matrix [r, in], got {:?}", a.dims()),
+            )
+        })?;
+        let (_, rb) = b.dims2().map_err(|_| {
+            Error::layer(
+                "",
+                format!("lora_B must be a matrix [out, r], got {:?}", b.dims()),
+            )
+        })?;
         if r != rb {
             return Err(Error::layer(
                 "",
                 format!("lora_A has rank {r} but lora_B has rank {rb}"),
             ));
         }
-        LayerConfig::new(r, alpha).with_dropout(dropout).validate()?;
-        Ok(Self { a, b, alpha, use_rslora, dropout })
+        LayerConfig::new(r, alpha)
+            .with_dropout(dropout)
+            .validate()?;
+        Ok(Self {
+            a,
+            b,
+            alpha,
+            use_rslora,
+            dropout,
+        })
     }
 
     /// `A`, shape `[r, in]`.
@@ -183,6 +202,11 @@ impl LoraLinear {
     pub fn adapter(&self) -> Option<&Adapter> {
         self.adapter.as_ref()
     }
+    /// The weight without the adapter: [`weight`](Self::weight), or while merged the weight
+    /// from before the merge. This is what adapter files fingerprint.
+    pub fn base_weight(&self) -> &Tensor {
+        self.unmerged_weight.as_ref().unwrap_or(&self.weight)
+    }
     /// Whether the adapter is folded into the weight.
     pub fn is_merged(&self) -> bool {
         self.unmerged_weight.is_some()
@@ -195,7 +219,9 @@ impl LoraLinear {
     /// layer.
     pub fn set_adapter(&mut self, adapter: Option<Adapter>) -> Result<()> {
         if self.is_merged() {
-            return Err(Error::Merged { path: String::new() });
+            return Err(Error::Merged {
+                path: String::new(),
+            });
         }
         if let Some(ad) = &adapter {
             self.check_adapter_shapes(ad.a.dims(), ad.b.dims(), "")?;
@@ -207,7 +233,10 @@ impl LoraLinear {
     pub(crate) fn check_adapter_shapes(&self, a: &[usize], b: &[usize], path: &str) -> Result<()> {
         let (inp, out) = (self.in_features(), self.out_features());
         if a.len() != 2 || a[1] != inp {
-            return Err(Error::layer(path, format!("lora_A has shape {a:?}, expected [r, {inp}]")));
+            return Err(Error::layer(
+                path,
+                format!("lora_A has shape {a:?}, expected [r, {inp}]"),
+            ));
         }
         if b.len() != 2 || b[0] != out || b[1] != a[0] {
             return Err(Error::layer(
@@ -231,7 +260,9 @@ impl LoraLinear {
             LoraInit::Kaiming => {
                 // kaiming_uniform(a = sqrt(5)) on a [r, in] weight: bound = 1 / sqrt(in).
                 let bound = 1.0 / (inp as f32).sqrt();
-                (0..r * inp).map(|_| rng.random_range(-bound..bound)).collect()
+                (0..r * inp)
+                    .map(|_| rng.random_range(-bound..bound))
+                    .collect()
             }
             LoraInit::Gaussian => {
                 let normal = Normal::new(0.0f32, 1.0 / r as f32)
@@ -267,7 +298,9 @@ impl LoraLinear {
     /// [`Error::Merged`] when merged, [`Error::InvalidConfig`] for invalid hyper-parameters.
     pub fn init_adapter(&mut self, config: &LayerConfig, seed: u64) -> Result<&Adapter> {
         if self.is_merged() {
-            return Err(Error::Merged { path: String::new() });
+            return Err(Error::Merged {
+                path: String::new(),
+            });
         }
         let adapter = self.fresh_adapter(config, seed)?;
         Ok(self.adapter.insert(adapter))
@@ -285,16 +318,31 @@ impl LoraLinear {
             .ok_or_else(|| Error::layer("", "the layer has no adapter"))?;
         let a = ad.a.as_tensor().detach().to_dtype(DType::F32)?;
         // Scale the small factor B rather than the [out, in] product: one pass fewer.
-        let b = ad.b.as_tensor().detach().to_dtype(DType::F32)?.affine(ad.scaling(), 0.0)?;
+        let b =
+            ad.b.as_tensor()
+                .detach()
+                .to_dtype(DType::F32)?
+                .affine(ad.scaling(), 0.0)?;
         let delta = b.matmul(&a)?;
-        Ok(if self.fan_in_fan_out { delta.t()? } else { delta })
+        Ok(if self.fan_in_fan_out {
+            delta.t()?
+        } else {
+            delta
+        })
     }
 
     /// The merged weight `W + s B A` (computed in f32, cast to the weight's dtype), checked to be
     /// finite. Does not change the layer.
     pub(crate) fn merged_weight(&self, path: &str) -> Result<Tensor> {
         if self.is_merged() {
-            return Err(Error::Merged { path: path.to_string() });
+            return Err(Error::Merged {
+                path: path.to_string(),
+            });
+        }
+        if let Some(merged) = self.merged_weight_f32_cpu().map_err(|e| relabel(e, path))? {
+            return merged.ok_or_else(|| Error::NonFinite {
+                path: path.to_string(),
+            });
         }
         let delta = self.delta_weight().map_err(|e| relabel(e, path))?;
         let dtype = self.weight.dtype();
@@ -304,9 +352,54 @@ impl LoraLinear {
             (self.weight.to_dtype(DType::F32)? + delta)?.to_dtype(dtype)?
         };
         if !all_finite(&merged)? {
-            return Err(Error::NonFinite { path: path.to_string() });
+            return Err(Error::NonFinite {
+                path: path.to_string(),
+            });
         }
         Ok(merged)
+    }
+
+    /// The CPU fast path of [`merged_weight`](Self::merged_weight) for an f32 layer: `W + s B A`
+    /// in one pass over `W` with the finite check folded in (see `cpu_kernels::add_low_rank`).
+    /// `None` when it does not apply; `Some(None)` when the result would not be finite.
+    fn merged_weight_f32_cpu(&self) -> Result<Option<Option<Tensor>>> {
+        let Some(ad) = &self.adapter else {
+            return Err(Error::layer("", "the layer has no adapter"));
+        };
+        let (a, b) = (ad.a.as_tensor(), ad.b.as_tensor());
+        let on_cpu_f32 =
+            |t: &Tensor| t.dtype() == DType::F32 && matches!(t.device(), candle_core::Device::Cpu);
+        if !(on_cpu_f32(&self.weight) && on_cpu_f32(a) && on_cpu_f32(b)) {
+            return Ok(None);
+        }
+        let (rows, cols) = self.weight.dims2()?;
+        let (guard, layout) = self.weight.storage_and_layout();
+        let (candle_core::Storage::Cpu(storage), Some((start, end))) =
+            (&*guard, layout.contiguous_offsets())
+        else {
+            return Ok(None);
+        };
+        let w = &storage.as_slice::<f32>()?[start..end];
+        let sb = b.detach().affine(ad.scaling(), 0.0)?;
+        // W [out, in] += sB [out, r] A [r, in]; stored [in, out] (fan_in_fan_out): += A^T (sB)^T.
+        let (l, rt) = if self.fan_in_fan_out {
+            (a.t()?, sb.t()?)
+        } else {
+            (sb, a.detach())
+        };
+        let l = l.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let rt = rt.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let mut out = vec![0f32; w.len()];
+        let finite = cpu_kernels::add_low_rank(w, &l, &rt, ad.rank(), cols, &mut out);
+        drop(guard);
+        if !finite {
+            return Ok(Some(None));
+        }
+        Ok(Some(Some(Tensor::from_vec(
+            out,
+            (rows, cols),
+            self.weight.device(),
+        )?)))
     }
 
     /// Installs a weight computed by [`merged_weight`](Self::merged_weight). Cannot fail.
@@ -352,10 +445,9 @@ impl LoraLinear {
     /// # Errors
     /// [`Error::NotMerged`] when not merged.
     pub fn unmerge(&mut self) -> Result<()> {
-        let original = self
-            .unmerged_weight
-            .take()
-            .ok_or(Error::NotMerged { path: String::new() })?;
+        let original = self.unmerged_weight.take().ok_or(Error::NotMerged {
+            path: String::new(),
+        })?;
         self.weight = original;
         self.rebuild_base();
         Ok(())
@@ -375,25 +467,40 @@ impl LoraLinear {
         Ok(())
     }
 
-    /// The LoRA branch `s * ((x A^T) B^T)` for an input `[..., in]`.
-    fn lora_term(&self, ad: &Adapter, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// The input width and the output shape for an input `[..., in]`.
+    fn flat_dims(&self, x: &Tensor) -> candle_core::Result<(usize, Vec<usize>)> {
         let inp = x.dim(D::Minus1)?;
-        let n = x.elem_count() / inp.max(1);
-        let x2 = x.reshape((n, inp))?.to_dtype(ad.a.dtype())?;
-        // [n, in] x [in, r]: scale the thin [n, r] product, not the [n, out] output.
-        let h = x2.matmul(&ad.a.as_tensor().t()?)?.affine(ad.scaling(), 0.0)?;
-        let d = h.matmul(&ad.b.as_tensor().t()?)?;
         let mut out_dims = x.dims().to_vec();
         if let Some(last) = out_dims.last_mut() {
             *last = self.out_features();
         }
+        Ok((inp, out_dims))
+    }
+
+    /// `s * (x A^T)` for `x [n, in]`: the thin `[n, r]` product, scaled there rather than on the
+    /// `[n, out]` output.
+    fn lora_hidden(&self, ad: &Adapter, x2: &Tensor) -> candle_core::Result<Tensor> {
+        x2.to_dtype(ad.a.dtype())?
+            .matmul(&ad.a.as_tensor().t()?)?
+            .affine(ad.scaling(), 0.0)
+    }
+
+    /// The LoRA branch `s * ((x A^T) B^T)` for an input `[..., in]`.
+    fn lora_term(&self, ad: &Adapter, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (inp, out_dims) = self.flat_dims(x)?;
+        let n = x.elem_count() / inp.max(1);
+        let h = self.lora_hidden(ad, &x.reshape((n, inp))?)?;
+        let d = h.matmul(&ad.b.as_tensor().t()?)?;
         d.reshape(out_dims)?.to_dtype(x.dtype())
     }
 }
 
 fn relabel(e: Error, path: &str) -> Error {
     match e {
-        Error::Layer { reason, .. } => Error::Layer { path: path.to_string(), reason },
+        Error::Layer { reason, .. } => Error::Layer {
+            path: path.to_string(),
+            reason,
+        },
         other => other,
     }
 }
@@ -401,7 +508,11 @@ fn relabel(e: Error, path: &str) -> Error {
 /// True when every element is finite. One reduction; a second exact pass only when the sum is
 /// not finite (a sum of finite values can overflow).
 pub(crate) fn all_finite(t: &Tensor) -> Result<bool> {
-    let t32 = if t.dtype() == DType::F32 { t.clone() } else { t.to_dtype(DType::F32)? };
+    let t32 = if t.dtype() == DType::F32 {
+        t.clone()
+    } else {
+        t.to_dtype(DType::F32)?
+    };
     let sum = t32.sum_all()?.to_scalar::<f32>()?;
     if sum.is_finite() {
         return Ok(true);
@@ -435,9 +546,8 @@ impl LoraLinear {
     /// # Errors
     /// Shape errors from candle; training a merged layer.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let y = self.base.forward(x)?;
         let Some(ad) = &self.adapter else {
-            return Ok(y);
+            return self.base.forward(x);
         };
         if self.is_merged() {
             if train {
@@ -445,14 +555,32 @@ impl LoraLinear {
                     "LoraLinear: cannot train a merged layer, call `unmerge()` first",
                 ));
             }
-            return Ok(y);
+            return self.base.forward(x);
         }
-        let d = if train && ad.dropout > 0.0 {
-            self.lora_term(ad, &candle_nn::ops::dropout(x, ad.dropout)?)?
+        let dropped;
+        let x_lora = if train && ad.dropout > 0.0 {
+            dropped = candle_nn::ops::dropout(x, ad.dropout)?;
+            &dropped
         } else {
-            self.lora_term(ad, x)?
+            x
         };
-        y + d
+        let (weight, bias) = (self.base.weight(), self.base.bias());
+        if cpu_kernels::fused_applies(x, ad.a.as_tensor(), ad.b.as_tensor(), weight, bias) {
+            // One output buffer, no `[n, out]` temporary, no extra add pass (see `cpu_kernels`).
+            let (inp, out_dims) = self.flat_dims(x)?;
+            let n = x.elem_count() / inp.max(1);
+            let h = self.lora_hidden(ad, &x_lora.reshape((n, inp))?)?;
+            let y = cpu_kernels::fused_forward(
+                &x.reshape((n, inp))?,
+                &h,
+                ad.b.as_tensor(),
+                weight,
+                bias,
+            )?;
+            return y.reshape(out_dims);
+        }
+        let y = self.base.forward(x)?;
+        y + self.lora_term(ad, x_lora)?
     }
 }
 
@@ -492,7 +620,14 @@ mod tests {
             l.merge().unwrap();
             assert!(matches!(l.merge(), Err(Error::Merged { .. })));
             let y1 = l.forward(&x).unwrap();
-            let diff = (y0 - y1).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let diff = (y0 - y1)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             assert!(diff < 1e-5, "{diff}");
             l.unmerge().unwrap();
             assert_eq!(l.weight().to_vec2::<f32>().unwrap(), w0);

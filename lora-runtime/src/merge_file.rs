@@ -24,6 +24,7 @@ use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
 use safetensors::{Dtype, View};
 
+use crate::cpu_kernels;
 use crate::error::{Error, Result};
 use crate::linear::all_finite;
 use crate::peft::{parse_safetensors, temp_path_for, AdapterFile, Factors};
@@ -72,7 +73,10 @@ fn plan(base: &Path, out: &Path) -> Result<(Vec<(PathBuf, PathBuf)>, Option<Path
     let index_path = base.join(INDEX_FILE);
     if index_path.exists() {
         let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
-        let index: Index = serde_json::from_str(&text).map_err(|source| Error::Json { path: index_path.clone(), source })?;
+        let index: Index = serde_json::from_str(&text).map_err(|source| Error::Json {
+            path: index_path.clone(),
+            source,
+        })?;
         let mut files: Vec<&String> = index.weight_map.values().collect();
         files.sort();
         files.dedup();
@@ -114,6 +118,62 @@ struct Delta {
 }
 
 impl Delta {
+    /// The merged tensor's bytes. f32 weights take the one-pass CPU kernel (read `W` once, write
+    /// the result once, finite check folded in); other dtypes the general candle path.
+    fn merged_bytes(
+        &self,
+        key: &str,
+        bytes: &[u8],
+        dtype: DType,
+        shape: &[usize],
+    ) -> Result<Vec<u8>> {
+        if let (DType::F32, [_, cols], true) = (dtype, shape, cfg!(target_endian = "little")) {
+            let (l, rt) = if self.fan_in_fan_out {
+                (self.a.t()?, self.b.t()?)
+            } else {
+                (self.b.clone(), self.a.clone())
+            };
+            let l = l.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+            let rt = rt.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+            let rank = self.a.dim(0)?;
+            let copied: Vec<f32>;
+            // The mapping is unaligned only after tensors of odd byte counts: then copy the row data.
+            let w: &[f32] = match bytemuck::try_cast_slice(bytes) {
+                Ok(w) => w,
+                Err(_) => {
+                    copied = bytes
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect();
+                    &copied
+                }
+            };
+            let mut out = vec![0u8; bytes.len()];
+            let finite = match bytemuck::try_cast_slice_mut::<u8, f32>(&mut out) {
+                Ok(out32) => cpu_kernels::add_low_rank(w, &l, &rt, rank, *cols, out32),
+                Err(_) => {
+                    let mut out32 = vec![0f32; w.len()];
+                    let finite = cpu_kernels::add_low_rank(w, &l, &rt, rank, *cols, &mut out32);
+                    out = out32.iter().flat_map(|v| v.to_le_bytes()).collect();
+                    finite
+                }
+            };
+            if !finite {
+                return Err(Error::NonFinite {
+                    path: key.to_string(),
+                });
+            }
+            return Ok(out);
+        }
+        let t = self.apply(bytes, dtype, shape)?;
+        if !all_finite(&t)? {
+            return Err(Error::NonFinite {
+                path: key.to_string(),
+            });
+        }
+        Ok(crate::peft::tensor_bytes(&t)?.1)
+    }
+
     fn apply(&self, bytes: &[u8], dtype: DType, shape: &[usize]) -> candle_core::Result<Tensor> {
         let w = Tensor::from_raw_buffer(bytes, dtype, shape, &Device::Cpu)?;
         let d = self.b.matmul(&self.a)?;
@@ -153,7 +213,10 @@ impl WriteCtx<'_> {
             // a failure changes nothing.
             // SAFETY: the mapping is a read-only file mapping; dropped pages are re-read from the
             // file if touched again.
-            let _ = unsafe { self.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len) };
+            let _ = unsafe {
+                self.map
+                    .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len)
+            };
         }
     }
 }
@@ -180,17 +243,13 @@ impl View for OutTensor<'_> {
         };
         let merged = crate::peft::candle_of(self.dtype)
             .ok_or_else(|| Error::layer(key, "not a float tensor"))
-            .and_then(|dtype| Ok(delta.apply(self.source, dtype, &self.shape)?))
-            .and_then(|t| {
-                if !all_finite(&t)? {
-                    return Err(Error::NonFinite { path: key.to_string() });
-                }
-                Ok(crate::peft::tensor_bytes(&t)?.1)
-            });
+            .and_then(|dtype| delta.merged_bytes(key, self.source, dtype, &self.shape));
         match merged {
             Ok(bytes) if bytes.len() == self.source.len() => std::borrow::Cow::Owned(bytes),
             Ok(_) => {
-                ctx.error.borrow_mut().get_or_insert(Error::layer(key, "merged tensor changed size"));
+                ctx.error
+                    .borrow_mut()
+                    .get_or_insert(Error::layer(key, "merged tensor changed size"));
                 std::borrow::Cow::Owned(vec![0; self.source.len()])
             }
             Err(e) => {
@@ -212,14 +271,28 @@ impl View for OutTensor<'_> {
 /// Any error naming the file, tensor or field at fault: a broken or unsupported adapter, a module
 /// with no `<module>.weight` in the base, a shape that does not fit, a non-finite result, or I/O.
 /// On error no output file is left behind.
-pub fn merge_safetensors(base: &Path, adapter: &Path, out: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<MergeReport> {
+pub fn merge_safetensors(
+    base: &Path,
+    adapter: &Path,
+    out: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<MergeReport> {
     let adapter = AdapterFile::read(adapter)?;
     let (plan, index) = plan(base, out)?;
     let shards: Vec<Shard> = plan
         .into_iter()
-        .map(|(input, output)| Ok(Shard { map: map_file(&input)?, input, output }))
+        .map(|(input, output)| {
+            Ok(Shard {
+                map: map_file(&input)?,
+                input,
+                output,
+            })
+        })
         .collect::<Result<_>>()?;
-    let parsed: Vec<_> = shards.iter().map(|s| parse_safetensors(&s.map, &s.input)).collect::<Result<_>>()?;
+    let parsed: Vec<_> = shards
+        .iter()
+        .map(|s| parse_safetensors(&s.map, &s.input))
+        .collect::<Result<_>>()?;
 
     // Validate every adapter module against the base before writing anything.
     let mut location: HashMap<String, usize> = HashMap::new();
@@ -239,8 +312,21 @@ pub fn merge_safetensors(base: &Path, adapter: &Path, out: &Path, progress: &mut
                 format!("targets `{module}`, but the base model has no tensor `{weight}`"),
             ));
         };
-        let view = parsed[i].tensor(&weight).map_err(|source| Error::SafeTensors { path: shards[i].input.clone(), source })?;
-        check_fits(&adapter, module, f, view.shape(), view.dtype(), fifo, &shards[i].input)?;
+        let view = parsed[i]
+            .tensor(&weight)
+            .map_err(|source| Error::SafeTensors {
+                path: shards[i].input.clone(),
+                source,
+            })?;
+        check_fits(
+            &adapter,
+            module,
+            f,
+            view.shape(),
+            view.dtype(),
+            fifo,
+            &shards[i].input,
+        )?;
         let scale = adapter.config.scaling_for(module);
         let delta = Delta {
             b: f.b.to_dtype(DType::F32)?.affine(scale, 0.0)?,
@@ -260,7 +346,15 @@ pub fn merge_safetensors(base: &Path, adapter: &Path, out: &Path, progress: &mut
     let mut temps: Vec<(PathBuf, PathBuf)> = Vec::new();
     let result = (|| -> Result<MergeReport> {
         let mut report = MergeReport::default();
-        let total: u64 = parsed.iter().map(|st| st.tensors().iter().map(|(_, v)| v.data().len() as u64).sum::<u64>()).sum();
+        let total: u64 = parsed
+            .iter()
+            .map(|st| {
+                st.tensors()
+                    .iter()
+                    .map(|(_, v)| v.data().len() as u64)
+                    .sum::<u64>()
+            })
+            .sum();
         let mut done = 0u64;
         for (shard, st) in shards.iter().zip(&parsed) {
             let tmp = temp_path_for(&shard.output);
@@ -278,11 +372,14 @@ pub fn merge_safetensors(base: &Path, adapter: &Path, out: &Path, progress: &mut
             };
             let mut tensors = Vec::new();
             for (name, view) in st.tensors() {
-                let delta = deltas.remove(&name).map(|(module, d)| (module, d));
+                let delta = deltas.remove(&name);
                 report.merged += usize::from(delta.is_some());
                 tensors.push((name, view, delta));
             }
-            let modules: Vec<Option<String>> = tensors.iter().map(|(_, _, d)| d.as_ref().map(|(m, _)| m.clone())).collect();
+            let modules: Vec<Option<String>> = tensors
+                .iter()
+                .map(|(_, _, d)| d.as_ref().map(|(m, _)| m.clone()))
+                .collect();
             let views: Vec<(String, OutTensor)> = tensors
                 .into_iter()
                 .zip(&modules)
@@ -300,10 +397,15 @@ pub fn merge_safetensors(base: &Path, adapter: &Path, out: &Path, progress: &mut
                 .collect();
             report.tensors += views.len();
             let metadata = st_metadata(&shard.map, &shard.input)?;
-            safetensors::serialize_to_file(views, metadata, &tmp).map_err(|source| match source {
-                safetensors::SafeTensorError::IoError(e) => Error::io(&tmp, e),
-                source => Error::SafeTensors { path: tmp.clone(), source },
-            })?;
+            safetensors::serialize_to_file(views, metadata, &tmp).map_err(
+                |source| match source {
+                    safetensors::SafeTensorError::IoError(e) => Error::io(&tmp, e),
+                    source => Error::SafeTensors {
+                        path: tmp.clone(),
+                        source,
+                    },
+                },
+            )?;
             ctx.release_last();
             if let Some(e) = ctx.error.borrow_mut().take() {
                 return Err(e);
@@ -320,7 +422,9 @@ pub fn merge_safetensors(base: &Path, adapter: &Path, out: &Path, progress: &mut
             report.files += 1;
         }
         for (tmp, _) in &temps {
-            File::open(tmp).and_then(|f| f.sync_all()).map_err(|e| Error::io(tmp, e))?;
+            File::open(tmp)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| Error::io(tmp, e))?;
         }
         for (tmp, dest) in &temps {
             std::fs::rename(tmp, dest).map_err(|e| Error::io(dest, e))?;
@@ -339,14 +443,28 @@ pub fn merge_safetensors(base: &Path, adapter: &Path, out: &Path, progress: &mut
 }
 
 fn st_metadata(map: &[u8], path: &Path) -> Result<Option<HashMap<String, String>>> {
-    let (_, meta) = safetensors::SafeTensors::read_metadata(map).map_err(|source| Error::SafeTensors { path: path.to_path_buf(), source })?;
+    let (_, meta) =
+        safetensors::SafeTensors::read_metadata(map).map_err(|source| Error::SafeTensors {
+            path: path.to_path_buf(),
+            source,
+        })?;
     // Keep the input's metadata; loaders such as transformers expect `format: pt`.
     let mut metadata = meta.metadata().clone().unwrap_or_default();
-    metadata.entry("format".to_string()).or_insert_with(|| "pt".to_string());
+    metadata
+        .entry("format".to_string())
+        .or_insert_with(|| "pt".to_string());
     Ok(Some(metadata))
 }
 
-fn check_fits(adapter: &AdapterFile, module: &str, f: &Factors, shape: &[usize], dtype: Dtype, fifo: bool, base: &Path) -> Result<()> {
+fn check_fits(
+    adapter: &AdapterFile,
+    module: &str,
+    f: &Factors,
+    shape: &[usize],
+    dtype: Dtype,
+    fifo: bool,
+    base: &Path,
+) -> Result<()> {
     let (r, inp) = (f.a.dims()[0], f.a.dims()[1]);
     let out = f.b.dims()[0];
     let expected = if fifo { [inp, out] } else { [out, inp] };
@@ -362,7 +480,11 @@ fn check_fits(adapter: &AdapterFile, module: &str, f: &Factors, shape: &[usize],
         ));
     }
     if crate::peft::candle_of(dtype).is_none() {
-        return Err(Error::bad_tensor(base, format!("{module}.weight"), format!("dtype {dtype:?} cannot be merged: only F32, F16, BF16 and F64 weights")));
+        return Err(Error::bad_tensor(
+            base,
+            format!("{module}.weight"),
+            format!("dtype {dtype:?} cannot be merged: only F32, F16, BF16 and F64 weights"),
+        ));
     }
     Ok(())
 }

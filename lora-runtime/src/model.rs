@@ -118,7 +118,10 @@ impl TrainableParameters {
     /// The same counts with `frozen` more frozen parameters (the layers outside the LoRA
     /// targets, which the visitor does not see: embeddings, norms, other linears).
     pub fn with_frozen(self, frozen: usize) -> Self {
-        Self { trainable: self.trainable, total: self.total + frozen }
+        Self {
+            trainable: self.trainable,
+            total: self.total + frozen,
+        }
     }
 }
 
@@ -138,7 +141,7 @@ fn thousands(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::with_capacity(s.len() + s.len() / 3);
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -166,6 +169,24 @@ fn layer_seed(seed: u64, path: &str) -> u64 {
 ///
 /// Operations on the whole model are all-or-nothing: they check every layer first and change
 /// nothing when one fails.
+///
+/// # Concurrency
+///
+/// Models are `Send + Sync` (their tensors are reference-counted and immutable), so threads can
+/// run forwards on one shared `&model` and get exactly the single-threaded results. Everything
+/// that changes a model (`merge`, `unmerge`, `load_adapter`, `init_adapter`, ...) takes
+/// `&mut self`, so it cannot run while any thread reads the model:
+///
+/// ```compile_fail,E0502
+/// # use candle_core::{DType, Device, Module, Tensor};
+/// # use lora_runtime::{LayerConfig, LoraLinear, LoraModel};
+/// # let w = Tensor::zeros((4, 4), DType::F32, &Device::Cpu).unwrap();
+/// let mut model = LoraLinear::new(w.clone(), None);
+/// std::thread::scope(|s| {
+///     s.spawn(|| model.forward(&w));
+///     model.merge() // error[E0502]: cannot borrow `model` as mutable, it is borrowed by the thread
+/// });
+/// ```
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not a LoRA model",
     label = "`{Self}` has no `#[lora]` attribute",
@@ -177,13 +198,21 @@ pub trait LoraModel {
     ///
     /// # Errors
     /// The first error `f` returns.
-    fn visit_lora_layers<'a>(&'a self, path: &mut ModulePath, f: &mut VisitFn<'a, '_>) -> Result<()>;
+    fn visit_lora_layers<'a>(
+        &'a self,
+        path: &mut ModulePath,
+        f: &mut VisitFn<'a, '_>,
+    ) -> Result<()>;
 
     /// Mutable twin of [`visit_lora_layers`](Self::visit_lora_layers), in the same order.
     ///
     /// # Errors
     /// The first error `f` returns.
-    fn visit_lora_layers_mut(&mut self, path: &mut ModulePath, f: &mut VisitMutFn<'_>) -> Result<()>;
+    fn visit_lora_layers_mut(
+        &mut self,
+        path: &mut ModulePath,
+        f: &mut VisitMutFn<'_>,
+    ) -> Result<()>;
 
     /// Every LoRA layer with its module path and hyper-parameters.
     fn lora_layers(&self) -> Vec<(String, &LoraLinear, LayerConfig)> {
@@ -221,7 +250,12 @@ pub trait LoraModel {
     ///
     /// # Errors
     /// See [`init_adapter_seeded`](Self::init_adapter_seeded).
-    fn init_adapter_with(&mut self, varmap: &VarMap, config: &LayerConfig, seed: u64) -> Result<()> {
+    fn init_adapter_with(
+        &mut self,
+        varmap: &VarMap,
+        config: &LayerConfig,
+        seed: u64,
+    ) -> Result<()> {
         init_adapters(self, varmap, Some(config), seed)
     }
 
@@ -241,7 +275,10 @@ pub trait LoraModel {
     /// `print_trainable_parameters`. Add the rest of the model with
     /// [`TrainableParameters::with_frozen`].
     fn trainable_parameters(&self) -> TrainableParameters {
-        let mut counts = TrainableParameters { trainable: 0, total: 0 };
+        let mut counts = TrainableParameters {
+            trainable: 0,
+            total: 0,
+        };
         for (_, l, _) in self.lora_layers() {
             let base = l.weight().elem_count() + l.bias().map_or(0, |b| b.elem_count());
             let adapter = l.adapter().map_or(0, Adapter::num_parameters);
@@ -262,7 +299,9 @@ pub trait LoraModel {
         let mut merged = Vec::new();
         self.visit_lora_layers(&mut ModulePath::new(), &mut |p, l, _| {
             if l.is_merged() {
-                return Err(Error::Merged { path: p.to_string() });
+                return Err(Error::Merged {
+                    path: p.to_string(),
+                });
             }
             merged.push(match l.adapter() {
                 Some(_) => Some(l.merged_weight(p.as_str())?),
@@ -271,7 +310,9 @@ pub trait LoraModel {
             Ok(())
         })?;
         if merged.iter().all(Option::is_none) {
-            return Err(Error::NoAdapter("no LoRA layer has an adapter: nothing to merge".into()));
+            return Err(Error::NoAdapter(
+                "no LoRA layer has an adapter: nothing to merge".into(),
+            ));
         }
         let mut merged = merged.into_iter();
         self.visit_lora_layers_mut(&mut ModulePath::new(), &mut |_, l, _| {
@@ -288,7 +329,9 @@ pub trait LoraModel {
     /// [`Error::NotMerged`] when no layer is merged.
     fn unmerge(&mut self) -> Result<()> {
         if !self.is_merged() {
-            return Err(Error::NotMerged { path: "<model>".into() });
+            return Err(Error::NotMerged {
+                path: "<model>".into(),
+            });
         }
         self.visit_lora_layers_mut(&mut ModulePath::new(), &mut |_, l, _| {
             if l.is_merged() {
@@ -341,9 +384,15 @@ pub trait LoraModel {
     }
 
     /// Writes the adapters in PEFT's format: `DIR/adapter_model.safetensors` (only `A` and `B`,
-    /// metadata `format: pt`) and `DIR/adapter_config.json`, creating `DIR` if needed. Each file
-    /// is written to a temporary file and renamed, so a failed save leaves any previous adapter
-    /// intact.
+    /// metadata `format: pt`) and `DIR/adapter_config.json`, creating `DIR` if needed. The
+    /// metadata also records, under `lora.base_fingerprint.<module path>`, the shape, dtype
+    /// and hash of each target's unmerged base weight (see
+    /// [`BaseFingerprint`](crate::peft::BaseFingerprint)), which
+    /// [`load_adapter`](Self::load_adapter) checks; PEFT ignores these entries.
+    ///
+    /// Both files are written to temporary files and synced first, then renamed over the old
+    /// ones; if anything fails the previous adapter is put back and the temporary files are
+    /// removed, so a failed save leaves any previous adapter intact.
     ///
     /// # Errors
     /// [`Error::NoAdapter`] without adapters, [`Error::Io`] naming the file on I/O failure.
@@ -362,21 +411,46 @@ pub trait LoraModel {
     /// adapter-name infix (`lora_A.default.weight`). Ranks and alphas come from the file.
     ///
     /// Every tensor is validated against the model first (known module, shape, dtype, finite
-    /// values, ranks of `A`, `B` and the config agree); only then are the layers changed, so a
-    /// bad file leaves the model exactly as it was. LoRA layers the file does not mention are
-    /// left without adapter.
+    /// values, ranks of `A`, `B` and the config agree, and the base-weight fingerprints that
+    /// [`save_adapter`](Self::save_adapter) records match this model's weights); only then are
+    /// the layers changed, so a bad file leaves the model exactly as it was. LoRA layers the
+    /// file does not mention are left without adapter. Adapters without fingerprints (PEFT's)
+    /// load without the base check; to skip it for adapters that have them, use
+    /// [`load_adapter_with`](Self::load_adapter_with).
     ///
     /// # Errors
-    /// [`Error::Merged`] when the model is merged; [`Error::Io`], [`Error::SafeTensors`],
-    /// [`Error::Json`], [`Error::Unsupported`], [`Error::BadTensor`], [`Error::UnknownModule`]
-    /// or [`Error::Layer`] naming the file, key or module at fault.
+    /// [`Error::Merged`] when the model is merged; [`Error::Io`], [`Error::TooLarge`],
+    /// [`Error::SafeTensors`], [`Error::Json`], [`Error::Unsupported`],
+    /// [`Error::InvalidConfig`], [`Error::BadTensor`], [`Error::BadMetadata`],
+    /// [`Error::UnknownModule`], [`Error::BaseMismatch`] or [`Error::Layer`] naming the file,
+    /// key or module at fault.
     fn load_adapter(&mut self, dir: impl AsRef<Path>) -> Result<()> {
+        self.load_adapter_with(dir, &LoadOptions::default())
+    }
+
+    /// [`load_adapter`](Self::load_adapter) with options, e.g. without the base-weight check:
+    ///
+    /// ```no_run
+    /// # use lora_runtime::{LoadOptions, LoraLinear, LoraModel};
+    /// # fn f(model: &mut LoraLinear) -> lora_runtime::Result<()> {
+    /// // The adapter was trained on a sibling checkpoint with the same architecture.
+    /// model.load_adapter_with("adapter", &LoadOptions::default().with_verify_base(false))?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`load_adapter`](Self::load_adapter).
+    fn load_adapter_with(&mut self, dir: impl AsRef<Path>, options: &LoadOptions) -> Result<()> {
         let file = peft::AdapterFile::read(dir.as_ref())?;
         let layers = self.lora_layers();
         if let Some((p, _, _)) = layers.iter().find(|(_, l, _)| l.is_merged()) {
             return Err(Error::Merged { path: p.clone() });
         }
-        let targets: Vec<(&str, &LoraLinear)> = layers.iter().map(|(p, l, _)| (p.as_str(), *l)).collect();
+        let targets: Vec<(&str, &LoraLinear)> =
+            layers.iter().map(|(p, l, _)| (p.as_str(), *l)).collect();
+        if options.verify_base {
+            file.verify_base(&targets)?;
+        }
         let mut adapters = file.into_adapters(&targets)?;
         drop(layers);
         self.visit_lora_layers_mut(&mut ModulePath::new(), &mut |p, l, _| {
@@ -386,48 +460,94 @@ pub trait LoraModel {
     }
 }
 
+/// Options of [`LoraModel::load_adapter_with`].
+///
+/// ```
+/// use lora_runtime::LoadOptions;
+/// assert!(LoadOptions::default().verify_base);
+/// assert!(!LoadOptions::default().with_verify_base(false).verify_base);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LoadOptions {
+    /// Compare the base-weight fingerprints recorded in the file (see
+    /// [`BaseFingerprint`](crate::peft::BaseFingerprint)) with the model's weights and refuse a
+    /// mismatch with [`Error::BaseMismatch`]. On by default; files without fingerprints pass.
+    pub verify_base: bool,
+}
 
-fn init_adapters<M: LoraModel + ?Sized>(model: &mut M, varmap: &VarMap, config: Option<&LayerConfig>, seed: u64) -> Result<()> {
-        let mut fresh: Vec<(String, Adapter)> = Vec::new();
-        model.visit_lora_layers(&mut ModulePath::new(), &mut |p, l, c| {
-            if l.is_merged() {
-                return Err(Error::Merged { path: p.to_string() });
-            }
-            let ad = l.fresh_adapter(config.unwrap_or(c), layer_seed(seed, p.as_str())).map_err(|e| match e {
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { verify_base: true }
+    }
+}
+
+impl LoadOptions {
+    /// Switches the base-weight check on or off.
+    pub const fn with_verify_base(mut self, verify_base: bool) -> Self {
+        self.verify_base = verify_base;
+        self
+    }
+}
+
+fn init_adapters<M: LoraModel + ?Sized>(
+    model: &mut M,
+    varmap: &VarMap,
+    config: Option<&LayerConfig>,
+    seed: u64,
+) -> Result<()> {
+    let mut fresh: Vec<(String, Adapter)> = Vec::new();
+    model.visit_lora_layers(&mut ModulePath::new(), &mut |p, l, c| {
+        if l.is_merged() {
+            return Err(Error::Merged {
+                path: p.to_string(),
+            });
+        }
+        let ad = l
+            .fresh_adapter(config.unwrap_or(c), layer_seed(seed, p.as_str()))
+            .map_err(|e| match e {
                 Error::Layer { reason, .. } => Error::layer(p.as_str(), reason),
                 e => e,
             })?;
-            fresh.push((p.to_string(), ad));
-            Ok(())
-        })?;
-        if fresh.is_empty() {
-            return Err(Error::NoAdapter("the model has no LoRA layers".into()));
-        }
-        {
-            let mut data = varmap
-                .data()
-                .lock()
-                .map_err(|_| Error::NoAdapter("the VarMap's lock is poisoned".into()))?;
-            for (path, ad) in &fresh {
-                data.insert(peft_key(path, "lora_A"), ad.a().clone());
-                data.insert(peft_key(path, "lora_B"), ad.b().clone());
-            }
-        }
-        let mut fresh = fresh.into_iter();
-        model.visit_lora_layers_mut(&mut ModulePath::new(), &mut |_, l, _| {
-            if let Some((_, ad)) = fresh.next() {
-                l.install_adapter(Some(ad));
-            }
-            Ok(())
-        })
+        fresh.push((p.to_string(), ad));
+        Ok(())
+    })?;
+    if fresh.is_empty() {
+        return Err(Error::NoAdapter("the model has no LoRA layers".into()));
     }
+    {
+        let mut data = varmap
+            .data()
+            .lock()
+            .map_err(|_| Error::NoAdapter("the VarMap's lock is poisoned".into()))?;
+        for (path, ad) in &fresh {
+            data.insert(peft_key(path, "lora_A"), ad.a().clone());
+            data.insert(peft_key(path, "lora_B"), ad.b().clone());
+        }
+    }
+    let mut fresh = fresh.into_iter();
+    model.visit_lora_layers_mut(&mut ModulePath::new(), &mut |_, l, _| {
+        if let Some((_, ad)) = fresh.next() {
+            l.install_adapter(Some(ad));
+        }
+        Ok(())
+    })
+}
 
 impl LoraModel for LoraLinear {
     /// Visits the layer itself at `path`, with PEFT's default hyper-parameters.
-    fn visit_lora_layers<'a>(&'a self, path: &mut ModulePath, f: &mut VisitFn<'a, '_>) -> Result<()> {
+    fn visit_lora_layers<'a>(
+        &'a self,
+        path: &mut ModulePath,
+        f: &mut VisitFn<'a, '_>,
+    ) -> Result<()> {
         f(path, self, &LayerConfig::default())
     }
-    fn visit_lora_layers_mut(&mut self, path: &mut ModulePath, f: &mut VisitMutFn<'_>) -> Result<()> {
+    fn visit_lora_layers_mut(
+        &mut self,
+        path: &mut ModulePath,
+        f: &mut VisitMutFn<'_>,
+    ) -> Result<()> {
         f(path, self, &LayerConfig::default())
     }
 }
@@ -454,23 +574,39 @@ macro_rules! forward_through {
 forward_through!(Option<T>);
 
 impl<T: LoraModel + ?Sized> LoraModel for Box<T> {
-    fn visit_lora_layers<'a>(&'a self, path: &mut ModulePath, f: &mut VisitFn<'a, '_>) -> Result<()> {
+    fn visit_lora_layers<'a>(
+        &'a self,
+        path: &mut ModulePath,
+        f: &mut VisitFn<'a, '_>,
+    ) -> Result<()> {
         (**self).visit_lora_layers(path, f)
     }
-    fn visit_lora_layers_mut(&mut self, path: &mut ModulePath, f: &mut VisitMutFn<'_>) -> Result<()> {
+    fn visit_lora_layers_mut(
+        &mut self,
+        path: &mut ModulePath,
+        f: &mut VisitMutFn<'_>,
+    ) -> Result<()> {
         (**self).visit_lora_layers_mut(path, f)
     }
 }
 
 /// List elements take their index as path segment, like PyTorch's `ModuleList`.
-fn visit_slice<'a, T: LoraModel>(items: &'a [T], path: &mut ModulePath, f: &mut VisitFn<'a, '_>) -> Result<()> {
+fn visit_slice<'a, T: LoraModel>(
+    items: &'a [T],
+    path: &mut ModulePath,
+    f: &mut VisitFn<'a, '_>,
+) -> Result<()> {
     for (i, item) in items.iter().enumerate() {
         path.scoped(&i.to_string(), |p| item.visit_lora_layers(p, f))?;
     }
     Ok(())
 }
 
-fn visit_slice_mut<T: LoraModel>(items: &mut [T], path: &mut ModulePath, f: &mut VisitMutFn<'_>) -> Result<()> {
+fn visit_slice_mut<T: LoraModel>(
+    items: &mut [T],
+    path: &mut ModulePath,
+    f: &mut VisitMutFn<'_>,
+) -> Result<()> {
     for (i, item) in items.iter_mut().enumerate() {
         path.scoped(&i.to_string(), |p| item.visit_lora_layers_mut(p, f))?;
     }
@@ -478,19 +614,35 @@ fn visit_slice_mut<T: LoraModel>(items: &mut [T], path: &mut ModulePath, f: &mut
 }
 
 impl<T: LoraModel> LoraModel for Vec<T> {
-    fn visit_lora_layers<'a>(&'a self, path: &mut ModulePath, f: &mut VisitFn<'a, '_>) -> Result<()> {
+    fn visit_lora_layers<'a>(
+        &'a self,
+        path: &mut ModulePath,
+        f: &mut VisitFn<'a, '_>,
+    ) -> Result<()> {
         visit_slice(self, path, f)
     }
-    fn visit_lora_layers_mut(&mut self, path: &mut ModulePath, f: &mut VisitMutFn<'_>) -> Result<()> {
+    fn visit_lora_layers_mut(
+        &mut self,
+        path: &mut ModulePath,
+        f: &mut VisitMutFn<'_>,
+    ) -> Result<()> {
         visit_slice_mut(self, path, f)
     }
 }
 
 impl<T: LoraModel, const N: usize> LoraModel for [T; N] {
-    fn visit_lora_layers<'a>(&'a self, path: &mut ModulePath, f: &mut VisitFn<'a, '_>) -> Result<()> {
+    fn visit_lora_layers<'a>(
+        &'a self,
+        path: &mut ModulePath,
+        f: &mut VisitFn<'a, '_>,
+    ) -> Result<()> {
         visit_slice(self, path, f)
     }
-    fn visit_lora_layers_mut(&mut self, path: &mut ModulePath, f: &mut VisitMutFn<'_>) -> Result<()> {
+    fn visit_lora_layers_mut(
+        &mut self,
+        path: &mut ModulePath,
+        f: &mut VisitMutFn<'_>,
+    ) -> Result<()> {
         visit_slice_mut(self, path, f)
     }
 }

@@ -53,7 +53,12 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Merge { base, adapter, out, quiet } => merge(base, adapter, out, quiet),
+        Command::Merge {
+            base,
+            adapter,
+            out,
+            quiet,
+        } => merge(base, adapter, out, quiet),
         Command::Inspect { adapter } => inspect(adapter),
     };
     match result {
@@ -67,11 +72,17 @@ fn main() -> ExitCode {
 
 fn merge(base: PathBuf, adapter: PathBuf, out: PathBuf, quiet: bool) -> Result<(), lora::Error> {
     let start = Instant::now();
-    let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
+    let bar = if quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(0)
+    };
     bar.set_style(
-        ProgressStyle::with_template("{spinner} merging [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{spinner} merging [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
     );
     let report = merge_safetensors(&base, &adapter, &out, &mut |done, total| {
         bar.set_length(total);
@@ -96,7 +107,9 @@ fn merge(base: PathBuf, adapter: PathBuf, out: PathBuf, quiet: bool) -> Result<(
 fn inspect(dir: PathBuf) -> Result<(), lora::Error> {
     let adapter = AdapterFile::read(&dir)?;
     let cfg = &adapter.config;
-    let size = std::fs::metadata(&adapter.path).map(|m| m.len()).unwrap_or(0);
+    let size = std::fs::metadata(&adapter.path)
+        .map(|m| m.len())
+        .unwrap_or(0);
     let mut ranks: BTreeMap<usize, usize> = BTreeMap::new();
     let mut scalings: BTreeMap<String, usize> = BTreeMap::new();
     let mut alphas: BTreeMap<String, usize> = BTreeMap::new();
@@ -104,13 +117,20 @@ fn inspect(dir: PathBuf) -> Result<(), lora::Error> {
     let mut params = 0usize;
     for (module, f) in &adapter.factors {
         *ranks.entry(f.rank()).or_default() += 1;
-        *alphas.entry(format!("{}", cfg.alpha_for(module))).or_default() += 1;
-        *scalings.entry(format!("{:.6}", cfg.scaling_for(module))).or_default() += 1;
+        *alphas
+            .entry(format!("{}", cfg.alpha_for(module)))
+            .or_default() += 1;
+        *scalings
+            .entry(format!("{:.6}", cfg.scaling_for(module)))
+            .or_default() += 1;
         *dtypes.entry(format!("{:?}", f.a.dtype())).or_default() += 1;
         params += f.a.elem_count() + f.b.elem_count();
     }
     let counted = |m: &BTreeMap<String, usize>| {
-        m.iter().map(|(k, n)| format!("{k} ({n} modules)")).collect::<Vec<_>>().join(", ")
+        m.iter()
+            .map(|(k, n)| format!("{k} ({n} modules)"))
+            .collect::<Vec<_>>()
+            .join(", ")
     };
     let targets = match &cfg.targets {
         TargetModules::List(names) => names.join(", "),
@@ -120,14 +140,29 @@ fn inspect(dir: PathBuf) -> Result<(), lora::Error> {
     println!("modules:    {}", adapter.factors.len());
     println!(
         "rank:       {}",
-        ranks.iter().map(|(r, n)| format!("{r} ({n} modules)")).collect::<Vec<_>>().join(", ")
+        ranks
+            .iter()
+            .map(|(r, n)| format!("{r} ({n} modules)"))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     println!("alpha:      {}", counted(&alphas));
-    println!("scaling:    {}{}", counted(&scalings), if cfg.use_rslora { " (rsLoRA: alpha/sqrt(r))" } else { " (alpha/r)" });
+    println!(
+        "scaling:    {}{}",
+        counted(&scalings),
+        if cfg.use_rslora {
+            " (rsLoRA: alpha/sqrt(r))"
+        } else {
+            " (alpha/r)"
+        }
+    );
     println!("targets:    {targets}");
     println!("fan_in_fan_out: {}", cfg.fan_in_fan_out);
     println!("parameters: {params}");
-    println!("dtype:      {}", dtypes.keys().cloned().collect::<Vec<_>>().join(", "));
+    println!(
+        "dtype:      {}",
+        dtypes.keys().cloned().collect::<Vec<_>>().join(", ")
+    );
     println!("size:       {size} bytes ({:.2} MB)", size as f64 / 1e6);
     Ok(())
 }

@@ -6,10 +6,14 @@ use candle_core::{DType, Device, Tensor};
 /// A deterministic pseudo-random f32 tensor (a simple LCG, so tests do not depend on candle's RNG).
 pub fn tensor(seed: u64, shape: &[usize], scale: f32) -> Tensor {
     let n: usize = shape.iter().product();
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let v: Vec<f32> = (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
         })
         .collect();
@@ -30,7 +34,15 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 }
 
 pub fn bits(t: &Tensor) -> Vec<u32> {
-    t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect()
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|x| x.to_bits())
+        .collect()
 }
 
 /// Elementwise forward-error bound of the f32 computations `x W^T + s (x A^T) B^T` and
@@ -42,14 +54,32 @@ pub fn lora_bound(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, s: f64) -> Ten
     let k = (inp + r + 2) as f64;
     let u = f64::from(f32::EPSILON) / 2.0;
     let gamma = k * u / (1.0 - k * u);
-    let abs_delta = b.abs().unwrap().matmul(&a.abs().unwrap()).unwrap().affine(s.abs(), 0.0).unwrap();
+    let abs_delta = b
+        .abs()
+        .unwrap()
+        .matmul(&a.abs().unwrap())
+        .unwrap()
+        .affine(s.abs(), 0.0)
+        .unwrap();
     let mag = (w.abs().unwrap() + abs_delta).unwrap();
-    x.abs().unwrap().matmul(&mag.t().unwrap()).unwrap().affine(2.0 * gamma, 1e-30).unwrap()
+    x.abs()
+        .unwrap()
+        .matmul(&mag.t().unwrap())
+        .unwrap()
+        .affine(2.0 * gamma, 1e-30)
+        .unwrap()
 }
 
 /// Asserts `|got - want| <= bound` elementwise.
 pub fn assert_within(got: &Tensor, want: &Tensor, bound: &Tensor, what: &str) {
     let diff = (got - want).unwrap().abs().unwrap();
-    let excess = (diff - bound).unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    let excess = (diff - bound)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(excess <= 0.0, "{what}: error exceeds the bound by {excess}");
 }

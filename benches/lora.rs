@@ -1,0 +1,479 @@
+//! Criterion benchmarks, the Rust half of the side-by-side comparison with PyTorch + PEFT
+//! (`scripts/bench_peft.py` runs the same shapes). `scripts/bench.sh` runs both and writes
+//! `BENCHMARKS.md`; run this half alone with
+//!
+//! ```text
+//! cargo bench --bench lora                       # every case
+//! cargo bench --bench lora -- forward/d768       # a filter
+//! ```
+//!
+//! Cases (CPU, f32, r = 8 unless said; candle uses `RAYON_NUM_THREADS` threads, 2 in the script):
+//!
+//! - `forward/d768`, `forward/d4096`: a 768 x 768 linear layer with bias on 8 x 128 tokens and a
+//!   4096 x 4096 one on 256 tokens: the base `candle_nn::Linear`, the unmerged `LoraLinear` and
+//!   the merged one.
+//! - `merge/d4096`: `LoraLinear::merge` of a 4096 x 4096 layer, beside the `[4096, r] x [r, 4096]`
+//!   product that is its arithmetic floor.
+//! - `train_step/gpt4_d768`: forward, backward and AdamW step of a 4-layer d = 768 GPT-style
+//!   model on 8 x 128 tokens, with LoRA on `q_proj` and `v_proj` and with full fine-tuning.
+//! - `adapter_io/l32_d4096`: `save_adapter` / `load_adapter` of a 32-layer, d = 4096 q/v adapter.
+//! - `merge_file/...`: `lora merge` of the model in `$LORA_BENCH_MERGE_DIR` (`model.safetensors`
+//!   plus `adapter/`, written by `scripts/bench_peft.py gen-merge`), beside the I/O floor (read the
+//!   input, write and sync an output of the same size). Skipped when the variable is unset.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use candle_core::{DType, Device, Module, Tensor, Var, D};
+use candle_nn::{embedding, linear, Embedding, Linear, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use lora::prelude::*;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const RANK: usize = 8;
+const ALPHA: f64 = 16.0;
+
+fn randn(shape: &[usize], std: f32, rng: &mut StdRng) -> Tensor {
+    let n: usize = shape.iter().product();
+    let normal = rand_distr::Normal::new(0f32, std).unwrap();
+    let v: Vec<f32> = (0..n).map(|_| rng.sample(normal)).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+/// A `d_in -> d_out` layer with bias and, when `adapter`, a rank-r adapter with non-zero `B`.
+fn lora_layer(d_in: usize, d_out: usize, adapter: bool, rng: &mut StdRng) -> LoraLinear {
+    let w = randn(&[d_out, d_in], 0.02, rng);
+    let b = randn(&[d_out], 0.02, rng);
+    let mut l = LoraLinear::from(Linear::new(w, Some(b)));
+    if adapter {
+        l.init_adapter(&LayerConfig::new(RANK, ALPHA), 7).unwrap();
+        l.adapter()
+            .unwrap()
+            .b()
+            .set(&randn(&[d_out, RANK], 0.02, rng))
+            .unwrap();
+    }
+    l
+}
+
+fn forward(c: &mut Criterion) {
+    // (name, features, token shape)
+    for (name, d, tokens) in [("d768", 768, vec![8, 128]), ("d4096", 4096, vec![1, 256])] {
+        let mut rng = StdRng::seed_from_u64(1);
+        let mut shape = tokens.clone();
+        shape.push(d);
+        let x = randn(&shape, 1.0, &mut rng);
+        let unmerged = lora_layer(d, d, true, &mut rng);
+        let base = Linear::new(unmerged.weight().clone(), unmerged.bias().cloned());
+        let mut merged = unmerged.clone();
+        merged.merge().unwrap();
+        // The general (unfused) path, which a layer whose base weight needs a gradient takes:
+        // base matmul, then the LoRA product into a temporary, then an add.
+        let mut unfused = LoraLinear::new_unfrozen(base.clone());
+        unfused.set_adapter(unmerged.adapter().cloned()).unwrap();
+        let mut g = c.benchmark_group(format!("forward/{name}"));
+        if d > 1024 {
+            g.sample_size(20);
+        }
+        g.bench_function("base", |b| b.iter(|| base.forward(&x).unwrap()));
+        g.bench_function("unmerged", |b| b.iter(|| unmerged.forward(&x).unwrap()));
+        g.bench_function("merged", |b| b.iter(|| merged.forward(&x).unwrap()));
+        g.finish();
+        let rounds = if d > 1024 { 15 } else { 40 };
+        interleaved(
+            &format!("forward_{name}"),
+            rounds,
+            &mut [
+                ("base", &mut || drop(base.forward(&x).unwrap())),
+                ("unmerged", &mut || drop(unmerged.forward(&x).unwrap())),
+                ("merged", &mut || drop(merged.forward(&x).unwrap())),
+                ("unfused", &mut || drop(unfused.forward(&x).unwrap())),
+            ],
+        );
+    }
+}
+
+/// Runs the cases in turn, `rounds` times (rotating which goes first), and writes each case's
+/// median to the notes as `<prefix>_<case>_ns`: on a shared machine a burst of load then hits all
+/// cases alike, so the ratios between them hold even when the absolute times do not.
+fn interleaved(prefix: &str, rounds: usize, cases: &mut [(&str, &mut dyn FnMut())]) {
+    let mut times = vec![Vec::with_capacity(rounds); cases.len()];
+    for round in 0..=rounds {
+        for i in 0..cases.len() {
+            let k = (i + round) % cases.len();
+            let start = std::time::Instant::now();
+            (cases[k].1)();
+            // Round 0 is a warm-up.
+            if round > 0 {
+                times[k].push(start.elapsed().as_nanos() as usize);
+            }
+        }
+    }
+    for ((name, _), mut t) in cases.iter().zip(times) {
+        t.sort_unstable();
+        write_note(&format!("{prefix}_{name}_ns"), t[t.len() / 2]);
+    }
+}
+
+fn merge(c: &mut Criterion) {
+    let d = 4096;
+    let mut rng = StdRng::seed_from_u64(2);
+    let mut layer = lora_layer(d, d, true, &mut rng);
+    let ad = layer.adapter().unwrap().clone();
+    let (a, b) = (ad.a().as_tensor().clone(), ad.b().as_tensor().clone());
+    let mut g = c.benchmark_group("merge/d4096");
+    g.sample_size(20);
+    g.bench_function("rank_product", |bch| bch.iter(|| b.matmul(&a).unwrap()));
+    g.bench_function("merge", |bch| {
+        bch.iter(|| {
+            layer.merge().unwrap();
+            // A pointer swap: restores the original weight without arithmetic.
+            layer.unmerge().unwrap();
+        })
+    });
+    g.finish();
+    let general = layer.clone();
+    interleaved(
+        "merge_d4096",
+        20,
+        &mut [
+            ("rank_product", &mut || drop(b.matmul(&a).unwrap())),
+            ("merge", &mut || {
+                layer.merge().unwrap();
+                layer.unmerge().unwrap();
+            }),
+            // The general path merge() takes off the CPU or for other dtypes: the delta as a
+            // tensor, the add, the finite check as a reduction.
+            ("general_path", &mut || {
+                let merged = (general.weight() + general.delta_weight().unwrap()).unwrap();
+                drop(merged.sum_all().unwrap().to_scalar::<f32>().unwrap());
+            }),
+        ],
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The training-step model: the GPT-style decoder of `examples/finetune.rs`, at d = 768.
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Clone, Copy)]
+struct GptConfig {
+    vocab: usize,
+    ctx: usize,
+    d_model: usize,
+    n_layer: usize,
+    n_head: usize,
+}
+
+/// The shapes `scripts/bench_peft.py` uses too.
+const GPT: GptConfig = GptConfig {
+    vocab: 256,
+    ctx: 128,
+    d_model: 768,
+    n_layer: 4,
+    n_head: 12,
+};
+const BATCH: usize = 8;
+
+#[lora(rank = 8, alpha = 16, targets = ["q_proj", "v_proj"])]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    n_head: usize,
+}
+
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        xc.broadcast_div(&(var + 1e-5)?.sqrt()?)?
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)
+    }
+}
+
+fn layer_norm(d: usize, vb: VarBuilder) -> candle_core::Result<LayerNorm> {
+    Ok(LayerNorm {
+        weight: vb.get_with_hints(d, "weight", candle_nn::Init::Const(1.0))?,
+        bias: vb.get_with_hints(d, "bias", candle_nn::Init::Const(0.0))?,
+    })
+}
+
+#[lora]
+struct Block {
+    ln_1: LayerNorm,
+    #[lora(nested)]
+    attn: Attention,
+    ln_2: LayerNorm,
+    c_fc: Linear,
+    c_proj: Linear,
+}
+
+#[lora]
+struct Gpt {
+    wte: Embedding,
+    wpe: Embedding,
+    #[lora(nested)]
+    h: Vec<Block>,
+    ln_f: LayerNorm,
+    lm_head: Linear,
+}
+
+impl Attention {
+    fn new(cfg: &GptConfig, vb: VarBuilder, full: bool) -> candle_core::Result<Self> {
+        let d = cfg.d_model;
+        let proj = |name: &str| -> candle_core::Result<LoraLinear> {
+            let l = linear(d, d, vb.pp(name))?;
+            Ok(if full {
+                LoraLinear::new_unfrozen(l)
+            } else {
+                l.into()
+            })
+        };
+        Ok(Self {
+            q_proj: proj("q_proj")?,
+            k_proj: linear(d, d, vb.pp("k_proj"))?,
+            v_proj: proj("v_proj")?,
+            o_proj: linear(d, d, vb.pp("o_proj"))?,
+            n_head: cfg.n_head,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, t, d) = x.dims3()?;
+        let hd = d / self.n_head;
+        let heads = |y: Tensor| {
+            y.reshape((b, t, self.n_head, hd))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = heads(self.q_proj.forward(x)?)?;
+        let k = heads(self.k_proj.forward(x)?)?;
+        let v = heads(self.v_proj.forward(x)?)?;
+        let att = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?.broadcast_add(mask)?;
+        let att = candle_nn::ops::softmax(&att, D::Minus1)?;
+        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
+        self.o_proj.forward(&y)
+    }
+}
+
+impl Gpt {
+    fn new(cfg: &GptConfig, vb: VarBuilder, full: bool) -> candle_core::Result<Self> {
+        let d = cfg.d_model;
+        let block = |i: usize| -> candle_core::Result<Block> {
+            let vb = vb.pp(format!("h.{i}"));
+            Ok(Block {
+                ln_1: layer_norm(d, vb.pp("ln_1"))?,
+                attn: Attention::new(cfg, vb.pp("attn"), full)?,
+                ln_2: layer_norm(d, vb.pp("ln_2"))?,
+                c_fc: linear(d, 4 * d, vb.pp("mlp.c_fc"))?,
+                c_proj: linear(4 * d, d, vb.pp("mlp.c_proj"))?,
+            })
+        };
+        Ok(Self {
+            wte: embedding(cfg.vocab, d, vb.pp("wte"))?,
+            wpe: embedding(cfg.ctx, d, vb.pp("wpe"))?,
+            h: (0..cfg.n_layer)
+                .map(block)
+                .collect::<candle_core::Result<_>>()?,
+            ln_f: layer_norm(d, vb.pp("ln_f"))?,
+            lm_head: candle_nn::linear_no_bias(d, cfg.vocab, vb.pp("lm_head"))?,
+        })
+    }
+
+    fn forward(&self, ids: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+        let (_, t) = ids.dims2()?;
+        let pos = Tensor::arange(0u32, t as u32, ids.device())?;
+        let mut x = self
+            .wte
+            .forward(ids)?
+            .broadcast_add(&self.wpe.forward(&pos)?)?;
+        for block in &self.h {
+            let a = block.attn.forward(&block.ln_1.forward(&x)?, mask)?;
+            x = (x + a)?;
+            let h = block.c_fc.forward(&block.ln_2.forward(&x)?)?.gelu()?;
+            x = (&x + block.c_proj.forward(&h)?)?;
+        }
+        self.lm_head.forward(&self.ln_f.forward(&x)?)
+    }
+}
+
+fn causal_mask(t: usize) -> Tensor {
+    let m: Vec<f32> = (0..t)
+        .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(m, (t, t), &Device::Cpu).unwrap()
+}
+
+/// Optimizer-state bytes of AdamW over `vars`: two f32 moments per parameter.
+fn adamw_state_bytes(vars: &[Var]) -> usize {
+    2 * 4 * vars.iter().map(|v| v.elem_count()).sum::<usize>()
+}
+
+fn train_step(c: &mut Criterion) {
+    let mut rng = StdRng::seed_from_u64(3);
+    let ids: Vec<u32> = (0..BATCH * GPT.ctx)
+        .map(|_| rng.random_range(0..GPT.vocab as u32))
+        .collect();
+    let ids = Tensor::from_vec(ids, (BATCH, GPT.ctx), &Device::Cpu).unwrap();
+    let targets = ids.flatten_all().unwrap();
+    let mask = causal_mask(GPT.ctx);
+    let params = ParamsAdamW {
+        lr: 1e-4,
+        ..Default::default()
+    };
+    let mut g = c.benchmark_group("train_step/gpt4_d768");
+    g.sample_size(10);
+    for mode in ["lora", "full"] {
+        let full = mode == "full";
+        let varmap = VarMap::new();
+        let mut model = Gpt::new(
+            &GPT,
+            VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+            full,
+        )
+        .unwrap();
+        let vars = if full {
+            varmap.all_vars()
+        } else {
+            let adapters = VarMap::new();
+            model.init_adapter(&adapters).unwrap();
+            model.set_training(true);
+            model.trainable_vars()
+        };
+        eprintln!(
+            "train_step/{mode}: {} trainable parameters, AdamW state {} bytes",
+            vars.iter().map(|v| v.elem_count()).sum::<usize>(),
+            adamw_state_bytes(&vars)
+        );
+        write_note(
+            &format!("train_step_{mode}_optimizer_state_bytes"),
+            adamw_state_bytes(&vars),
+        );
+        let mut opt = candle_nn::AdamW::new(vars, params.clone()).unwrap();
+        g.bench_function(mode, |b| {
+            b.iter(|| {
+                let logits = model.forward(&ids, &mask).unwrap();
+                let loss = candle_nn::loss::cross_entropy(&logits.flatten_to(1).unwrap(), &targets)
+                    .unwrap();
+                opt.backward_step(&loss).unwrap();
+            })
+        });
+    }
+    g.finish();
+}
+
+/// Writes a number the report reads next to criterion's timings (`target/criterion/notes/`).
+fn write_note(name: &str, value: usize) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/criterion/notes");
+    let _ = std::fs::create_dir_all(&dir);
+    let _ = std::fs::write(dir.join(name), value.to_string());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Adapter files.
+// ---------------------------------------------------------------------------------------------
+
+#[lora(rank = 8, alpha = 16, targets = ["q_proj", "v_proj"])]
+struct QvLayer {
+    q_proj: Linear,
+    v_proj: Linear,
+}
+
+#[lora]
+struct QvModel {
+    #[lora(nested)]
+    layers: Vec<QvLayer>,
+}
+
+fn adapter_io(c: &mut Criterion) {
+    let (n_layer, d) = (32, 4096);
+    // The adapter needs only the layers' shapes: a broadcast zero stands in for each 64 MB weight.
+    let zero = Tensor::zeros((1, 1), DType::F32, &Device::Cpu)
+        .unwrap()
+        .broadcast_as((d, d))
+        .unwrap();
+    let layer = || QvLayer {
+        q_proj: Linear::new(zero.clone(), None).into(),
+        v_proj: Linear::new(zero.clone(), None).into(),
+    };
+    let mut model = QvModel {
+        layers: (0..n_layer).map(|_| layer()).collect(),
+    };
+    model.init_adapter(&VarMap::new()).unwrap();
+    let dir = bench_dir().join("adapter_io");
+    model.save_adapter(&dir).unwrap();
+    let mut g = c.benchmark_group("adapter_io/l32_d4096");
+    g.sample_size(20);
+    g.bench_function("save", |b| b.iter(|| model.save_adapter(&dir).unwrap()));
+    g.bench_function("load", |b| b.iter(|| model.load_adapter(&dir).unwrap()));
+    g.finish();
+}
+
+fn bench_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-data");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+// ---------------------------------------------------------------------------------------------
+// `lora merge` of a whole safetensors model.
+// ---------------------------------------------------------------------------------------------
+
+/// Maps `input` and writes its bytes to `out`, synced: what any merge must at least do (the floor
+/// `merge_file/model/merge` is compared with; `lora merge` reads its input the same way).
+fn copy_floor(input: &Path, out: &Path) -> std::io::Result<()> {
+    let file = std::fs::File::open(input)?;
+    // SAFETY: a read-only mapping of a file nothing else writes during the benchmark.
+    let map = unsafe { memmap2::Mmap::map(&file)? };
+    let mut f = std::fs::File::create(out)?;
+    f.write_all(&map)?;
+    f.sync_all()
+}
+
+fn merge_file(c: &mut Criterion) {
+    let Some(dir) = std::env::var_os("LORA_BENCH_MERGE_DIR").map(PathBuf::from) else {
+        eprintln!(
+            "merge_file: LORA_BENCH_MERGE_DIR is not set, skipped (scripts/bench.sh sets it)"
+        );
+        return;
+    };
+    let (base, adapter) = (dir.join("model.safetensors"), dir.join("adapter"));
+    let out = dir.join("merged-bench.safetensors");
+    let mut g = c.benchmark_group("merge_file/model");
+    g.sample_size(10);
+    g.bench_function(BenchmarkId::from_parameter("io_floor"), |b| {
+        b.iter(|| copy_floor(&base, &out).unwrap())
+    });
+    g.bench_function(BenchmarkId::from_parameter("merge"), |b| {
+        b.iter(|| {
+            lora::merge_file::merge_safetensors(&base, &adapter, &out, &mut |_, _| {}).unwrap()
+        })
+    });
+    g.finish();
+    let _ = std::fs::remove_file(&out);
+}
+
+fn config() -> Criterion {
+    Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3))
+        .sample_size(30)
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = forward, merge, train_step, adapter_io, merge_file
+}
+criterion_main!(benches);

@@ -1,0 +1,127 @@
+//! Combining adapters into a new one: [`Combination`] for
+//! [`LoraModel::add_weighted_adapter`](crate::LoraModel::add_weighted_adapter).
+//!
+//! Every method works on each adapter's *scaled* delta `s_i B_i A_i` (so rsLoRA and plain
+//! adapters mix correctly), and the result has scaling 1 (`alpha = r`, no rsLoRA):
+//!
+//! - [`Combination::Cat`]: `A = [A_1; A_2; ..]`, `B = [w_1 s_1 B_1, w_2 s_2 B_2, ..]`. Rank is the
+//!   sum of the ranks; `B A = sum_i w_i s_i B_i A_i` exactly.
+//! - [`Combination::Svd`]: the weighted sum of the full deltas truncated to `rank` by an SVD
+//!   (computed from QR factors of the stacked factors, never forming the `[out, in]` matrix in
+//!   the decomposition): exact when `rank` is at least the sum of the ranks, otherwise the best
+//!   rank-`rank` approximation.
+//! - [`Combination::Linear`]: for adapters of equal rank, `A = sum_i sqrt(|w_i| s_i) A_i`,
+//!   `B = sum_i sign(w_i) sqrt(|w_i| s_i) B_i` (PEFT's "linear"). **Approximate**: `B A` then
+//!   contains cross terms `B_i A_j`; exact only for a single adapter.
+
+use candle_core::{DType, Device, Tensor};
+use nalgebra::DMatrix;
+
+use crate::error::{Error, Result};
+use crate::linear::Adapter;
+
+/// How [`add_weighted_adapter`](crate::LoraModel::add_weighted_adapter) combines adapters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Combination {
+    /// Weighted sum of the factors; equal ranks only; approximate (see the module docs).
+    Linear,
+    /// Concatenated ranks: exact, rank = sum of ranks.
+    Cat,
+    /// Truncated SVD of the weighted sum of deltas to the given rank: exact when it suffices.
+    Svd {
+        /// The rank of the result.
+        rank: usize,
+    },
+}
+
+fn to_matrix(t: &Tensor) -> Result<DMatrix<f64>> {
+    let (rows, cols) = t.dims2()?;
+    let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    Ok(DMatrix::from_fn(rows, cols, |i, j| {
+        f64::from(v[i * cols + j])
+    }))
+}
+
+fn from_matrix(m: &DMatrix<f64>, device: &Device) -> Result<Tensor> {
+    let (rows, cols) = m.shape();
+    let v: Vec<f32> = (0..rows)
+        .flat_map(|i| (0..cols).map(move |j| m[(i, j)] as f32))
+        .collect();
+    Ok(Tensor::from_vec(v, (rows, cols), device)?)
+}
+
+/// Combines `parts` (`(adapter, weight)`) of the layer at `path` into the factors `(A, B)` of an
+/// adapter with scaling 1, in f32 on the adapters' device.
+pub(crate) fn combine(
+    parts: &[(&Adapter, f64)],
+    how: Combination,
+    path: &str,
+) -> Result<(Tensor, Tensor)> {
+    let Some((first, _)) = parts.first() else {
+        return Err(Error::layer(path, "no adapters to combine"));
+    };
+    let device = first.a().device().clone();
+    let f32_of = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?) };
+    match how {
+        Combination::Cat => {
+            let mut a = Vec::with_capacity(parts.len());
+            let mut b = Vec::with_capacity(parts.len());
+            for (ad, w) in parts {
+                a.push(f32_of(ad.a().as_tensor())?);
+                b.push(f32_of(ad.b().as_tensor())?.affine(w * ad.scaling(), 0.0)?);
+            }
+            Ok((Tensor::cat(&a, 0)?, Tensor::cat(&b, 1)?))
+        }
+        Combination::Linear => {
+            let r = first.rank();
+            if let Some((other, _)) = parts.iter().find(|(ad, _)| ad.rank() != r) {
+                return Err(Error::layer(
+                    path,
+                    format!("`Combination::Linear` needs adapters of equal rank, got {r} and {}: use `Cat` or `Svd`", other.rank()),
+                ));
+            }
+            let mut a = Tensor::zeros(first.a().dims(), DType::F32, &device)?;
+            let mut b = Tensor::zeros(first.b().dims(), DType::F32, &device)?;
+            for (ad, w) in parts {
+                let k = (w.abs() * ad.scaling()).sqrt();
+                a = (a + f32_of(ad.a().as_tensor())?.affine(k, 0.0)?)?;
+                b = (b + f32_of(ad.b().as_tensor())?.affine(k * w.signum(), 0.0)?)?;
+            }
+            Ok((a, b))
+        }
+        Combination::Svd { rank } => {
+            if rank == 0 {
+                return Err(Error::layer(
+                    path,
+                    "`Combination::Svd` needs a rank of at least 1",
+                ));
+            }
+            let (a_cat, b_cat) = combine(parts, Combination::Cat, path)?;
+            let (a, b) = (to_matrix(&a_cat)?, to_matrix(&b_cat)?);
+            // delta = B A with B = Qb Rb and A^T = Qa Ra: delta = Qb (Rb Ra^T) Qa^T, so the SVD of
+            // the small middle matrix gives the SVD of delta.
+            let qr_b = b.clone().qr();
+            let qr_a = a.transpose().qr();
+            let (qb, rb) = (qr_b.q(), qr_b.r());
+            let (qa, ra) = (qr_a.q(), qr_a.r());
+            let middle = &rb * ra.transpose();
+            let svd = middle.svd(true, true);
+            let (Some(u), Some(v_t)) = (svd.u, svd.v_t) else {
+                return Err(Error::layer(path, "SVD did not converge"));
+            };
+            let mut order: Vec<usize> = (0..svd.singular_values.len()).collect();
+            order.sort_by(|&i, &j| svd.singular_values[j].total_cmp(&svd.singular_values[i]));
+            let (out, inp) = (b.nrows(), a.ncols());
+            let mut new_b = DMatrix::<f64>::zeros(out, rank);
+            let mut new_a = DMatrix::<f64>::zeros(rank, inp);
+            let left = &qb * &u; // [out, k]
+            let right = v_t * qa.transpose(); // [k, in]
+            for (slot, &i) in order.iter().take(rank).enumerate() {
+                let root = svd.singular_values[i].sqrt();
+                new_b.set_column(slot, &(left.column(i) * root));
+                new_a.set_row(slot, &(right.row(i) * root));
+            }
+            Ok((from_matrix(&new_a, &device)?, from_matrix(&new_b, &device)?))
+        }
+    }
+}

@@ -1,0 +1,397 @@
+//! CPU fast paths for f32 layers, used by [`LoraLinear`](crate::LoraLinear) and
+//! [`merge_file`](crate::merge_file) when they apply (anything else takes the general candle path):
+//!
+//! - [`fused_forward`]: the unmerged forward `x W^T + (s x A^T) B^T + b` as one candle op writing
+//!   one output buffer: the LoRA product goes into the fresh buffer and the base product
+//!   accumulates onto it inside gemm, so no `[n, out]` temporary and no extra add pass exist.
+//!   With a backward pass, so training uses it too.
+//! - [`add_low_rank`]: `W + L R` for a thin `L [rows, r]`, `R [r, cols]`, a block of rows at a
+//!   time while the block is in cache, with the finite check folded in: the merge reads `W` once
+//!   and writes the result once, as little memory traffic as any merge can have.
+
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Storage, Tensor};
+use gemm::{gemm, Parallelism};
+
+fn parallelism() -> Parallelism {
+    match candle_core::utils::get_num_threads() {
+        0 | 1 => Parallelism::None,
+        n => Parallelism::Rayon(n),
+    }
+}
+
+/// `(row stride, column stride, start offset)` of a 2-d layout.
+fn strides2(l: &Layout) -> candle_core::Result<(isize, isize, usize)> {
+    match l.stride() {
+        [rs, cs] => Ok((*rs as isize, *cs as isize, l.start_offset())),
+        s => Err(candle_core::Error::msg(format!(
+            "lora fused forward: expected a matrix, got strides {s:?}"
+        ))),
+    }
+}
+
+/// The fused op over `(x [n, in], h = s x A^T [n, r], B [out, r])`; the frozen weight (as an
+/// `[out, in]` view) and bias are fixed parts of the op.
+struct FusedLoraLinear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl CustomOp3 for FusedLoraLinear {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        hs: &CpuStorage,
+        hl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, inp) = xl.shape().dims2()?;
+        let (_, r) = hl.shape().dims2()?;
+        let (out, _) = bl.shape().dims2()?;
+        let (x, h, b) = (
+            xs.as_slice::<f32>()?,
+            hs.as_slice::<f32>()?,
+            bs.as_slice::<f32>()?,
+        );
+        let (x_rs, x_cs, x_off) = strides2(xl)?;
+        let (h_rs, h_cs, h_off) = strides2(hl)?;
+        let (b_rs, b_cs, b_off) = strides2(bl)?;
+        let (w_guard, wl) = self.weight.storage_and_layout();
+        let Storage::Cpu(ws) = &*w_guard else {
+            return Err(candle_core::Error::msg(
+                "lora fused forward: the weight is not on the CPU",
+            ));
+        };
+        let w = ws.as_slice::<f32>()?;
+        let (w_rs, w_cs, w_off) = strides2(wl)?;
+        if wl.shape().dims2()? != (out, inp) {
+            return Err(candle_core::Error::msg(
+                "lora fused forward: weight shape mismatch",
+            ));
+        }
+        let mut dst = vec![0f32; n * out];
+        if n > 0 && out > 0 {
+            let par = parallelism();
+            // SAFETY: every pointer and stride comes from the layout of a live storage of the
+            // shape checked above, so gemm reads and writes only inside those buffers.
+            unsafe {
+                // dst = h B^T: the thin LoRA product, written into the fresh buffer.
+                gemm(
+                    n,
+                    out,
+                    r,
+                    dst.as_mut_ptr(),
+                    1,
+                    out as isize,
+                    false,
+                    h.as_ptr().add(h_off),
+                    h_cs,
+                    h_rs,
+                    b.as_ptr().add(b_off),
+                    b_rs,
+                    b_cs,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    par,
+                );
+                // dst += x W^T: the same gemm call as candle's `Linear`, accumulating.
+                gemm(
+                    n,
+                    out,
+                    inp,
+                    dst.as_mut_ptr(),
+                    1,
+                    out as isize,
+                    true,
+                    x.as_ptr().add(x_off),
+                    x_cs,
+                    x_rs,
+                    w.as_ptr().add(w_off),
+                    w_rs,
+                    w_cs,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    par,
+                );
+            }
+        }
+        drop(w_guard);
+        if let Some(bias) = &self.bias {
+            // Added last, as `Linear` does, so that with `B = 0` the output is bit-identical.
+            let bias = bias.to_vec1::<f32>()?;
+            for row in dst.chunks_exact_mut(out.max(1)) {
+                for (d, b) in row.iter_mut().zip(&bias) {
+                    *d += b;
+                }
+            }
+        }
+        Ok((CpuStorage::F32(dst), Shape::from((n, out))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        h: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad_x = if x.track_op() {
+            Some(grad.matmul(&self.weight)?)
+        } else {
+            None
+        };
+        let grad_h = if h.track_op() {
+            Some(grad.matmul(b)?)
+        } else {
+            None
+        };
+        let grad_b = if b.track_op() {
+            Some(grad.t()?.matmul(h)?)
+        } else {
+            None
+        };
+        Ok((grad_x, grad_h, grad_b))
+    }
+}
+
+/// Whether [`fused_forward`] applies: everything f32 on the CPU, a matrix weight, and neither
+/// weight nor bias needing a gradient (full fine-tuning takes the general path).
+pub(crate) fn fused_applies(
+    x: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+) -> bool {
+    [x, a, b, weight]
+        .into_iter()
+        .chain(bias)
+        .all(|t| t.dtype() == DType::F32 && matches!(t.device(), Device::Cpu))
+        && weight.rank() == 2
+        && !weight.track_op()
+        && !bias.is_some_and(Tensor::track_op)
+}
+
+/// `x W^T + h B^T + bias` for `x [n, in]`, `h [n, r]`, `B [out, r]`, `weight [out, in]` (any
+/// strides), in one output buffer. Only where [`fused_applies`].
+pub(crate) fn fused_forward(
+    x: &Tensor,
+    h: &Tensor,
+    b: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    let op = FusedLoraLinear {
+        weight: weight.clone(),
+        bias: bias.cloned(),
+    };
+    x.apply_op3(h, b, op)
+}
+
+/// The number of values below which [`add_low_rank`] stays on one thread.
+const PARALLEL_MIN: usize = 1 << 18;
+
+/// Values per block of rows in [`add_low_rank`]: 256 KB, so a block stays in L2 between the copy,
+/// the product and the check.
+const BLOCK: usize = 1 << 16;
+
+/// `out = w + l rt` for row-major `w`, `out` `[rows, cols]`, `l [rows, rank]`, `rt [rank, cols]`;
+/// returns whether every value of `out` is finite. Works a block of rows at a time: copy the
+/// rows of `w`, accumulate their `l rt` onto them with gemm (the same kernel as a matmul), check
+/// them while they are still in cache; so `w` is read once and `out` written once. Rows are split
+/// over candle's thread count.
+pub(crate) fn add_low_rank(
+    w: &[f32],
+    l: &[f32],
+    rt: &[f32],
+    rank: usize,
+    cols: usize,
+    out: &mut [f32],
+) -> bool {
+    if cols == 0 {
+        return true;
+    }
+    let rows = w.len() / cols;
+    let threads = candle_core::utils::get_num_threads().max(1);
+    if threads == 1 || w.len() < PARALLEL_MIN {
+        return add_low_rank_rows(w, l, rt, rank, cols, out);
+    }
+    let per = rows.div_ceil(threads);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = w
+            .chunks(per * cols)
+            .zip(out.chunks_mut(per * cols))
+            .zip(l.chunks(per * rank.max(1)))
+            .map(|((w, out), l)| s.spawn(move || add_low_rank_rows(w, l, rt, rank, cols, out)))
+            .collect();
+        // A panicking worker counts as a failure rather than a panic here.
+        handles
+            .into_iter()
+            .fold(true, |ok, h| h.join().unwrap_or(false) && ok)
+    })
+}
+
+fn add_low_rank_rows(
+    w: &[f32],
+    l: &[f32],
+    rt: &[f32],
+    rank: usize,
+    cols: usize,
+    out: &mut [f32],
+) -> bool {
+    let block_rows = (BLOCK / cols).max(1);
+    let mut worst = 0u32;
+    let blocks = w
+        .chunks(block_rows * cols)
+        .zip(out.chunks_mut(block_rows * cols))
+        .zip(l.chunks(block_rows * rank.max(1)));
+    for ((w_blk, out_blk), l_blk) in blocks {
+        let m = w_blk.len() / cols;
+        out_blk.copy_from_slice(w_blk);
+        if rank > 0 && l_blk.len() == m * rank && rt.len() == rank * cols {
+            // SAFETY: `out_blk` is `[m, cols]`, `l_blk` `[m, rank]` and `rt` `[rank, cols]`, all
+            // row-major and of exactly these lengths (checked above), so gemm stays inside them.
+            unsafe {
+                gemm(
+                    m,
+                    cols,
+                    rank,
+                    out_blk.as_mut_ptr(),
+                    1,
+                    cols as isize,
+                    true,
+                    l_blk.as_ptr(),
+                    1,
+                    rank as isize,
+                    rt.as_ptr(),
+                    1,
+                    cols as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                );
+            }
+        }
+        // The largest exponent-and-mantissa pattern: at or above that of infinity means NaN/inf.
+        worst = out_blk
+            .iter()
+            .fold(worst, |m, v| m.max(v.to_bits() & 0x7fff_ffff));
+    }
+    worst < 0x7f80_0000
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fused_forward_and_gradients_match_the_unfused_graph() {
+        use crate::{LayerConfig, LoraLinear};
+        use candle_core::Var;
+        let dev = Device::Cpu;
+        for fan_in_fan_out in [false, true] {
+            let w = Tensor::randn(0f32, 0.5, (6, 5), &dev).unwrap();
+            let bias = Tensor::randn(0f32, 0.5, 6, &dev).unwrap();
+            let mut layer = if fan_in_fan_out {
+                LoraLinear::from_conv1d(w.t().unwrap().contiguous().unwrap(), Some(bias.clone()))
+                    .unwrap()
+            } else {
+                LoraLinear::new(w.clone(), Some(bias.clone()))
+            };
+            let ad = layer
+                .init_adapter(&LayerConfig::new(2, 3.0), 1)
+                .unwrap()
+                .clone();
+            ad.b()
+                .set(&Tensor::randn(0f32, 0.5, (6, 2), &dev).unwrap())
+                .unwrap();
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 5), &dev).unwrap()).unwrap();
+            let (a, b) = (ad.a().as_tensor(), ad.b().as_tensor());
+            assert!(fused_applies(x.as_tensor(), a, b, &w, Some(&bias)));
+            let fused = layer.forward_t(x.as_tensor(), true).unwrap();
+            let s = ad.scaling();
+            let reference = (x
+                .broadcast_matmul(&w.t().unwrap())
+                .unwrap()
+                .broadcast_add(&bias)
+                .unwrap()
+                + x.broadcast_matmul(&a.t().unwrap())
+                    .unwrap()
+                    .affine(s, 0.0)
+                    .unwrap()
+                    .broadcast_matmul(&b.t().unwrap())
+                    .unwrap())
+            .unwrap();
+            let close = |p: &Tensor, q: &Tensor| {
+                let d = (p - q)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(d < 1e-5, "{d}");
+            };
+            close(&fused, &reference);
+            let gf = (fused.sqr().unwrap().sum_all().unwrap())
+                .backward()
+                .unwrap();
+            let gr = (reference.sqr().unwrap().sum_all().unwrap())
+                .backward()
+                .unwrap();
+            for t in [a, b, x.as_tensor()] {
+                close(gf.get(t).unwrap(), gr.get(t).unwrap());
+            }
+        }
+    }
+
+    #[test]
+    fn add_low_rank_matches_a_matmul_and_finds_non_finite_values() {
+        let (rows, cols, rank) = (700, 600, 3);
+        let w: Vec<f32> = (0..rows * cols).map(|i| (i % 13) as f32 * 0.1).collect();
+        let l: Vec<f32> = (0..rows * rank).map(|i| (i % 7) as f32 - 3.0).collect();
+        let rt: Vec<f32> = (0..rank * cols).map(|i| (i % 5) as f32 * 0.25).collect();
+        let mut out = vec![0f32; rows * cols];
+        assert!(add_low_rank(&w, &l, &rt, rank, cols, &mut out));
+        let dev = Device::Cpu;
+        let lt = Tensor::from_vec(l.clone(), (rows, rank), &dev).unwrap();
+        let rtt = Tensor::from_vec(rt.clone(), (rank, cols), &dev).unwrap();
+        let wt = Tensor::from_vec(w.clone(), (rows, cols), &dev).unwrap();
+        let expected = (wt + lt.matmul(&rtt).unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let worst = out
+            .iter()
+            .zip(&expected)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-5, "{worst}");
+        let mut bad = l.clone();
+        bad[rank * (rows - 1)] = f32::NAN;
+        assert!(!add_low_rank(&w, &bad, &rt, rank, cols, &mut out));
+        // Finite inputs whose delta overflows.
+        bad[rank * (rows - 1)..].fill(2e38);
+        assert!(!add_low_rank(&w, &bad, &rt, rank, cols, &mut out));
+    }
+}
