@@ -148,7 +148,12 @@ fn merge(c: &mut Criterion) {
             // tensor, the add, the finite check as a reduction.
             ("general_path", &mut || {
                 let merged = (general.weight() + general.delta_weight().unwrap()).unwrap();
-                drop(merged.sum_all().unwrap().to_scalar::<f32>().unwrap());
+                let _finite = merged
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    .is_finite();
             }),
         ],
     );

@@ -6,7 +6,7 @@
 //! without adapter), each row gathers its slot, and two batched matmuls compute the LoRA term
 //! of the whole batch: the BGMV idea, with candle's batched matmul as the kernel.
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::linear::Adapter;
@@ -25,23 +25,31 @@ pub(crate) struct Routing {
 impl Routing {
     /// Stacks `adapters` (slot `i + 1` is `adapters[i]`) for a layer `[out, in]` and assigns
     /// `rows` (`None`: no adapter, `Some(i)`: `adapters[i]`).
-    pub(crate) fn new(adapters: &[&Adapter], rows: &[Option<usize>], inp: usize, out: usize, path: &str) -> Result<Self> {
-        let Some(first) = adapters.first() else {
-            // Only rows without adapter: an empty stack with the zero slot.
-            return Err(Error::layer(path, "no adapters to route"));
-        };
-        let (dtype, device) = (first.a().dtype(), first.a().device().clone());
+    pub(crate) fn new(
+        adapters: &[&Adapter],
+        rows: &[Option<usize>],
+        inp: usize,
+        out: usize,
+        dtype: DType,
+        device: &Device,
+        path: &str,
+    ) -> Result<Self> {
         let r_max = adapters.iter().map(|a| a.rank()).max().unwrap_or(1);
-        let mut a_slots = vec![Tensor::zeros((1, r_max, inp), dtype, &device)?];
-        let mut b_slots = vec![Tensor::zeros((1, out, r_max), dtype, &device)?];
+        let mut a_slots = vec![Tensor::zeros((1, r_max, inp), dtype, device)?];
+        let mut b_slots = vec![Tensor::zeros((1, out, r_max), dtype, device)?];
         for ad in adapters {
             let pad = r_max - ad.rank();
-            let a = ad.a().as_tensor().detach();
-            let b = ad.b().as_tensor().detach().affine(ad.scaling(), 0.0)?;
+            let a = ad.a().as_tensor().detach().to_dtype(dtype)?;
+            let b = ad
+                .b()
+                .as_tensor()
+                .detach()
+                .to_dtype(dtype)?
+                .affine(ad.scaling(), 0.0)?;
             let (a, b) = if pad > 0 {
                 (
-                    Tensor::cat(&[a, Tensor::zeros((pad, inp), dtype, &device)?], 0)?,
-                    Tensor::cat(&[b, Tensor::zeros((out, pad), dtype, &device)?], 1)?,
+                    Tensor::cat(&[a, Tensor::zeros((pad, inp), dtype, device)?], 0)?,
+                    Tensor::cat(&[b, Tensor::zeros((out, pad), dtype, device)?], 1)?,
                 )
             } else {
                 (a, b)
@@ -51,11 +59,14 @@ impl Routing {
         }
         let slots: Vec<u32> = rows.iter().map(|r| r.map_or(0, |i| i as u32 + 1)).collect();
         if let Some(bad) = rows.iter().flatten().find(|&&i| i >= adapters.len()) {
-            return Err(Error::layer(path, format!("row adapter index {bad} out of range")));
+            return Err(Error::layer(
+                path,
+                format!("row adapter index {bad} out of range"),
+            ));
         }
         let n = slots.len();
         Ok(Self {
-            rows: Tensor::from_vec(slots, n, &device)?,
+            rows: Tensor::from_vec(slots, n, device)?,
             a: Tensor::cat(&a_slots, 0)?,
             b: Tensor::cat(&b_slots, 0)?,
         })
@@ -81,6 +92,6 @@ impl Routing {
         if let Some(last) = out_dims.last_mut() {
             *last = d.dim(2)?;
         }
-        d.reshape(out_dims)?.to_dtype(if x.dtype() == DType::F32 { DType::F32 } else { x.dtype() })
+        d.reshape(out_dims)?.to_dtype(x.dtype())
     }
 }

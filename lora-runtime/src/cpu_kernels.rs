@@ -236,10 +236,14 @@ pub(crate) fn add_low_rank(
             .zip(l.chunks(per * rank.max(1)))
             .map(|((w, out), l)| s.spawn(move || add_low_rank_rows(w, l, rt, rank, cols, out)))
             .collect();
-        // A panicking worker counts as a failure rather than a panic here.
+        // Join every worker (counting failures, not stopping at the first); a panicking worker
+        // counts as a failure rather than a panic here.
         handles
             .into_iter()
-            .fold(true, |ok, h| h.join().unwrap_or(false) && ok)
+            .map(|h| h.join().unwrap_or(false))
+            .filter(|ok| !ok)
+            .count()
+            == 0
     })
 }
 

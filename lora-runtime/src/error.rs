@@ -172,6 +172,15 @@ pub enum Error {
         path: String,
     },
 
+    /// An adapter name the model does not have.
+    #[error("no adapter named `{name}`{}", if known.is_empty() { " (the model has no adapters)".to_string() } else { format!(" (adapters: `{}`)", known.join("`, `")) })]
+    UnknownAdapter {
+        /// The name asked for.
+        name: String,
+        /// The names the model has.
+        known: Vec<String>,
+    },
+
     /// The model has no LoRA layers, or no adapter where one is needed.
     #[error("{0}")]
     NoAdapter(String),

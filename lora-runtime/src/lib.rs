@@ -31,6 +31,7 @@
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+mod batched;
 pub mod combine;
 pub mod config;
 mod cpu_kernels;
@@ -43,7 +44,7 @@ pub mod peft;
 pub use combine::Combination;
 pub use config::{LayerConfig, LoraConfig, LoraInit, TargetModules};
 pub use error::{Error, Result};
-pub use linear::{Adapter, LoraLinear};
+pub use linear::{Adapter, LoraLinear, DEFAULT_ADAPTER};
 pub use model::{LoadOptions, LoraModel, ModulePath, TrainableParameters, VisitFn, VisitMutFn};
 
 /// What the code `#[lora]` generates calls. Not a public API: it changes without notice.

@@ -23,9 +23,16 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
 
+use std::collections::BTreeMap;
+
+use crate::batched::Routing;
 use crate::config::{scaling, LayerConfig, LoraInit};
 use crate::cpu_kernels;
 use crate::error::{Error, Result};
+
+/// The name of the adapter that [`load_adapter`](crate::LoraModel::load_adapter) and
+/// [`init_adapter`](crate::LoraModel::init_adapter) create, as in PEFT.
+pub const DEFAULT_ADAPTER: &str = "default";
 
 /// A trainable low-rank adapter: `A [r, in]`, `B [out, r]` and the scaling of `B A`.
 #[derive(Debug, Clone)]
@@ -124,6 +131,12 @@ pub struct LoraLinear {
     weight: Tensor,
     fan_in_fan_out: bool,
     adapter: Option<Adapter>,
+    /// The name of the active adapter (the one in `adapter`), `None` for the base alone.
+    active_name: Option<String>,
+    /// The other, inactive named adapters.
+    others: BTreeMap<String, Adapter>,
+    /// Per-row adapters of a mixed-adapter batch (see [`crate::LoraModel::set_batch_adapters`]).
+    routing: Option<Routing>,
     /// Training mode: dropout on the LoRA branch, merged layers refused.
     training: bool,
     /// While merged: the weight before the merge, kept for a bit-exact `unmerge()`.
@@ -172,6 +185,9 @@ impl LoraLinear {
             weight,
             fan_in_fan_out,
             adapter: None,
+            active_name: Some(DEFAULT_ADAPTER.to_string()),
+            others: BTreeMap::new(),
+            routing: None,
             training: false,
             unmerged_weight: None,
         }
@@ -404,6 +420,8 @@ impl LoraLinear {
 
     /// Installs a weight computed by [`merged_weight`](Self::merged_weight). Cannot fail.
     pub(crate) fn commit_merge(&mut self, merged: Tensor) {
+        // A mixed-adapter routing would add its deltas on top of the merged weight.
+        self.routing = None;
         let original = std::mem::replace(&mut self.weight, merged);
         self.unmerged_weight = Some(original);
         self.rebuild_base();
@@ -420,8 +438,121 @@ impl LoraLinear {
     }
 
     /// Installs an adapter whose shapes were already checked against this layer.
+    /// Makes [`DEFAULT_ADAPTER`] active and replaces it with `adapter`.
     pub(crate) fn install_adapter(&mut self, adapter: Option<Adapter>) {
+        self.activate(Some(DEFAULT_ADAPTER));
         self.adapter = adapter;
+        self.routing = None;
+    }
+
+    /// Replaces (or with `None` removes) the adapter `name`, active or not.
+    pub(crate) fn install_named(&mut self, name: &str, adapter: Option<Adapter>) {
+        self.routing = None;
+        if self.active_name.as_deref() == Some(name) {
+            self.adapter = adapter;
+        } else if let Some(ad) = adapter {
+            self.others.insert(name.to_string(), ad);
+        } else {
+            self.others.remove(name);
+        }
+    }
+
+    /// Makes `name` the active adapter (`None`: the base alone). The caller checks the layer is
+    /// not merged. A name this layer has no adapter for leaves it running the base alone.
+    pub(crate) fn activate(&mut self, name: Option<&str>) {
+        if self.active_name.as_deref() == name {
+            return;
+        }
+        if let (Some(ad), Some(current)) = (self.adapter.take(), self.active_name.take()) {
+            self.others.insert(current, ad);
+        }
+        self.adapter = name.and_then(|n| self.others.remove(n));
+        self.active_name = name.map(str::to_string);
+    }
+
+    /// The name of the active adapter (`None`: the base alone).
+    pub fn active_adapter_name(&self) -> Option<&str> {
+        self.active_name.as_deref()
+    }
+
+    /// The names of this layer's adapters, sorted.
+    pub fn adapter_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.others.keys().map(String::as_str).collect();
+        if let (Some(_), Some(n)) = (&self.adapter, &self.active_name) {
+            names.push(n);
+        }
+        names.sort_unstable();
+        names
+    }
+
+    /// The adapter called `name`, active or not.
+    pub fn adapter_named(&self, name: &str) -> Option<&Adapter> {
+        if self.active_name.as_deref() == Some(name) {
+            self.adapter.as_ref()
+        } else {
+            self.others.get(name)
+        }
+    }
+
+    /// Sets the per-row adapters of the next forwards (see
+    /// [`LoraModel::set_batch_adapters`](crate::LoraModel::set_batch_adapters)).
+    pub(crate) fn set_routing(&mut self, routing: Option<Routing>) {
+        self.routing = routing;
+    }
+
+    /// A forward in which row `i` of `x [b, .., in]` uses the adapter `rows[i]` (`None`: the
+    /// base alone): all rows in one pass, with the stacked factors gathered per row and two
+    /// batched matmuls. Equal to running each row alone with its adapter active.
+    ///
+    /// # Errors
+    /// [`Error::Merged`] when merged, [`Error::Layer`] for an adapter name this layer does not
+    /// have or a row count that does not match `x`.
+    pub fn forward_with_adapters(&self, x: &Tensor, rows: &[Option<&str>]) -> Result<Tensor> {
+        if self.is_merged() {
+            return Err(Error::Merged {
+                path: String::new(),
+            });
+        }
+        let routing = self.routing_for(rows, "")?;
+        let y = self.base.forward(x)?;
+        Ok((y + routing.term(x)?)?)
+    }
+
+    /// The routing of `rows` over this layer's adapters; names it lacks are an error.
+    pub(crate) fn routing_for(&self, rows: &[Option<&str>], path: &str) -> Result<Routing> {
+        let names = self.adapter_names();
+        let mut used: Vec<&str> = Vec::new();
+        let mut slots = Vec::with_capacity(rows.len());
+        for row in rows {
+            slots.push(match row {
+                None => None,
+                Some(name) => {
+                    if !names.contains(name) {
+                        return Err(Error::layer(
+                            path,
+                            format!("no adapter named `{name}` (adapters: {names:?})"),
+                        ));
+                    }
+                    Some(match used.iter().position(|u| u == name) {
+                        Some(i) => i,
+                        None => {
+                            used.push(name);
+                            used.len() - 1
+                        }
+                    })
+                }
+            });
+        }
+        let adapters: Vec<&Adapter> = used.iter().filter_map(|n| self.adapter_named(n)).collect();
+        Routing::new(
+            &adapters,
+            &slots,
+            self.in_features(),
+            self.out_features(),
+            self.adapter_dtype(),
+            self.weight.device(),
+            path,
+        )
     }
 
     /// Folds `s * B A` into the weight: afterwards a forward is the base layer's single matmul.
@@ -464,6 +595,8 @@ impl LoraLinear {
         }
         self.unmerged_weight = None;
         self.adapter = None;
+        self.others.clear();
+        self.routing = None;
         Ok(())
     }
 
@@ -546,6 +679,14 @@ impl LoraLinear {
     /// # Errors
     /// Shape errors from candle; training a merged layer.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        if let (Some(routing), false) = (&self.routing, self.is_merged()) {
+            if train {
+                return Err(candle_core::Error::msg(
+                    "LoraLinear: mixed-adapter batches are for inference; call `set_batch_adapters(None)` before training",
+                ));
+            }
+            return self.base.forward(x)? + routing.term(x)?;
+        }
         let Some(ad) = &self.adapter else {
             return self.base.forward(x);
         };

@@ -44,7 +44,7 @@ use candle_nn::VarMap;
 
 use crate::config::{LayerConfig, LoraConfig};
 use crate::error::{Error, Result};
-use crate::linear::{Adapter, LoraLinear};
+use crate::linear::{Adapter, LoraLinear, DEFAULT_ADAPTER};
 use crate::peft;
 
 /// The dotted module path of a layer, e.g. `model.layers.0.self_attn.q_proj`, as PyTorch names it.
@@ -242,7 +242,215 @@ pub trait LoraModel {
     /// [`Error::Merged`] when the model is merged, [`Error::NoAdapter`] when it has no LoRA
     /// layers, [`Error::InvalidConfig`] for invalid hyper-parameters. Nothing changes on error.
     fn init_adapter_seeded(&mut self, varmap: &VarMap, seed: u64) -> Result<()> {
-        init_adapters(self, varmap, None, seed)
+        init_adapters(self, varmap, None, seed, None)
+    }
+
+    /// Adds a fresh adapter called `name` to every LoRA layer (hyper-parameters as the structs
+    /// declare, [`DEFAULT_SEED`] mixed with the name), registered in `varmap` under PEFT's
+    /// state-dict names (`...lora_A.<name>.weight`). It does not become active: see
+    /// [`set_active_adapter`](Self::set_active_adapter).
+    ///
+    /// # Errors
+    /// As [`init_adapter_seeded`](Self::init_adapter_seeded); [`Error::InvalidConfig`] when an
+    /// adapter called `name` exists already.
+    fn init_adapter_as(&mut self, varmap: &VarMap, name: &str) -> Result<()> {
+        if all_adapter_names(self).iter().any(|n| n == name) {
+            return Err(Error::InvalidConfig {
+                file: None,
+                field: "adapter name".into(),
+                reason: format!(
+                    "an adapter called `{name}` exists already: `delete_adapter` it first"
+                ),
+            });
+        }
+        init_adapters(
+            self,
+            varmap,
+            None,
+            layer_seed(DEFAULT_SEED, name),
+            Some(name),
+        )
+    }
+
+    /// The names of the model's adapters, sorted.
+    fn adapters(&self) -> Vec<String> {
+        all_adapter_names(self)
+    }
+
+    /// The name of the active adapter (`None`: the base model alone).
+    fn active_adapter(&self) -> Option<String> {
+        self.lora_layers()
+            .first()
+            .and_then(|(_, l, _)| l.active_adapter_name().map(str::to_string))
+    }
+
+    /// Makes `name` the adapter every forward, merge and training step uses; `None` runs the
+    /// base model alone. Switching copies no weights (adapters are kept per layer by name).
+    ///
+    /// Switching while merged is refused, so a merged delta is never left in the weights of
+    /// another adapter: call [`unmerge`](Self::unmerge) first.
+    ///
+    /// # Errors
+    /// [`Error::UnknownAdapter`] for a name the model does not have (never a silent fallback to
+    /// the base), [`Error::Merged`] when merged.
+    fn set_active_adapter(&mut self, name: Option<&str>) -> Result<()> {
+        if let Some(n) = name {
+            let known = all_adapter_names(self);
+            if !known.iter().any(|k| k == n) {
+                return Err(unknown_adapter(n, known));
+            }
+        }
+        refuse_if_merged(self)?;
+        self.visit_lora_layers_mut(&mut ModulePath::new(), &mut |_, l, _| {
+            l.activate(name);
+            Ok(())
+        })
+    }
+
+    /// Removes the adapter `name` from every layer. If it was active, the model runs the base
+    /// alone afterwards.
+    ///
+    /// # Errors
+    /// [`Error::UnknownAdapter`] for an unknown name, [`Error::Merged`] when merged.
+    fn delete_adapter(&mut self, name: &str) -> Result<()> {
+        let known = all_adapter_names(self);
+        if !known.iter().any(|k| k == name) {
+            return Err(unknown_adapter(name, known));
+        }
+        refuse_if_merged(self)?;
+        self.visit_lora_layers_mut(&mut ModulePath::new(), &mut |_, l, _| {
+            l.install_named(name, None);
+            Ok(())
+        })
+    }
+
+    /// Loads a PEFT adapter directory as the adapter `name` (see
+    /// [`load_adapter`](Self::load_adapter) for what is checked), without making it active. An
+    /// adapter of that name is replaced.
+    ///
+    /// # Errors
+    /// As [`load_adapter`](Self::load_adapter).
+    fn load_adapter_as(&mut self, dir: impl AsRef<Path>, name: &str) -> Result<()> {
+        load_into(self, dir.as_ref(), &LoadOptions::default(), Some(name))
+    }
+
+    /// Combines adapters into a new adapter `new_name` (not made active): for every layer, the
+    /// weighted sum `sum_i w_i s_i B_i A_i` of the named adapters' deltas, exactly (`Cat`, or
+    /// `Svd` with enough rank) or approximately (`Linear`, `Svd` with less rank); see
+    /// [`Combination`](crate::Combination). Works with any mix of rsLoRA and plain adapters,
+    /// since each adapter's own scaling is folded in. A layer without some of the adapters
+    /// combines those it has.
+    ///
+    /// # Errors
+    /// [`Error::UnknownAdapter`] for an unknown name, [`Error::InvalidConfig`] for an empty list
+    /// or an existing `new_name`, [`Error::Layer`] for `Linear` with unequal ranks.
+    fn add_weighted_adapter(
+        &mut self,
+        parts: &[(&str, f64)],
+        how: crate::Combination,
+        new_name: &str,
+    ) -> Result<()> {
+        let known = all_adapter_names(self);
+        if parts.is_empty() {
+            return Err(Error::InvalidConfig {
+                file: None,
+                field: "adapters".into(),
+                reason: "no adapters to combine".into(),
+            });
+        }
+        for (name, w) in parts {
+            if !known.iter().any(|k| k == name) {
+                return Err(unknown_adapter(name, known));
+            }
+            if !w.is_finite() {
+                return Err(Error::InvalidConfig {
+                    file: None,
+                    field: "weight".into(),
+                    reason: format!("the weight of `{name}` must be finite, got {w}"),
+                });
+            }
+        }
+        if known.iter().any(|k| k == new_name) {
+            return Err(Error::InvalidConfig {
+                file: None,
+                field: "new_name".into(),
+                reason: format!("an adapter called `{new_name}` exists already"),
+            });
+        }
+        let mut combined: Vec<Option<Adapter>> = Vec::new();
+        self.visit_lora_layers(&mut ModulePath::new(), &mut |p, l, _| {
+            let present: Vec<(&Adapter, f64)> = parts
+                .iter()
+                .filter_map(|(n, w)| l.adapter_named(n).map(|a| (a, *w)))
+                .collect();
+            if present.is_empty() {
+                combined.push(None);
+                return Ok(());
+            }
+            let (a, b) = crate::combine::combine(&present, how, p.as_str())?;
+            let dtype = l.adapter_dtype();
+            let rank = a.dim(0)?;
+            let dropout = present
+                .iter()
+                .map(|(ad, _)| ad.dropout())
+                .fold(0.0, f32::max);
+            let a = Var::from_tensor(&a.to_dtype(dtype)?)?;
+            let b = Var::from_tensor(&b.to_dtype(dtype)?)?;
+            // alpha = r and no rsLoRA: scaling 1, the weights and scalings are in B already.
+            combined.push(Some(Adapter::new(a, b, rank as f64, false, dropout)?));
+            Ok(())
+        })?;
+        let mut combined = combined.into_iter();
+        self.visit_lora_layers_mut(&mut ModulePath::new(), &mut |_, l, _| {
+            if let Some(Some(ad)) = combined.next() {
+                l.install_named(new_name, Some(ad));
+            }
+            Ok(())
+        })
+    }
+
+    /// Routes the rows of the next forwards through different adapters: row `i` of every LoRA
+    /// layer's input uses the adapter `rows[i]` (`None`: the base alone), all rows in one pass
+    /// (stacked factors gathered per row and batched matmuls, the BGMV idea, instead of a loop
+    /// of sub-batches). The model's own `forward` stays as it is: the assignment is carried by
+    /// the layers until `set_batch_adapters(None)`. The factors are snapshotted now, so call it
+    /// again after changing adapters. Inference only: training forwards are refused while set,
+    /// and merging clears it.
+    ///
+    /// # Errors
+    /// [`Error::UnknownAdapter`] for an unknown name, [`Error::Merged`] when merged.
+    fn set_batch_adapters(&mut self, rows: Option<&[Option<&str>]>) -> Result<()> {
+        let Some(rows) = rows else {
+            return self.visit_lora_layers_mut(&mut ModulePath::new(), &mut |_, l, _| {
+                l.set_routing(None);
+                Ok(())
+            });
+        };
+        let known = all_adapter_names(self);
+        if let Some(bad) = rows
+            .iter()
+            .flatten()
+            .find(|n| !known.iter().any(|k| k == *n))
+        {
+            return Err(unknown_adapter(bad, known));
+        }
+        refuse_if_merged(self)?;
+        let mut routings = Vec::new();
+        self.visit_lora_layers(&mut ModulePath::new(), &mut |p, l, _| {
+            // A layer without one of the adapters runs the base for those rows.
+            let names = l.adapter_names();
+            let local: Vec<Option<&str>> = rows
+                .iter()
+                .map(|r| r.filter(|n| names.contains(n)))
+                .collect();
+            routings.push(l.routing_for(&local, p.as_str())?);
+            Ok(())
+        })?;
+        let mut routings = routings.into_iter();
+        self.visit_lora_layers_mut(&mut ModulePath::new(), &mut |_, l, _| {
+            l.set_routing(routings.next());
+            Ok(())
+        })
     }
 
     /// [`init_adapter_seeded`](Self::init_adapter_seeded) with `config` for every layer instead of
@@ -256,7 +464,7 @@ pub trait LoraModel {
         config: &LayerConfig,
         seed: u64,
     ) -> Result<()> {
-        init_adapters(self, varmap, Some(config), seed)
+        init_adapters(self, varmap, Some(config), seed, None)
     }
 
     /// The variables to hand to the optimizer: `A` and `B` of every adapter, nothing else.
@@ -398,12 +606,26 @@ pub trait LoraModel {
     /// [`Error::NoAdapter`] without adapters, [`Error::Io`] naming the file on I/O failure.
     fn save_adapter(&self, dir: impl AsRef<Path>) -> Result<()> {
         let layers = self.lora_layers();
-        let adapters: Vec<(&str, &LoraLinear)> = layers
-            .iter()
-            .filter(|(_, l, _)| l.adapter().is_some())
-            .map(|(p, l, _)| (p.as_str(), *l))
-            .collect();
-        peft::save(dir.as_ref(), &adapters)
+        let names = all_adapter_names(self);
+        if names.is_empty() {
+            return Err(Error::NoAdapter(
+                "no LoRA layer has an adapter: nothing to save".into(),
+            ));
+        }
+        for name in &names {
+            let adapters: Vec<(&str, &LoraLinear, &Adapter)> = layers
+                .iter()
+                .filter_map(|(p, l, _)| l.adapter_named(name).map(|a| (p.as_str(), *l, a)))
+                .collect();
+            // PEFT's layout: the default adapter at the root, the others in sub-directories.
+            let target = if name == DEFAULT_ADAPTER {
+                dir.as_ref().to_path_buf()
+            } else {
+                dir.as_ref().join(name)
+            };
+            peft::save(&target, &adapters)?;
+        }
+        Ok(())
     }
 
     /// Loads a PEFT adapter directory (or an `adapter_model.safetensors` file next to its
@@ -441,8 +663,20 @@ pub trait LoraModel {
     /// # Errors
     /// As [`load_adapter`](Self::load_adapter).
     fn load_adapter_with(&mut self, dir: impl AsRef<Path>, options: &LoadOptions) -> Result<()> {
-        let file = peft::AdapterFile::read(dir.as_ref())?;
-        let layers = self.lora_layers();
+        load_into(self, dir.as_ref(), options, None)
+    }
+}
+
+/// Loads the adapter at `dir` into `model` as the default adapter (made active) or as `name`.
+fn load_into<M: LoraModel + ?Sized>(
+    model: &mut M,
+    dir: &Path,
+    options: &LoadOptions,
+    name: Option<&str>,
+) -> Result<()> {
+    {
+        let file = peft::AdapterFile::read(dir)?;
+        let layers = model.lora_layers();
         if let Some((p, _, _)) = layers.iter().find(|(_, l, _)| l.is_merged()) {
             return Err(Error::Merged { path: p.clone() });
         }
@@ -453,8 +687,12 @@ pub trait LoraModel {
         }
         let mut adapters = file.into_adapters(&targets)?;
         drop(layers);
-        self.visit_lora_layers_mut(&mut ModulePath::new(), &mut |p, l, _| {
-            l.install_adapter(adapters.remove(p.as_str()));
+        model.visit_lora_layers_mut(&mut ModulePath::new(), &mut |p, l, _| {
+            let ad = adapters.remove(p.as_str());
+            match name {
+                None => l.install_adapter(ad),
+                Some(n) => l.install_named(n, ad),
+            }
             Ok(())
         })
     }
@@ -495,6 +733,7 @@ fn init_adapters<M: LoraModel + ?Sized>(
     varmap: &VarMap,
     config: Option<&LayerConfig>,
     seed: u64,
+    name: Option<&str>,
 ) -> Result<()> {
     let mut fresh: Vec<(String, Adapter)> = Vec::new();
     model.visit_lora_layers(&mut ModulePath::new(), &mut |p, l, c| {
@@ -521,17 +760,60 @@ fn init_adapters<M: LoraModel + ?Sized>(
             .lock()
             .map_err(|_| Error::NoAdapter("the VarMap's lock is poisoned".into()))?;
         for (path, ad) in &fresh {
-            data.insert(peft_key(path, "lora_A"), ad.a().clone());
-            data.insert(peft_key(path, "lora_B"), ad.b().clone());
+            // PEFT's state-dict names: the adapter name sits between the factor and `weight`,
+            // except for the default adapter in files.
+            let (ka, kb) = match name {
+                None => (peft_key(path, "lora_A"), peft_key(path, "lora_B")),
+                Some(n) => (
+                    peft_key(path, &format!("lora_A.{n}")),
+                    peft_key(path, &format!("lora_B.{n}")),
+                ),
+            };
+            data.insert(ka, ad.a().clone());
+            data.insert(kb, ad.b().clone());
         }
     }
     let mut fresh = fresh.into_iter();
     model.visit_lora_layers_mut(&mut ModulePath::new(), &mut |_, l, _| {
         if let Some((_, ad)) = fresh.next() {
-            l.install_adapter(Some(ad));
+            match name {
+                None => l.install_adapter(Some(ad)),
+                Some(n) => l.install_named(n, Some(ad)),
+            }
         }
         Ok(())
     })
+}
+
+/// The adapter names of every layer, sorted and deduplicated.
+fn all_adapter_names<M: LoraModel + ?Sized>(model: &M) -> Vec<String> {
+    let mut names: Vec<String> = model
+        .lora_layers()
+        .iter()
+        .flat_map(|(_, l, _)| {
+            l.adapter_names()
+                .into_iter()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+fn unknown_adapter(name: &str, known: Vec<String>) -> Error {
+    Error::UnknownAdapter {
+        name: name.to_string(),
+        known,
+    }
+}
+
+fn refuse_if_merged<M: LoraModel + ?Sized>(model: &M) -> Result<()> {
+    match model.lora_layers().iter().find(|(_, l, _)| l.is_merged()) {
+        Some((p, _, _)) => Err(Error::Merged { path: p.clone() }),
+        None => Ok(()),
+    }
 }
 
 impl LoraModel for LoraLinear {

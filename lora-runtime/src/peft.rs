@@ -834,18 +834,21 @@ pub(crate) fn pt_metadata() -> HashMap<String, String> {
 
 /// Writes `layers`' adapters to `dir` in PEFT's format, with the fingerprint of each layer's
 /// unmerged base weight in the metadata.
-pub(crate) fn save(dir: &Path, layers: &[(&str, &LoraLinear)]) -> Result<()> {
+pub(crate) fn save(dir: &Path, layers: &[(&str, &LoraLinear, &Adapter)]) -> Result<()> {
     save_with(dir, layers, &RealFs)
 }
 
 /// [`save`] through `fs`.
-pub(crate) fn save_with(dir: &Path, layers: &[(&str, &LoraLinear)], fs: &dyn SaveFs) -> Result<()> {
+pub(crate) fn save_with(
+    dir: &Path,
+    layers: &[(&str, &LoraLinear, &Adapter)],
+    fs: &dyn SaveFs,
+) -> Result<()> {
     let mut adapters = Vec::with_capacity(layers.len());
     let mut tensors = Vec::with_capacity(2 * layers.len());
     let mut metadata = pt_metadata();
-    for (path, layer) in layers {
-        let Some(ad) = layer.adapter() else { continue };
-        adapters.push((*path, ad, layer.fan_in_fan_out()));
+    for &(path, layer, ad) in layers {
+        adapters.push((path, ad, layer.fan_in_fan_out()));
         for (factor, var) in [("lora_A", ad.a()), ("lora_B", ad.b())] {
             let (dtype, bytes) = tensor_bytes(var.as_tensor())?;
             tensors.push((
@@ -969,8 +972,15 @@ mod tests {
             .collect()
     }
 
-    fn refs(layers: &[(String, LoraLinear)]) -> Vec<(&str, &LoraLinear)> {
+    fn pairs(layers: &[(String, LoraLinear)]) -> Vec<(&str, &LoraLinear)> {
         layers.iter().map(|(p, l)| (p.as_str(), l)).collect()
+    }
+
+    fn refs(layers: &[(String, LoraLinear)]) -> Vec<(&str, &LoraLinear, &Adapter)> {
+        layers
+            .iter()
+            .map(|(p, l)| (p.as_str(), l, l.adapter().unwrap()))
+            .collect()
     }
 
     /// A file system whose writers fail once `budget` bytes were written in all, and whose
@@ -1133,9 +1143,9 @@ mod tests {
             fp.to_string().split(' ').take(2).collect::<Vec<_>>(),
             ["6x5", "f32"]
         );
-        file.verify_base(&refs(&model)).unwrap();
+        file.verify_base(&pairs(&model)).unwrap();
         let other = layers(1);
-        let err = file.verify_base(&refs(&other)).unwrap_err();
+        let err = file.verify_base(&pairs(&other)).unwrap_err();
         assert!(
             matches!(&err, Error::BaseMismatch { module, .. } if module == "layers.0.q"),
             "{err}"
@@ -1150,7 +1160,7 @@ mod tests {
                 )
             })
             .collect();
-        file.verify_base(&refs(&half)).unwrap();
+        file.verify_base(&pairs(&half)).unwrap();
     }
 
     #[test]
