@@ -20,6 +20,13 @@
 //! - `merge_file/...`: `lora merge` of the model in `$LORA_BENCH_MERGE_DIR` (`model.safetensors`
 //!   plus `adapter/`, written by `scripts/bench_peft.py gen-merge`), beside the I/O floor (read the
 //!   input, write and sync an output of the same size). Skipped when the variable is unset.
+//! - `mixed_batch/t1`, `mixed_batch/t16`: a 768 x 768 layer holding 1, 4, 16 or 64 named
+//!   adapters and a batch of 64 rows (1 or 16 tokens each), row `i` with adapter `i mod n`:
+//!   `forward_with_adapters` in one pass (`one_pass`; `one_pass_preset` with the routing set
+//!   beforehand by `set_batch_adapters`), against the per-adapter sub-batch loop done with the
+//!   public API, in two forms: PEFT's algorithm (`loop_delta`: the base on the whole batch, then
+//!   per adapter gather its rows, LoRA term, `index_add` back) and a layer per adapter
+//!   (`loop_layers`: gather the rows, full forward, `cat`, restore the row order).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -476,9 +483,188 @@ fn config() -> Criterion {
         .sample_size(30)
 }
 
+// ---------------------------------------------------------------------------------------------
+// Mixed-adapter batches.
+// ---------------------------------------------------------------------------------------------
+
+#[lora(rank = 8, alpha = 16, targets = ["proj"])]
+struct OneLayer {
+    proj: Linear,
+}
+
+/// The rows of each adapter of `rows` (`names[k]` gets `groups[k]`), as `u32` row indices.
+fn group_rows(rows: &[Option<&str>], names: &[String]) -> Vec<Vec<u32>> {
+    let mut groups = vec![Vec::new(); names.len()];
+    for (i, row) in rows.iter().enumerate() {
+        let name = row.expect("every benchmark row has an adapter");
+        let k = names.iter().position(|n| n == name).unwrap();
+        groups[k].push(i as u32);
+    }
+    groups
+}
+
+/// PEFT's `_mixed_batch_forward` with our API: the base on the whole batch, then for each
+/// adapter gather its rows, compute `s (x A^T) B^T` and add it back at those rows.
+fn sub_batch_delta(
+    layer: &LoraLinear,
+    base: &Linear,
+    x: &Tensor,
+    rows: &[Option<&str>],
+    names: &[String],
+) -> Tensor {
+    let mut y = base.forward(x).unwrap();
+    let inp = x.dim(D::Minus1).unwrap();
+    for (k, idx) in group_rows(rows, names).into_iter().enumerate() {
+        if idx.is_empty() {
+            continue;
+        }
+        let ad = layer.adapter_named(&names[k]).unwrap();
+        let n = idx.len();
+        let ids = Tensor::from_vec(idx, n, x.device()).unwrap();
+        let xs = x.index_select(&ids, 0).unwrap();
+        let mut dims = xs.dims().to_vec();
+        let xs2 = xs.reshape((xs.elem_count() / inp, inp)).unwrap();
+        let h = xs2
+            .matmul(&ad.a().as_tensor().t().unwrap())
+            .unwrap()
+            .affine(ad.scaling(), 0.0)
+            .unwrap();
+        let d = h.matmul(&ad.b().as_tensor().t().unwrap()).unwrap();
+        *dims.last_mut().unwrap() = d.dim(1).unwrap();
+        y = y.index_add(&ids, &d.reshape(dims).unwrap(), 0).unwrap();
+    }
+    y
+}
+
+/// The loop with a layer per adapter (`layers[k]` has `names[k]` active): gather each adapter's
+/// rows, run the whole layer on them, concatenate, and put the rows back in their order.
+fn sub_batch_layers(
+    layers: &[LoraLinear],
+    x: &Tensor,
+    rows: &[Option<&str>],
+    names: &[String],
+) -> Tensor {
+    let mut outs = Vec::with_capacity(layers.len());
+    let mut order = Vec::with_capacity(rows.len());
+    for (k, idx) in group_rows(rows, names).into_iter().enumerate() {
+        if idx.is_empty() {
+            continue;
+        }
+        let ids = Tensor::from_vec(idx.clone(), idx.len(), x.device()).unwrap();
+        outs.push(
+            layers[k]
+                .forward(&x.index_select(&ids, 0).unwrap())
+                .unwrap(),
+        );
+        order.extend(idx);
+    }
+    let mut inverse = vec![0u32; order.len()];
+    for (j, &i) in order.iter().enumerate() {
+        inverse[i as usize] = j as u32;
+    }
+    let n = inverse.len();
+    Tensor::cat(&outs, 0)
+        .unwrap()
+        .index_select(&Tensor::from_vec(inverse, n, x.device()).unwrap(), 0)
+        .unwrap()
+}
+
+fn mixed_batch(c: &mut Criterion) {
+    let (d, batch) = (768, 64);
+    for tokens in [1, 16] {
+        let mut g = c.benchmark_group(format!("mixed_batch/t{tokens}"));
+        g.warm_up_time(Duration::from_millis(300));
+        g.measurement_time(Duration::from_millis(1500));
+        g.sample_size(20);
+        for n in [1, 4, 16, 64] {
+            let mut rng = StdRng::seed_from_u64(6);
+            let w = randn(&[d, d], 0.02, &mut rng);
+            let bias = randn(&[d], 0.02, &mut rng);
+            let base = Linear::new(w.clone(), Some(bias.clone()));
+            let mut m = OneLayer {
+                proj: Linear::new(w, Some(bias)).into(),
+            };
+            let vm = VarMap::new();
+            let names: Vec<String> = (0..n).map(|i| format!("a{i}")).collect();
+            for name in &names {
+                m.init_adapter_as(&vm, name).unwrap();
+                let b = randn(&[d, RANK], 0.02, &mut rng);
+                m.proj.adapter_named(name).unwrap().b().set(&b).unwrap();
+            }
+            // A layer per adapter, that adapter active (clones share the weights).
+            let layers: Vec<LoraLinear> = names
+                .iter()
+                .map(|name| {
+                    m.set_active_adapter(Some(name)).unwrap();
+                    m.proj.clone()
+                })
+                .collect();
+            m.set_active_adapter(None).unwrap();
+            let rows: Vec<Option<&str>> = (0..batch).map(|i| Some(names[i % n].as_str())).collect();
+            let x = if tokens == 1 {
+                randn(&[batch, d], 1.0, &mut rng)
+            } else {
+                randn(&[batch, tokens, d], 1.0, &mut rng)
+            };
+            let layer = &m.proj;
+            let one = layer.forward_with_adapters(&x, &rows).unwrap();
+            // The routing set once on the model, as a server would per batch.
+            let mut pm = OneLayer {
+                proj: m.proj.clone(),
+            };
+            pm.set_batch_adapters(Some(&rows)).unwrap();
+            let preset = pm.proj;
+            for other in [
+                sub_batch_delta(layer, &base, &x, &rows, &names),
+                sub_batch_layers(&layers, &x, &rows, &names),
+                preset.forward(&x).unwrap(),
+            ] {
+                let diff = (&one - &other)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(diff < 1e-4, "mixed_batch t{tokens} n{n}: {diff}");
+            }
+            g.bench_function(BenchmarkId::new("one_pass", n), |b| {
+                b.iter(|| layer.forward_with_adapters(&x, &rows).unwrap())
+            });
+            g.bench_function(BenchmarkId::new("one_pass_preset", n), |b| {
+                b.iter(|| preset.forward(&x).unwrap())
+            });
+            g.bench_function(BenchmarkId::new("loop_delta", n), |b| {
+                b.iter(|| sub_batch_delta(layer, &base, &x, &rows, &names))
+            });
+            g.bench_function(BenchmarkId::new("loop_layers", n), |b| {
+                b.iter(|| sub_batch_layers(&layers, &x, &rows, &names))
+            });
+            interleaved(
+                &format!("mixed_batch_t{tokens}_n{n}"),
+                if tokens == 1 { 200 } else { 40 },
+                &mut [
+                    ("one_pass", &mut || {
+                        drop(layer.forward_with_adapters(&x, &rows).unwrap())
+                    }),
+                    ("one_pass_preset", &mut || drop(preset.forward(&x).unwrap())),
+                    ("loop_delta", &mut || {
+                        drop(sub_batch_delta(layer, &base, &x, &rows, &names))
+                    }),
+                    ("loop_layers", &mut || {
+                        drop(sub_batch_layers(&layers, &x, &rows, &names))
+                    }),
+                ],
+            );
+        }
+        g.finish();
+    }
+}
+
 criterion_group! {
     name = benches;
     config = config();
-    targets = forward, merge, train_step, adapter_io, merge_file
+    targets = forward, merge, train_step, adapter_io, merge_file, mixed_batch
 }
 criterion_main!(benches);

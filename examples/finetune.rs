@@ -380,7 +380,7 @@ fn corpus_line(rng: &mut StdRng) -> String {
     let food = *FOODS.choose(rng).unwrap_or(&"Thai");
     let area = *AREAS.choose(rng).unwrap_or(&"riverside");
     let price = *PRICES.choose(rng).unwrap_or(&"cheap");
-    match rng.random_range(0..8) {
+    match rng.random_range(0..9) {
         4 => format!(
             "{} likes {food} food, and the {area} is nice.",
             WHO.choose(rng).unwrap_or(&"Tom")
@@ -390,6 +390,9 @@ fn corpus_line(rng: &mut StdRng) -> String {
         5 => e2e_example(rng, &[word.as_str()]).1,
         6 => format!("We ate in the {area}. The place is family friendly and not {price}."),
         7 => format!("{word} is a small restaurant in the {area}, and {word} is {price}."),
+        // Bracketed key[value] notes, as in lists and tables on the web: the syntax of the
+        // meaning representations, though never with the task's keys.
+        8 => format!("note[{word}] item[{}] => {word} has {}.", WHAT.choose(rng).unwrap_or(&"bread"), WHAT.choose(rng).unwrap_or(&"bread")),
         0 => format!(
             "{} {} {} {}.",
             WHO.choose(rng).unwrap_or(&"Tom"),
@@ -787,7 +790,7 @@ pub(crate) fn run(args: Args) -> Result<Summary> {
     let probe = (steps / 4).max(1);
     let mut lora_model = None;
     for (mode, name, lrs) in [
-        (Mode::Lora, "LoRA", [3e-2, 1e-2]),
+        (Mode::Lora, "LoRA", [1e-1, 3e-2]),
         (Mode::Full, "full fine-tuning", [3e-3, 1e-3]),
     ] {
         let setup = |seed: u64| -> Result<(Gpt, VarMap, VarMap)> {

@@ -41,6 +41,7 @@ pub use candle_nn;
 pub mod prelude {
     pub use lora_macros::lora;
     pub use lora_runtime::{
-        LayerConfig, LoraConfig, LoraInit, LoraLinear, LoraModel, TrainableParameters,
+        Combination, LayerConfig, LoadOptions, LoraConfig, LoraInit, LoraLinear, LoraModel,
+        TrainableParameters,
     };
 }
