@@ -571,6 +571,8 @@ fn sub_batch_layers(
 
 fn mixed_batch(c: &mut Criterion) {
     let (d, batch) = (768, 64);
+    // Under `--profile-time` only the criterion case being profiled runs.
+    let profiling = std::env::args().any(|a| a == "--profile-time");
     for tokens in [1, 16] {
         let mut g = c.benchmark_group(format!("mixed_batch/t{tokens}"));
         g.warm_up_time(Duration::from_millis(300));
@@ -641,6 +643,9 @@ fn mixed_batch(c: &mut Criterion) {
             g.bench_function(BenchmarkId::new("loop_layers", n), |b| {
                 b.iter(|| sub_batch_layers(&layers, &x, &rows, &names))
             });
+            if profiling {
+                continue;
+            }
             interleaved(
                 &format!("mixed_batch_t{tokens}_n{n}"),
                 if tokens == 1 { 200 } else { 40 },

@@ -578,6 +578,7 @@ fn bar(len: u64, label: &str) -> ProgressBar {
 }
 
 /// Trains `vars` with AdamW on random batches of `seqs`.
+#[allow(clippy::too_many_arguments)] // the knobs of a training loop, spelled out for the reader
 fn train(
     model: &Gpt,
     vars: Vec<candle_core::Var>,

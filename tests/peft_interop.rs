@@ -819,9 +819,9 @@ fn merge_file_sharded() -> Result<()> {
     );
 
     let files = |d: &Path| -> Result<BTreeSet<String>> {
-        Ok(std::fs::read_dir(d)?
+        std::fs::read_dir(d)?
             .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
-            .collect::<Result<_>>()?)
+            .collect::<Result<_>>()
     };
     let expected = files(&dir.join("merged"))?;
     ensure!(

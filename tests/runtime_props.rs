@@ -11,6 +11,7 @@ use lora::{LayerConfig, LoraInit, LoraLinear, LoraModel};
 use proptest::prelude::*;
 
 /// A layer with a random weight (and maybe bias) and an adapter whose B is random, not zero.
+#[allow(clippy::too_many_arguments)]
 fn random_layer(
     seed: u64,
     inp: usize,

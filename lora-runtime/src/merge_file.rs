@@ -64,8 +64,11 @@ struct Index {
     weight_map: BTreeMap<String, String>,
 }
 
+/// `(input shard, output shard)` pairs and the index file to copy, if any.
+type Plan = (Vec<(PathBuf, PathBuf)>, Option<PathBuf>);
+
 /// The shards of `base` and their output paths under `out`.
-fn plan(base: &Path, out: &Path) -> Result<(Vec<(PathBuf, PathBuf)>, Option<PathBuf>)> {
+fn plan(base: &Path, out: &Path) -> Result<Plan> {
     let meta = std::fs::metadata(base).map_err(|e| Error::io(base, e))?;
     if !meta.is_dir() {
         return Ok((vec![(base.to_path_buf(), out.to_path_buf())], None));
