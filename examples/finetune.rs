@@ -392,7 +392,11 @@ fn corpus_line(rng: &mut StdRng) -> String {
         7 => format!("{word} is a small restaurant in the {area}, and {word} is {price}."),
         // Bracketed key[value] notes, as in lists and tables on the web: the syntax of the
         // meaning representations, though never with the task's keys.
-        8 => format!("note[{word}] item[{}] => {word} has {}.", WHAT.choose(rng).unwrap_or(&"bread"), WHAT.choose(rng).unwrap_or(&"bread")),
+        8 => format!(
+            "note[{word}] item[{}] => {word} has {}.",
+            WHAT.choose(rng).unwrap_or(&"bread"),
+            WHAT.choose(rng).unwrap_or(&"bread")
+        ),
         0 => format!(
             "{} {} {} {}.",
             WHO.choose(rng).unwrap_or(&"Tom"),
