@@ -22,7 +22,8 @@
 //!   input, write and sync an output of the same size). Skipped when the variable is unset.
 //! - `mixed_batch/t1`, `mixed_batch/t16`: a 768 x 768 layer holding 1, 4, 16 or 64 named
 //!   adapters and a batch of 64 rows (1 or 16 tokens each), row `i` with adapter `i mod n`:
-//!   `forward_with_adapters` in one pass (`one_pass`; `one_pass_preset` with the routing set
+//!   the base `candle_nn::Linear` alone (`base`), `forward_with_adapters` in one pass
+//!   (`one_pass`; `one_pass_preset` with the routing set
 //!   beforehand by `set_batch_adapters`), against the per-adapter sub-batch loop done with the
 //!   public API, in two forms: PEFT's algorithm (`loop_delta`: the base on the whole batch, then
 //!   per adapter gather its rows, LoRA term, `index_add` back) and a layer per adapter
@@ -631,6 +632,9 @@ fn mixed_batch(c: &mut Criterion) {
                     .unwrap();
                 assert!(diff < 1e-4, "mixed_batch t{tokens} n{n}: {diff}");
             }
+            g.bench_function(BenchmarkId::new("base", n), |b| {
+                b.iter(|| base.forward(&x).unwrap())
+            });
             g.bench_function(BenchmarkId::new("one_pass", n), |b| {
                 b.iter(|| layer.forward_with_adapters(&x, &rows).unwrap())
             });
@@ -650,6 +654,7 @@ fn mixed_batch(c: &mut Criterion) {
                 &format!("mixed_batch_t{tokens}_n{n}"),
                 if tokens == 1 { 200 } else { 40 },
                 &mut [
+                    ("base", &mut || drop(base.forward(&x).unwrap())),
                     ("one_pass", &mut || {
                         drop(layer.forward_with_adapters(&x, &rows).unwrap())
                     }),

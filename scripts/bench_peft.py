@@ -3,6 +3,7 @@
 `scripts/bench.sh` runs this beside `cargo bench` and writes BENCHMARKS.md. Alone:
 
     python scripts/bench_peft.py micro --out peft.json     # forward, merge, train step, adapter I/O
+    python scripts/bench_peft.py micro --out mixed.json --only mixed_batch   # mixed-adapter batches
     python scripts/bench_peft.py gen-merge DIR             # a random ~324 MB Llama-style model + rank-16 adapter
     python scripts/bench_peft.py merge-process DIR OUT     # merge_and_unload + save_pretrained, as users run it
 
@@ -241,6 +242,29 @@ def bench_adapter_io(results):
         results["adapter_io/l32_d4096/load"] = median_time(load, min_runs=20, setup=drop)
 
 
+def bench_mixed_batch(results):
+    """PEFT's mixed-adapter batch, `layer(x, adapter_names=[...])` (a loop over the sub-batch of
+    each adapter), on a 768 x 768 layer holding n adapters; 64 rows of 1 or 16 tokens, row i with
+    adapter i mod n: the shapes of `mixed_batch/...` in benches/lora.rs."""
+    from peft import get_peft_model
+
+    d, batch = 768, 64
+    for tokens in [1, 16]:
+        for n in [1, 4, 16, 64]:
+            torch.manual_seed(6)
+            cfg = lora_config(target_modules=["lin"], init_lora_weights=False)
+            model = get_peft_model(Wrap(nn.Linear(d, d)), cfg, adapter_name="a0")
+            for i in range(1, n):
+                model.add_adapter(f"a{i}", lora_config(target_modules=["lin"], init_lora_weights=False))
+            layer = model.base_model.model.lin
+            names = [f"a{i % n}" for i in range(batch)]
+            x = torch.randn(batch, d) if tokens == 1 else torch.randn(batch, tokens, d)
+            with torch.no_grad():
+                results[f"mixed_batch/t{tokens}/adapter_names/{n}"] = median_time(
+                    lambda: layer(x, adapter_names=names), min_runs=20, min_seconds=1.5
+                )
+
+
 MERGE_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -287,7 +311,7 @@ def main():
     sub = p.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("micro")
     m.add_argument("--out", required=True)
-    m.add_argument("--only", default="", help="comma-separated: forward,merge,train_step,adapter_io")
+    m.add_argument("--only", default="", help="comma-separated: forward,merge,train_step,adapter_io,mixed_batch")
     g = sub.add_parser("gen-merge")
     g.add_argument("dir")
     mp = sub.add_parser("merge-process")
@@ -302,7 +326,7 @@ def main():
         import peft
 
         results = {"torch": torch.__version__, "peft": peft.__version__, "threads": torch.get_num_threads()}
-        cases = {"forward": bench_forward, "merge": bench_merge, "train_step": bench_train_step, "adapter_io": bench_adapter_io}
+        cases = {"forward": bench_forward, "merge": bench_merge, "train_step": bench_train_step, "adapter_io": bench_adapter_io, "mixed_batch": bench_mixed_batch}
         only = [c for c in args.only.split(",") if c] or list(cases)
         for name in only:
             print(f"bench_peft: {name}", file=sys.stderr, flush=True)
