@@ -674,28 +674,26 @@ fn load_into<M: LoraModel + ?Sized>(
     options: &LoadOptions,
     name: Option<&str>,
 ) -> Result<()> {
-    {
-        let file = peft::AdapterFile::read(dir)?;
-        let layers = model.lora_layers();
-        if let Some((p, _, _)) = layers.iter().find(|(_, l, _)| l.is_merged()) {
-            return Err(Error::Merged { path: p.clone() });
-        }
-        let targets: Vec<(&str, &LoraLinear)> =
-            layers.iter().map(|(p, l, _)| (p.as_str(), *l)).collect();
-        if options.verify_base {
-            file.verify_base(&targets)?;
-        }
-        let mut adapters = file.into_adapters(&targets)?;
-        drop(layers);
-        model.visit_lora_layers_mut(&mut ModulePath::new(), &mut |p, l, _| {
-            let ad = adapters.remove(p.as_str());
-            match name {
-                None => l.install_adapter(ad),
-                Some(n) => l.install_named(n, ad),
-            }
-            Ok(())
-        })
+    let file = peft::AdapterFile::read(dir)?;
+    let layers = model.lora_layers();
+    if let Some((p, _, _)) = layers.iter().find(|(_, l, _)| l.is_merged()) {
+        return Err(Error::Merged { path: p.clone() });
     }
+    let targets: Vec<(&str, &LoraLinear)> =
+        layers.iter().map(|(p, l, _)| (p.as_str(), *l)).collect();
+    if options.verify_base {
+        file.verify_base(&targets)?;
+    }
+    let mut adapters = file.into_adapters(&targets)?;
+    drop(layers);
+    model.visit_lora_layers_mut(&mut ModulePath::new(), &mut |p, l, _| {
+        let ad = adapters.remove(p.as_str());
+        match name {
+            None => l.install_adapter(ad),
+            Some(n) => l.install_named(n, ad),
+        }
+        Ok(())
+    })
 }
 
 /// Options of [`LoraModel::load_adapter_with`].
