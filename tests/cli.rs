@@ -377,3 +377,62 @@ fn inspect_prints_ranks_alphas_and_size() {
     assert!(s.contains("parameters: 512"), "{s}");
     assert!(s.contains("dtype:      F32"), "{s}");
 }
+
+#[test]
+fn refuses_an_adapter_saved_for_another_base_unless_told_not_to_check() {
+    use lora::{LoraLinear, LoraModel};
+    let dir = tempfile::tempdir().unwrap();
+    // An adapter saved by this crate on base A records A's fingerprint.
+    let w_a = tensor(1, &[8, 6], 1.0);
+    let mut model = vec![LoraLinear::new(w_a.clone(), None)];
+    model.init_adapter(&candle_nn::VarMap::new()).unwrap();
+    let adapter = dir.path().join("adapter");
+    model.save_adapter(&adapter).unwrap();
+    // Its module path is "0": base tensors are named "0.weight".
+    let base_b = dir.path().join("b.safetensors");
+    save(
+        &base_b,
+        &[("0.weight".to_string(), tensor(2, &[8, 6], 1.0))],
+        DType::F32,
+    );
+    let out = dir.path().join("merged.safetensors");
+    let args = |base: &Path, extra: &[&str]| {
+        let mut v = vec![
+            "merge",
+            "--quiet",
+            "--base",
+            base.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        v.extend_from_slice(extra);
+        v.into_iter().map(str::to_string).collect::<Vec<_>>()
+    };
+    let o = Command::new(LORA)
+        .args(args(&base_b, &[]))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        stderr.contains("different base weight") && stderr.contains("--no-verify-base"),
+        "{stderr}"
+    );
+    assert!(!out.exists());
+    let o = Command::new(LORA)
+        .args(args(&base_b, &["--no-verify-base"]))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::remove_file(&out).unwrap();
+    // On its own base it merges without the flag.
+    let base_a = dir.path().join("a.safetensors");
+    save(&base_a, &[("0.weight".to_string(), w_a)], DType::F32);
+    let o = Command::new(LORA)
+        .args(args(&base_a, &[]))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}

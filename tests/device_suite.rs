@@ -63,6 +63,9 @@ fn merged_forward_equals_unmerged(dev: &Device) {
             .to_device(&Device::Cpu)
             .unwrap(),
         &l.weight().to_device(&Device::Cpu).unwrap(),
+        l.bias()
+            .map(|b| b.to_device(&Device::Cpu).unwrap())
+            .as_ref(),
         &ad.a().as_tensor().to_device(&Device::Cpu).unwrap(),
         &ad.b().as_tensor().to_device(&Device::Cpu).unwrap(),
         ad.scaling(),

@@ -49,7 +49,7 @@ proptest! {
         let w0 = bits(l.weight());
         let ad = l.adapter().unwrap().clone();
         let w_out_in = if fifo { l.weight().t().unwrap() } else { l.weight().clone() };
-        let bound = lora_bound(&x.reshape((batch * seq, inp)).unwrap(), &w_out_in, ad.a(), ad.b(), ad.scaling())
+        let bound = lora_bound(&x.reshape((batch * seq, inp)).unwrap(), &w_out_in, l.bias(), ad.a(), ad.b(), ad.scaling())
             .reshape((batch, seq, out)).unwrap();
         l.merge().unwrap();
         let merged = l.forward(&x).unwrap();

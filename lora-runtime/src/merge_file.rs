@@ -27,7 +27,8 @@ use safetensors::{Dtype, View};
 use crate::cpu_kernels;
 use crate::error::{Error, Result};
 use crate::linear::all_finite;
-use crate::peft::{parse_safetensors, temp_path_for, AdapterFile, Factors};
+use crate::model::LoadOptions;
+use crate::peft::{parse_safetensors, temp_path_for, AdapterFile, BaseFingerprint, Factors};
 
 /// The index file of a sharded model.
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
@@ -280,6 +281,22 @@ pub fn merge_safetensors(
     out: &Path,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<MergeReport> {
+    merge_safetensors_with(base, adapter, out, &LoadOptions::default(), progress)
+}
+
+/// [`merge_safetensors`] with options: by default the base-weight fingerprints an adapter saved
+/// by this crate records are checked against the base tensors (PEFT's adapters have none), and
+/// a mismatch is refused with [`Error::BaseMismatch`]; `options.verify_base = false` skips that.
+///
+/// # Errors
+/// As [`merge_safetensors`], and [`Error::BaseMismatch`].
+pub fn merge_safetensors_with(
+    base: &Path,
+    adapter: &Path,
+    out: &Path,
+    options: &LoadOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<MergeReport> {
     let adapter = AdapterFile::read(adapter)?;
     let (plan, index) = plan(base, out)?;
     let shards: Vec<Shard> = plan
@@ -330,6 +347,22 @@ pub fn merge_safetensors(
             fifo,
             &shards[i].input,
         )?;
+        if let (true, Some(saved)) = (options.verify_base, adapter.base_fingerprints.get(module)) {
+            // Safetensors stores little-endian bytes: the fingerprint is their XXH3.
+            let found = BaseFingerprint {
+                shape: view.shape().to_vec(),
+                dtype: crate::peft::candle_of(view.dtype()).unwrap_or(DType::F32),
+                hash: xxhash_rust::xxh3::xxh3_64(view.data()),
+            };
+            if !saved.matches(&found) {
+                return Err(Error::BaseMismatch {
+                    file: adapter.path.clone(),
+                    module: module.clone(),
+                    saved: saved.to_string(),
+                    found: found.to_string(),
+                });
+            }
+        }
         let scale = adapter.config.scaling_for(module);
         let delta = Delta {
             b: f.b.to_dtype(DType::F32)?.affine(scale, 0.0)?,

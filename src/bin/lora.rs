@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use lora::merge_file::merge_safetensors;
+use lora::merge_file::merge_safetensors_with;
 use lora::peft::AdapterFile;
 use lora::TargetModules;
 
@@ -42,6 +42,9 @@ enum Command {
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
+        /// Merge even if the adapter records a fingerprint of a different base weight.
+        #[arg(long)]
+        no_verify_base: bool,
     },
     /// Print an adapter's ranks, alphas, scalings, targets, parameter count, dtype and size.
     Inspect {
@@ -58,19 +61,29 @@ fn main() -> ExitCode {
             adapter,
             out,
             quiet,
-        } => merge(base, adapter, out, quiet),
+            no_verify_base,
+        } => merge(base, adapter, out, quiet, !no_verify_base),
         Command::Inspect { adapter } => inspect(adapter),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
+            if matches!(e, lora::Error::BaseMismatch { .. }) {
+                eprintln!("hint: pass --no-verify-base to merge anyway");
+            }
             ExitCode::FAILURE
         }
     }
 }
 
-fn merge(base: PathBuf, adapter: PathBuf, out: PathBuf, quiet: bool) -> Result<(), lora::Error> {
+fn merge(
+    base: PathBuf,
+    adapter: PathBuf,
+    out: PathBuf,
+    quiet: bool,
+    verify_base: bool,
+) -> Result<(), lora::Error> {
     let start = Instant::now();
     let bar = if quiet {
         ProgressBar::hidden()
@@ -84,7 +97,8 @@ fn merge(base: PathBuf, adapter: PathBuf, out: PathBuf, quiet: bool) -> Result<(
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> "),
     );
-    let report = merge_safetensors(&base, &adapter, &out, &mut |done, total| {
+    let options = lora::LoadOptions::default().with_verify_base(verify_base);
+    let report = merge_safetensors_with(&base, &adapter, &out, &options, &mut |done, total| {
         bar.set_length(total);
         bar.set_position(done);
     });

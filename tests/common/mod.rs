@@ -45,13 +45,21 @@ pub fn bits(t: &Tensor) -> Vec<u32> {
         .collect()
 }
 
-/// Elementwise forward-error bound of the f32 computations `x W^T + s (x A^T) B^T` and
-/// `x (W + s B A)^T`: each output is a sum of `k <= in + r` products, so each side is within
-/// `gamma_k * (|x| (|W| + s |B| |A|)^T)` of the exact value (Higham, ch. 3), with
-/// `gamma_k = k u / (1 - k u)`, `u = 2^-24`. The two sides are within twice that of each other.
-pub fn lora_bound(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, s: f64) -> Tensor {
+/// Elementwise forward-error bound of the f32 computations `x W^T + b + s (x A^T) B^T` and
+/// `x (W + s B A)^T + b`: each output is a sum of `k <= in + r + 2` rounded terms (the products,
+/// the bias, the LoRA branch), so each side is within `gamma_k * (|x| (|W| + s |B| |A|)^T + |b|)`
+/// of the exact value (Higham, ch. 3), with `gamma_k = k u / (1 - k u)`, `u = 2^-24`. The two
+/// sides are within twice that of each other.
+pub fn lora_bound(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    s: f64,
+) -> Tensor {
     let (inp, r) = (w.dim(1).unwrap(), a.dim(0).unwrap());
-    let k = (inp + r + 2) as f64;
+    let k = (inp + r + 3) as f64;
     let u = f64::from(f32::EPSILON) / 2.0;
     let gamma = k * u / (1.0 - k * u);
     let abs_delta = b
@@ -62,12 +70,11 @@ pub fn lora_bound(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, s: f64) -> Ten
         .affine(s.abs(), 0.0)
         .unwrap();
     let mag = (w.abs().unwrap() + abs_delta).unwrap();
-    x.abs()
-        .unwrap()
-        .matmul(&mag.t().unwrap())
-        .unwrap()
-        .affine(2.0 * gamma, 1e-30)
-        .unwrap()
+    let mut total = x.abs().unwrap().matmul(&mag.t().unwrap()).unwrap();
+    if let Some(bias) = bias {
+        total = total.broadcast_add(&bias.abs().unwrap()).unwrap();
+    }
+    total.affine(2.0 * gamma, 1e-30).unwrap()
 }
 
 /// Asserts `|got - want| <= bound` elementwise.
