@@ -253,6 +253,14 @@ fn merges_a_sharded_base_into_the_same_shards() {
     );
 }
 
+/// Loads the adapter's tensors, lets `edit` change them, and writes them back.
+fn edit_tensors(dir: &Path, edit: impl FnOnce(&mut HashMap<String, Tensor>)) {
+    let file = dir.join("adapter_model.safetensors");
+    let mut t = candle_core::safetensors::load(&file, &candle_core::Device::Cpu).unwrap();
+    edit(&mut t);
+    candle_core::safetensors::save(&t, &file).unwrap();
+}
+
 fn assert_refused(adapter_setup: impl Fn(&Path), expected: &str) {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("model.safetensors");
@@ -286,36 +294,28 @@ fn refuses_broken_foreign_or_mismatched_adapters_leaving_no_output() {
     // A module the base does not have.
     assert_refused(
         |dir| {
-            let mut t = candle_core::safetensors::load(
-                dir.join("adapter_model.safetensors"),
-                &candle_core::Device::Cpu,
-            )
-            .unwrap();
-            t.insert(
-                "base_model.model.model.layers.5.self_attn.q_proj.lora_A.weight".into(),
-                tensor(1, &[4, 16], 1.0),
-            );
-            t.insert(
-                "base_model.model.model.layers.5.self_attn.q_proj.lora_B.weight".into(),
-                tensor(1, &[24, 4], 1.0),
-            );
-            candle_core::safetensors::save(&t, dir.join("adapter_model.safetensors")).unwrap();
+            edit_tensors(dir, |t| {
+                t.insert(
+                    "base_model.model.model.layers.5.self_attn.q_proj.lora_A.weight".into(),
+                    tensor(1, &[4, 16], 1.0),
+                );
+                t.insert(
+                    "base_model.model.model.layers.5.self_attn.q_proj.lora_B.weight".into(),
+                    tensor(1, &[24, 4], 1.0),
+                );
+            });
         },
         "model.layers.5.self_attn.q_proj.weight",
     );
     // A shape that does not fit the base weight.
     assert_refused(
         |dir| {
-            let mut t = candle_core::safetensors::load(
-                dir.join("adapter_model.safetensors"),
-                &candle_core::Device::Cpu,
-            )
-            .unwrap();
-            t.insert(
-                "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight".into(),
-                tensor(1, &[4, 12], 1.0),
-            );
-            candle_core::safetensors::save(&t, dir.join("adapter_model.safetensors")).unwrap();
+            edit_tensors(dir, |t| {
+                t.insert(
+                    "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight".into(),
+                    tensor(1, &[4, 12], 1.0),
+                );
+            });
         },
         "model.layers.0.self_attn.q_proj.lora_A.weight",
     );
@@ -338,17 +338,13 @@ fn refuses_broken_foreign_or_mismatched_adapters_leaving_no_output() {
     // NaN in a factor.
     assert_refused(
         |dir| {
-            let mut t = candle_core::safetensors::load(
-                dir.join("adapter_model.safetensors"),
-                &candle_core::Device::Cpu,
-            )
-            .unwrap();
-            let nan = Tensor::full(f32::NAN, (24, 4), &candle_core::Device::Cpu).unwrap();
-            t.insert(
-                "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight".into(),
-                nan,
-            );
-            candle_core::safetensors::save(&t, dir.join("adapter_model.safetensors")).unwrap();
+            edit_tensors(dir, |t| {
+                let nan = Tensor::full(f32::NAN, (24, 4), &candle_core::Device::Cpu).unwrap();
+                t.insert(
+                    "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight".into(),
+                    nan,
+                );
+            });
         },
         "NaN",
     );

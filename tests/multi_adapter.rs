@@ -57,14 +57,20 @@ fn randomize(model: &Model, name: &str, seed: u64) {
     }
 }
 
-#[test]
-fn switching_adapters_is_exact_and_names_are_checked() {
+/// A model with two adapters with random non-zero `B`: `default` (active) and `b`.
+fn model_with_two_adapters() -> (Model, VarMap) {
     let mut m = Model::new(1);
     let vm = VarMap::new();
     m.init_adapter(&vm).unwrap();
     m.init_adapter_as(&vm, "b").unwrap();
     randomize(&m, "default", 100);
     randomize(&m, "b", 200);
+    (m, vm)
+}
+
+#[test]
+fn switching_adapters_is_exact_and_names_are_checked() {
+    let (mut m, vm) = model_with_two_adapters();
     assert_eq!(m.adapters(), ["b", "default"]);
     assert_eq!(m.active_adapter().as_deref(), Some("default"));
     assert!(vm
@@ -151,12 +157,7 @@ fn switching_adapters_is_exact_and_names_are_checked() {
 
 #[test]
 fn several_adapters_save_in_peft_layout_and_load_back() {
-    let mut m = Model::new(1);
-    let vm = VarMap::new();
-    m.init_adapter(&vm).unwrap();
-    m.init_adapter_as(&vm, "b").unwrap();
-    randomize(&m, "default", 100);
-    randomize(&m, "b", 200);
+    let (mut m, _) = model_with_two_adapters();
     let dir = tempfile::tempdir().unwrap();
     m.save_adapter(dir.path()).unwrap();
     assert!(dir.path().join("adapter_model.safetensors").exists());
@@ -218,12 +219,7 @@ fn max_err(a: &[f64], b: &[f64]) -> (f64, f64) {
 }
 
 fn model_with_rslora_adapter() -> Model {
-    let mut m = Model::new(1);
-    let vm = VarMap::new();
-    m.init_adapter(&vm).unwrap();
-    m.init_adapter_as(&vm, "b").unwrap();
-    randomize(&m, "default", 100);
-    randomize(&m, "b", 200);
+    let (mut m, _) = model_with_two_adapters();
     // Adapter "c": rank 2, rsLoRA, built by combining nothing but itself is not possible, so load
     // it from a file written by a model whose struct declares another config.
     let dir = tempfile::tempdir().unwrap();

@@ -35,6 +35,12 @@ impl Routing {
         device: &Device,
         path: &str,
     ) -> Result<Self> {
+        if let Some(bad) = rows.iter().flatten().find(|&&i| i >= adapters.len()) {
+            return Err(Error::layer(
+                path,
+                format!("row adapter index {bad} out of range"),
+            ));
+        }
         let r_max = adapters.iter().map(|a| a.rank()).max().unwrap_or(1);
         let mut a_slots = vec![Tensor::zeros((1, r_max, inp), dtype, device)?];
         let mut b_slots = vec![Tensor::zeros((1, out, r_max), dtype, device)?];
@@ -59,12 +65,6 @@ impl Routing {
             b_slots.push(b.unsqueeze(0)?);
         }
         let slots: Vec<u32> = rows.iter().map(|r| r.map_or(0, |i| i as u32 + 1)).collect();
-        if let Some(bad) = rows.iter().flatten().find(|&&i| i >= adapters.len()) {
-            return Err(Error::layer(
-                path,
-                format!("row adapter index {bad} out of range"),
-            ));
-        }
         let n = slots.len();
         Ok(Self {
             rows: Tensor::from_vec(slots, n, device)?,
