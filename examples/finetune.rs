@@ -802,7 +802,12 @@ pub(crate) fn run(args: Args) -> Result<Summary> {
             let (mut model, vars) = build(&cfg, mode, Some(&base_path), args.seed)?;
             let adapters = VarMap::new();
             if mode == Mode::Lora {
-                model.init_adapter_with(&adapters, &layer_config, seed)?;
+                model.init_adapter_with(
+                    &adapters,
+                    &InitOptions::default()
+                        .with_config(layer_config)
+                        .with_seed(seed),
+                )?;
             }
             Ok((model, vars, adapters))
         };

@@ -41,7 +41,7 @@ pub use candle_nn;
 pub mod prelude {
     pub use lora_macros::lora;
     pub use lora_runtime::{
-        Combination, LayerConfig, LoadOptions, LoraConfig, LoraInit, LoraLinear, LoraModel,
-        TrainableParameters,
+        Combination, InitOptions, LayerConfig, LoadOptions, LoraConfig, LoraInit, LoraLinear,
+        LoraModel, LoraModelExt, TrainableParameters,
     };
 }

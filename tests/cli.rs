@@ -376,7 +376,7 @@ fn inspect_prints_ranks_alphas_and_size() {
 
 #[test]
 fn refuses_an_adapter_saved_for_another_base_unless_told_not_to_check() {
-    use lora::{LoraLinear, LoraModel};
+    use lora::{LoraLinear, LoraModelExt};
     let dir = tempfile::tempdir().unwrap();
     // An adapter saved by this crate on base A records A's fingerprint.
     let w_a = tensor(1, &[8, 6], 1.0);

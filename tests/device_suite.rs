@@ -38,9 +38,7 @@ fn layer(dev: &Device, dtype: DType, out: usize, inp: usize, r: usize) -> LoraLi
         .unwrap();
     let b = on(dev, tensor(2, &[out], 1.0)).to_dtype(dtype).unwrap();
     let mut l = LoraLinear::from(Linear::new(w, Some(b)));
-    let ad = l
-        .init_adapter(&LayerConfig::new(r, 2.0 * r as f64), 3)
-        .unwrap();
+    let ad = common::init(&mut l, LayerConfig::new(r, 2.0 * r as f64), 3);
     let dims = ad.b().dims().to_vec();
     ad.b()
         .set(
@@ -176,7 +174,9 @@ fn save_load_round_trip_and_mixed_batches(dev: &Device) {
         model[0].bias().cloned(),
     )];
     fresh.load_adapter(dir.path()).unwrap();
-    fresh.load_adapter_as(dir.path(), "copy").unwrap();
+    fresh
+        .load_adapter_with(dir.path(), &LoadOptions::default().with_name("copy"))
+        .unwrap();
     let x = on(dev, tensor(6, &[4, 20], 1.0));
     let y = model[0].forward(&x).unwrap();
     assert_eq!(bits(&fresh[0].forward(&x).unwrap()), bits(&y));

@@ -50,6 +50,7 @@ fn model(seed: u64) -> Attn {
 fn snapshot(m: &Attn) -> Vec<(String, Vec<u32>)> {
     let mut out = vec![("k_proj.weight".to_string(), bits(m.k_proj.weight()))];
     for (p, l, _) in m.lora_layers() {
+        let l = common::linear(l);
         out.push((format!("{p}.weight"), bits(l.weight())));
         out.push((format!("{p}.bias"), l.bias().map(bits).unwrap_or_default()));
         out.push((format!("{p}.merged"), vec![u32::from(l.is_merged())]));
@@ -80,9 +81,13 @@ fn variant(e: &Error) -> &'static str {
         Error::UnknownModule { .. } => "UnknownModule",
         Error::Layer { .. } => "Layer",
         Error::Merged { .. } => "Merged",
-        Error::NotMerged { .. } => "NotMerged",
+        Error::NotMerged => "NotMerged",
         Error::NonFinite { .. } => "NonFinite",
-        Error::NoAdapter(_) => "NoAdapter",
+        Error::NoAdapter { .. } => "NoAdapter",
+        Error::NoLoraLayers => "NoLoraLayers",
+        Error::InvalidPath { .. } => "InvalidPath",
+        Error::NotUtf8 { .. } => "NotUtf8",
+        Error::LockPoisoned { .. } => "LockPoisoned",
         _ => "other",
     }
 }
@@ -293,7 +298,7 @@ fn cases() -> Vec<Case> {
         Case { name: "config_not_json", build: |d| { write_config(d, "r = 8\nlora_alpha = 16\n"); d.to_path_buf() }, variant: "Json", message: &["adapter_config.json: invalid JSON"] },
         Case { name: "config_wrong_json_shape", build: |d| config_case(d, json!([1, 2, 3])), variant: "Json", message: &["adapter_config.json: invalid JSON"] },
         Case { name: "config_wrong_field_type", build: |d| config_case(d, with_config(|c| { c.insert("r".into(), json!("eight")); })), variant: "Json", message: &["invalid JSON", "invalid type: string \"eight\""] },
-        Case { name: "config_not_utf8", build: |d| { write_dir(d, &file(&valid_tensors(), None), "{\"r\": 2, \"x\": \"\u{e9}\"}"); let p = d.join("adapter_config.json"); let b: Vec<u8> = std::fs::read(&p).unwrap().into_iter().map(|b| if b == 0xc3 { 0xff } else { b }).collect(); std::fs::write(p, b).unwrap(); d.to_path_buf() }, variant: "Io", message: &["adapter_config.json: not UTF-8 text"] },
+        Case { name: "config_not_utf8", build: |d| { write_dir(d, &file(&valid_tensors(), None), "{\"r\": 2, \"x\": \"\u{e9}\"}"); let p = d.join("adapter_config.json"); let b: Vec<u8> = std::fs::read(&p).unwrap().into_iter().map(|b| if b == 0xc3 { 0xff } else { b }).collect(); std::fs::write(p, b).unwrap(); d.to_path_buf() }, variant: "NotUtf8", message: &["adapter_config.json: not UTF-8 text"] },
         Case { name: "config_r_disagrees", build: |d| config_case(d, with_config(|c| { c.insert("r".into(), json!(4)); })), variant: "BadTensor", message: &["q_proj.lora_A.weight`: has rank 2 but", "says r = 4 for `q_proj` (field `r` / `rank_pattern`)"] },
         Case { name: "config_rank_pattern_disagrees", build: |d| config_case(d, with_config(|c| { c.insert("rank_pattern".into(), json!({"v_proj": 3})); })), variant: "BadTensor", message: &["v_proj.lora_A.weight`: has rank 2 but", "says r = 3 for `v_proj`"] },
         Case { name: "config_r_zero", build: |d| config_case(d, with_config(|c| { c.insert("r".into(), json!(0)); })), variant: "InvalidConfig", message: &["invalid config field `r` in", "the rank must be at least 1"] },
@@ -316,14 +321,14 @@ fn cases() -> Vec<Case> {
         Case {
             name: "adapter_path_is_a_file",
             build: |d| { std::fs::create_dir_all(d).unwrap(); let p = d.join("adapter.bin"); std::fs::write(&p, b"not a directory").unwrap(); p },
-            variant: "Io",
+            variant: "InvalidPath",
             message: &["adapter.bin: is a file, expected an adapter directory"],
         },
         Case { name: "adapter_path_missing", build: |d| d.join("no-such-adapter"), variant: "Io", message: &["no-such-adapter: No such file or directory"] },
         Case {
             name: "tensor_file_unreadable_is_a_directory",
             build: |d| { write_config(d, &valid_config().to_string()); let p = d.join("adapter_model.safetensors"); std::fs::remove_file(&p).unwrap(); std::fs::create_dir(&p).unwrap(); d.to_path_buf() },
-            variant: "Io",
+            variant: "InvalidPath",
             message: &["adapter_model.safetensors: is not a regular file"],
         },
     ]
@@ -498,7 +503,9 @@ fn a_save_into_a_read_only_directory_leaves_the_previous_adapter_and_no_temporar
     let before = dir_listing(&adapter);
     assert_eq!(before.len(), 2);
     let mut other = model(2);
-    other.init_adapter_seeded(&varmap, 99).unwrap();
+    other
+        .init_adapter_with(&varmap, &InitOptions::default().with_seed(99))
+        .unwrap();
     if permissions_are_enforced(dir.path()) {
         std::fs::set_permissions(&adapter, std::fs::Permissions::from_mode(0o555)).unwrap();
         let err = other.save_adapter(&adapter).unwrap_err();

@@ -8,7 +8,7 @@ use candle_core::{Module, Tensor};
 use candle_nn::{Linear, VarMap};
 use common::{bits, tensor};
 use lora::prelude::*;
-use lora::{Combination, Error};
+use lora::{Combination, Error, LoadOptions};
 
 #[lora(rank = 4, alpha = 8, targets = ["q_proj", "v_proj"])]
 struct Attention {
@@ -62,7 +62,8 @@ fn model_with_two_adapters() -> (Model, VarMap) {
     let mut m = Model::new(1);
     let vm = VarMap::new();
     m.init_adapter(&vm).unwrap();
-    m.init_adapter_as(&vm, "b").unwrap();
+    m.init_adapter_with(&vm, &InitOptions::default().with_name("b"))
+        .unwrap();
     randomize(&m, "default", 100);
     randomize(&m, "b", 200);
     (m, vm)
@@ -83,7 +84,7 @@ fn switching_adapters_is_exact_and_names_are_checked() {
     let weights: Vec<Vec<u32>> = m
         .lora_layers()
         .iter()
-        .map(|(_, l, _)| bits(l.weight()))
+        .map(|(_, l, _)| bits(common::linear(*l).weight()))
         .collect();
     let y_default = m.forward(&x).unwrap();
     m.set_active_adapter(Some("b")).unwrap();
@@ -105,7 +106,7 @@ fn switching_adapters_is_exact_and_names_are_checked() {
     let after: Vec<Vec<u32>> = m
         .lora_layers()
         .iter()
-        .map(|(_, l, _)| bits(l.weight()))
+        .map(|(_, l, _)| bits(common::linear(*l).weight()))
         .collect();
     assert_eq!(weights, after, "switching never touches base weights");
 
@@ -170,7 +171,9 @@ fn several_adapters_save_in_peft_layout_and_load_back() {
 
     let mut fresh = Model::new(1);
     fresh.load_adapter(dir.path()).unwrap();
-    fresh.load_adapter_as(dir.path().join("b"), "b").unwrap();
+    fresh
+        .load_adapter_with(dir.path().join("b"), &LoadOptions::default().with_name("b"))
+        .unwrap();
     assert_eq!(fresh.active_adapter().as_deref(), Some("default"));
     let x = tensor(7, &[3, 12], 1.0);
     for name in ["default", "b"] {
@@ -205,7 +208,7 @@ fn weighted_delta(l: &LoraLinear, parts: &[(&str, f64)]) -> Vec<f64> {
 }
 
 fn delta_of(l: &LoraLinear, name: &str) -> Vec<f64> {
-    weighted_delta(l, &[(name, 1.0)])
+    weighted_delta(common::linear(l), &[(name, 1.0)])
 }
 
 fn max_err(a: &[f64], b: &[f64]) -> (f64, f64) {
@@ -227,13 +230,15 @@ fn model_with_rslora_adapter() -> Model {
     donor
         .init_adapter_with(
             &VarMap::new(),
-            &LayerConfig::new(2, 3.0).with_rslora(true),
-            5,
+            &InitOptions::default()
+                .with_config(LayerConfig::new(2, 3.0).with_rslora(true))
+                .with_seed(5),
         )
         .unwrap();
     randomize(&donor, "default", 300);
     donor.save_adapter(dir.path()).unwrap();
-    m.load_adapter_as(dir.path(), "c").unwrap();
+    m.load_adapter_with(dir.path(), &LoadOptions::default().with_name("c"))
+        .unwrap();
     assert!(m.layers[0].q_proj.adapter_named("c").unwrap().use_rslora());
     m
 }
@@ -249,19 +254,19 @@ fn cat_and_svd_combinations_equal_the_weighted_sum_of_deltas() {
     m.add_weighted_adapter(&parts, Combination::Svd { rank: 3 }, "svd_3")
         .unwrap();
     for (_, l, _) in m.lora_layers() {
-        let want = weighted_delta(l, &parts);
+        let want = weighted_delta(common::linear(l), &parts);
         assert_eq!(l.adapter_named("cat").unwrap().rank(), 10);
         // f32 factors: each entry is a sum of 10 products of f32 values; 1e-5 of the scale covers
         // the rounding of the folded B (one f32 rounding) and of the f64 -> f32 factors.
         for name in ["cat", "svd_full"] {
-            let (err, scale) = max_err(&delta_of(l, name), &want);
+            let (err, scale) = max_err(&delta_of(common::linear(l), name), &want);
             assert!(err <= 1e-5 * scale, "{name}: {err} vs scale {scale}");
         }
         // A rank-3 truncation is no worse than any rank-3 candidate, e.g. the first adapter's
         // rank-3 part alone: compare against the optimum in Frobenius norm from the SVD itself
         // (Eckart-Young): the residual must be smaller than that of keeping the full delta minus
         // one adapter.
-        let low = delta_of(l, "svd_3");
+        let low = delta_of(common::linear(l), "svd_3");
         let resid: f64 = low
             .iter()
             .zip(&want)
@@ -294,7 +299,10 @@ fn linear_combination_is_peft_formula_and_refuses_unequal_ranks() {
     m.add_weighted_adapter(&[("default", 0.5), ("b", 0.5)], Combination::Linear, "lin")
         .unwrap();
     for (_, l, _) in m.lora_layers() {
-        let (err, scale) = max_err(&delta_of(l, "half_b"), &weighted_delta(l, &[("b", -0.5)]));
+        let (err, scale) = max_err(
+            &delta_of(common::linear(l), "half_b"),
+            &weighted_delta(common::linear(l), &[("b", -0.5)]),
+        );
         assert!(err <= 1e-5 * scale, "{err}");
         let (d, b) = (
             l.adapter_named("default").unwrap(),

@@ -21,7 +21,7 @@ mod common;
 
 use candle_core::{DType, Module, Tensor};
 use common::tensor;
-use lora::{LayerConfig, LoraLinear, LoraModel};
+use lora::{LayerConfig, LoraLinear, LoraModelExt};
 
 const DTYPES: [DType; 4] = [DType::F32, DType::F16, DType::BF16, DType::F64];
 
@@ -60,7 +60,7 @@ fn f64s(t: &Tensor) -> Vec<f64> {
 fn layer(dtype: DType, seed: u64, out: usize, inp: usize, r: usize, alpha: f64) -> LoraLinear {
     let w = tensor(seed, &[out, inp], 1.0).to_dtype(dtype).unwrap();
     let mut l = LoraLinear::new(w, None);
-    let ad = l.init_adapter(&LayerConfig::new(r, alpha), seed).unwrap();
+    let ad = common::init(&mut l, LayerConfig::new(r, alpha), seed);
     assert_eq!(
         ad.a().dtype(),
         if dtype == DType::F64 {
@@ -180,7 +180,7 @@ fn merge_then_unmerge_restores_the_weight_bit_for_bit_in_every_dtype() {
             } else {
                 LoraLinear::new(w, None)
             };
-            let ad = l.init_adapter(&LayerConfig::new(4, 8.0), 3).unwrap();
+            let ad = common::init(&mut l, LayerConfig::new(4, 8.0), 3);
             ad.b()
                 .set(&tensor(8, &[12, 4], 1.0).to_dtype(ad.b().dtype()).unwrap())
                 .unwrap();

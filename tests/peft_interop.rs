@@ -27,7 +27,12 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Linear, VarMap};
 use lora::merge_file::merge_safetensors;
 use lora::prelude::*;
-use lora::{Adapter, ModulePath};
+use lora::{Adapter, LoraLayer, ModulePath};
+
+/// The linear layer behind a visited layer.
+fn lin(layer: &dyn LoraLayer) -> &LoraLinear {
+    layer.downcast_ref().expect("a LoraLinear")
+}
 
 /// Relative tolerance for merged f32 weights (see the module docs).
 const WEIGHT_RTOL: f32 = 1e-5;
@@ -440,7 +445,7 @@ fn check_model<M: LoraModel + Build>(case: &str) -> Result<()> {
     let before: Vec<(String, Tensor)> = model
         .lora_layers()
         .into_iter()
-        .map(|(p, l, _)| (p, l.weight().clone()))
+        .map(|(p, l, _)| (p, lin(l).weight().clone()))
         .collect();
     ensure!(!before.is_empty(), "{case}: the model has no LoRA layers");
 
@@ -474,6 +479,7 @@ fn check_model<M: LoraModel + Build>(case: &str) -> Result<()> {
     )?;
     let mut e_weight = 0f32;
     for ((path, layer, _), (_, w0)) in model.lora_layers().into_iter().zip(&before) {
+        let layer = lin(layer);
         let name = format!("{path}.weight");
         let reference = tensor(&merged_ref, &name)?;
         if layer.adapter().is_some() {
@@ -496,6 +502,7 @@ fn check_model<M: LoraModel + Build>(case: &str) -> Result<()> {
 
     model.unmerge()?;
     for ((path, layer, _), (_, w0)) in model.lora_layers().into_iter().zip(&before) {
+        let layer = lin(layer);
         ensure!(!layer.is_merged(), "{path} still merged");
         assert_bit_equal(
             &format!("{case}: {path}.weight after unmerge"),
@@ -589,6 +596,7 @@ fn half_model_merge_errors() -> Result<(f32, f32)> {
     model.merge()?;
     let (mut elementwise, mut tensorwise) = (0f32, 0f32);
     for (path, layer, _) in model.lora_layers() {
+        let layer = lin(layer);
         let name = format!("{path}.weight");
         ensure!(
             layer.weight().dtype() == DType::BF16,
@@ -609,7 +617,7 @@ fn half_model_merge_errors() -> Result<(f32, f32)> {
     for (path, layer, _) in model.lora_layers() {
         assert_bit_equal(
             &format!("half: {path}.weight after unmerge"),
-            layer.weight(),
+            lin(layer).weight(),
             &tensor(&base, &format!("{path}.weight"))?,
         )?;
     }
@@ -980,8 +988,11 @@ fn write_rust_adapter<M: LoraModel + Build>(
             alpha,
             rslora,
             0.0,
-        )?;
-        layer.set_adapter(Some(adapter))
+        )
+        .map_err(|e| e.at(p.as_str()))?;
+        layer
+            .insert_adapter(lora::DEFAULT_ADAPTER, adapter)
+            .map_err(|e| e.at(p.as_str()))
     })?;
     let io = load(&case_dir(case).join("io.safetensors"))?;
     let x = tensor(&io, "input")?;

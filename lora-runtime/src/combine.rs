@@ -1,5 +1,5 @@
 //! Combining adapters into a new one: [`Combination`] for
-//! [`LoraModel::add_weighted_adapter`](crate::LoraModel::add_weighted_adapter).
+//! [`add_weighted_adapter`](crate::LoraModelExt::add_weighted_adapter).
 //!
 //! Every method works on each adapter's *scaled* delta `s_i B_i A_i` (so rsLoRA and plain
 //! adapters mix correctly), and the result has scaling 1 (`alpha = r`, no rsLoRA):
@@ -14,13 +14,15 @@
 //!   `B = sum_i sign(w_i) sqrt(|w_i| s_i) B_i` (PEFT's "linear"). **Approximate**: `B A` then
 //!   contains cross terms `B_i A_j`; exact only for a single adapter.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use nalgebra::DMatrix;
 
-use crate::error::{Error, Result};
-use crate::linear::Adapter;
+use crate::adapter::Adapter;
+use crate::error::{Error, LayerError, LayerResult, Result};
+use crate::model::{adapter_names, prepare_then_commit, LoraModel};
+use crate::registry::check_known;
 
-/// How [`add_weighted_adapter`](crate::LoraModel::add_weighted_adapter) combines adapters.
+/// How [`add_weighted_adapter`](crate::LoraModelExt::add_weighted_adapter) combines adapters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Combination {
     /// Weighted sum of the factors; equal ranks only; approximate (see the module docs).
@@ -34,7 +36,7 @@ pub enum Combination {
     },
 }
 
-fn to_matrix(t: &Tensor) -> Result<DMatrix<f64>> {
+fn to_matrix(t: &Tensor) -> LayerResult<DMatrix<f64>> {
     let (rows, cols) = t.dims2()?;
     let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     Ok(DMatrix::from_fn(rows, cols, |i, j| {
@@ -42,7 +44,7 @@ fn to_matrix(t: &Tensor) -> Result<DMatrix<f64>> {
     }))
 }
 
-fn from_matrix(m: &DMatrix<f64>, device: &Device) -> Result<Tensor> {
+fn from_matrix(m: &DMatrix<f64>, device: &Device) -> LayerResult<Tensor> {
     let (rows, cols) = m.shape();
     let v: Vec<f32> = (0..rows)
         .flat_map(|i| (0..cols).map(move |j| m[(i, j)] as f32))
@@ -50,18 +52,14 @@ fn from_matrix(m: &DMatrix<f64>, device: &Device) -> Result<Tensor> {
     Ok(Tensor::from_vec(v, (rows, cols), device)?)
 }
 
-/// Combines `parts` (`(adapter, weight)`) of the layer at `path` into the factors `(A, B)` of an
-/// adapter with scaling 1, in f32 on the adapters' device.
-pub(crate) fn combine(
-    parts: &[(&Adapter, f64)],
-    how: Combination,
-    path: &str,
-) -> Result<(Tensor, Tensor)> {
+/// Combines `parts` (`(adapter, weight)`) of one layer into the factors `(A, B)` of an adapter
+/// with scaling 1, in f32 on the adapters' device.
+fn combine(parts: &[(&Adapter, f64)], how: Combination) -> LayerResult<(Tensor, Tensor)> {
     let Some((first, _)) = parts.first() else {
-        return Err(Error::layer(path, "no adapters to combine"));
+        return Err(LayerError::Refused("no adapters to combine".into()));
     };
     let device = first.a().device().clone();
-    let f32_of = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?) };
+    let f32_of = |t: &Tensor| -> LayerResult<Tensor> { Ok(t.to_dtype(DType::F32)?) };
     match how {
         Combination::Cat => {
             let mut a = Vec::with_capacity(parts.len());
@@ -75,10 +73,10 @@ pub(crate) fn combine(
         Combination::Linear => {
             let r = first.rank();
             if let Some((other, _)) = parts.iter().find(|(ad, _)| ad.rank() != r) {
-                return Err(Error::layer(
-                    path,
-                    format!("`Combination::Linear` needs adapters of equal rank, got {r} and {}: use `Cat` or `Svd`", other.rank()),
-                ));
+                return Err(LayerError::Refused(format!(
+                    "`Combination::Linear` needs adapters of equal rank, got {r} and {}: use `Cat` or `Svd`",
+                    other.rank()
+                )));
             }
             let mut a = Tensor::zeros(first.a().dims(), DType::F32, &device)?;
             let mut b = Tensor::zeros(first.b().dims(), DType::F32, &device)?;
@@ -91,12 +89,11 @@ pub(crate) fn combine(
         }
         Combination::Svd { rank } => {
             if rank == 0 {
-                return Err(Error::layer(
-                    path,
-                    "`Combination::Svd` needs a rank of at least 1",
+                return Err(LayerError::Refused(
+                    "`Combination::Svd` needs a rank of at least 1".into(),
                 ));
             }
-            let (a_cat, b_cat) = combine(parts, Combination::Cat, path)?;
+            let (a_cat, b_cat) = combine(parts, Combination::Cat)?;
             let (a, b) = (to_matrix(&a_cat)?, to_matrix(&b_cat)?);
             // delta = B A with B = Qb Rb and A^T = Qa Ra: delta = Qb (Rb Ra^T) Qa^T, so the SVD of
             // the small middle matrix gives the SVD of delta.
@@ -107,7 +104,7 @@ pub(crate) fn combine(
             let middle = &rb * ra.transpose();
             let svd = middle.svd(true, true);
             let (Some(u), Some(v_t)) = (svd.u, svd.v_t) else {
-                return Err(Error::layer(path, "SVD did not converge"));
+                return Err(LayerError::Refused("SVD did not converge".into()));
             };
             let mut order: Vec<usize> = (0..svd.singular_values.len()).collect();
             order.sort_by(|&i, &j| svd.singular_values[j].total_cmp(&svd.singular_values[i]));
@@ -124,4 +121,66 @@ pub(crate) fn combine(
             Ok((from_matrix(&new_a, &device)?, from_matrix(&new_b, &device)?))
         }
     }
+}
+
+/// Adds the adapter `new_name` to every layer that has some of `parts`: their weighted
+/// combination (see [`Combination`]). All or nothing.
+pub(crate) fn add_weighted_adapter<M: LoraModel + ?Sized>(
+    model: &mut M,
+    parts: &[(&str, f64)],
+    how: Combination,
+    new_name: &str,
+) -> Result<()> {
+    if parts.is_empty() {
+        return Err(Error::InvalidConfig {
+            file: None,
+            field: "adapters".into(),
+            reason: "no adapters to combine".into(),
+        });
+    }
+    for (name, w) in parts {
+        check_known(model, name)?;
+        if !w.is_finite() {
+            return Err(Error::InvalidConfig {
+                file: None,
+                field: "weight".into(),
+                reason: format!("the weight of `{name}` must be finite, got {w}"),
+            });
+        }
+    }
+    if adapter_names(model).iter().any(|k| k == new_name) {
+        return Err(Error::InvalidConfig {
+            file: None,
+            field: "new_name".into(),
+            reason: format!("an adapter called `{new_name}` exists already"),
+        });
+    }
+    prepare_then_commit(
+        model,
+        |_, layer, _| {
+            let present: Vec<(&Adapter, f64)> = parts
+                .iter()
+                .filter_map(|(n, w)| layer.adapter_named(n).map(|a| (a, *w)))
+                .collect();
+            if present.is_empty() {
+                return Ok(None);
+            }
+            let (a, b) = combine(&present, how)?;
+            let dtype = layer.adapter_dtype();
+            let rank = a.dim(0)?;
+            let dropout = present
+                .iter()
+                .map(|(ad, _)| ad.dropout())
+                .fold(0.0, f32::max);
+            let a = Var::from_tensor(&a.to_dtype(dtype)?)?;
+            let b = Var::from_tensor(&b.to_dtype(dtype)?)?;
+            // alpha = r and no rsLoRA: scaling 1, the weights and scalings are in B already.
+            Adapter::new(a, b, rank as f64, false, dropout).map(Some)
+        },
+        |layer, adapter| {
+            layer.set_routing(None);
+            layer.adapter_set_mut().insert(new_name, adapter);
+        },
+    )?;
+    Ok(())
 }

@@ -24,7 +24,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, LayerError, LayerResult, Result};
 
 /// How a fresh adapter's `A` is initialised (`B` always starts at zero, so a fresh adapter is an
 /// exact no-op).
@@ -113,6 +113,19 @@ impl LayerConfig {
     pub fn validate(&self) -> Result<()> {
         validate_values(self.rank, self.alpha, self.dropout as f64, None)
     }
+
+    /// [`validate`](Self::validate) for a layer, which reports without a path.
+    pub(crate) fn check(&self) -> LayerResult<()> {
+        out_of_range(self.rank, self.alpha, f64::from(self.dropout)).map_or(
+            Ok(()),
+            |(field, reason)| {
+                Err(LayerError::InvalidConfig {
+                    field: field.into(),
+                    reason,
+                })
+            },
+        )
+    }
 }
 
 /// `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
@@ -133,24 +146,28 @@ fn invalid(file: Option<&Path>, field: &str, reason: String) -> Error {
 }
 
 fn validate_values(rank: usize, alpha: f64, dropout: f64, file: Option<&Path>) -> Result<()> {
+    out_of_range(rank, alpha, dropout)
+        .map_or(Ok(()), |(field, reason)| Err(invalid(file, field, reason)))
+}
+
+/// The first of rank, alpha and dropout that is out of range: its PEFT field name and why.
+fn out_of_range(rank: usize, alpha: f64, dropout: f64) -> Option<(&'static str, String)> {
     if rank == 0 {
-        return Err(invalid(file, "r", "the rank must be at least 1".into()));
+        return Some(("r", "the rank must be at least 1".into()));
     }
     if !(alpha.is_finite() && alpha > 0.0) {
-        return Err(invalid(
-            file,
+        return Some((
             "lora_alpha",
             format!("alpha must be a finite number > 0, got {alpha}"),
         ));
     }
     if !(0.0..1.0).contains(&dropout) {
-        return Err(invalid(
-            file,
+        return Some((
             "lora_dropout",
             format!("dropout must be in [0, 1), got {dropout}"),
         ));
     }
-    Ok(())
+    None
 }
 
 /// PEFT's `target_modules`: a list of module names (matched as the whole path or its last

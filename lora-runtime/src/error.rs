@@ -143,33 +143,60 @@ pub enum Error {
     },
 
     /// A layer-level operation was refused (shape mismatch, no adapter, ...).
-    #[error("layer `{path}`: {reason}")]
+    #[error("{}: {source}", layer_name(path))]
     Layer {
-        /// The module path of the layer (empty for a standalone layer).
+        /// The module path of the layer (empty for a layer used on its own as a model).
         path: String,
-        /// What went wrong.
-        reason: String,
+        /// What went wrong, as the layer reported it.
+        source: LayerError,
     },
 
     /// `merge()` on a layer that is already merged, or an operation that needs unmerged weights.
-    #[error("layer `{path}` is merged: call `unmerge()` first")]
+    #[error("{} is merged: call `unmerge()` first", layer_name(path))]
     Merged {
         /// The module path of the layer.
         path: String,
     },
 
-    /// `unmerge()` on a layer that is not merged.
-    #[error("layer `{path}` is not merged: nothing to unmerge")]
-    NotMerged {
-        /// The module path of the layer.
+    /// `unmerge()` on a model none of whose layers is merged.
+    #[error("the model is not merged: nothing to unmerge")]
+    NotMerged,
+
+    /// A merge would produce NaN or infinite weights; nothing was changed.
+    #[error(
+        "{}: merging the adapter gives non-finite weights (NaN or inf); the layer is unchanged",
+        layer_name(path)
+    )]
+    NonFinite {
+        /// The module path of the layer (or the tensor key, for `lora merge`).
         path: String,
     },
 
-    /// A merge would produce NaN or infinite weights; nothing was changed.
-    #[error("layer `{path}`: merging the adapter gives non-finite weights (NaN or inf); the layer is unchanged")]
-    NonFinite {
-        /// The module path of the layer.
-        path: String,
+    /// A path is not what was expected: a file where an adapter directory is expected, a
+    /// directory without model files, something that is not a regular file.
+    #[error("{}: {reason}", path.display())]
+    InvalidPath {
+        /// The path at fault.
+        path: PathBuf,
+        /// What was expected there.
+        reason: String,
+    },
+
+    /// A text file (an adapter config) is not UTF-8.
+    #[error("{}: not UTF-8 text: {source}", path.display())]
+    NotUtf8 {
+        /// The file at fault.
+        path: PathBuf,
+        /// Where the decoding failed.
+        source: std::string::FromUtf8Error,
+    },
+
+    /// A lock guarding shared state (a `VarMap`) was poisoned by a thread that panicked while
+    /// holding it.
+    #[error("the lock of {what} is poisoned: a thread panicked while holding it")]
+    LockPoisoned {
+        /// What the lock guards.
+        what: String,
     },
 
     /// An adapter name the model does not have.
@@ -181,9 +208,117 @@ pub enum Error {
         known: Vec<String>,
     },
 
-    /// The model has no LoRA layers, or no adapter where one is needed.
+    /// No LoRA layer has an adapter where one is needed (`what` names the operation).
+    #[error("no LoRA layer has an adapter: nothing to {what}")]
+    NoAdapter {
+        /// The operation that needed an adapter, e.g. `merge` or `save`.
+        what: String,
+    },
+
+    /// The model has no LoRA layers at all.
+    #[error("the model has no LoRA layers")]
+    NoLoraLayers,
+}
+
+/// What went wrong in one layer, before the model says which: a layer does not know its
+/// module path, so its methods return this, and the model's visit attaches the path once with
+/// [`LayerError::at`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LayerError {
+    /// A tensor operation failed in candle.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// The operation needs an unmerged layer.
+    #[error("is merged: call `unmerge()` first")]
+    Merged,
+    /// `unmerge` on a layer that is not merged.
+    #[error("is not merged: nothing to unmerge")]
+    NotMerged,
+    /// The merged weight would hold NaN or inf.
+    #[error("merging the adapter gives non-finite weights (NaN or inf)")]
+    NonFinite,
+    /// The operation needs an active adapter and the layer has none.
+    #[error("the layer has no adapter")]
+    NoAdapter,
+    /// An adapter name the layer does not have.
+    #[error("no adapter named `{name}` (adapters: {known:?})")]
+    UnknownAdapter {
+        /// The name asked for.
+        name: String,
+        /// The names the layer has.
+        known: Vec<String>,
+    },
+    /// A factor does not fit the layer.
+    #[error("{factor} has shape {found:?}, expected {expected}")]
+    FactorShape {
+        /// Which factor: `lora_A` or `lora_B`.
+        factor: Factor,
+        /// Its shape.
+        found: Vec<usize>,
+        /// The shape the layer needs, e.g. `[r, 64]`.
+        expected: String,
+    },
+    /// A hyper-parameter is out of range.
+    #[error("invalid `{field}`: {reason}")]
+    InvalidConfig {
+        /// The field at fault, e.g. `r`.
+        field: String,
+        /// Why the value is refused.
+        reason: String,
+    },
+    /// The layer cannot do what was asked (training a merged layer, combining unequal ranks, ...).
     #[error("{0}")]
-    NoAdapter(String),
+    Refused(String),
+}
+
+/// Which LoRA factor: `A` (`[r, in]`) or `B` (`[out, r]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Factor {
+    /// `lora_A`, `[r, in]`.
+    A,
+    /// `lora_B`, `[out, r]`.
+    B,
+}
+
+impl std::fmt::Display for Factor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Factor::A => "lora_A",
+            Factor::B => "lora_B",
+        })
+    }
+}
+
+/// A `Result` whose error is a [`LayerError`].
+pub type LayerResult<T> = std::result::Result<T, LayerError>;
+
+impl LayerError {
+    /// The model-level error for this fault in the layer at `path`: the one place where a
+    /// layer's error gets its module path.
+    pub fn at(self, path: &str) -> Error {
+        let path = path.to_string();
+        match self {
+            LayerError::Candle(e) => Error::Candle(e),
+            LayerError::Merged => Error::Merged { path },
+            LayerError::NonFinite => Error::NonFinite { path },
+            LayerError::InvalidConfig { field, reason } => Error::InvalidConfig {
+                file: None,
+                field,
+                reason,
+            },
+            source => Error::Layer { path, source },
+        }
+    }
+}
+
+/// `layer `path``, or `the layer` for a layer used on its own (the root path).
+fn layer_name(path: &str) -> String {
+    if path.is_empty() {
+        "the layer".to_string()
+    } else {
+        format!("layer `{path}`")
+    }
 }
 
 fn in_file(file: &Option<PathBuf>) -> String {
@@ -206,13 +341,6 @@ impl Error {
         Error::Io {
             path: path.into(),
             source,
-        }
-    }
-
-    pub(crate) fn layer(path: &str, reason: impl Into<String>) -> Self {
-        Error::Layer {
-            path: path.to_string(),
-            reason: reason.into(),
         }
     }
 

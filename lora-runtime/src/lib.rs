@@ -6,12 +6,13 @@
 //!
 //! ```
 //! use candle_core::{Device, Module, Tensor};
-//! use candle_nn::Linear;
-//! use lora_runtime::{LayerConfig, LoraLinear, LoraModel};
+//! use candle_nn::{Linear, VarMap};
+//! use lora_runtime::{InitOptions, LayerConfig, LoraLinear, LoraModelExt};
 //!
 //! let dev = Device::Cpu;
 //! let mut layer = LoraLinear::from(Linear::new(Tensor::randn(0f32, 1., (16, 16), &dev)?, None));
-//! layer.init_adapter(&LayerConfig::new(4, 8.0), 42)?;
+//! let options = InitOptions::default().with_config(LayerConfig::new(4, 8.0)).with_seed(42);
+//! layer.init_adapter_with(&VarMap::new(), &options)?; // one layer is a model of its own
 //! let x = Tensor::randn(0f32, 1., (2, 16), &dev)?;
 //! let unmerged = layer.forward(&x)?;
 //! layer.merge()?;                  // W += (alpha / r) * B A, computed in f32
@@ -21,38 +22,57 @@
 //! # Ok::<(), lora_runtime::Error>(())
 //! ```
 //!
-//! - [`LoraLinear`]: a frozen linear layer plus an optional adapter.
-//! - [`LoraModel`]: the trait `#[lora]` implements; merge, save, load and friends for a model.
+//! - [`LoraLinear`]: a frozen linear layer plus named adapters; [`LoraLayer`]: what every layer
+//!   kind implements.
+//! - [`LoraModel`]: the two visitors `#[lora]` implements; [`LoraModelExt`]: the verbs (merge,
+//!   save, load, ...) every model gets.
 //! - [`LayerConfig`], [`LoraConfig`]: hyper-parameters; PEFT's `adapter_config.json`.
 //! - [`peft`]: reading and writing PEFT adapter directories.
 //! - [`merge_file`]: merging an adapter into a safetensors model without model code (the `lora`
 //!   command-line tool).
+//!
+//! Modules depend on each other in one direction, each only on those before it:
+//! `error` -> `config` -> `fingerprint` -> `adapter` -> `kernels` -> `routing` -> `layer` ->
+//! `model` -> `fs` -> `peft` -> `registry` -> `merge`, `combine`, `batched` -> `ext` ->
+//! `merge_file`.
 #![warn(missing_docs)]
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
-mod batched;
+pub mod adapter;
+pub mod batched;
 pub mod combine;
 pub mod config;
-mod cpu_kernels;
 pub mod error;
-pub mod linear;
+pub mod ext;
+pub mod fingerprint;
+mod fs;
+mod kernels;
+pub mod layer;
+pub mod merge;
 pub mod merge_file;
 pub mod model;
 pub mod peft;
+pub mod registry;
+pub mod routing;
 
+pub use adapter::{Adapter, AdapterSet, DEFAULT_ADAPTER};
 pub use combine::Combination;
 pub use config::{LayerConfig, LoraConfig, LoraInit, TargetModules};
-pub use error::{Error, Result};
-pub use linear::{Adapter, LoraLinear, DEFAULT_ADAPTER};
-pub use model::{LoadOptions, LoraModel, ModulePath, TrainableParameters, VisitFn, VisitMutFn};
+pub use error::{Error, Factor, LayerError, LayerResult, Result};
+pub use ext::LoraModelExt;
+pub use fingerprint::BaseFingerprint;
+pub use layer::{LoraLayer, LoraLinear, MergedWeight};
+pub use model::{LoraModel, ModulePath, VisitFn, VisitMutFn};
+pub use peft::LoadOptions;
+pub use registry::{InitOptions, TrainableParameters, DEFAULT_SEED};
 
 /// What the code `#[lora]` generates calls. Not a public API: it changes without notice.
 #[doc(hidden)]
 pub mod __private {
     pub use crate::config::{LayerConfig, LoraInit};
     pub use crate::error::Result;
-    pub use crate::linear::LoraLinear;
+    pub use crate::layer::{LoraLayer, LoraLinear};
     pub use crate::model::{LoraModel, ModulePath, VisitFn, VisitMutFn};
 
     /// The layer types a `#[lora]` target field may have.
@@ -75,10 +95,10 @@ pub mod __private {
 
     /// Visits a target field.
     #[inline]
-    pub fn visit_layer<'a>(
+    pub fn visit_layer<'a, L: LoraLayer>(
         path: &mut ModulePath,
         name: &str,
-        layer: &'a LoraLinear,
+        layer: &'a L,
         config: &LayerConfig,
         f: &mut VisitFn<'a, '_>,
     ) -> Result<()> {
@@ -87,10 +107,10 @@ pub mod __private {
 
     /// Visits a target field mutably.
     #[inline]
-    pub fn visit_layer_mut(
+    pub fn visit_layer_mut<L: LoraLayer>(
         path: &mut ModulePath,
         name: &str,
-        layer: &mut LoraLinear,
+        layer: &mut L,
         config: &LayerConfig,
         f: &mut VisitMutFn<'_>,
     ) -> Result<()> {

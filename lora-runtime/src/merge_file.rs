@@ -24,11 +24,11 @@ use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
 use safetensors::{Dtype, View};
 
-use crate::cpu_kernels;
 use crate::error::{Error, Result};
-use crate::linear::all_finite;
-use crate::model::LoadOptions;
-use crate::peft::{parse_safetensors, temp_path_for, AdapterFile, BaseFingerprint, Factors};
+use crate::fingerprint::BaseFingerprint;
+use crate::fs::{RealFs, Staging};
+use crate::kernels::{add_low_rank, all_finite};
+use crate::peft::{candle_of, parse_safetensors, tensor_bytes, AdapterFile, Factors, LoadOptions};
 
 /// The index file of a sharded model.
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
@@ -103,13 +103,10 @@ fn plan(base: &Path, out: &Path) -> Result<Plan> {
     if single.exists() {
         return Ok((vec![(single, out.join("model.safetensors"))], None));
     }
-    Err(Error::io(
-        base,
-        std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            format!("directory has neither {INDEX_FILE} nor model.safetensors"),
-        ),
-    ))
+    Err(Error::InvalidPath {
+        path: base.to_path_buf(),
+        reason: format!("directory has neither {INDEX_FILE} nor model.safetensors"),
+    })
 }
 
 /// The delta to add to one base tensor.
@@ -126,6 +123,7 @@ impl Delta {
     /// the result once, finite check folded in); other dtypes the general candle path.
     fn merged_bytes(
         &self,
+        file: &Path,
         key: &str,
         bytes: &[u8],
         dtype: DType,
@@ -154,10 +152,10 @@ impl Delta {
             };
             let mut out = vec![0u8; bytes.len()];
             let finite = match bytemuck::try_cast_slice_mut::<u8, f32>(&mut out) {
-                Ok(out32) => cpu_kernels::add_low_rank(w, &l, &rt, rank, *cols, out32),
+                Ok(out32) => add_low_rank(w, &l, &rt, rank, *cols, out32)?,
                 Err(_) => {
                     let mut out32 = vec![0f32; w.len()];
-                    let finite = cpu_kernels::add_low_rank(w, &l, &rt, rank, *cols, &mut out32);
+                    let finite = add_low_rank(w, &l, &rt, rank, *cols, &mut out32)?;
                     out = out32.iter().flat_map(|v| v.to_le_bytes()).collect();
                     finite
                 }
@@ -175,7 +173,7 @@ impl Delta {
                 path: key.to_string(),
             });
         }
-        Ok(crate::peft::tensor_bytes(&t)?.1)
+        Ok(tensor_bytes(&t, file, key)?.1)
     }
 
     fn apply(&self, bytes: &[u8], dtype: DType, shape: &[usize]) -> candle_core::Result<Tensor> {
@@ -206,6 +204,8 @@ struct WriteCtx<'a> {
     done: Cell<u64>,
     total: u64,
     map: &'a Mmap,
+    /// The input file, for error messages.
+    input: &'a Path,
     /// The range of the mapping handed out last: released when the next tensor is asked for.
     last: Cell<Option<(usize, usize)>>,
 }
@@ -245,15 +245,21 @@ impl View for OutTensor<'_> {
         let Some((key, delta)) = &self.delta else {
             return std::borrow::Cow::Borrowed(self.source);
         };
-        let merged = crate::peft::candle_of(self.dtype)
-            .ok_or_else(|| Error::layer(key, "not a float tensor"))
-            .and_then(|dtype| delta.merged_bytes(key, self.source, dtype, &self.shape));
+        let merged = candle_of(self.dtype)
+            .ok_or_else(|| Error::bad_tensor(ctx.input, *key, "is not a float tensor"))
+            .and_then(|dtype| delta.merged_bytes(ctx.input, key, self.source, dtype, &self.shape));
         match merged {
             Ok(bytes) if bytes.len() == self.source.len() => std::borrow::Cow::Owned(bytes),
-            Ok(_) => {
-                ctx.error
-                    .borrow_mut()
-                    .get_or_insert(Error::layer(key, "merged tensor changed size"));
+            Ok(bytes) => {
+                ctx.error.borrow_mut().get_or_insert(Error::bad_tensor(
+                    ctx.input,
+                    *key,
+                    format!(
+                        "merged to {} bytes instead of its {}",
+                        bytes.len(),
+                        self.source.len()
+                    ),
+                ));
                 std::borrow::Cow::Owned(vec![0; self.source.len()])
             }
             Err(e) => {
@@ -321,7 +327,7 @@ pub fn merge_safetensors_with(
             location.insert(name.to_string(), i);
         }
     }
-    let fifo = adapter.config.fan_in_fan_out;
+    let fan_in_fan_out = adapter.config.fan_in_fan_out;
     let mut deltas: HashMap<String, (String, Delta)> = HashMap::new();
     for (module, f) in &adapter.factors {
         let weight = format!("{module}.weight");
@@ -344,14 +350,14 @@ pub fn merge_safetensors_with(
             f,
             view.shape(),
             view.dtype(),
-            fifo,
+            fan_in_fan_out,
             &shards[i].input,
         )?;
         if let (true, Some(saved)) = (options.verify_base, adapter.base_fingerprints.get(module)) {
             // Safetensors stores little-endian bytes: the fingerprint is their XXH3.
             let found = BaseFingerprint {
                 shape: view.shape().to_vec(),
-                dtype: crate::peft::candle_of(view.dtype()).unwrap_or(DType::F32),
+                dtype: candle_of(view.dtype()).unwrap_or(DType::F32),
                 hash: xxhash_rust::xxh3::xxh3_64(view.data()),
             };
             if !saved.matches(&found) {
@@ -367,7 +373,7 @@ pub fn merge_safetensors_with(
         let delta = Delta {
             b: f.b.to_dtype(DType::F32)?.affine(scale, 0.0)?,
             a: f.a.to_dtype(DType::F32)?,
-            fan_in_fan_out: fifo,
+            fan_in_fan_out,
         };
         deltas.insert(weight, (module.clone(), delta));
     }
@@ -379,8 +385,9 @@ pub fn merge_safetensors_with(
     } else {
         false
     };
-    let mut temps: Vec<(PathBuf, PathBuf)> = Vec::new();
     let result = (|| -> Result<MergeReport> {
+        // Every output file is staged and the group replaces its targets together (`fs`).
+        let mut staging = Staging::new(&RealFs);
         let mut report = MergeReport::default();
         let total: u64 = parsed
             .iter()
@@ -393,8 +400,7 @@ pub fn merge_safetensors_with(
             .sum();
         let mut done = 0u64;
         for (shard, st) in shards.iter().zip(&parsed) {
-            let tmp = temp_path_for(&shard.output);
-            temps.push((tmp.clone(), shard.output.clone()));
+            let tmp = staging.path_for(&shard.output);
             let base_done = done;
             let progress = &mut *progress;
             let mut shard_progress = move |d: u64, _t: u64| progress(base_done + d, total);
@@ -404,6 +410,7 @@ pub fn merge_safetensors_with(
                 done: Cell::new(0),
                 total,
                 map: &shard.map,
+                input: &shard.input,
                 last: Cell::new(None),
             };
             let mut tensors = Vec::new();
@@ -451,29 +458,15 @@ pub fn merge_safetensors_with(
             report.files += 1;
         }
         if let Some(index) = &index {
-            let dest = out.join(INDEX_FILE);
-            let tmp = temp_path_for(&dest);
-            temps.push((tmp.clone(), dest));
+            let tmp = staging.path_for(&out.join(INDEX_FILE));
             std::fs::copy(index, &tmp).map_err(|e| Error::io(&tmp, e))?;
             report.files += 1;
         }
-        for (tmp, _) in &temps {
-            File::open(tmp)
-                .and_then(|f| f.sync_all())
-                .map_err(|e| Error::io(tmp, e))?;
-        }
-        for (tmp, dest) in &temps {
-            std::fs::rename(tmp, dest).map_err(|e| Error::io(dest, e))?;
-        }
+        staging.commit()?;
         Ok(report)
     })();
-    if result.is_err() {
-        for (tmp, _) in &temps {
-            let _ = std::fs::remove_file(tmp);
-        }
-        if made_dir {
-            let _ = std::fs::remove_dir(out);
-        }
+    if result.is_err() && made_dir {
+        let _ = std::fs::remove_dir(out);
     }
     result
 }
@@ -498,24 +491,28 @@ fn check_fits(
     f: &Factors,
     shape: &[usize],
     dtype: Dtype,
-    fifo: bool,
+    fan_in_fan_out: bool,
     base: &Path,
 ) -> Result<()> {
     let (r, inp) = (f.a.dims()[0], f.a.dims()[1]);
     let out = f.b.dims()[0];
-    let expected = if fifo { [inp, out] } else { [out, inp] };
+    let expected = if fan_in_fan_out {
+        [inp, out]
+    } else {
+        [out, inp]
+    };
     if shape != expected {
         return Err(Error::bad_tensor(
             &adapter.path,
             &f.a_key,
             format!(
                 "lora_A [{r}, {inp}] and lora_B [{out}, {r}] need `{module}.weight` of shape {expected:?}{}, but {} has {shape:?}",
-                if fifo { " (fan_in_fan_out)" } else { "" },
+                if fan_in_fan_out { " (fan_in_fan_out)" } else { "" },
                 base.display()
             ),
         ));
     }
-    if crate::peft::candle_of(dtype).is_none() {
+    if candle_of(dtype).is_none() {
         return Err(Error::bad_tensor(
             base,
             format!("{module}.weight"),

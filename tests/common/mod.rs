@@ -90,3 +90,21 @@ pub fn assert_within(got: &Tensor, want: &Tensor, bound: &Tensor, what: &str) {
         .unwrap();
     assert!(excess <= 0.0, "{what}: error exceeds the bound by {excess}");
 }
+
+/// Gives `layer` a fresh `default` adapter with `config` and `seed` (one layer is a model of its
+/// own) and returns it; its factors share storage with the layer's.
+pub fn init(layer: &mut lora::LoraLinear, config: lora::LayerConfig, seed: u64) -> lora::Adapter {
+    use lora::LoraModelExt;
+    let options = lora::InitOptions::default()
+        .with_config(config)
+        .with_seed(seed);
+    layer
+        .init_adapter_with(&candle_nn::VarMap::new(), &options)
+        .unwrap();
+    layer.adapter().unwrap().clone()
+}
+
+/// The linear layer behind a visited layer.
+pub fn linear(layer: &dyn lora::LoraLayer) -> &lora::LoraLinear {
+    layer.downcast_ref().expect("a LoraLinear")
+}

@@ -1,0 +1,239 @@
+//! [`Adapter`]: one trainable low-rank update (`A`, `B` and their scaling), and [`AdapterSet`]:
+//! the named adapters a layer holds, as PEFT keeps them (a map by name plus the active name).
+//!
+//! Both sit below every layer kind: a layer owns an `AdapterSet` and says how its factors are
+//! shaped; everything about names, activation and initialisation lives here once.
+//!
+//! ```
+//! use candle_core::{DType, Device};
+//! use lora_runtime::{Adapter, AdapterSet, LayerConfig, DEFAULT_ADAPTER};
+//!
+//! let ad = Adapter::fresh(16, 32, &LayerConfig::new(4, 8.0), 0, DType::F32, &Device::Cpu)?;
+//! assert_eq!((ad.a().dims(), ad.b().dims()), (&[4, 16][..], &[32, 4][..]));
+//! assert_eq!(ad.scaling(), 2.0);
+//!
+//! let mut set = AdapterSet::default();
+//! assert_eq!(set.active_name(), Some(DEFAULT_ADAPTER));
+//! set.insert("other", ad);
+//! assert!(set.active().is_none()); // `default` is active but absent: the base alone
+//! set.set_active(Some("other"));
+//! assert_eq!(set.active().map(Adapter::rank), Some(4));
+//! # Ok::<(), lora_runtime::LayerError>(())
+//! ```
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, Normal};
+
+use crate::config::{scaling, LayerConfig, LoraInit};
+use crate::error::{Factor, LayerError, LayerResult};
+
+/// The name of the adapter that `init_adapter` and `load_adapter` create, as in PEFT.
+pub const DEFAULT_ADAPTER: &str = "default";
+
+/// A trainable low-rank adapter: `A [r, in]`, `B [out, r]` and the scaling of `B A`.
+#[derive(Debug, Clone)]
+pub struct Adapter {
+    a: Var,
+    b: Var,
+    rank: usize,
+    alpha: f64,
+    use_rslora: bool,
+    dropout: f32,
+}
+
+impl Adapter {
+    /// Builds an adapter from its factors.
+    ///
+    /// # Errors
+    /// [`LayerError::FactorShape`] when `A` and `B` are not matrices or their ranks disagree,
+    /// [`LayerError::InvalidConfig`] for a rank of 0, a non-positive alpha or a dropout outside
+    /// `[0, 1)`.
+    pub fn new(a: Var, b: Var, alpha: f64, use_rslora: bool, dropout: f32) -> LayerResult<Self> {
+        let [r, _] = *a.dims() else {
+            return Err(LayerError::FactorShape {
+                factor: Factor::A,
+                found: a.dims().to_vec(),
+                expected: "a matrix [r, in]".into(),
+            });
+        };
+        let rank_of_b = match *b.dims() {
+            [_, rb] => Some(rb),
+            _ => None,
+        };
+        if rank_of_b != Some(r) {
+            return Err(LayerError::FactorShape {
+                factor: Factor::B,
+                found: b.dims().to_vec(),
+                expected: format!("a matrix [out, {r}] (the rank of lora_A)"),
+            });
+        }
+        LayerConfig::new(r, alpha).with_dropout(dropout).check()?;
+        Ok(Self {
+            a,
+            b,
+            rank: r,
+            alpha,
+            use_rslora,
+            dropout,
+        })
+    }
+
+    /// A fresh adapter for a layer `[out, in]`: `A` random as `config.init` says (from a
+    /// generator seeded with `seed`), `B = 0`, so it does not change the layer's output yet.
+    ///
+    /// # Errors
+    /// [`LayerError::InvalidConfig`] for invalid hyper-parameters.
+    pub fn fresh(
+        inp: usize,
+        out: usize,
+        config: &LayerConfig,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+    ) -> LayerResult<Self> {
+        config.check()?;
+        let r = config.rank;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let values: Vec<f32> = match config.init {
+            LoraInit::Kaiming => {
+                // kaiming_uniform(a = sqrt(5)) on a [r, in] weight: bound = 1 / sqrt(in).
+                let bound = 1.0 / (inp.max(1) as f32).sqrt();
+                (0..r * inp)
+                    .map(|_| rng.random_range(-bound..bound))
+                    .collect()
+            }
+            LoraInit::Gaussian => {
+                let normal =
+                    Normal::new(0.0f32, 1.0 / r as f32).map_err(|e| LayerError::InvalidConfig {
+                        field: "init".into(),
+                        reason: format!("gaussian init: {e}"),
+                    })?;
+                (0..r * inp).map(|_| normal.sample(&mut rng)).collect()
+            }
+        };
+        let a = Tensor::from_vec(values, (r, inp), device)?.to_dtype(dtype)?;
+        let b = Tensor::zeros((out, r), dtype, device)?;
+        Self::new(
+            Var::from_tensor(&a)?,
+            Var::from_tensor(&b)?,
+            config.alpha,
+            config.use_rslora,
+            config.dropout,
+        )
+    }
+
+    /// `A`, shape `[r, in]`.
+    pub fn a(&self) -> &Var {
+        &self.a
+    }
+    /// `B`, shape `[out, r]`.
+    pub fn b(&self) -> &Var {
+        &self.b
+    }
+    /// The rank `r`.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+    /// `lora_alpha`.
+    pub fn alpha(&self) -> f64 {
+        self.alpha
+    }
+    /// Whether rsLoRA scaling is used.
+    pub fn use_rslora(&self) -> bool {
+        self.use_rslora
+    }
+    /// The dropout probability of the LoRA branch in training mode.
+    pub fn dropout(&self) -> f32 {
+        self.dropout
+    }
+    /// The factor applied to `B A`.
+    pub fn scaling(&self) -> f64 {
+        scaling(self.rank, self.alpha, self.use_rslora)
+    }
+    /// Number of trainable parameters: `r * (in + out)`.
+    pub fn num_parameters(&self) -> usize {
+        self.a.elem_count() + self.b.elem_count()
+    }
+
+    /// `s * B A` in f32, `[out, in]`, detached: no gradient flows through it.
+    ///
+    /// # Errors
+    /// A candle error.
+    pub fn delta(&self) -> LayerResult<Tensor> {
+        let a = self.a.as_tensor().detach().to_dtype(DType::F32)?;
+        // Scale the small factor B rather than the [out, in] product: one pass fewer.
+        let b = self
+            .b
+            .as_tensor()
+            .detach()
+            .to_dtype(DType::F32)?
+            .affine(self.scaling(), 0.0)?;
+        Ok(b.matmul(&a)?)
+    }
+}
+
+/// The adapters of one layer by name, and which one is active.
+///
+/// The active name may name no adapter of this layer (a model where only some layers have it):
+/// then the layer runs its base alone. New sets have [`DEFAULT_ADAPTER`] active, as PEFT does.
+#[derive(Debug, Clone)]
+pub struct AdapterSet {
+    by_name: BTreeMap<String, Adapter>,
+    active: Option<String>,
+}
+
+impl Default for AdapterSet {
+    fn default() -> Self {
+        Self {
+            by_name: BTreeMap::new(),
+            active: Some(DEFAULT_ADAPTER.to_string()),
+        }
+    }
+}
+
+impl AdapterSet {
+    /// The active adapter, if the layer has one of the active name.
+    pub fn active(&self) -> Option<&Adapter> {
+        self.active.as_deref().and_then(|n| self.by_name.get(n))
+    }
+    /// The active name (`None`: the base alone).
+    pub fn active_name(&self) -> Option<&str> {
+        self.active.as_deref()
+    }
+    /// The adapter called `name`.
+    pub fn get(&self, name: &str) -> Option<&Adapter> {
+        self.by_name.get(name)
+    }
+    /// The names, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        self.by_name.keys().map(String::as_str).collect()
+    }
+    /// `(name, adapter)` pairs, sorted by name.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Adapter)> {
+        self.by_name.iter().map(|(n, a)| (n.as_str(), a))
+    }
+    /// Whether the set holds no adapter.
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+    /// Adds or replaces the adapter `name`. The layer checks the factors' shapes first.
+    pub fn insert(&mut self, name: &str, adapter: Adapter) {
+        self.by_name.insert(name.to_string(), adapter);
+    }
+    /// Removes the adapter `name`, returning it.
+    pub fn remove(&mut self, name: &str) -> Option<Adapter> {
+        self.by_name.remove(name)
+    }
+    /// Makes `name` active (`None`: the base alone).
+    pub fn set_active(&mut self, name: Option<&str>) {
+        self.active = name.map(str::to_string);
+    }
+    /// Removes every adapter (the active name stays).
+    pub fn clear(&mut self) {
+        self.by_name.clear();
+    }
+}

@@ -1,0 +1,567 @@
+//! [`LoraLinear`]: a frozen linear layer plus named trainable low-rank adapters.
+//!
+//! ```
+//! use candle_core::{Device, Tensor};
+//! use candle_nn::{Linear, Module, VarMap};
+//! use lora_runtime::{LoraLinear, LoraModelExt};
+//!
+//! let dev = Device::Cpu;
+//! let base = Linear::new(Tensor::randn(0f32, 1., (32, 16), &dev)?, None);
+//! let x = Tensor::randn(0f32, 1., (4, 16), &dev)?;
+//! let y_base = base.forward(&x)?;
+//!
+//! // One layer is a model of its own: every model verb works on it.
+//! let mut layer = LoraLinear::from(base);
+//! layer.init_adapter(&VarMap::new())?;
+//! // B starts at zero: a fresh adapter does not change the output.
+//! assert_eq!(layer.forward(&x)?.to_vec2::<f32>()?, y_base.to_vec2::<f32>()?);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::any::Any;
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::Linear;
+
+use crate::adapter::{Adapter, AdapterSet};
+use crate::error::{LayerError, LayerResult};
+use crate::fingerprint::BaseFingerprint;
+use crate::kernels;
+use crate::layer::{LoraLayer, MergedWeight};
+use crate::routing::{Routing, RoutingTarget};
+
+/// A linear layer with a frozen base weight and named LoRA adapters.
+///
+/// The forward pass is `x W^T + b + s * ((dropout(x) A^T) B^T)` with the active adapter; `B A` is
+/// never formed. Built from a [`candle_nn::Linear`] with `.into()`; without an adapter its output
+/// is bit-identical to the base layer's.
+///
+/// The base weight and bias are detached plain tensors: no gradient flows into them. (For a
+/// full fine-tuning baseline, [`LoraLinear::new_unfrozen`] keeps them attached.)
+#[derive(Debug, Clone)]
+pub struct LoraLinear {
+    /// The weight as stored: `[out, in]`, or `[in, out]` when `fan_in_fan_out`; merged while
+    /// merged. The only copy: the `[out, in]` view for the matmul is made per forward.
+    weight: Tensor,
+    bias: Option<Tensor>,
+    /// `(out, in)`.
+    shape: (usize, usize),
+    fan_in_fan_out: bool,
+    adapters: AdapterSet,
+    /// Per-row adapters of a mixed-adapter batch (see [`crate::batched`]).
+    routing: Option<Routing>,
+    /// Training mode: dropout on the LoRA branch, merged layers refused.
+    training: bool,
+    /// While merged: the weight before the merge, kept for a bit-exact unmerge.
+    unmerged_weight: Option<Tensor>,
+}
+
+impl From<Linear> for LoraLinear {
+    /// Freezes a candle linear layer (whose weight is always a matrix `[out, in]`).
+    fn from(linear: Linear) -> Self {
+        Self::build(
+            linear.weight().detach(),
+            linear.bias().map(Tensor::detach),
+            false,
+        )
+    }
+}
+
+impl LoraLinear {
+    /// A layer without adapter from a weight `[out, in]` and an optional bias `[out]`.
+    /// Both are detached from any gradient graph.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self::build(weight.detach(), bias.map(|b| b.detach()), false)
+    }
+
+    /// A layer whose weight is stored `[in, out]`, as GPT-2's `Conv1D` does
+    /// (PEFT's `fan_in_fan_out = true`): the forward is `x W + b`.
+    ///
+    /// # Errors
+    /// When the weight is not a matrix.
+    pub fn from_conv1d(weight: Tensor, bias: Option<Tensor>) -> candle_core::Result<Self> {
+        weight.dims2()?;
+        Ok(Self::build(weight.detach(), bias.map(|b| b.detach()), true))
+    }
+
+    /// Like `From<Linear>` but keeps the base weight and bias attached to their variables, so a
+    /// full fine-tuning baseline can train them. LoRA training should use `.into()` instead.
+    pub fn new_unfrozen(linear: Linear) -> Self {
+        Self::build(linear.weight().clone(), linear.bias().cloned(), false)
+    }
+
+    fn build(weight: Tensor, bias: Option<Tensor>, fan_in_fan_out: bool) -> Self {
+        // A matrix by construction (candle's `Linear`, `dims2` above); a tensor of another rank
+        // is read as `[rows, last dim]`, which every operation then rejects as a shape error.
+        let (rows, cols) = match *weight.dims() {
+            [r, c] => (r, c),
+            _ => {
+                let cols = weight.dims().last().copied().unwrap_or(1).max(1);
+                (weight.elem_count() / cols, cols)
+            }
+        };
+        Self {
+            shape: if fan_in_fan_out {
+                (cols, rows)
+            } else {
+                (rows, cols)
+            },
+            weight,
+            bias,
+            fan_in_fan_out,
+            adapters: AdapterSet::default(),
+            routing: None,
+            training: false,
+            unmerged_weight: None,
+        }
+    }
+
+    /// The weight as stored (`[out, in]`, or `[in, out]` with `fan_in_fan_out`); merged when
+    /// merged.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+    /// The bias, if any.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+    /// Input features (also [`LoraLayer::in_features`], here without importing the trait).
+    pub fn in_features(&self) -> usize {
+        self.shape.1
+    }
+    /// Output features.
+    pub fn out_features(&self) -> usize {
+        self.shape.0
+    }
+    /// The active adapter, if any.
+    pub fn adapter(&self) -> Option<&Adapter> {
+        self.adapters.active()
+    }
+    /// The adapter called `name`, active or not.
+    pub fn adapter_named(&self, name: &str) -> Option<&Adapter> {
+        self.adapters.get(name)
+    }
+    /// Whether an adapter is folded into the weight. (Inherent, with the meaning of both
+    /// [`LoraLayer::is_merged`] and `LoraModelExt::is_merged`, so calls on a `LoraLinear` are
+    /// never ambiguous.)
+    pub fn is_merged(&self) -> bool {
+        self.unmerged_weight.is_some()
+    }
+    /// Whether the layer is in training mode (dropout on the LoRA branch).
+    pub fn is_training(&self) -> bool {
+        self.training
+    }
+    /// Switches training mode, in which [`Module::forward`] applies the adapter's dropout and a
+    /// merged layer is refused. Layers start in inference mode.
+    pub fn set_training(&mut self, training: bool) {
+        self.training = training;
+    }
+    /// The weight without the adapter: [`weight`](Self::weight), or while merged the weight
+    /// from before the merge. This is what adapter files fingerprint.
+    pub fn base_weight(&self) -> &Tensor {
+        self.unmerged_weight.as_ref().unwrap_or(&self.weight)
+    }
+
+    /// The base layer as candle's `Linear` over the weight as `[out, in]` (a transposed view for
+    /// `fan_in_fan_out`, no copy).
+    fn base(&self) -> candle_core::Result<Linear> {
+        let out_in = if self.fan_in_fan_out {
+            self.weight.t()?
+        } else {
+            self.weight.clone()
+        };
+        Ok(Linear::new(out_in, self.bias.clone()))
+    }
+
+    /// `s * B A` of the active adapter in f32, in the layout of the stored weight (transposed
+    /// for `fan_in_fan_out`). Detached: no gradient flows through it.
+    ///
+    /// # Errors
+    /// [`LayerError::NoAdapter`] when the layer has no active adapter.
+    pub fn delta_weight(&self) -> LayerResult<Tensor> {
+        let delta = self.adapter().ok_or(LayerError::NoAdapter)?.delta()?;
+        Ok(if self.fan_in_fan_out {
+            delta.t()?
+        } else {
+            delta
+        })
+    }
+
+    /// The CPU fast path of the merge for an f32 layer: `W + s B A` in one pass over `W` with
+    /// the finite check folded in (see `kernels::add_low_rank`).
+    fn merge_on_cpu(&self, ad: &Adapter) -> LayerResult<CpuMerge> {
+        let (a, b) = (ad.a().as_tensor(), ad.b().as_tensor());
+        let on_cpu_f32 = |t: &Tensor| t.dtype() == DType::F32 && matches!(t.device(), Device::Cpu);
+        if !(on_cpu_f32(&self.weight) && on_cpu_f32(a) && on_cpu_f32(b)) {
+            return Ok(CpuMerge::NotApplicable);
+        }
+        let (rows, cols) = self.weight.dims2()?;
+        let (guard, layout) = self.weight.storage_and_layout();
+        let (candle_core::Storage::Cpu(storage), Some((start, end))) =
+            (&*guard, layout.contiguous_offsets())
+        else {
+            return Ok(CpuMerge::NotApplicable);
+        };
+        let w = &storage.as_slice::<f32>()?[start..end];
+        let sb = b.detach().affine(ad.scaling(), 0.0)?;
+        // W [out, in] += sB [out, r] A [r, in]; stored [in, out] (fan_in_fan_out): += A^T (sB)^T.
+        let (l, rt) = if self.fan_in_fan_out {
+            (a.t()?, sb.t()?)
+        } else {
+            (sb, a.detach())
+        };
+        let l = l.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let rt = rt.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let mut out = vec![0f32; w.len()];
+        let finite = kernels::add_low_rank(w, &l, &rt, ad.rank(), cols, &mut out)?;
+        drop(guard);
+        if !finite {
+            return Ok(CpuMerge::NonFinite);
+        }
+        let merged = Tensor::from_vec(out, (rows, cols), self.weight.device())?;
+        Ok(CpuMerge::Merged(merged))
+    }
+
+    /// A forward in which row `i` of `x [b, .., in]` uses the adapter `rows[i]` (`None`: the
+    /// base alone): all rows in one pass, with the stacked factors gathered per row and two
+    /// batched matmuls. Equal to running each row alone with its adapter active.
+    ///
+    /// # Errors
+    /// [`LayerError::Merged`] when merged, [`LayerError::UnknownAdapter`] for an adapter name
+    /// this layer does not have; a candle error for a row count that does not match `x`.
+    pub fn forward_with_adapters(&self, x: &Tensor, rows: &[Option<&str>]) -> LayerResult<Tensor> {
+        let routing = self.prepare_routing(rows)?;
+        let y = self.base()?.forward(x)?;
+        Ok((y + routing.term(x)?)?)
+    }
+
+    /// The input width and the output shape for an input `[..., in]`.
+    fn flat_dims(&self, x: &Tensor) -> candle_core::Result<(usize, Vec<usize>)> {
+        let inp = x.dim(D::Minus1)?;
+        let mut out_dims = x.dims().to_vec();
+        if let Some(last) = out_dims.last_mut() {
+            *last = self.shape.0;
+        }
+        Ok((inp, out_dims))
+    }
+
+    /// `s * (x A^T)` for `x [n, in]`: the thin `[n, r]` product, scaled there rather than on the
+    /// `[n, out]` output.
+    fn lora_hidden(ad: &Adapter, x2: &Tensor) -> candle_core::Result<Tensor> {
+        x2.to_dtype(ad.a().dtype())?
+            .matmul(&ad.a().as_tensor().t()?)?
+            .affine(ad.scaling(), 0.0)
+    }
+
+    /// The LoRA branch `s * ((x A^T) B^T)` for an input `[..., in]`.
+    fn lora_term(&self, ad: &Adapter, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (inp, out_dims) = self.flat_dims(x)?;
+        let n = x.elem_count() / inp.max(1);
+        let h = Self::lora_hidden(ad, &x.reshape((n, inp))?)?;
+        let d = h.matmul(&ad.b().as_tensor().t()?)?;
+        d.reshape(out_dims)?.to_dtype(x.dtype())
+    }
+
+    /// `x W^T + b + s * ((dropout(x) A^T) B^T)`, with dropout only when `train`, whatever the
+    /// layer's mode. (candle's blanket `ModuleT` impl ignores its flag; this inherent method,
+    /// which method calls on a `LoraLinear` resolve to, does not.)
+    ///
+    /// A merged layer runs the base matmul alone; training a merged layer is refused, since no
+    /// gradient would reach `A` and `B`.
+    ///
+    /// # Errors
+    /// Shape errors from candle; training a merged layer.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let base = self.base()?;
+        if let (Some(routing), false) = (&self.routing, self.is_merged()) {
+            if train {
+                return Err(candle_core::Error::msg(
+                    "LoraLinear: mixed-adapter batches are for inference; call `set_batch_adapters(None)` before training",
+                ));
+            }
+            return base.forward(x)? + routing.term(x)?;
+        }
+        let Some(ad) = self.adapter() else {
+            return base.forward(x);
+        };
+        if self.is_merged() {
+            if train {
+                return Err(candle_core::Error::msg(
+                    "LoraLinear: cannot train a merged layer, call `unmerge()` first",
+                ));
+            }
+            return base.forward(x);
+        }
+        let dropped;
+        let x_lora = if train && ad.dropout() > 0.0 {
+            dropped = candle_nn::ops::dropout(x, ad.dropout())?;
+            &dropped
+        } else {
+            x
+        };
+        let (weight, bias) = (base.weight(), base.bias());
+        if kernels::fused_applies(x, ad.a().as_tensor(), ad.b().as_tensor(), weight, bias) {
+            // One output buffer, no `[n, out]` temporary, no extra add pass (see `kernels`).
+            let (inp, out_dims) = self.flat_dims(x)?;
+            let n = x.elem_count() / inp.max(1);
+            let h = Self::lora_hidden(ad, &x_lora.reshape((n, inp))?)?;
+            let y = kernels::fused_forward(
+                &x.reshape((n, inp))?,
+                &h,
+                ad.b().as_tensor(),
+                weight,
+                bias,
+            )?;
+            return y.reshape(out_dims);
+        }
+        let y = base.forward(x)?;
+        y + self.lora_term(ad, x_lora)?
+    }
+}
+
+/// The outcome of the CPU fast path of a merge.
+enum CpuMerge {
+    /// Not an f32 CPU layer: take the general path.
+    NotApplicable,
+    /// The merged weight.
+    Merged(Tensor),
+    /// The merged weight would hold NaN or inf.
+    NonFinite,
+}
+
+impl LoraLayer for LoraLinear {
+    fn in_features(&self) -> usize {
+        self.shape.1
+    }
+    fn out_features(&self) -> usize {
+        self.shape.0
+    }
+    fn fan_in_fan_out(&self) -> bool {
+        self.fan_in_fan_out
+    }
+    /// The weight's dtype, except that f16 and bf16 layers keep f32 factors (as PEFT's
+    /// `autocast_adapter_dtype` does), so small updates are not lost to rounding; the LoRA
+    /// branch then runs in f32 and its result is cast back.
+    fn adapter_dtype(&self) -> DType {
+        match self.weight.dtype() {
+            DType::F16 | DType::BF16 => DType::F32,
+            other => other,
+        }
+    }
+    fn device(&self) -> &Device {
+        self.weight.device()
+    }
+    fn base_parameters(&self) -> usize {
+        self.weight.elem_count() + self.bias.as_ref().map_or(0, Tensor::elem_count)
+    }
+    fn base_fingerprint(&self) -> LayerResult<BaseFingerprint> {
+        BaseFingerprint::of(self.base_weight())
+    }
+    fn adapter_set(&self) -> &AdapterSet {
+        &self.adapters
+    }
+    fn adapter_set_mut(&mut self) -> &mut AdapterSet {
+        &mut self.adapters
+    }
+    fn is_merged(&self) -> bool {
+        LoraLinear::is_merged(self)
+    }
+
+    /// `W + s B A`, computed in f32 and cast to the weight's dtype. The CPU path for f32 layers
+    /// reads `W` once and writes the result once, the finite check folded in.
+    fn prepare_merge(&self) -> LayerResult<MergedWeight> {
+        if self.is_merged() {
+            return Err(LayerError::Merged);
+        }
+        let ad = self.adapter().ok_or(LayerError::NoAdapter)?;
+        match self.merge_on_cpu(ad)? {
+            CpuMerge::Merged(w) => return Ok(MergedWeight(w)),
+            CpuMerge::NonFinite => return Err(LayerError::NonFinite),
+            CpuMerge::NotApplicable => {}
+        }
+        let delta = self.delta_weight()?;
+        let dtype = self.weight.dtype();
+        let merged = if dtype == DType::F32 {
+            (&self.weight + delta)?
+        } else {
+            (self.weight.to_dtype(DType::F32)? + delta)?.to_dtype(dtype)?
+        };
+        if !kernels::all_finite(&merged)? {
+            return Err(LayerError::NonFinite);
+        }
+        Ok(MergedWeight(merged))
+    }
+
+    /// The weight from before the merge is kept (a reference to the same memory, no copy), so
+    /// the unmerge restores it bit for bit; the price is that the merged and the original
+    /// weight both live in memory while merged (`merge_and_unload` drops the original).
+    fn commit_merge(&mut self, merged: MergedWeight) {
+        // A mixed-adapter routing would add its deltas on top of the merged weight.
+        self.routing = None;
+        let original = std::mem::replace(&mut self.weight, merged.0);
+        self.unmerged_weight = Some(original);
+    }
+
+    fn revert_merge(&mut self) -> LayerResult<()> {
+        self.weight = self.unmerged_weight.take().ok_or(LayerError::NotMerged)?;
+        Ok(())
+    }
+
+    fn unload(&mut self) {
+        self.unmerged_weight = None;
+        self.adapters.clear();
+        self.routing = None;
+    }
+
+    fn set_routing(&mut self, routing: Option<Routing>) {
+        self.routing = routing;
+    }
+
+    fn prepare_routing(&self, rows: &[Option<&str>]) -> LayerResult<Routing> {
+        if self.is_merged() {
+            return Err(LayerError::Merged);
+        }
+        let target = RoutingTarget {
+            inp: self.shape.1,
+            out: self.shape.0,
+            dtype: self.adapter_dtype(),
+            device: self.weight.device(),
+        };
+        Routing::new(&self.adapters, rows, target)
+    }
+
+    fn is_training(&self) -> bool {
+        LoraLinear::is_training(self)
+    }
+    fn set_training(&mut self, training: bool) {
+        LoraLinear::set_training(self, training);
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+impl Module for LoraLinear {
+    /// The forward pass in the layer's mode (see [`LoraLinear::forward_t`]).
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_t(x, self.training)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{InitOptions, LayerConfig, LoraModelExt};
+    use candle_core::{Device, Var};
+    use candle_nn::VarMap;
+
+    fn layer(fan_in_fan_out: bool) -> LoraLinear {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (6, 5), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, 6, &dev).unwrap();
+        if fan_in_fan_out {
+            LoraLinear::from_conv1d(w.t().unwrap().contiguous().unwrap(), Some(b)).unwrap()
+        } else {
+            LoraLinear::new(w, Some(b))
+        }
+    }
+
+    fn with_adapter(fan_in_fan_out: bool, config: LayerConfig) -> LoraLinear {
+        let mut l = layer(fan_in_fan_out);
+        let options = InitOptions::default().with_config(config).with_seed(1);
+        l.init_adapter_with(&VarMap::new(), &options).unwrap();
+        l
+    }
+
+    #[test]
+    fn merge_is_exactly_reversible_and_refuses_twice() {
+        for fan_in_fan_out in [false, true] {
+            let mut l = with_adapter(fan_in_fan_out, LayerConfig::new(2, 4.0));
+            let b = Tensor::randn(0f32, 1.0, (6, 2), &Device::Cpu).unwrap();
+            l.adapter().unwrap().b().set(&b).unwrap();
+            let w0 = l.weight().to_vec2::<f32>().unwrap();
+            let x = Tensor::randn(0f32, 1.0, (3, 5), &Device::Cpu).unwrap();
+            let y0 = l.forward(&x).unwrap();
+            l.merge().unwrap();
+            assert!(matches!(l.merge(), Err(crate::Error::Merged { .. })));
+            let y1 = l.forward(&x).unwrap();
+            let diff = (y0 - y1)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff < 1e-5, "{diff}");
+            l.unmerge().unwrap();
+            assert_eq!(l.weight().to_vec2::<f32>().unwrap(), w0);
+            assert!(matches!(l.unmerge(), Err(crate::Error::NotMerged)));
+        }
+    }
+
+    #[test]
+    fn non_finite_merge_leaves_layer_unchanged() {
+        let mut l = with_adapter(false, LayerConfig::new(2, 4.0));
+        let b = Tensor::full(f32::INFINITY, (6, 2), &Device::Cpu).unwrap();
+        l.adapter().unwrap().b().set(&b).unwrap();
+        let w0 = l.weight().to_vec2::<f32>().unwrap();
+        assert!(matches!(l.merge(), Err(crate::Error::NonFinite { .. })));
+        assert!(!l.is_merged());
+        assert_eq!(l.weight().to_vec2::<f32>().unwrap(), w0);
+    }
+
+    #[test]
+    fn fused_forward_and_gradients_match_the_unfused_graph() {
+        let dev = Device::Cpu;
+        for fan_in_fan_out in [false, true] {
+            let l = with_adapter(fan_in_fan_out, LayerConfig::new(2, 3.0));
+            let ad = l.adapter().unwrap().clone();
+            ad.b()
+                .set(&Tensor::randn(0f32, 0.5, (6, 2), &dev).unwrap())
+                .unwrap();
+            let base = l.base().unwrap();
+            let (w, bias) = (base.weight().clone(), base.bias().unwrap().clone());
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 5), &dev).unwrap()).unwrap();
+            let (a, b) = (ad.a().as_tensor(), ad.b().as_tensor());
+            assert!(kernels::fused_applies(x.as_tensor(), a, b, &w, Some(&bias)));
+            let fused = l.forward_t(x.as_tensor(), true).unwrap();
+            let s = ad.scaling();
+            let reference = (x
+                .broadcast_matmul(&w.t().unwrap())
+                .unwrap()
+                .broadcast_add(&bias)
+                .unwrap()
+                + x.broadcast_matmul(&a.t().unwrap())
+                    .unwrap()
+                    .affine(s, 0.0)
+                    .unwrap()
+                    .broadcast_matmul(&b.t().unwrap())
+                    .unwrap())
+            .unwrap();
+            let close = |p: &Tensor, q: &Tensor| {
+                let d = (p - q)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(d < 1e-5, "{d}");
+            };
+            close(&fused, &reference);
+            let gf = (fused.sqr().unwrap().sum_all().unwrap())
+                .backward()
+                .unwrap();
+            let gr = (reference.sqr().unwrap().sum_all().unwrap())
+                .backward()
+                .unwrap();
+            for t in [a, b, x.as_tensor()] {
+                close(gf.get(t).unwrap(), gr.get(t).unwrap());
+            }
+        }
+    }
+}

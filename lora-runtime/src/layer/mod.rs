@@ -1,0 +1,205 @@
+//! The layer kinds that carry adapters, behind one trait: [`LoraLayer`].
+//!
+//! Everything above the layers (the model visitor, PEFT files, merge, combinations, batching)
+//! sees a layer only as `&dyn LoraLayer`. A new kind (an embedding or a convolution) is a new
+//! file here with a struct that implements the trait, and nothing else changes.
+//!
+//! Why a trait and not an enum of kinds: the set of layer kinds is open (users can write their
+//! own, and each kind brings its own forward and its own factor layout), while what the runtime
+//! needs of a layer is small and the same for all of them: its adapters, the shapes its factors
+//! must have, a fingerprint of its frozen base, and a merge in two steps (compute, then install)
+//! so that a whole model merges all-or-nothing. With an enum every new kind would add a match arm
+//! in every module above; with the trait it adds one `impl`. What differs *within* a kind, such
+//! as a dense or a quantized base weight, is the layer's own business.
+//!
+//! Methods report a [`LayerError`] without a module path: the model visitor knows the path and
+//! attaches it once ([`LayerError::at`]).
+
+mod linear;
+
+pub use linear::LoraLinear;
+
+use std::any::Any;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::adapter::{Adapter, AdapterSet, DEFAULT_ADAPTER};
+use crate::config::LayerConfig;
+use crate::error::{Factor, LayerError, LayerResult};
+use crate::fingerprint::BaseFingerprint;
+use crate::routing::Routing;
+
+/// A merged weight computed by [`LoraLayer::prepare_merge`], not yet installed.
+#[derive(Debug, Clone)]
+pub struct MergedWeight(pub(crate) Tensor);
+
+impl MergedWeight {
+    /// Wraps a merged weight a layer computed (for layer kinds outside this crate).
+    pub fn new(weight: Tensor) -> Self {
+        Self(weight)
+    }
+    /// The merged weight.
+    pub fn into_tensor(self) -> Tensor {
+        self.0
+    }
+}
+
+/// A layer with a frozen base and named LoRA adapters: what the model visitor hands out.
+///
+/// Implementations keep an [`AdapterSet`] and say how their factors are shaped; the provided
+/// methods do the rest. Changing methods are called by the runtime only after it checked the
+/// whole model (no layer merged, every factor fits), so installing never fails half-way.
+pub trait LoraLayer: Send + Sync + std::fmt::Debug + Any {
+    /// Input features: the width of `A` (`[r, in]`).
+    fn in_features(&self) -> usize;
+    /// Output features: the height of `B` (`[out, r]`).
+    fn out_features(&self) -> usize;
+    /// Whether the stored weight is `[in, out]` (PEFT's `fan_in_fan_out`, GPT-2's `Conv1D`).
+    fn fan_in_fan_out(&self) -> bool {
+        false
+    }
+    /// The dtype of this layer's adapter factors.
+    fn adapter_dtype(&self) -> DType;
+    /// The device of the layer's tensors.
+    fn device(&self) -> &Device;
+    /// The number of frozen parameters (weight and bias).
+    fn base_parameters(&self) -> usize;
+    /// The fingerprint of the unmerged base weight as stored (what adapter files record).
+    ///
+    /// # Errors
+    /// A candle error when the weight cannot be read.
+    fn base_fingerprint(&self) -> LayerResult<BaseFingerprint>;
+
+    /// The adapters.
+    fn adapter_set(&self) -> &AdapterSet;
+    /// The adapters, to change. Check [`is_merged`](Self::is_merged) and the factors' shapes
+    /// first: [`insert_adapter`](Self::insert_adapter) does both.
+    fn adapter_set_mut(&mut self) -> &mut AdapterSet;
+
+    /// Whether an adapter is folded into the weight.
+    fn is_merged(&self) -> bool;
+    /// Computes the merged weight `W + s B A` of the active adapter, checked to be finite,
+    /// without changing the layer.
+    ///
+    /// # Errors
+    /// [`LayerError::Merged`], [`LayerError::NoAdapter`], [`LayerError::NonFinite`].
+    fn prepare_merge(&self) -> LayerResult<MergedWeight>;
+    /// Installs a weight from [`prepare_merge`](Self::prepare_merge), keeping the original for
+    /// an exact unmerge. Cannot fail.
+    fn commit_merge(&mut self, merged: MergedWeight);
+    /// Restores the weight from before the merge, bit for bit.
+    ///
+    /// # Errors
+    /// [`LayerError::NotMerged`].
+    fn revert_merge(&mut self) -> LayerResult<()>;
+    /// After a merge: drops the original weight and every adapter, leaving a plain layer.
+    fn unload(&mut self);
+
+    /// Routes the rows of the next forwards through the adapters of a [`Routing`] (`None`:
+    /// back to the active adapter).
+    fn set_routing(&mut self, routing: Option<Routing>);
+    /// Stacks this layer's adapters for a mixed-adapter batch (see [`Routing::new`]).
+    ///
+    /// # Errors
+    /// [`LayerError::Merged`], [`LayerError::UnknownAdapter`].
+    fn prepare_routing(&self, rows: &[Option<&str>]) -> LayerResult<Routing>;
+
+    /// Whether the layer is in training mode (dropout on the LoRA branch).
+    fn is_training(&self) -> bool;
+    /// Switches training mode.
+    fn set_training(&mut self, training: bool);
+
+    /// The layer as [`Any`], to reach its concrete type (see `downcast_ref` on `dyn LoraLayer`).
+    fn as_any(&self) -> &dyn Any;
+
+    /// The active adapter, if any.
+    fn adapter(&self) -> Option<&Adapter> {
+        self.adapter_set().active()
+    }
+    /// The adapter called `name`, active or not.
+    fn adapter_named(&self, name: &str) -> Option<&Adapter> {
+        self.adapter_set().get(name)
+    }
+    /// The names of this layer's adapters, sorted.
+    fn adapter_names(&self) -> Vec<&str> {
+        self.adapter_set().names()
+    }
+    /// The name of the active adapter (`None`: the base alone).
+    fn active_adapter_name(&self) -> Option<&str> {
+        self.adapter_set().active_name()
+    }
+
+    /// Checks that `A` and `B` of these shapes fit the layer: `A [r, in]`, `B [out, r]`.
+    ///
+    /// # Errors
+    /// [`LayerError::FactorShape`] naming the factor that does not fit.
+    fn check_factors(&self, a: &[usize], b: &[usize]) -> LayerResult<()> {
+        let (inp, out) = (self.in_features(), self.out_features());
+        match *a {
+            [r, i] if i == inp && r > 0 => match *b {
+                [o, rb] if o == out && rb == r => Ok(()),
+                _ => Err(LayerError::FactorShape {
+                    factor: Factor::B,
+                    found: b.to_vec(),
+                    expected: format!("[{out}, {r}]"),
+                }),
+            },
+            _ => Err(LayerError::FactorShape {
+                factor: Factor::A,
+                found: a.to_vec(),
+                expected: format!("[r, {inp}]"),
+            }),
+        }
+    }
+
+    /// A fresh adapter for this layer (see [`Adapter::fresh`]).
+    ///
+    /// # Errors
+    /// [`LayerError::InvalidConfig`] for invalid hyper-parameters.
+    fn fresh_adapter(&self, config: &LayerConfig, seed: u64) -> LayerResult<Adapter> {
+        Adapter::fresh(
+            self.in_features(),
+            self.out_features(),
+            config,
+            seed,
+            self.adapter_dtype(),
+            self.device(),
+        )
+    }
+
+    /// Adds or replaces the adapter `name` after checking that the layer is not merged and that
+    /// the factors fit. A mixed-adapter routing is cleared (it holds a snapshot of the factors).
+    ///
+    /// # Errors
+    /// [`LayerError::Merged`], [`LayerError::FactorShape`].
+    fn insert_adapter(&mut self, name: &str, adapter: Adapter) -> LayerResult<()> {
+        if self.is_merged() {
+            return Err(LayerError::Merged);
+        }
+        self.check_factors(adapter.a().dims(), adapter.b().dims())?;
+        self.set_routing(None);
+        self.adapter_set_mut().insert(name, adapter);
+        Ok(())
+    }
+}
+
+impl dyn LoraLayer {
+    /// The layer as its concrete kind, e.g. `layer.downcast_ref::<LoraLinear>()`.
+    pub fn downcast_ref<T: LoraLayer>(&self) -> Option<&T> {
+        self.as_any().downcast_ref::<T>()
+    }
+}
+
+/// Installs `adapter` as [`DEFAULT_ADAPTER`] (`None`: removes it) and makes it active, as
+/// PEFT's `load_adapter` into a fresh model does. The caller checked shapes and merge state.
+pub(crate) fn install_default(layer: &mut dyn LoraLayer, adapter: Option<Adapter>) {
+    layer.set_routing(None);
+    let set = layer.adapter_set_mut();
+    set.set_active(Some(DEFAULT_ADAPTER));
+    match adapter {
+        Some(ad) => set.insert(DEFAULT_ADAPTER, ad),
+        None => {
+            set.remove(DEFAULT_ADAPTER);
+        }
+    }
+}
