@@ -34,9 +34,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use candle_core::{DType, Device, Module, Tensor, Var, D};
-use candle_nn::{embedding, linear, Embedding, Linear, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use candle_nn::{Linear, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use lora::prelude::*;
+use lora::{LoraLayer, DEFAULT_ADAPTER};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -56,7 +57,10 @@ fn lora_layer(d_in: usize, d_out: usize, adapter: bool, rng: &mut StdRng) -> Lor
     let b = randn(&[d_out], 0.02, rng);
     let mut l = LoraLinear::from(Linear::new(w, Some(b)));
     if adapter {
-        l.init_adapter(&LayerConfig::new(RANK, ALPHA), 7).unwrap();
+        let options = InitOptions::default()
+            .with_config(LayerConfig::new(RANK, ALPHA))
+            .with_seed(7);
+        l.init_adapter_with(&VarMap::new(), &options).unwrap();
         l.adapter()
             .unwrap()
             .b()
@@ -80,7 +84,8 @@ fn forward(c: &mut Criterion) {
         // The general (unfused) path, which a layer whose base weight needs a gradient takes:
         // base matmul, then the LoRA product into a temporary, then an add.
         let mut unfused = LoraLinear::new_unfrozen(base.clone());
-        unfused.set_adapter(unmerged.adapter().cloned()).unwrap();
+        let adapter = unmerged.adapter().cloned().unwrap();
+        unfused.insert_adapter(DEFAULT_ADAPTER, adapter).unwrap();
         let mut g = c.benchmark_group(format!("forward/{name}"));
         if d > 1024 {
             g.sample_size(20);
@@ -168,17 +173,14 @@ fn merge(c: &mut Criterion) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The training-step model: the GPT-style decoder of `examples/finetune.rs`, at d = 768.
+// The training-step model: the GPT-style decoder of `examples/finetune/`, at d = 768.
 // ---------------------------------------------------------------------------------------------
 
-#[derive(Clone, Copy)]
-struct GptConfig {
-    vocab: usize,
-    ctx: usize,
-    d_model: usize,
-    n_layer: usize,
-    n_head: usize,
-}
+#[allow(dead_code)] // `build`, `init_seeded_adapter` and `Gpt::forward` serve the example only
+#[path = "../examples/finetune/model.rs"]
+mod model;
+
+use model::{causal_mask, Gpt, GptConfig, Mode};
 
 /// The shapes `scripts/bench_peft.py` uses too.
 const GPT: GptConfig = GptConfig {
@@ -189,144 +191,6 @@ const GPT: GptConfig = GptConfig {
     n_head: 12,
 };
 const BATCH: usize = 8;
-
-#[lora(rank = 8, alpha = 16, targets = ["q_proj", "v_proj"])]
-struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
-    n_head: usize,
-}
-
-struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-}
-
-impl Module for LayerNorm {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let xc = x.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        xc.broadcast_div(&(var + 1e-5)?.sqrt()?)?
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)
-    }
-}
-
-fn layer_norm(d: usize, vb: VarBuilder) -> candle_core::Result<LayerNorm> {
-    Ok(LayerNorm {
-        weight: vb.get_with_hints(d, "weight", candle_nn::Init::Const(1.0))?,
-        bias: vb.get_with_hints(d, "bias", candle_nn::Init::Const(0.0))?,
-    })
-}
-
-#[lora]
-struct Block {
-    ln_1: LayerNorm,
-    #[lora(nested)]
-    attn: Attention,
-    ln_2: LayerNorm,
-    c_fc: Linear,
-    c_proj: Linear,
-}
-
-#[lora]
-struct Gpt {
-    wte: Embedding,
-    wpe: Embedding,
-    #[lora(nested)]
-    h: Vec<Block>,
-    ln_f: LayerNorm,
-    lm_head: Linear,
-}
-
-impl Attention {
-    fn new(cfg: &GptConfig, vb: VarBuilder, full: bool) -> candle_core::Result<Self> {
-        let d = cfg.d_model;
-        let proj = |name: &str| -> candle_core::Result<LoraLinear> {
-            let l = linear(d, d, vb.pp(name))?;
-            Ok(if full {
-                LoraLinear::new_unfrozen(l)
-            } else {
-                l.into()
-            })
-        };
-        Ok(Self {
-            q_proj: proj("q_proj")?,
-            k_proj: linear(d, d, vb.pp("k_proj"))?,
-            v_proj: proj("v_proj")?,
-            o_proj: linear(d, d, vb.pp("o_proj"))?,
-            n_head: cfg.n_head,
-        })
-    }
-
-    fn forward(&self, x: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
-        let (b, t, d) = x.dims3()?;
-        let hd = d / self.n_head;
-        let heads = |y: Tensor| {
-            y.reshape((b, t, self.n_head, hd))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let q = heads(self.q_proj.forward(x)?)?;
-        let k = heads(self.k_proj.forward(x)?)?;
-        let v = heads(self.v_proj.forward(x)?)?;
-        let att = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?.broadcast_add(mask)?;
-        let att = candle_nn::ops::softmax(&att, D::Minus1)?;
-        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
-        self.o_proj.forward(&y)
-    }
-}
-
-impl Gpt {
-    fn new(cfg: &GptConfig, vb: VarBuilder, full: bool) -> candle_core::Result<Self> {
-        let d = cfg.d_model;
-        let block = |i: usize| -> candle_core::Result<Block> {
-            let vb = vb.pp(format!("h.{i}"));
-            Ok(Block {
-                ln_1: layer_norm(d, vb.pp("ln_1"))?,
-                attn: Attention::new(cfg, vb.pp("attn"), full)?,
-                ln_2: layer_norm(d, vb.pp("ln_2"))?,
-                c_fc: linear(d, 4 * d, vb.pp("mlp.c_fc"))?,
-                c_proj: linear(4 * d, d, vb.pp("mlp.c_proj"))?,
-            })
-        };
-        Ok(Self {
-            wte: embedding(cfg.vocab, d, vb.pp("wte"))?,
-            wpe: embedding(cfg.ctx, d, vb.pp("wpe"))?,
-            h: (0..cfg.n_layer)
-                .map(block)
-                .collect::<candle_core::Result<_>>()?,
-            ln_f: layer_norm(d, vb.pp("ln_f"))?,
-            lm_head: candle_nn::linear_no_bias(d, cfg.vocab, vb.pp("lm_head"))?,
-        })
-    }
-
-    fn forward(&self, ids: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
-        let (_, t) = ids.dims2()?;
-        let pos = Tensor::arange(0u32, t as u32, ids.device())?;
-        let mut x = self
-            .wte
-            .forward(ids)?
-            .broadcast_add(&self.wpe.forward(&pos)?)?;
-        for block in &self.h {
-            let a = block.attn.forward(&block.ln_1.forward(&x)?, mask)?;
-            x = (x + a)?;
-            let h = block.c_fc.forward(&block.ln_2.forward(&x)?)?.gelu()?;
-            x = (&x + block.c_proj.forward(&h)?)?;
-        }
-        self.lm_head.forward(&self.ln_f.forward(&x)?)
-    }
-}
-
-fn causal_mask(t: usize) -> Tensor {
-    let m: Vec<f32> = (0..t)
-        .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
-    Tensor::from_vec(m, (t, t), &Device::Cpu).unwrap()
-}
 
 /// Optimizer-state bytes of AdamW over `vars`: two f32 moments per parameter.
 fn adamw_state_bytes(vars: &[Var]) -> usize {
@@ -340,43 +204,43 @@ fn train_step(c: &mut Criterion) {
         .collect();
     let ids = Tensor::from_vec(ids, (BATCH, GPT.ctx), &Device::Cpu).unwrap();
     let targets = ids.flatten_all().unwrap();
-    let mask = causal_mask(GPT.ctx);
+    let mask = causal_mask(GPT.ctx, &Device::Cpu).unwrap();
     let params = ParamsAdamW {
         lr: 1e-4,
         ..Default::default()
     };
     let mut g = c.benchmark_group("train_step/gpt4_d768");
     g.sample_size(10);
-    for mode in ["lora", "full"] {
-        let full = mode == "full";
+    for (name, mode) in [("lora", Mode::Lora), ("full", Mode::Full)] {
         let varmap = VarMap::new();
         let mut model = Gpt::new(
             &GPT,
             VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
-            full,
+            mode,
         )
         .unwrap();
-        let vars = if full {
-            varmap.all_vars()
-        } else {
-            let adapters = VarMap::new();
-            model.init_adapter(&adapters).unwrap();
-            model.set_training(true);
-            model.trainable_vars()
+        let vars = match mode {
+            Mode::Full => varmap.all_vars(),
+            Mode::Lora => {
+                let adapters = VarMap::new();
+                model.init_adapter(&adapters).unwrap();
+                model.set_training(true);
+                model.trainable_vars()
+            }
         };
         eprintln!(
-            "train_step/{mode}: {} trainable parameters, AdamW state {} bytes",
+            "train_step/{name}: {} trainable parameters, AdamW state {} bytes",
             vars.iter().map(|v| v.elem_count()).sum::<usize>(),
             adamw_state_bytes(&vars)
         );
         write_note(
-            &format!("train_step_{mode}_optimizer_state_bytes"),
+            &format!("train_step_{name}_optimizer_state_bytes"),
             adamw_state_bytes(&vars),
         );
         let mut opt = candle_nn::AdamW::new(vars, params.clone()).unwrap();
-        g.bench_function(mode, |b| {
+        g.bench_function(name, |b| {
             b.iter(|| {
-                let logits = model.forward(&ids, &mask).unwrap();
+                let logits = model.forward_masked(&ids, &mask).unwrap();
                 let loss = candle_nn::loss::cross_entropy(&logits.flatten_to(1).unwrap(), &targets)
                     .unwrap();
                 opt.backward_step(&loss).unwrap();
@@ -590,7 +454,8 @@ fn mixed_batch(c: &mut Criterion) {
             let vm = VarMap::new();
             let names: Vec<String> = (0..n).map(|i| format!("a{i}")).collect();
             for name in &names {
-                m.init_adapter_as(&vm, name).unwrap();
+                m.init_adapter_with(&vm, &InitOptions::default().with_name(name.as_str()))
+                    .unwrap();
                 let b = randn(&[d, RANK], 0.02, &mut rng);
                 m.proj.adapter_named(name).unwrap().b().set(&b).unwrap();
             }

@@ -129,7 +129,7 @@ def bench_merge(results):
         interleaved("merge/d4096", 20, [("rank_product", lambda: b @ a), ("merge", merge, unmerge)], results)
 
 
-# The GPT-style decoder of benches/lora.rs and examples/finetune.rs.
+# The GPT-style decoder of benches/lora.rs (examples/finetune/model.rs).
 VOCAB, CTX, D, N_LAYER, N_HEAD, BATCH = 256, 128, 768, 4, 12, 8
 
 

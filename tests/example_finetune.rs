@@ -1,9 +1,9 @@
-//! Runs examples/finetune.rs in its tiny `--quick` configuration so CI catches breakage: the
+//! Runs examples/finetune/ in its tiny `--quick` configuration so CI catches breakage: the
 //! example itself checks that a reloaded adapter gives bit-identical outputs and that the merged
 //! model matches; here we also check that both fine-tunings beat the base model.
 
 #[allow(dead_code)]
-#[path = "../examples/finetune.rs"]
+#[path = "../examples/finetune/main.rs"]
 mod finetune;
 
 use clap::Parser;

@@ -173,9 +173,9 @@ fn a_merge_in_the_weights_own_precision_would_break_the_bound() {
 #[test]
 fn merge_then_unmerge_restores_the_weight_bit_for_bit_in_every_dtype() {
     for dtype in DTYPES {
-        for fifo in [false, true] {
+        for fan_in_fan_out in [false, true] {
             let w = tensor(7, &[12, 9], 3.0).to_dtype(dtype).unwrap();
-            let mut l = if fifo {
+            let mut l = if fan_in_fan_out {
                 LoraLinear::from_conv1d(w.t().unwrap().contiguous().unwrap(), None).unwrap()
             } else {
                 LoraLinear::new(w, None)
@@ -205,7 +205,7 @@ fn merge_then_unmerge_restores_the_weight_bit_for_bit_in_every_dtype() {
                     .collect();
                 assert_eq!(
                     after, before,
-                    "{dtype:?} fan_in_fan_out={fifo} round {round}"
+                    "{dtype:?} fan_in_fan_out={fan_in_fan_out} round {round}"
                 );
                 let y: Vec<u64> = f64s(&model[0].forward(&x).unwrap())
                     .iter()

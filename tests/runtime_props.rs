@@ -10,9 +10,8 @@ use common::{assert_within, bits, lora_bound, tensor};
 use lora::{LayerConfig, LoraInit, LoraLinear, LoraModelExt};
 use proptest::prelude::*;
 
-/// A layer with a random weight (and maybe bias) and an adapter whose B is random, not zero.
-#[allow(clippy::too_many_arguments)]
-fn random_layer(
+/// What a random test layer looks like.
+struct Spec {
     seed: u64,
     inp: usize,
     out: usize,
@@ -20,11 +19,24 @@ fn random_layer(
     alpha: f64,
     rslora: bool,
     bias: bool,
-    fifo: bool,
-) -> LoraLinear {
+    fan_in_fan_out: bool,
+}
+
+/// A layer with a random weight (and maybe bias) and an adapter whose B is random, not zero.
+fn random_layer(spec: &Spec) -> LoraLinear {
+    let Spec {
+        seed,
+        inp,
+        out,
+        r,
+        alpha,
+        rslora,
+        bias,
+        fan_in_fan_out,
+    } = *spec;
     let w = tensor(seed, &[out, inp], 1.0);
     let b = bias.then(|| tensor(seed + 1, &[out], 1.0));
-    let mut l = if fifo {
+    let mut l = if fan_in_fan_out {
         LoraLinear::from_conv1d(w.t().unwrap().contiguous().unwrap(), b).unwrap()
     } else {
         LoraLinear::from(Linear::new(w, b))
@@ -41,14 +53,14 @@ proptest! {
     #[test]
     fn merged_forward_equals_unmerged(
         seed in 0u64..1000, inp in 1usize..48, out in 1usize..48, r in 1usize..9,
-        alpha in 0.5f64..64.0, rslora: bool, bias: bool, fifo: bool, batch in 1usize..4, seq in 1usize..5,
+        alpha in 0.5f64..64.0, rslora: bool, bias: bool, fan_in_fan_out: bool, batch in 1usize..4, seq in 1usize..5,
     ) {
-        let mut l = random_layer(seed, inp, out, r, alpha, rslora, bias, fifo);
+        let mut l = random_layer(&Spec { seed, inp, out, r, alpha, rslora, bias, fan_in_fan_out });
         let x = tensor(seed + 3, &[batch, seq, inp], 1.0);
         let unmerged = l.forward(&x).unwrap();
         let w0 = bits(l.weight());
         let ad = l.adapter().unwrap().clone();
-        let w_out_in = if fifo { l.weight().t().unwrap() } else { l.weight().clone() };
+        let w_out_in = if fan_in_fan_out { l.weight().t().unwrap() } else { l.weight().clone() };
         let bound = lora_bound(&x.reshape((batch * seq, inp)).unwrap(), &w_out_in, l.bias(), ad.a(), ad.b(), ad.scaling())
             .reshape((batch, seq, out)).unwrap();
         l.merge().unwrap();
@@ -76,8 +88,8 @@ proptest! {
     #[test]
     fn save_then_load_round_trips_bit_exactly(seed in 0u64..1000, inp in 1usize..32, out in 1usize..32, r1 in 1usize..9, r2 in 1usize..9, rslora: bool) {
         let model = vec![
-            random_layer(seed, inp, out, r1, 8.0, rslora, false, false),
-            random_layer(seed + 10, out, inp, r2, 3.0, rslora, true, false),
+            random_layer(&Spec { seed, inp, out, r: r1, alpha: 8.0, rslora, bias: false, fan_in_fan_out: false }),
+            random_layer(&Spec { seed: seed + 10, inp: out, out: inp, r: r2, alpha: 3.0, rslora, bias: true, fan_in_fan_out: false }),
         ];
         let dir = tempfile::tempdir().unwrap();
         model.save_adapter(dir.path()).unwrap();
@@ -97,9 +109,36 @@ proptest! {
 #[test]
 fn mixed_rslora_layers_save_with_an_equivalent_alpha() {
     let model = vec![
-        random_layer(1, 6, 5, 4, 8.0, true, false, false),
-        random_layer(2, 6, 5, 4, 8.0, true, false, false),
-        random_layer(3, 6, 5, 2, 3.0, false, false, false),
+        random_layer(&Spec {
+            seed: 1,
+            inp: 6,
+            out: 5,
+            r: 4,
+            alpha: 8.0,
+            rslora: true,
+            bias: false,
+            fan_in_fan_out: false,
+        }),
+        random_layer(&Spec {
+            seed: 2,
+            inp: 6,
+            out: 5,
+            r: 4,
+            alpha: 8.0,
+            rslora: true,
+            bias: false,
+            fan_in_fan_out: false,
+        }),
+        random_layer(&Spec {
+            seed: 3,
+            inp: 6,
+            out: 5,
+            r: 2,
+            alpha: 3.0,
+            rslora: false,
+            bias: false,
+            fan_in_fan_out: false,
+        }),
     ];
     let dir = tempfile::tempdir().unwrap();
     model.save_adapter(dir.path()).unwrap();
@@ -160,8 +199,26 @@ fn init_adapter_registers_peft_names_and_only_adapters_train() {
 #[test]
 fn merge_is_all_or_nothing_and_refuses_double_merge_and_merged_loads() {
     let mut model = vec![
-        random_layer(1, 6, 5, 2, 4.0, false, false, false),
-        random_layer(2, 6, 5, 2, 4.0, false, false, false),
+        random_layer(&Spec {
+            seed: 1,
+            inp: 6,
+            out: 5,
+            r: 2,
+            alpha: 4.0,
+            rslora: false,
+            bias: false,
+            fan_in_fan_out: false,
+        }),
+        random_layer(&Spec {
+            seed: 2,
+            inp: 6,
+            out: 5,
+            r: 2,
+            alpha: 4.0,
+            rslora: false,
+            bias: false,
+            fan_in_fan_out: false,
+        }),
     ];
     let w = [bits(model[0].weight()), bits(model[1].weight())];
     model[1]

@@ -122,8 +122,11 @@ fn inspect(dir: PathBuf) -> Result<(), lora::Error> {
     let adapter = AdapterFile::read(&dir)?;
     let cfg = &adapter.config;
     let size = std::fs::metadata(&adapter.path)
-        .map(|m| m.len())
-        .unwrap_or(0);
+        .map_err(|source| lora::Error::Io {
+            path: adapter.path.clone(),
+            source,
+        })?
+        .len();
     let mut ranks: BTreeMap<usize, usize> = BTreeMap::new();
     let mut scalings: BTreeMap<String, usize> = BTreeMap::new();
     let mut alphas: BTreeMap<String, usize> = BTreeMap::new();

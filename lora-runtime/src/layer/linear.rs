@@ -451,9 +451,9 @@ impl Module for LoraLinear {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{InitOptions, LayerConfig, LoraModelExt};
+    use crate::adapter::DEFAULT_ADAPTER;
+    use crate::config::LayerConfig;
     use candle_core::{Device, Var};
-    use candle_nn::VarMap;
 
     fn layer(fan_in_fan_out: bool) -> LoraLinear {
         let dev = Device::Cpu;
@@ -468,8 +468,8 @@ mod tests {
 
     fn with_adapter(fan_in_fan_out: bool, config: LayerConfig) -> LoraLinear {
         let mut l = layer(fan_in_fan_out);
-        let options = InitOptions::default().with_config(config).with_seed(1);
-        l.init_adapter_with(&VarMap::new(), &options).unwrap();
+        let adapter = l.fresh_adapter(&config, 1).unwrap();
+        l.insert_adapter(DEFAULT_ADAPTER, adapter).unwrap();
         l
     }
 
@@ -482,8 +482,9 @@ mod tests {
             let w0 = l.weight().to_vec2::<f32>().unwrap();
             let x = Tensor::randn(0f32, 1.0, (3, 5), &Device::Cpu).unwrap();
             let y0 = l.forward(&x).unwrap();
-            l.merge().unwrap();
-            assert!(matches!(l.merge(), Err(crate::Error::Merged { .. })));
+            let merged = l.prepare_merge().unwrap();
+            l.commit_merge(merged);
+            assert!(matches!(l.prepare_merge(), Err(LayerError::Merged)));
             let y1 = l.forward(&x).unwrap();
             let diff = (y0 - y1)
                 .unwrap()
@@ -494,19 +495,19 @@ mod tests {
                 .to_scalar::<f32>()
                 .unwrap();
             assert!(diff < 1e-5, "{diff}");
-            l.unmerge().unwrap();
+            l.revert_merge().unwrap();
             assert_eq!(l.weight().to_vec2::<f32>().unwrap(), w0);
-            assert!(matches!(l.unmerge(), Err(crate::Error::NotMerged)));
+            assert!(matches!(l.revert_merge(), Err(LayerError::NotMerged)));
         }
     }
 
     #[test]
     fn non_finite_merge_leaves_layer_unchanged() {
-        let mut l = with_adapter(false, LayerConfig::new(2, 4.0));
+        let l = with_adapter(false, LayerConfig::new(2, 4.0));
         let b = Tensor::full(f32::INFINITY, (6, 2), &Device::Cpu).unwrap();
         l.adapter().unwrap().b().set(&b).unwrap();
         let w0 = l.weight().to_vec2::<f32>().unwrap();
-        assert!(matches!(l.merge(), Err(crate::Error::NonFinite { .. })));
+        assert!(matches!(l.prepare_merge(), Err(LayerError::NonFinite)));
         assert!(!l.is_merged());
         assert_eq!(l.weight().to_vec2::<f32>().unwrap(), w0);
     }

@@ -54,12 +54,14 @@ pub struct Factors {
     pub a_key: String,
     /// The key `B` was stored under.
     pub b_key: String,
+    /// The rank, checked to agree between `A`, `B` and the config when read.
+    pub(crate) rank: usize,
 }
 
 impl Factors {
     /// The rank `r`.
     pub fn rank(&self) -> usize {
-        self.a.dims().first().copied().unwrap_or(0)
+        self.rank
     }
 }
 

@@ -301,7 +301,16 @@ impl AdapterFile {
                     format!("has rank {ra} but {} says r = {expected} for `{module}` (field `r` / `rank_pattern`)", config_path.display()),
                 ));
             }
-            factors.insert(module, Factors { a, b, a_key, b_key });
+            factors.insert(
+                module,
+                Factors {
+                    a,
+                    b,
+                    a_key,
+                    b_key,
+                    rank: ra,
+                },
+            );
         }
         if factors.is_empty() {
             return Err(Error::bad_tensor(
