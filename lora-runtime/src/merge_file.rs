@@ -353,21 +353,14 @@ pub fn merge_safetensors_with(
             fan_in_fan_out,
             &shards[i].input,
         )?;
-        if let (true, Some(saved)) = (options.verify_base, adapter.base_fingerprints.get(module)) {
+        if options.verify_base && adapter.base_fingerprints.contains_key(module) {
             // Safetensors stores little-endian bytes: the fingerprint is their XXH3.
             let found = BaseFingerprint {
                 shape: view.shape().to_vec(),
                 dtype: candle_of(view.dtype()).unwrap_or(DType::F32),
                 hash: xxhash_rust::xxh3::xxh3_64(view.data()),
             };
-            if !saved.matches(&found) {
-                return Err(Error::BaseMismatch {
-                    file: adapter.path.clone(),
-                    module: module.clone(),
-                    saved: saved.to_string(),
-                    found: found.to_string(),
-                });
-            }
+            adapter.check_base(module, &found)?;
         }
         let scale = adapter.config.scaling_for(module);
         let delta = Delta {

@@ -9,6 +9,7 @@ use candle_core::Var;
 use super::{AdapterFile, LoadOptions};
 use crate::adapter::Adapter;
 use crate::error::{Error, Factor, LayerError, Result};
+use crate::fingerprint::BaseFingerprint;
 use crate::layer::{install_default, LoraLayer};
 use crate::model::{layers, prepare_then_commit, LoraModel};
 
@@ -21,21 +22,30 @@ impl AdapterFile {
     /// # Errors
     /// [`Error::BaseMismatch`] naming the first module whose base weight differs.
     pub fn verify_base(&self, layers: &[(&str, &dyn LoraLayer)]) -> Result<()> {
-        for (module, saved) in &self.base_fingerprints {
+        for module in self.base_fingerprints.keys() {
             let Some((_, layer)) = layers.iter().find(|(p, _)| p == module) else {
                 continue;
             };
             let found = layer.base_fingerprint().map_err(|e| e.at(module))?;
-            if !saved.matches(&found) {
-                return Err(Error::BaseMismatch {
-                    file: self.path.clone(),
-                    module: module.clone(),
-                    saved: saved.to_string(),
-                    found: found.to_string(),
-                });
-            }
+            self.check_base(module, &found)?;
         }
         Ok(())
+    }
+
+    /// Compares the fingerprint recorded for `module` (if any) with `found`, the base's.
+    ///
+    /// # Errors
+    /// [`Error::BaseMismatch`] when they differ.
+    pub fn check_base(&self, module: &str, found: &BaseFingerprint) -> Result<()> {
+        match self.base_fingerprints.get(module) {
+            Some(saved) if !saved.matches(found) => Err(Error::BaseMismatch {
+                file: self.path.clone(),
+                module: module.to_string(),
+                saved: saved.to_string(),
+                found: found.to_string(),
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// Checks every factor against the model's LoRA layers (`(module path, layer)`) and builds
