@@ -106,7 +106,11 @@ fn nested_paths_follow_field_order() -> TestResult {
 fn each_struct_has_its_own_config() -> TestResult {
     let base = VarMap::new();
     let model = model(8, 1, vb(&base))?;
-    let configs: Vec<LayerConfig> = model.lora_layers().into_iter().map(|(_, _, c)| c).collect();
+    let configs: Vec<LayerConfig> = model
+        .lora_layers()
+        .into_iter()
+        .map(|(_, _, c)| c.unwrap())
+        .collect();
     assert_eq!(configs[0], LayerConfig::new(4, 8.0));
     assert_eq!(
         configs[2],

@@ -15,7 +15,14 @@ use crate::ctxt::{did_you_mean, list, Ctxt};
 
 /// The arguments `#[lora(...)]` accepts on a struct.
 pub(crate) const ARGS: &[&str] = &[
-    "rank", "alpha", "targets", "dropout", "rslora", "init", "crate",
+    "rank",
+    "alpha",
+    "targets",
+    "adaptable",
+    "dropout",
+    "rslora",
+    "init",
+    "crate",
 ];
 
 /// The user's item and the attribute's arguments.
@@ -90,6 +97,9 @@ pub(crate) struct Args {
     pub alpha: Option<Arg<Number>>,
     /// `targets = ["q_proj", "v_proj"]`.
     pub targets: Option<Arg<Targets>>,
+    /// `adaptable = ["k_proj", "o_proj"]`: linear fields that can take adapters created at run
+    /// time, with no default adapter.
+    pub adaptable: Option<Arg<Targets>>,
     /// `dropout = 0.05`.
     pub dropout: Option<Arg<Number>>,
     /// `rslora = true`, or `rslora` alone.
@@ -262,6 +272,7 @@ fn parse_args(attr: TokenStream, cx: &mut Ctxt) -> Args {
             "rank" => args.rank.is_some(),
             "alpha" => args.alpha.is_some(),
             "targets" => args.targets.is_some(),
+            "adaptable" => args.adaptable.is_some(),
             "dropout" => args.dropout.is_some(),
             "rslora" => args.rslora.is_some(),
             "init" => args.init.is_some(),
@@ -326,11 +337,16 @@ fn parse_args(attr: TokenStream, cx: &mut Ctxt) -> Args {
                 ),
             },
             "targets" => {
-                if let Some(targets) = targets(&value, cx) {
+                if let Some(targets) = targets(&value, "targets", cx) {
                     args.targets = Some(Arg {
                         key,
                         value: targets,
                     });
+                }
+            }
+            "adaptable" => {
+                if let Some(names) = targets(&value, "adaptable", cx) {
+                    args.adaptable = Some(Arg { key, value: names });
                 }
             }
             "rslora" => match lit(&value) {
@@ -382,7 +398,7 @@ fn example(name: &str) -> &'static str {
     match name {
         "rank" => "8",
         "alpha" => "16",
-        "targets" => "[\"q_proj\", \"v_proj\"]",
+        "targets" | "adaptable" => "[\"q_proj\", \"v_proj\"]",
         "dropout" => "0.05",
         "init" => "\"gaussian\"",
         "crate" => "\"lora_runtime\"",
@@ -428,15 +444,16 @@ fn number(expr: &Expr) -> Option<Number> {
     }
 }
 
-fn targets(value: &Expr, cx: &mut Ctxt) -> Option<Targets> {
+/// A list of field names: `targets = [..]` or `adaptable = [..]` (`arg`).
+fn targets(value: &Expr, arg: &str, cx: &mut Ctxt) -> Option<Targets> {
     let Expr::Array(array) = value else {
         let hint = match lit(value) {
-            Some(Lit::Str(s)) => format!("`targets = [\"{}\"]`", s.value()),
-            _ => "`targets = [\"q_proj\", \"v_proj\"]`".to_owned(),
+            Some(Lit::Str(s)) => format!("`{arg} = [\"{}\"]`", s.value()),
+            _ => format!("`{arg} = [\"q_proj\", \"v_proj\"]`"),
         };
         cx.error_spanned(
             value,
-            format_args!("`targets` must be a list of field names in brackets, like {hint}"),
+            format_args!("`{arg}` must be a list of field names in brackets, like {hint}"),
         );
         return None;
     };
@@ -449,9 +466,14 @@ fn targets(value: &Expr, cx: &mut Ctxt) -> Option<Targets> {
                     Expr::Path(p) => format!("`\"{}\"`", p.to_token_stream()),
                     _ => "`\"q_proj\"`".to_owned(),
                 };
+                let what = if arg == "targets" {
+                    "a target"
+                } else {
+                    "an adaptable layer"
+                };
                 cx.error_spanned(
                     elem,
-                    format_args!("a target must be a field name in quotes, like {hint}"),
+                    format_args!("{what} must be a field name in quotes, like {hint}"),
                 );
             }
         }

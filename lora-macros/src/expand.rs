@@ -35,7 +35,7 @@ fn expand(model: &Model) -> TokenStream {
     if let Data::Struct(data) = &mut item.data {
         if let Fields::Named(fields) = &mut data.fields {
             for (field, checked) in fields.named.iter_mut().zip(&model.fields) {
-                if checked.role == Role::Target {
+                if matches!(checked.role, Role::Target | Role::Adaptable) {
                     let span = field.ty.span();
                     field.ty = syn::parse_quote_spanned!(span=> #private::LoraLinear);
                 }
@@ -86,13 +86,19 @@ fn expand(model: &Model) -> TokenStream {
         // like the rest of the expansion.
         let span = Span::call_site().located_at(ty.span());
         match field.role {
-            Role::Target => {
+            Role::Target | Role::Adaptable => {
+                // A target has the struct's default adapter config; an adaptable layer none.
+                let config = if field.role == Role::Target {
+                    quote!(::core::option::Option::Some(&__CONFIG))
+                } else {
+                    quote!(::core::option::Option::None)
+                };
                 asserts.push(quote_spanned!(span=> #private::assert_lora_target::<#ty>();));
                 visits.push(quote! {
-                    #private::visit_layer(__path, #name, &self.#ident, &__CONFIG, __f)?;
+                    #private::visit_layer(__path, #name, &self.#ident, #config, __f)?;
                 });
                 visits_mut.push(quote! {
-                    #private::visit_layer_mut(__path, #name, &mut self.#ident, &__CONFIG, __f)?;
+                    #private::visit_layer_mut(__path, #name, &mut self.#ident, #config, __f)?;
                 });
             }
             Role::Nested => {

@@ -53,14 +53,14 @@ fn targets() {
                             __path,
                             "q_proj",
                             &self.q_proj,
-                            &__CONFIG,
+                            ::core::option::Option::Some(&__CONFIG),
                             __f,
                         )?;
                         ::lora::__private::visit_layer(
                             __path,
                             "v_proj",
                             &self.v_proj,
-                            &__CONFIG,
+                            ::core::option::Option::Some(&__CONFIG),
                             __f,
                         )?;
                         ::core::result::Result::Ok(())
@@ -76,14 +76,14 @@ fn targets() {
                             __path,
                             "q_proj",
                             &mut self.q_proj,
-                            &__CONFIG,
+                            ::core::option::Option::Some(&__CONFIG),
                             __f,
                         )?;
                         ::lora::__private::visit_layer_mut(
                             __path,
                             "v_proj",
                             &mut self.v_proj,
-                            &__CONFIG,
+                            ::core::option::Option::Some(&__CONFIG),
                             __f,
                         )?;
                         ::core::result::Result::Ok(())
@@ -135,7 +135,7 @@ fn every_argument() {
                             __path,
                             "fc",
                             &self.fc,
-                            &__CONFIG,
+                            ::core::option::Option::Some(&__CONFIG),
                             __f,
                         )?;
                         ::core::result::Result::Ok(())
@@ -150,7 +150,7 @@ fn every_argument() {
                             __path,
                             "fc",
                             &mut self.fc,
-                            &__CONFIG,
+                            ::core::option::Option::Some(&__CONFIG),
                             __f,
                         )?;
                         ::core::result::Result::Ok(())
@@ -270,7 +270,13 @@ fn generic() {
                         ::lora::__private::visit_nested::<
                             Vec<Block>,
                         >(__path, "fixed", &self.fixed, __f)?;
-                        ::lora::__private::visit_layer(__path, "head", &self.head, &__CONFIG, __f)?;
+                        ::lora::__private::visit_layer(
+                            __path,
+                            "head",
+                            &self.head,
+                            ::core::option::Option::Some(&__CONFIG),
+                            __f,
+                        )?;
                         ::core::result::Result::Ok(())
                     }
                     fn visit_lora_layers_mut(
@@ -290,7 +296,7 @@ fn generic() {
                             __path,
                             "head",
                             &mut self.head,
-                            &__CONFIG,
+                            ::core::option::Option::Some(&__CONFIG),
                             __f,
                         )?;
                         ::core::result::Result::Ok(())

@@ -16,6 +16,8 @@ use crate::ctxt::{did_you_mean, list, Ctxt};
 pub(crate) enum Role {
     /// Listed in `targets`: a linear layer that gets an adapter.
     Target,
+    /// Listed in `adaptable`: a linear layer that can take an adapter created at run time.
+    Adaptable,
     /// `#[lora(nested)]`: a LoRA model (or a `Vec`, `Option`, `Box` or array of them).
     Nested,
     /// Anything else: left alone.
@@ -117,45 +119,24 @@ pub(crate) fn check<'a>(input: &Input<'a>, cx: &mut Ctxt) -> Model<'a> {
             }
         })
         .collect();
-    if let (Some(targets), Shape::Named(_)) = (&input.args.targets, &input.shape) {
-        let mut seen = HashSet::new();
-        for lit in &targets.value.names {
-            let target = lit.value();
-            if !seen.insert(target.clone()) {
-                cx.error(
-                    lit.span(),
-                    format_args!("duplicate target `{target}`: remove one of them"),
-                );
-                continue;
+    if let Shape::Named(_) = &input.shape {
+        let lists = [
+            (&input.args.targets, Role::Target),
+            (&input.args.adaptable, Role::Adaptable),
+        ];
+        for (arg, role) in lists {
+            if let Some(arg) = arg {
+                assign(name, fields, &arg.value.names, role, &mut roles, cx);
             }
-            let Some(index) = fields.iter().position(|f| f.ident == target.as_str()) else {
-                let names: Vec<String> = fields.iter().map(|f| f.ident.to_string()).collect();
-                let mut hint = did_you_mean(&target, names.iter().map(String::as_str));
-                if hint.is_empty() && !names.is_empty() && names.len() <= 8 {
-                    hint = format!(
-                        "; its fields are {}",
-                        list(names.iter().map(String::as_str), "and")
-                    );
-                }
-                cx.error(
-                    lit.span(),
-                    format_args!(
-                        "unknown target `{target}`: `{name}` has no field named `{target}`{hint}"
-                    ),
-                );
-                continue;
-            };
-            if let Some(nested) = &fields[index].nested {
-                cx.error(
-                    nested.span(),
-                    format_args!(
-                        "`{target}` is both a target and `#[lora(nested)]`: a target is a linear \
-                         layer, a nested field a LoRA model; remove `{target}` from `targets` or \
-                         remove `#[lora(nested)]`"
-                    ),
-                );
-            }
-            roles[index] = Role::Target;
+        }
+    }
+    if let Some(adaptable) = &input.args.adaptable {
+        if adaptable.value.empty {
+            cx.error_spanned(
+                &adaptable.value.list,
+                "`adaptable` is empty: list the linear fields that can take adapters at run \
+                 time, like `adaptable = [\"k_proj\", \"o_proj\"]`, or remove it",
+            );
         }
     }
 
@@ -190,11 +171,16 @@ fn config(input: &Input, cx: &mut Ctxt) -> Option<Config> {
             args.init.as_ref().map(|a| &a.key),
         ];
         for key in keys.into_iter().flatten() {
+            let adaptable = if args.adaptable.is_some() {
+                " (`adaptable` layers get theirs at run time, from `InitOptions`)"
+            } else {
+                ""
+            };
             cx.error(
                 key.span(),
                 format_args!(
-                    "`{key}` has no effect without `targets`: list the linear fields to adapt, \
-                     like `targets = [\"q_proj\", \"v_proj\"]`, or remove `{key}`"
+                    "`{key}` has no effect without `targets`{adaptable}: list the linear fields \
+                     to adapt, like `targets = [\"q_proj\", \"v_proj\"]`, or remove `{key}`"
                 ),
             );
         }
@@ -292,4 +278,79 @@ fn config(input: &Input, cx: &mut Ctxt) -> Option<Config> {
         rslora: args.rslora.as_ref().is_some_and(|a| a.value),
         init,
     })
+}
+
+/// Gives the fields named in `names` (a `targets` or `adaptable` list) their `role`, reporting
+/// unknown, repeated, nested and doubly listed names.
+fn assign(
+    name: &Ident,
+    fields: &[crate::ast::Field],
+    names: &[syn::LitStr],
+    role: Role,
+    roles: &mut [Role],
+    cx: &mut Ctxt,
+) {
+    let (what, arg) = match role {
+        Role::Target => ("target", "targets"),
+        _ => ("adaptable layer", "adaptable"),
+    };
+    let mut seen = HashSet::new();
+    for lit in names {
+        let target = lit.value();
+        if !seen.insert(target.clone()) {
+            cx.error(
+                lit.span(),
+                format_args!("duplicate {what} `{target}`: remove one of them"),
+            );
+            continue;
+        }
+        let Some(index) = fields.iter().position(|f| f.ident == target.as_str()) else {
+            let names: Vec<String> = fields.iter().map(|f| f.ident.to_string()).collect();
+            let mut hint = did_you_mean(&target, names.iter().map(String::as_str));
+            if hint.is_empty() && !names.is_empty() && names.len() <= 8 {
+                hint = format!(
+                    "; its fields are {}",
+                    list(names.iter().map(String::as_str), "and")
+                );
+            }
+            cx.error(
+                lit.span(),
+                format_args!(
+                    "unknown {what} `{target}`: `{name}` has no field named `{target}`{hint}"
+                ),
+            );
+            continue;
+        };
+        if let Some(nested) = &fields[index].nested {
+            cx.error(
+                nested.span(),
+                format_args!(
+                    "`{target}` is both {} and `#[lora(nested)]`: {} is a linear layer, a \
+                     nested field a LoRA model; remove `{target}` from `{arg}` or remove \
+                     `#[lora(nested)]`",
+                    if role == Role::Target {
+                        "a target"
+                    } else {
+                        "adaptable"
+                    },
+                    if role == Role::Target {
+                        "a target"
+                    } else {
+                        "an adaptable layer"
+                    },
+                ),
+            );
+        }
+        if roles[index] == Role::Target && role == Role::Adaptable {
+            cx.error(
+                lit.span(),
+                format_args!(
+                    "`{target}` is in both `targets` and `adaptable`: a target is already \
+                     adaptable (it also gets the default adapter); remove it from `adaptable`"
+                ),
+            );
+            continue;
+        }
+        roles[index] = role;
+    }
 }

@@ -393,8 +393,20 @@ impl LoraConfig {
     /// [`Error::Unsupported`] naming the first unsupported field; [`Error::InvalidConfig`] for
     /// a rank, alpha or dropout out of range.
     pub fn check_supported(&self, path: &Path) -> Result<()> {
+        self.check(Some(path))
+    }
+
+    /// [`check_supported`](Self::check_supported) for a config built in code (no file).
+    ///
+    /// # Errors
+    /// As [`check_supported`](Self::check_supported).
+    pub fn validate(&self) -> Result<()> {
+        self.check(None)
+    }
+
+    fn check(&self, path: Option<&Path>) -> Result<()> {
         let unsupported = |field: &str, reason: String| Error::Unsupported {
-            path: path.to_path_buf(),
+            path: path.map(Path::to_path_buf),
             field: field.to_string(),
             reason,
         };
@@ -443,11 +455,11 @@ impl LoraConfig {
                 return Err(unsupported(field, format!("{what} is not supported")));
             }
         }
-        validate_values(self.rank, self.alpha, self.dropout, Some(path))?;
+        validate_values(self.rank, self.alpha, self.dropout, path)?;
         for (pattern, &rank) in &self.rank_pattern {
             if rank == 0 {
                 return Err(invalid(
-                    Some(path),
+                    path,
                     "rank_pattern",
                     format!("rank of `{pattern}` must be at least 1"),
                 ));
@@ -456,16 +468,52 @@ impl LoraConfig {
         for (pattern, &alpha) in &self.alpha_pattern {
             if !(alpha.is_finite() && alpha > 0.0) {
                 return Err(invalid(
-                    Some(path),
+                    path,
                     "alpha_pattern",
                     format!("alpha of `{pattern}` must be a finite number > 0, got {alpha}"),
                 ));
             }
         }
         if let TargetModules::Regex(re) = &self.targets {
-            full_match_regex(re).map_err(|e| invalid(Some(path), "target_modules", e))?;
+            full_match_regex(re).map_err(|e| invalid(path, "target_modules", e))?;
         }
         Ok(())
+    }
+
+    /// The initialisation `init_lora_weights` asks for.
+    fn init_scheme(&self) -> std::result::Result<LoraInit, String> {
+        match &self.init {
+            InitLoraWeights::Bool(true) => Ok(LoraInit::Kaiming),
+            InitLoraWeights::Name(n) if n == "gaussian" => Ok(LoraInit::Gaussian),
+            InitLoraWeights::Bool(false) => Err(
+                "`false` (random B, for PEFT's tests) is not supported: use `true` or `\"gaussian\"`"
+                    .into(),
+            ),
+            InitLoraWeights::Name(n) => Err(format!(
+                "`{n}` is not supported: use `true` (kaiming) or `\"gaussian\"`"
+            )),
+        }
+    }
+
+    /// The hyper-parameters of the adapter this config gives the module at `module_path`: rank
+    /// and alpha with their patterns, rsLoRA, dropout and init. Whether the module is targeted
+    /// at all is [`targets_module`](Self::targets_module).
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] for an initialisation this runtime does not implement.
+    pub fn layer_config(&self, module_path: &str) -> Result<LayerConfig> {
+        let init = self.init_scheme().map_err(|reason| Error::Unsupported {
+            path: None,
+            field: "init_lora_weights".into(),
+            reason,
+        })?;
+        Ok(LayerConfig {
+            rank: self.rank_for(module_path),
+            alpha: self.alpha_for(module_path),
+            dropout: self.dropout as f32,
+            use_rslora: self.use_rslora,
+            init,
+        })
     }
 
     /// The rank of the module at `module_path`: the first matching `rank_pattern` entry, else `r`.
@@ -489,17 +537,46 @@ impl LoraConfig {
     }
 
     /// Whether `target_modules` selects the module at `module_path`, as PEFT decides it: a regex
-    /// must match the whole path; a name must equal the path or its last components.
+    /// must match the whole path; a name must equal the path or its last components;
+    /// `"all-linear"` selects every LoRA layer but the output layer `lm_head`. A module that
+    /// `exclude_modules` names (list or regex, matched the same way) is not selected.
     pub fn targets_module(&self, module_path: &str) -> bool {
+        let excluded = match &self.exclude_modules {
+            Some(Value::String(re)) => {
+                full_match_regex(re).is_ok_and(|re| re.is_match(module_path))
+            }
+            Some(Value::Array(names)) => names
+                .iter()
+                .filter_map(Value::as_str)
+                .any(|name| path_ends_with(module_path, name)),
+            _ => false,
+        };
+        if excluded {
+            return false;
+        }
         match &self.targets {
+            TargetModules::Regex(re) if re == ALL_LINEAR => {
+                module_path != "lm_head" && !module_path.ends_with(".lm_head")
+            }
             TargetModules::Regex(re) => {
                 full_match_regex(re).is_ok_and(|re| re.is_match(module_path))
             }
-            TargetModules::List(names) => names
-                .iter()
-                .any(|name| module_path == name || module_path.ends_with(&format!(".{name}"))),
+            TargetModules::List(names) => {
+                names.iter().any(|name| path_ends_with(module_path, name))
+            }
         }
     }
+}
+
+/// PEFT's `target_modules = "all-linear"`.
+pub const ALL_LINEAR: &str = "all-linear";
+
+/// Whether `path` is `name` or ends with `.name`.
+fn path_ends_with(path: &str, name: &str) -> bool {
+    path == name
+        || path
+            .strip_suffix(name)
+            .is_some_and(|rest| rest.ends_with('.'))
 }
 
 fn is_unset(v: &Value) -> bool {

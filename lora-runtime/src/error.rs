@@ -58,10 +58,10 @@ pub enum Error {
     },
 
     /// The adapter uses a PEFT feature this runtime does not implement (DoRA, `modules_to_save`, ...).
-    #[error("{}: unsupported PEFT feature `{field}`: {reason}", path.display())]
+    #[error("{}unsupported PEFT feature `{field}`: {reason}", file_prefix(path))]
     Unsupported {
-        /// The file that asks for the feature.
-        path: PathBuf,
+        /// The file that asks for the feature (`None` for a config built in code).
+        path: Option<PathBuf>,
         /// The config field or tensor key that asks for it.
         field: String,
         /// What is not supported and what to do instead.
@@ -218,6 +218,18 @@ pub enum Error {
     /// The model has no LoRA layers at all.
     #[error("the model has no LoRA layers")]
     NoLoraLayers,
+
+    /// `init_adapter` on a model whose LoRA layers are all `adaptable` (no `targets` with a
+    /// default config): the adapter must be described at run time.
+    #[error(
+        "the model declares no default adapter (its LoRA layers {layers} have no `targets` config): \
+         create one at run time with `init_adapter_with(&varmap, &InitOptions::default().with_peft_config(config))` \
+         or `.with_config(LayerConfig::new(rank, alpha))`"
+    )]
+    NoDefaultAdapter {
+        /// Some of the model's LoRA layers.
+        layers: String,
+    },
 }
 
 /// What went wrong in one layer, before the model says which: a layer does not know its
@@ -324,6 +336,13 @@ fn layer_name(path: &str) -> String {
 fn in_file(file: &Option<PathBuf>) -> String {
     match file {
         Some(f) => format!(" in {}", f.display()),
+        None => String::new(),
+    }
+}
+
+fn file_prefix(file: &Option<PathBuf>) -> String {
+    match file {
+        Some(f) => format!("{}: ", f.display()),
         None => String::new(),
     }
 }

@@ -23,8 +23,9 @@ use crate::{batched, combine, merge};
 
 /// The verbs of a LoRA model: adapters, merge, files. See the [module docs](self).
 pub trait LoraModelExt: LoraModel {
-    /// Every LoRA layer with its module path and hyper-parameters, in visiting order.
-    fn lora_layers(&self) -> Vec<(String, &dyn LoraLayer, LayerConfig)> {
+    /// Every LoRA layer with its module path and the hyper-parameters of its default adapter
+    /// (`None` for layers declared `adaptable`), in visiting order.
+    fn lora_layers(&self) -> Vec<(String, &dyn LoraLayer, Option<LayerConfig>)> {
         model::layers(self)
     }
 

@@ -79,7 +79,7 @@ pub mod __private {
     #[diagnostic::on_unimplemented(
         message = "`{Self}` cannot be a LoRA target",
         label = "not a linear layer",
-        note = "LoRA targets must be `candle_nn::Linear` (or `lora::LoraLinear`); Embedding and Conv LoRA are not supported yet: remove this field from `targets`"
+        note = "LoRA layers must be `candle_nn::Linear` (or `lora::LoraLinear`); Embedding and Conv LoRA are not supported yet: remove this field from `targets` / `adaptable`"
     )]
     pub trait LoraTarget {}
     impl LoraTarget for candle_nn::Linear {}
@@ -99,7 +99,7 @@ pub mod __private {
         path: &mut ModulePath,
         name: &str,
         layer: &'a L,
-        config: &LayerConfig,
+        config: Option<&LayerConfig>,
         f: &mut VisitFn<'a, '_>,
     ) -> Result<()> {
         path.scoped(name, |p| f(p, layer, config))
@@ -111,7 +111,7 @@ pub mod __private {
         path: &mut ModulePath,
         name: &str,
         layer: &mut L,
-        config: &LayerConfig,
+        config: Option<&LayerConfig>,
         f: &mut VisitMutFn<'_>,
     ) -> Result<()> {
         path.scoped(name, |p| f(p, layer, config))

@@ -20,10 +20,10 @@
 //! const CONFIG: LayerConfig = LayerConfig::new(4, 8.0);
 //! impl LoraModel for Attention {
 //!     fn visit_lora_layers<'a>(&'a self, path: &mut ModulePath, f: &mut VisitFn<'a, '_>) -> lora_runtime::Result<()> {
-//!         path.scoped("q_proj", |p| f(p, &self.q_proj, &CONFIG))
+//!         path.scoped("q_proj", |p| f(p, &self.q_proj, Some(&CONFIG)))
 //!     }
 //!     fn visit_lora_layers_mut(&mut self, path: &mut ModulePath, f: &mut VisitMutFn<'_>) -> lora_runtime::Result<()> {
-//!         path.scoped("q_proj", |p| f(p, &mut self.q_proj, &CONFIG))
+//!         path.scoped("q_proj", |p| f(p, &mut self.q_proj, Some(&CONFIG)))
 //!     }
 //! }
 //!
@@ -88,13 +88,15 @@ impl AsRef<str> for ModulePath {
     }
 }
 
-/// The callback of [`LoraModel::visit_lora_layers`]: module path, layer, its hyper-parameters.
+/// The callback of [`LoraModel::visit_lora_layers`]: module path, layer, and the hyper-parameters
+/// of its default adapter (`#[lora(targets = ..)]`), `None` for a layer that only takes
+/// adapters created at run time (`#[lora(adaptable = ..)]`).
 pub type VisitFn<'a, 'f> =
-    dyn FnMut(&ModulePath, &'a dyn LoraLayer, &LayerConfig) -> Result<()> + 'f;
+    dyn FnMut(&ModulePath, &'a dyn LoraLayer, Option<&LayerConfig>) -> Result<()> + 'f;
 
 /// The callback of [`LoraModel::visit_lora_layers_mut`].
 pub type VisitMutFn<'f> =
-    dyn FnMut(&ModulePath, &mut dyn LoraLayer, &LayerConfig) -> Result<()> + 'f;
+    dyn FnMut(&ModulePath, &mut dyn LoraLayer, Option<&LayerConfig>) -> Result<()> + 'f;
 
 /// A model with LoRA layers: two visitors, which `#[lora]` implements. The verbs are on
 /// [`LoraModelExt`](crate::LoraModelExt).
@@ -147,12 +149,12 @@ pub trait LoraModel {
 /// Every LoRA layer of `model` with its module path and hyper-parameters, in visiting order.
 pub(crate) fn layers<M: LoraModel + ?Sized>(
     model: &M,
-) -> Vec<(String, &dyn LoraLayer, LayerConfig)> {
+) -> Vec<(String, &dyn LoraLayer, Option<LayerConfig>)> {
     let mut out = Vec::new();
     // The callback never fails, so neither does the visit of a correct model; a hand-written
     // visitor that fails on its own yields the layers visited so far.
     let _ = model.visit_lora_layers(&mut ModulePath::new(), &mut |p, l, c| {
-        out.push((p.to_string(), l, *c));
+        out.push((p.to_string(), l, c.copied()));
         Ok(())
     });
     out
@@ -171,7 +173,7 @@ pub(crate) fn layers<M: LoraModel + ?Sized>(
 /// The first error of `prepare`, at its layer's path.
 pub(crate) fn prepare_then_commit<M, P>(
     model: &mut M,
-    mut prepare: impl FnMut(&str, &dyn LoraLayer, &LayerConfig) -> LayerResult<Option<P>>,
+    mut prepare: impl FnMut(&str, &dyn LoraLayer, Option<&LayerConfig>) -> LayerResult<Option<P>>,
     mut commit: impl FnMut(&mut dyn LoraLayer, P),
 ) -> Result<usize>
 where
@@ -204,16 +206,16 @@ pub(crate) fn adapter_names<M: LoraModel + ?Sized>(model: &M) -> Vec<String> {
     names
 }
 
-/// A layer on its own is a model with one layer at the root path, with PEFT's default
-/// hyper-parameters.
+/// A layer on its own is a model with one layer at the root path, whose default adapter has
+/// PEFT's default hyper-parameters.
 macro_rules! layer_is_a_model {
     ($($layer:ty),*) => {$(
         impl LoraModel for $layer {
             fn visit_lora_layers<'a>(&'a self, path: &mut ModulePath, f: &mut VisitFn<'a, '_>) -> Result<()> {
-                f(path, self, &LayerConfig::default())
+                f(path, self, Some(&LayerConfig::default()))
             }
             fn visit_lora_layers_mut(&mut self, path: &mut ModulePath, f: &mut VisitMutFn<'_>) -> Result<()> {
-                f(path, self, &LayerConfig::default())
+                f(path, self, Some(&LayerConfig::default()))
             }
         }
     )*};

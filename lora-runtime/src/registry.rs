@@ -3,13 +3,14 @@
 //!
 //! Each function here is the body of a verb of [`LoraModelExt`](crate::LoraModelExt).
 
+use std::collections::HashMap;
 use std::fmt;
 
 use candle_core::Var;
 use candle_nn::VarMap;
 
 use crate::adapter::Adapter;
-use crate::config::LayerConfig;
+use crate::config::{LayerConfig, LoraConfig};
 use crate::error::{Error, Factor, Result};
 use crate::layer::install_default;
 use crate::model::{adapter_names, layers, prepare_then_commit, LoraModel, ModulePath};
@@ -28,9 +29,13 @@ pub const DEFAULT_SEED: u64 = 0x10_0A;
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct InitOptions {
-    /// Hyper-parameters for every layer instead of those the structs declare: for choosing rank
-    /// or alpha at run time. `None` (the default): what each struct declares.
+    /// Hyper-parameters for every LoRA layer (targets and adaptable layers) instead of those the
+    /// structs declare: for choosing rank or alpha at run time. `None` (the default): what each
+    /// struct declares for its `targets`.
     pub config: Option<LayerConfig>,
+    /// A PEFT `LoraConfig` that chooses the layers and their hyper-parameters at run time (see
+    /// [`with_peft_config`](Self::with_peft_config)). Exclusive with `config`.
+    pub peft_config: Option<LoraConfig>,
     /// Each layer draws from its own generator seeded by this seed and its module path (and the
     /// adapter's name), so the result does not depend on visiting order. Default
     /// [`DEFAULT_SEED`].
@@ -45,6 +50,7 @@ impl Default for InitOptions {
     fn default() -> Self {
         Self {
             config: None,
+            peft_config: None,
             seed: DEFAULT_SEED,
             name: None,
         }
@@ -52,9 +58,26 @@ impl Default for InitOptions {
 }
 
 impl InitOptions {
-    /// Uses `config` for every layer.
+    /// Uses `config` for every LoRA layer.
     pub fn with_config(mut self, config: LayerConfig) -> Self {
         self.config = Some(config);
+        self
+    }
+    /// Chooses layers and hyper-parameters from a PEFT `LoraConfig`, as PEFT's
+    /// `get_peft_model` does: the LoRA layers (targets and adaptable layers) that
+    /// `target_modules` selects (a list of names, a regex, or `"all-linear"`: every layer but
+    /// `lm_head`; minus `exclude_modules`) get an adapter with the rank and alpha of
+    /// `r` / `rank_pattern` and `lora_alpha` / `alpha_pattern`, `use_rslora`, `lora_dropout`
+    /// and `init_lora_weights`. Others get none.
+    ///
+    /// ```
+    /// use lora_runtime::{InitOptions, LoraConfig};
+    /// let config = LoraConfig::from_json(r#"{"r": 16, "lora_alpha": 32, "target_modules": "all-linear"}"#)?;
+    /// let options = InitOptions::default().with_peft_config(config);
+    /// # Ok::<(), lora_runtime::Error>(())
+    /// ```
+    pub fn with_peft_config(mut self, config: LoraConfig) -> Self {
+        self.peft_config = Some(config);
         self
     }
     /// Sets the seed.
@@ -90,6 +113,18 @@ pub(crate) fn init_adapter<M: LoraModel + ?Sized>(
     if let Some(config) = &options.config {
         config.validate()?;
     }
+    if let Some(peft) = &options.peft_config {
+        if options.config.is_some() {
+            return Err(Error::InvalidConfig {
+                file: None,
+                field: "InitOptions".into(),
+                reason: "give either a `LayerConfig` (`with_config`) or a PEFT config \
+                         (`with_peft_config`), not both"
+                    .into(),
+            });
+        }
+        peft.validate()?;
+    }
     let name = options.name.as_deref();
     let seed = match name {
         None => options.seed,
@@ -106,26 +141,67 @@ pub(crate) fn init_adapter<M: LoraModel + ?Sized>(
             mix_seed(options.seed, n)
         }
     };
-    if layers(model).is_empty() {
+    let all = layers(model);
+    if all.is_empty() {
         return Err(Error::NoLoraLayers);
     }
+    // Which layers get an adapter, with which hyper-parameters: checked before anything changes.
+    let mut configs: HashMap<String, LayerConfig> = HashMap::new();
+    for (path, _, declared) in &all {
+        let config = match (&options.config, &options.peft_config) {
+            (Some(config), _) => Some(*config),
+            (None, Some(peft)) if peft.targets_module(path) => Some(peft.layer_config(path)?),
+            (None, Some(_)) => None,
+            (None, None) => *declared,
+        };
+        if let Some(config) = config {
+            config.validate().map_err(|e| match e {
+                Error::InvalidConfig { field, reason, .. } => Error::InvalidConfig {
+                    file: None,
+                    field,
+                    reason: format!("{reason} (layer `{path}`)"),
+                },
+                e => e,
+            })?;
+            configs.insert(path.clone(), config);
+        }
+    }
+    if configs.is_empty() {
+        return Err(match &options.peft_config {
+            Some(peft) => Error::InvalidConfig {
+                file: None,
+                field: "target_modules".into(),
+                reason: format!(
+                    "{:?} matches none of the model's LoRA layers ({})",
+                    peft.targets,
+                    some_paths(&all)
+                ),
+            },
+            None => Error::NoDefaultAdapter {
+                layers: some_paths(&all),
+            },
+        });
+    }
+    drop(all);
     // Lock first: a poisoned lock must be found before any layer changes.
     let mut vars = varmap.data().lock().map_err(|_| Error::LockPoisoned {
         what: "the VarMap".into(),
     })?;
     prepare_then_commit(
         model,
-        |path, layer, declared| {
+        |path, layer, _| {
             if layer.is_merged() {
                 return Err(crate::LayerError::Merged);
             }
-            let config = options.config.as_ref().unwrap_or(declared);
+            let Some(config) = configs.get(path) else {
+                return Ok(None);
+            };
             let adapter = layer.fresh_adapter(config, mix_seed(seed, path))?;
-            // PEFT's state-dict names: the adapter name sits between the factor and `weight`,
-            // except for the default adapter in files.
             Ok(Some((path.to_string(), adapter)))
         },
         |layer, (path, adapter)| {
+            // PEFT's state-dict names: the adapter name sits between the factor and `weight`,
+            // except for the default adapter in files.
             vars.insert(named_key(&path, Factor::A, name), adapter.a().clone());
             vars.insert(named_key(&path, Factor::B, name), adapter.b().clone());
             match name {
@@ -138,6 +214,19 @@ pub(crate) fn init_adapter<M: LoraModel + ?Sized>(
         },
     )?;
     Ok(())
+}
+
+/// The first few module paths of `layers`, for messages.
+fn some_paths(layers: &[(String, &dyn crate::LoraLayer, Option<LayerConfig>)]) -> String {
+    let mut shown: Vec<String> = layers
+        .iter()
+        .take(4)
+        .map(|(p, _, _)| format!("`{p}`"))
+        .collect();
+    if layers.len() > 4 {
+        shown.push(format!("and {} more", layers.len() - 4));
+    }
+    shown.join(", ")
 }
 
 /// [`Error::UnknownAdapter`] unless the model has an adapter called `name`.

@@ -37,7 +37,7 @@ pub(crate) fn parse_key(key: &str, file: &Path) -> Result<(String, Factor)> {
                 "LoRA on embedding layers is not supported"
             };
             return Err(Error::Unsupported {
-                path: file.to_path_buf(),
+                path: Some(file.to_path_buf()),
                 field: key.to_string(),
                 reason: what.to_string(),
             });

@@ -113,7 +113,8 @@ pub(crate) fn save_adapter<M: LoraModel + ?Sized>(model: &M, dir: &Path) -> Resu
         } else {
             dir.join(name)
         };
-        save_layers(&target, &adapters, &RealFs)?;
+        let all: Vec<&str> = layers.iter().map(|(p, _, _)| p.as_str()).collect();
+        save_layers(&target, &adapters, &all, &RealFs)?;
     }
     Ok(())
 }
@@ -125,12 +126,20 @@ pub(crate) fn adapter_config<M: LoraModel + ?Sized>(model: &M) -> Result<LoraCon
         .iter()
         .filter_map(|(p, l, _)| l.adapter().map(|a| (p.as_str(), *l, a)))
         .collect();
-    config_for(&adapters)
+    let all: Vec<&str> = layers.iter().map(|(p, _, _)| p.as_str()).collect();
+    config_for(&adapters, &all)
 }
 
 /// Writes one adapter of `layers` to `dir` through `fs`, with the fingerprint of each layer's
 /// unmerged base weight in the metadata; both files are replaced together or not at all.
-pub(crate) fn save_layers(dir: &Path, layers: &[SavedLayer<'_>], fs: &dyn SaveFs) -> Result<()> {
+/// `all` holds the paths of every LoRA layer of the model, adapted or not, so the config's
+/// `target_modules` can be made to select exactly the adapted ones.
+pub(crate) fn save_layers(
+    dir: &Path,
+    layers: &[SavedLayer<'_>],
+    all: &[&str],
+    fs: &dyn SaveFs,
+) -> Result<()> {
     let tensor_path = dir.join(ADAPTER_FILE);
     let config_path = dir.join(CONFIG_FILE);
     let mut tensors = Vec::with_capacity(2 * layers.len());
@@ -154,7 +163,7 @@ pub(crate) fn save_layers(dir: &Path, layers: &[SavedLayer<'_>], fs: &dyn SaveFs
             fingerprint.to_string(),
         );
     }
-    let config = config_for(layers)?.to_json()?;
+    let config = config_for(layers, all)?.to_json()?;
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let bytes =
         safetensors::serialize(tensors, Some(metadata)).map_err(|source| Error::SafeTensors {
@@ -181,7 +190,7 @@ fn mode<T: Copy + PartialEq>(values: impl Iterator<Item = T>) -> Option<T> {
 
 /// The PEFT config describing one adapter of `layers`: the most common rank and alpha as `r`
 /// and `lora_alpha`, the others as `rank_pattern` / `alpha_pattern` by full module path.
-fn config_for(layers: &[SavedLayer<'_>]) -> Result<LoraConfig> {
+fn config_for(layers: &[SavedLayer<'_>], all: &[&str]) -> Result<LoraConfig> {
     if layers.is_empty() {
         return Err(Error::NoAdapter {
             what: "save".into(),
@@ -212,6 +221,17 @@ fn config_for(layers: &[SavedLayer<'_>]) -> Result<LoraConfig> {
         .collect();
     names.sort();
     names.dedup();
+    // PEFT matches a name against a path's last components: the short names say exactly what
+    // was adapted only if they select no other LoRA layer of the model; else list full paths.
+    let adapted: std::collections::HashSet<&str> = adapters.iter().map(|(p, _, _)| *p).collect();
+    let by_names = LoraConfig::new(rank, alpha, names.clone());
+    if all
+        .iter()
+        .any(|p| !adapted.contains(p) && by_names.targets_module(p))
+    {
+        names = adapters.iter().map(|(p, _, _)| (*p).to_string()).collect();
+        names.sort();
+    }
     let mut config = LoraConfig::new(rank, alpha, names);
     config.use_rslora = use_rslora;
     config.dropout = adapters
@@ -274,7 +294,8 @@ mod tests {
     }
 
     fn save(dir: &Path, layers: &[SavedLayer<'_>]) -> Result<()> {
-        save_layers(dir, layers, &RealFs)
+        let all: Vec<&str> = layers.iter().map(|(p, _, _)| *p).collect();
+        save_layers(dir, layers, &all, &RealFs)
     }
 
     /// A file system whose writers fail once `budget` bytes were written in all, and whose
@@ -367,7 +388,7 @@ mod tests {
                 written: Arc::default(),
                 fail_rename: None,
             };
-            let err = save_layers(dir.path(), &refs(&new), &fs).unwrap_err();
+            let err = save_layers(dir.path(), &refs(&new), &[], &fs).unwrap_err();
             assert!(
                 err.to_string().contains("injected failure: disk full"),
                 "{budget}: {err}"
@@ -382,7 +403,7 @@ mod tests {
                 written: Arc::default(),
                 fail_rename: Some(name),
             };
-            let err = save_layers(dir.path(), &refs(&new), &fs).unwrap_err();
+            let err = save_layers(dir.path(), &refs(&new), &[], &fs).unwrap_err();
             assert!(
                 err.to_string().contains("injected failure: rename"),
                 "{name}: {err}"
@@ -395,7 +416,7 @@ mod tests {
             written: Arc::default(),
             fail_rename: None,
         };
-        save_layers(dir.path(), &refs(&new), &fs).unwrap();
+        save_layers(dir.path(), &refs(&new), &[], &fs).unwrap();
         let after = snapshot(dir.path());
         assert_eq!(after.len(), 2);
         assert_ne!(after[ADAPTER_FILE], before[ADAPTER_FILE]);
@@ -409,14 +430,14 @@ mod tests {
             written: Arc::default(),
             fail_rename: None,
         };
-        save_layers(dir.path(), &refs(&layers(1)), &fs).unwrap_err();
+        save_layers(dir.path(), &refs(&layers(1)), &[], &fs).unwrap_err();
         assert!(snapshot(dir.path()).is_empty());
         let fs = Faulty {
             budget: usize::MAX,
             written: Arc::default(),
             fail_rename: Some(CONFIG_FILE),
         };
-        save_layers(dir.path(), &refs(&layers(1)), &fs).unwrap_err();
+        save_layers(dir.path(), &refs(&layers(1)), &[], &fs).unwrap_err();
         assert!(
             snapshot(dir.path()).is_empty(),
             "{:?}",
