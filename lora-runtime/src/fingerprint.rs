@@ -28,8 +28,9 @@ use crate::error::LayerResult;
 pub struct BaseFingerprint {
     /// The weight's shape as stored (`[out, in]`, or `[in, out]` with `fan_in_fan_out`).
     pub shape: Vec<usize>,
-    /// The weight's dtype.
-    pub dtype: DType,
+    /// The stored type: a float dtype (`f32`, `f16`, `bf16`, `f64`) or, for a tensor of a GGUF
+    /// file, its GGML type (`q4_1`, `q8_0`, `q4k`, ...), lowercase.
+    pub dtype: String,
     /// XXH3-64 of the weight's little-endian bytes.
     pub hash: u64,
 }
@@ -72,9 +73,20 @@ impl BaseFingerprint {
         }
         Ok(Self {
             shape: weight.dims().to_vec(),
-            dtype: weight.dtype(),
+            dtype: weight.dtype().as_str().to_string(),
             hash: hasher.digest(),
         })
+    }
+
+    /// The fingerprint of a tensor as a file stores it: its shape, its stored type (see
+    /// [`dtype`](Self::dtype)) and the XXH3 of its bytes, for bases whose file bytes are not the
+    /// weight in memory (a GGUF tensor dequantized on load).
+    pub fn of_stored(shape: &[usize], stored_type: &str, hash: u64) -> Self {
+        Self {
+            shape: shape.to_vec(),
+            dtype: stored_type.to_string(),
+            hash,
+        }
     }
 
     /// Parses the metadata form written by [`Display`](std::fmt::Display); `None` when malformed.
@@ -88,13 +100,10 @@ impl BaseFingerprint {
             .split('x')
             .map(|d| d.parse::<usize>().ok())
             .collect::<Option<Vec<_>>>()?;
-        let dtype = match dtype {
-            "f32" => DType::F32,
-            "f16" => DType::F16,
-            "bf16" => DType::BF16,
-            "f64" => DType::F64,
-            _ => return None,
-        };
+        if !STORED_TYPES.contains(&dtype) {
+            return None;
+        }
+        let dtype = dtype.to_string();
         let hex = hash.strip_prefix("xxh3:").filter(|h| h.len() == 16)?;
         let hash = u64::from_str_radix(hex, 16).ok()?;
         Some(Self { shape, dtype, hash })
@@ -130,6 +139,12 @@ fn hash_le<T: bytemuck::Pod, const N: usize>(
     }
 }
 
+/// The stored types a fingerprint may name: candle's float dtypes and GGML's types.
+const STORED_TYPES: &[&str] = &[
+    "f32", "f16", "bf16", "f64", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q8_1", "q2k", "q3k",
+    "q4k", "q5k", "q6k", "q8k",
+];
+
 impl std::fmt::Display for BaseFingerprint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let dims: Vec<String> = self.shape.iter().map(usize::to_string).collect();
@@ -137,7 +152,7 @@ impl std::fmt::Display for BaseFingerprint {
             f,
             "{} {} xxh3:{:016x}",
             dims.join("x"),
-            self.dtype.as_str(),
+            self.dtype,
             self.hash
         )
     }
@@ -163,7 +178,7 @@ mod tests {
         }
         let fp = BaseFingerprint {
             shape: vec![6, 5],
-            dtype: DType::BF16,
+            dtype: "bf16".into(),
             hash: 0xabc,
         };
         assert_eq!(fp.to_string(), "6x5 bf16 xxh3:0000000000000abc");

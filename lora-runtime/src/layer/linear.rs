@@ -54,6 +54,9 @@ pub struct LoraLinear {
     training: bool,
     /// While merged: the weight before the merge, kept for a bit-exact unmerge.
     unmerged_weight: Option<Tensor>,
+    /// The fingerprint of the weight as its file stores it, when that is not the weight in
+    /// memory (a GGUF tensor dequantized on load).
+    stored_fingerprint: Option<BaseFingerprint>,
 }
 
 impl From<Linear> for LoraLinear {
@@ -113,6 +116,7 @@ impl LoraLinear {
             routing: None,
             training: false,
             unmerged_weight: None,
+            stored_fingerprint: None,
         }
     }
 
@@ -155,6 +159,13 @@ impl LoraLinear {
     /// merged layer is refused. Layers start in inference mode.
     pub fn set_training(&mut self, training: bool) {
         self.training = training;
+    }
+    /// Records the fingerprint of the weight as its file stores it (see
+    /// [`BaseFingerprint::of_stored`]): adapters saved on this layer record it instead of a
+    /// hash of the weight in memory, and adapters loaded onto it are checked against it. For
+    /// loaders whose files are not the weights in memory (GGUF, quantized).
+    pub fn set_stored_fingerprint(&mut self, fingerprint: BaseFingerprint) {
+        self.stored_fingerprint = Some(fingerprint);
     }
     /// The weight without the adapter: [`weight`](Self::weight), or while merged the weight
     /// from before the merge. This is what adapter files fingerprint.
@@ -355,7 +366,10 @@ impl LoraLayer for LoraLinear {
         self.weight.elem_count() + self.bias.as_ref().map_or(0, Tensor::elem_count)
     }
     fn base_fingerprint(&self) -> LayerResult<BaseFingerprint> {
-        BaseFingerprint::of(self.base_weight())
+        match &self.stored_fingerprint {
+            Some(fp) => Ok(fp.clone()),
+            None => BaseFingerprint::of(self.base_weight()),
+        }
     }
     fn adapter_set(&self) -> &AdapterSet {
         &self.adapters
@@ -437,6 +451,9 @@ impl LoraLayer for LoraLinear {
         LoraLinear::set_training(self, training);
     }
     fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
         self
     }
 }

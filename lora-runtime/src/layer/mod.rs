@@ -111,6 +111,8 @@ pub trait LoraLayer: Send + Sync + std::fmt::Debug + Any {
 
     /// The layer as [`Any`], to reach its concrete type (see `downcast_ref` on `dyn LoraLayer`).
     fn as_any(&self) -> &dyn Any;
+    /// The layer as mutable [`Any`], e.g. for a loader that sets up layers of a kind it knows.
+    fn as_any_mut(&mut self) -> &mut dyn Any;
 
     /// The active adapter, if any.
     fn adapter(&self) -> Option<&Adapter> {

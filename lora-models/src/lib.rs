@@ -1,0 +1,16 @@
+//! Pretrained model families written with `#[lora]`, for the [`lora`](https://docs.rs/lora)
+//! crate: a Llama-family decoder ([`llama`]) that loads Hugging Face and GGUF checkpoints and
+//! takes any PEFT adapter, with generation ([`generate`]).
+//!
+//! Field names are transformers' module paths, so `model.layers.0.self_attn.q_proj` here is
+//! `model.layers.0.self_attn.q_proj` in PyTorch, and PEFT adapters load by name.
+#![warn(missing_docs)]
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
+pub mod cache;
+pub mod error;
+pub mod generate;
+pub mod llama;
+
+pub use error::{ModelError, Result};

@@ -1,0 +1,486 @@
+//! Loading a Llama-family checkpoint: a Hugging Face model directory (`config.json` plus
+//! `model.safetensors` or a sharded index, memory-mapped) or a GGUF file of the `llama` or
+//! `qwen2` architecture (hyper-parameters from the metadata, weights dequantized).
+//!
+//! GGUF files from llama.cpp's converter store the rows of `attn_q` and `attn_k` of Llama models
+//! permuted (rotary pairs interleaved). They are put back in transformers' order here, as
+//! transformers does when it loads a GGUF, so module semantics, and therefore PEFT adapters, are
+//! the same whichever file a model came from.
+//!
+//! The LoRA layers of a GGUF-loaded model carry the fingerprint of their tensor as stored in the
+//! file (GGML type and bytes), so an adapter saved on it records the file's weights whatever dtype
+//! they were dequantized to.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use lora_runtime::{BaseFingerprint, LoraModel, ModulePath};
+
+use super::config::{LlamaConfig, RopeScaling};
+use super::model::LlamaForCausalLM;
+use crate::error::{ModelError, Result};
+
+/// What a checkpoint path is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Checkpoint {
+    /// A GGUF file.
+    Gguf(PathBuf),
+    /// A Hugging Face model directory.
+    HfDir(PathBuf),
+}
+
+impl Checkpoint {
+    /// Classifies `path`: a `.gguf` file (by its magic bytes), or a directory with `config.json`.
+    ///
+    /// # Errors
+    /// [`ModelError::Io`] for a missing path, [`ModelError::InvalidPath`] for anything else.
+    pub fn of(path: &Path) -> Result<Self> {
+        let meta = std::fs::metadata(path).map_err(|e| ModelError::io(path, e))?;
+        if meta.is_dir() {
+            if path.join("config.json").is_file() {
+                return Ok(Checkpoint::HfDir(path.to_path_buf()));
+            }
+            return Err(ModelError::InvalidPath {
+                path: path.to_path_buf(),
+                reason:
+                    "is a directory without config.json: expected a Hugging Face model directory"
+                        .into(),
+            });
+        }
+        let mut magic = [0u8; 4];
+        File::open(path)
+            .and_then(|mut f| f.read_exact(&mut magic))
+            .map_err(|e| ModelError::io(path, e))?;
+        if &magic == b"GGUF" {
+            return Ok(Checkpoint::Gguf(path.to_path_buf()));
+        }
+        Err(ModelError::InvalidPath {
+            path: path.to_path_buf(),
+            reason: "is neither a GGUF file (no `GGUF` magic) nor a model directory".into(),
+        })
+    }
+}
+
+/// Loads a model from a GGUF file or a Hugging Face directory, with float weights in `dtype`.
+///
+/// # Errors
+/// A [`ModelError`] naming the file and the field or tensor at fault.
+pub fn load_llama(path: &Path, dtype: DType, device: &Device) -> Result<LlamaForCausalLM> {
+    match Checkpoint::of(path)? {
+        Checkpoint::Gguf(p) => load_gguf(&p, dtype, device),
+        Checkpoint::HfDir(p) => load_hf_dir(&p, dtype, device),
+    }
+}
+
+/// Loads a Hugging Face model directory, memory-mapping the safetensors files.
+///
+/// # Errors
+/// A [`ModelError`] naming the file and the field or tensor at fault.
+pub fn load_hf_dir(dir: &Path, dtype: DType, device: &Device) -> Result<LlamaForCausalLM> {
+    let config_path = dir.join("config.json");
+    let config = LlamaConfig::from_hf_file(&config_path)?;
+    let index = dir.join("model.safetensors.index.json");
+    let files: Vec<PathBuf> = if index.is_file() {
+        #[derive(serde::Deserialize)]
+        struct Index {
+            weight_map: HashMap<String, String>,
+        }
+        let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
+        let parsed: Index = serde_json::from_str(&text).map_err(|source| ModelError::Json {
+            path: index.clone(),
+            source,
+        })?;
+        let mut names: Vec<&String> = parsed.weight_map.values().collect();
+        names.sort();
+        names.dedup();
+        names
+            .into_iter()
+            .map(|n| {
+                if n.contains('/') || n.contains('\\') || n.starts_with('.') {
+                    return Err(ModelError::Unsupported {
+                        path: index.clone(),
+                        field: "weight_map".into(),
+                        reason: format!("shard name `{n}` must be a plain file name"),
+                    });
+                }
+                Ok(dir.join(n))
+            })
+            .collect::<Result<_>>()?
+    } else {
+        vec![dir.join("model.safetensors")]
+    };
+    for f in &files {
+        if !f.is_file() {
+            return Err(ModelError::io(
+                f,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "No such file"),
+            ));
+        }
+    }
+    // SAFETY: the files are mapped read-only; a concurrent truncation by another process is
+    // outside what any reader can defend against.
+    let vb =
+        unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device) }.map_err(|e| {
+            ModelError::Tensor {
+                path: dir.to_path_buf(),
+                name: String::new(),
+                reason: e.to_string(),
+            }
+        })?;
+    LlamaForCausalLM::new(config, vb).map_err(|e| ModelError::Tensor {
+        path: dir.to_path_buf(),
+        name: missing_name(&e),
+        reason: e.to_string(),
+    })
+}
+
+/// The tensor name in a candle "cannot find tensor" / shape error, when it says.
+fn missing_name(e: &candle_core::Error) -> String {
+    let text = e.to_string();
+    text.split_whitespace()
+        .find(|w| w.contains(".weight") || w.contains(".bias"))
+        .map(|w| {
+            w.trim_matches(|c: char| !c.is_alphanumeric() && c != '.' && c != '_')
+                .to_string()
+        })
+        .unwrap_or_default()
+}
+
+/// GGUF metadata reader for one architecture prefix.
+struct Meta<'a> {
+    content: &'a Content,
+    arch: String,
+    path: &'a Path,
+}
+
+impl Meta<'_> {
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.content.metadata.get(key)
+    }
+
+    fn bad(&self, key: &str, reason: impl Into<String>) -> ModelError {
+        ModelError::Unsupported {
+            path: self.path.to_path_buf(),
+            field: key.to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    fn number(&self, key: &str) -> Result<Option<f64>> {
+        let Some(v) = self.get(key) else {
+            return Ok(None);
+        };
+        let n = match v {
+            Value::U8(x) => f64::from(*x),
+            Value::I8(x) => f64::from(*x),
+            Value::U16(x) => f64::from(*x),
+            Value::I16(x) => f64::from(*x),
+            Value::U32(x) => f64::from(*x),
+            Value::I32(x) => f64::from(*x),
+            Value::U64(x) => *x as f64,
+            Value::I64(x) => *x as f64,
+            Value::F32(x) => f64::from(*x),
+            Value::F64(x) => *x,
+            other => return Err(self.bad(key, format!("expected a number, got {other:?}"))),
+        };
+        Ok(Some(n))
+    }
+
+    fn arch_usize(&self, key: &str) -> Result<usize> {
+        let full = format!("{}.{key}", self.arch);
+        match self.number(&full)? {
+            Some(n) if n >= 0.0 && n.fract() == 0.0 => Ok(n as usize),
+            Some(n) => Err(self.bad(&full, format!("expected a count, got {n}"))),
+            None => Err(self.bad(&full, "missing from the GGUF metadata")),
+        }
+    }
+}
+
+/// The GGUF tensor name of each transformers parameter (without `.weight` / `.bias`).
+fn gguf_name(hf: &str) -> Option<String> {
+    let map = |rest: &str| -> Option<&'static str> {
+        Some(match rest {
+            "self_attn.q_proj" => "attn_q",
+            "self_attn.k_proj" => "attn_k",
+            "self_attn.v_proj" => "attn_v",
+            "self_attn.o_proj" => "attn_output",
+            "mlp.gate_proj" => "ffn_gate",
+            "mlp.up_proj" => "ffn_up",
+            "mlp.down_proj" => "ffn_down",
+            "input_layernorm" => "attn_norm",
+            "post_attention_layernorm" => "ffn_norm",
+            _ => return None,
+        })
+    };
+    let (stem, suffix) = hf.rsplit_once('.')?;
+    let gguf = match stem {
+        "model.embed_tokens" => "token_embd".to_string(),
+        "model.norm" => "output_norm".to_string(),
+        "lm_head" => "output".to_string(),
+        _ => {
+            let rest = stem.strip_prefix("model.layers.")?;
+            let (n, module) = rest.split_once('.')?;
+            format!("blk.{n}.{}", map(module)?)
+        }
+    };
+    Some(format!("{gguf}.{suffix}"))
+}
+
+/// llama.cpp's converter permutes the rows of q and k per head (`(heads, 2, d/2)` -> `(heads,
+/// d/2, 2)`); this puts them back: rows `(heads, d/2, 2)` -> `(heads, 2, d/2)`, as
+/// transformers' `_reverse_permute_weights`.
+fn unpermute(w: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
+    let dims = w.dims().to_vec();
+    let rows = dims[0];
+    let rest: usize = dims[1..].iter().product();
+    let half = rows / heads / 2;
+    w.reshape((heads, half, 2, rest))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(dims)
+}
+
+/// Loads a GGUF file of the `llama` (or `qwen2`) architecture, dequantizing every tensor to
+/// `dtype`.
+///
+/// # Errors
+/// A [`ModelError`] naming the file and the metadata key or tensor at fault: another
+/// architecture, missing metadata, a missing or truncated tensor.
+pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<LlamaForCausalLM> {
+    let mut file = File::open(path).map_err(|e| ModelError::io(path, e))?;
+    let content = Content::read(&mut file).map_err(|e| ModelError::Unsupported {
+        path: path.to_path_buf(),
+        field: "header".into(),
+        reason: format!("not a readable GGUF file: {e}"),
+    })?;
+    let arch = match content.metadata.get("general.architecture") {
+        Some(Value::String(a)) => a.clone(),
+        _ => {
+            return Err(ModelError::Unsupported {
+                path: path.to_path_buf(),
+                field: "general.architecture".into(),
+                reason: "missing".into(),
+            })
+        }
+    };
+    if !matches!(arch.as_str(), "llama" | "qwen2") {
+        return Err(ModelError::Unsupported {
+            path: path.to_path_buf(),
+            field: "general.architecture".into(),
+            reason: format!("`{arch}` is not a Llama-family architecture (`llama`, `qwen2`)"),
+        });
+    }
+    let meta = Meta {
+        content: &content,
+        arch: arch.clone(),
+        path,
+    };
+    let hidden = meta.arch_usize("embedding_length")?;
+    let heads = meta.arch_usize("attention.head_count")?;
+    let kv_heads = meta.arch_usize("attention.head_count_kv").unwrap_or(heads);
+    let vocab = match content.tensor_infos.get("token_embd.weight") {
+        Some(info) => info.shape.dims().first().copied().unwrap_or(0),
+        None => {
+            return Err(ModelError::Tensor {
+                path: path.to_path_buf(),
+                name: "token_embd.weight".into(),
+                reason: "missing from the file".into(),
+            })
+        }
+    };
+    let head_dim = meta
+        .arch_usize("attention.key_length")
+        .unwrap_or(hidden / heads.max(1));
+    let has_bias = content.tensor_infos.contains_key("blk.0.attn_q.bias");
+    let rope_scaling = if content.tensor_infos.contains_key("rope_freqs.weight") {
+        let t = content
+            .tensor(&mut file, "rope_freqs.weight", &Device::Cpu)
+            .and_then(|q| q.dequantize(&Device::Cpu))
+            .and_then(|t| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>())
+            .map_err(|e| tensor_error(path, "rope_freqs.weight", e))?;
+        RopeScaling::Factors(t)
+    } else {
+        RopeScaling::None
+    };
+    let token_id = |key: &str| -> Result<Option<u32>> { Ok(meta.number(key)?.map(|n| n as u32)) };
+    let config = LlamaConfig {
+        model_type: arch.clone(),
+        vocab_size: vocab,
+        hidden_size: hidden,
+        intermediate_size: meta.arch_usize("feed_forward_length")?,
+        num_hidden_layers: meta.arch_usize("block_count")?,
+        num_attention_heads: heads,
+        num_key_value_heads: kv_heads,
+        head_dim,
+        rms_norm_eps: meta
+            .number(&format!("{arch}.attention.layer_norm_rms_epsilon"))?
+            .unwrap_or(1e-5),
+        rope_theta: meta
+            .number(&format!("{arch}.rope.freq_base"))?
+            .unwrap_or(10_000.0),
+        rope_scaling,
+        max_position_embeddings: meta.arch_usize("context_length").unwrap_or(4096),
+        tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
+        attention_bias: has_bias,
+        mlp_bias: false,
+        bos_token_id: token_id("tokenizer.ggml.bos_token_id")?,
+        eos_token_ids: token_id("tokenizer.ggml.eos_token_id")?
+            .into_iter()
+            .collect(),
+    };
+    config.check(path)?;
+
+    // Dequantize every tensor the model needs, under transformers' names.
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    let mut fingerprints: HashMap<String, BaseFingerprint> = HashMap::new();
+    let names: Vec<String> = content.tensor_infos.keys().cloned().collect();
+    let wanted = hf_names(&config);
+    for hf in &wanted {
+        let Some(gguf) = gguf_name(hf) else { continue };
+        if !names.contains(&gguf) {
+            if hf == "lm_head.weight" {
+                continue; // tied
+            }
+            return Err(ModelError::Tensor {
+                path: path.to_path_buf(),
+                name: gguf,
+                reason: format!("missing from the file (needed for `{hf}`)"),
+            });
+        }
+        let (qtensor, fingerprint) = read_tensor(&mut file, &content, &gguf, path)?;
+        let mut t = qtensor
+            .dequantize(device)
+            .map_err(|e| tensor_error(path, &gguf, e))?;
+        if arch == "llama" {
+            if gguf.ends_with("attn_q.weight") || gguf.ends_with("attn_q.bias") {
+                t = unpermute(&t, heads).map_err(|e| tensor_error(path, &gguf, e))?;
+            } else if gguf.ends_with("attn_k.weight") || gguf.ends_with("attn_k.bias") {
+                t = unpermute(&t, kv_heads).map_err(|e| tensor_error(path, &gguf, e))?;
+            }
+        }
+        let t = t
+            .to_dtype(dtype)
+            .map_err(|e| tensor_error(path, &gguf, e))?;
+        if let Some(module) = hf.strip_suffix(".weight") {
+            fingerprints.insert(module.to_string(), fingerprint);
+        }
+        tensors.insert(hf.clone(), t);
+    }
+    if config.tie_word_embeddings {
+        if let Some(fp) = fingerprints.get("model.embed_tokens").cloned() {
+            fingerprints.insert("lm_head".into(), fp);
+        }
+    }
+    let vb = VarBuilder::from_tensors(tensors, dtype, device);
+    let mut model = LlamaForCausalLM::new(config, vb).map_err(|e| ModelError::Tensor {
+        path: path.to_path_buf(),
+        name: missing_name(&e),
+        reason: e.to_string(),
+    })?;
+    attach_fingerprints(&mut model, &fingerprints)?;
+    Ok(model)
+}
+
+fn tensor_error(path: &Path, name: &str, e: candle_core::Error) -> ModelError {
+    ModelError::Tensor {
+        path: path.to_path_buf(),
+        name: name.to_string(),
+        reason: e.to_string(),
+    }
+}
+
+/// Every parameter name the model reads, in transformers' naming.
+fn hf_names(config: &LlamaConfig) -> Vec<String> {
+    let mut names = vec![
+        "model.embed_tokens.weight".to_string(),
+        "model.norm.weight".to_string(),
+        "lm_head.weight".to_string(),
+    ];
+    for i in 0..config.num_hidden_layers {
+        for m in [
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+            "input_layernorm",
+            "post_attention_layernorm",
+        ] {
+            names.push(format!("model.layers.{i}.{m}.weight"));
+        }
+        if config.attention_bias {
+            for m in ["q_proj", "k_proj", "v_proj"] {
+                names.push(format!("model.layers.{i}.self_attn.{m}.bias"));
+            }
+        }
+    }
+    names
+}
+
+/// Reads a tensor of the file and the fingerprint of its stored bytes (GGML type and data).
+fn read_tensor(
+    file: &mut File,
+    content: &Content,
+    name: &str,
+    path: &Path,
+) -> Result<(candle_core::quantized::QTensor, BaseFingerprint)> {
+    let info = content
+        .tensor_infos
+        .get(name)
+        .ok_or_else(|| ModelError::Tensor {
+            path: path.to_path_buf(),
+            name: name.to_string(),
+            reason: "missing from the file".into(),
+        })?;
+    let elems = info.shape.elem_count();
+    let block = info.ggml_dtype.block_size().max(1);
+    let bytes = elems / block * info.ggml_dtype.type_size();
+    let start = content.tensor_data_offset.saturating_add(info.offset);
+    let mut raw = vec![0u8; bytes];
+    file.seek(SeekFrom::Start(start))
+        .and_then(|_| file.read_exact(&mut raw))
+        .map_err(|e| ModelError::Tensor {
+            path: path.to_path_buf(),
+            name: name.to_string(),
+            reason: format!("cannot read {bytes} bytes at offset {start} (truncated file?): {e}"),
+        })?;
+    let qtensor = candle_core::quantized::ggml_file::qtensor_from_ggml(
+        info.ggml_dtype,
+        &raw,
+        info.shape.dims().to_vec(),
+        &Device::Cpu,
+    )
+    .map_err(|e| tensor_error(path, name, e))?;
+    let fingerprint = BaseFingerprint::of_stored(
+        info.shape.dims(),
+        &format!("{:?}", info.ggml_dtype).to_lowercase(),
+        xxhash_rust::xxh3::xxh3_64(&raw),
+    );
+    Ok((qtensor, fingerprint))
+}
+
+/// Gives every LoRA layer the fingerprint of its tensor in the file.
+fn attach_fingerprints(
+    model: &mut LlamaForCausalLM,
+    fingerprints: &HashMap<String, BaseFingerprint>,
+) -> Result<()> {
+    model.visit_lora_layers_mut(&mut ModulePath::new(), &mut |p, layer, _| {
+        if let (Some(fp), Some(linear)) = (
+            fingerprints.get(p.as_str()),
+            layer
+                .as_any_mut()
+                .downcast_mut::<lora_runtime::LoraLinear>(),
+        ) {
+            linear.set_stored_fingerprint(fp.clone());
+        }
+        Ok(())
+    })?;
+    Ok(())
+}

@@ -1,0 +1,19 @@
+//! Llama-family decoders (Llama 1-3, SmolLM2, Qwen2): RMSNorm, RoPE (with Llama-3 scaling),
+//! grouped-query attention, SwiGLU MLP, tied or untied embeddings, optional q/k/v bias.
+//!
+//! ```no_run
+//! use candle_core::{DType, Device, Tensor};
+//! use lora_models::llama::load_llama;
+//! let model = load_llama("SmolLM2-135M-Instruct.Q4_1.gguf".as_ref(), DType::F32, &Device::Cpu)?;
+//! let ids = Tensor::new(&[[1u32, 9690, 198]], &Device::Cpu)?;
+//! let logits = model.forward(&ids, &mut model.new_cache())?; // [1, 3, 49152]
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod config;
+mod load;
+mod model;
+
+pub use config::{Llama3RopeScaling, LlamaConfig, RopeScaling};
+pub use load::{load_gguf, load_hf_dir, load_llama, Checkpoint};
+pub use model::{Attention, Cache, DecoderLayer, LlamaForCausalLM, LlamaModel, Mlp};

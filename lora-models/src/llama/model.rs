@@ -1,0 +1,371 @@
+//! The Llama-family decoder, written with `#[lora]`: field names are transformers' module paths
+//! (`model.layers.0.self_attn.q_proj`, ..., `lm_head`), so PEFT adapters load by name.
+//!
+//! Every projection and the LM head are `adaptable`: LoRA-capable with no default adapter. A
+//! layer without an adapter computes exactly its base. Which layers get adapters is chosen at
+//! run time, e.g. from a PEFT config:
+//!
+//! ```no_run
+//! # use lora_models::llama::LlamaForCausalLM;
+//! use lora_runtime::{InitOptions, LoraConfig, LoraModelExt};
+//! # fn f(model: &mut LlamaForCausalLM) -> Result<(), Box<dyn std::error::Error>> {
+//! let config = LoraConfig::from_json(r#"{"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}"#)?;
+//! model.init_adapter_with(&candle_nn::VarMap::new(), &InitOptions::default().with_peft_config(config))?;
+//! # Ok(()) }
+//! ```
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
+use lora_macros::lora;
+use lora_runtime::LoraLinear;
+
+use super::config::LlamaConfig;
+use crate::error::{ModelError, Result};
+
+/// Grouped-query self-attention with rotary position embeddings.
+#[lora(crate = "::lora_runtime", adaptable = ["q_proj", "k_proj", "v_proj", "o_proj"])]
+#[derive(Debug, Clone)]
+pub struct Attention {
+    /// `q_proj`, `[heads * head_dim, hidden]`.
+    pub q_proj: Linear,
+    /// `k_proj`, `[kv_heads * head_dim, hidden]`.
+    pub k_proj: Linear,
+    /// `v_proj`, `[kv_heads * head_dim, hidden]`.
+    pub v_proj: Linear,
+    /// `o_proj`, `[hidden, heads * head_dim]`.
+    pub o_proj: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+/// The SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
+#[lora(crate = "::lora_runtime", adaptable = ["gate_proj", "up_proj", "down_proj"])]
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    /// `gate_proj`.
+    pub gate_proj: Linear,
+    /// `up_proj`.
+    pub up_proj: Linear,
+    /// `down_proj`.
+    pub down_proj: Linear,
+}
+
+/// One decoder layer: pre-norm attention and MLP, each with a residual connection.
+#[lora(crate = "::lora_runtime")]
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    /// `self_attn`.
+    #[lora(nested)]
+    pub self_attn: Attention,
+    /// `mlp`.
+    #[lora(nested)]
+    pub mlp: Mlp,
+    /// `input_layernorm`.
+    pub input_layernorm: RmsNorm,
+    /// `post_attention_layernorm`.
+    pub post_attention_layernorm: RmsNorm,
+}
+
+/// The decoder stack (`model.` in transformers' paths).
+#[lora(crate = "::lora_runtime")]
+#[derive(Debug, Clone)]
+pub struct LlamaModel {
+    /// `embed_tokens`.
+    pub embed_tokens: Embedding,
+    /// `layers`.
+    #[lora(nested)]
+    pub layers: Vec<DecoderLayer>,
+    /// `norm`.
+    pub norm: RmsNorm,
+    /// The inverse rotary frequencies, f32 `[head_dim / 2]`.
+    inv_freq: Tensor,
+}
+
+/// A Llama-family causal language model (Llama 1-3, SmolLM, Qwen2): `model` plus `lm_head`.
+#[lora(crate = "::lora_runtime", adaptable = ["lm_head"])]
+#[derive(Debug, Clone)]
+pub struct LlamaForCausalLM {
+    /// `model`.
+    #[lora(nested)]
+    pub model: LlamaModel,
+    /// `lm_head` (sharing the embedding matrix when `tie_word_embeddings`).
+    pub lm_head: Linear,
+    config: LlamaConfig,
+}
+
+/// The key/value cache of one sequence batch: what generation reuses from step to step. A model
+/// is shared (`&self`); each generation owns its cache.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl Cache {
+    /// An empty cache for `config`'s layers.
+    pub fn new(config: &LlamaConfig) -> Self {
+        Self {
+            layers: vec![None; config.num_hidden_layers],
+            len: 0,
+        }
+    }
+    /// The number of positions cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// `x [b, kv_heads, t, d]` with each key/value head repeated `n` times, as transformers'
+/// `repeat_kv`: `[b, kv_heads * n, t, d]`.
+fn repeat_kv(x: Tensor, n: usize) -> candle_core::Result<Tensor> {
+    if n == 1 {
+        return Ok(x);
+    }
+    let (b, kv, t, d) = x.dims4()?;
+    x.unsqueeze(2)?
+        .broadcast_as((b, kv, n, t, d))?
+        .reshape((b, kv * n, t, d))
+}
+
+impl Attention {
+    fn new(config: &LlamaConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let (h, kv, d, hidden) = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+            config.hidden_size,
+        );
+        let qkv_bias = config.attention_bias;
+        // Llama's `attention_bias` covers o_proj too; Qwen2's o_proj never has one.
+        let o_bias = config.attention_bias && config.model_type != "qwen2";
+        Ok(Self {
+            q_proj: candle_nn::linear_b(hidden, h * d, qkv_bias, vb.pp("q_proj"))?.into(),
+            k_proj: candle_nn::linear_b(hidden, kv * d, qkv_bias, vb.pp("k_proj"))?.into(),
+            v_proj: candle_nn::linear_b(hidden, kv * d, qkv_bias, vb.pp("v_proj"))?.into(),
+            o_proj: candle_nn::linear_b(h * d, hidden, o_bias, vb.pp("o_proj"))?.into(),
+            num_heads: h,
+            num_kv_heads: kv,
+            head_dim: d,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &(Tensor, Tensor),
+        mask: Option<&Tensor>,
+        cache: &mut Option<(Tensor, Tensor)>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let heads = |y: Tensor, n: usize| y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous();
+        let q = heads(self.q_proj.forward(x)?, h)?;
+        let k = heads(self.k_proj.forward(x)?, kv)?;
+        let v = heads(self.v_proj.forward(x)?, kv)?;
+        let (cos, sin) = rope;
+        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+        let (k, v) = match cache.take() {
+            Some((k0, v0)) => (Tensor::cat(&[k0, k], 2)?, Tensor::cat(&[v0, v], 2)?),
+            None => (k, v),
+        };
+        *cache = Some((k.clone(), v.clone()));
+        let k = repeat_kv(k, h / kv)?.contiguous()?;
+        let v = repeat_kv(v, h / kv)?.contiguous()?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?;
+        let scores = match mask {
+            Some(mask) => scores.broadcast_add(mask)?,
+            None => scores,
+        };
+        let dtype = scores.dtype();
+        let probs =
+            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
+        let y = probs.matmul(&v)?; // [b, h, t, d]
+        let y = y.transpose(1, 2)?.reshape((b, t, h * d))?;
+        self.o_proj.forward(&y)
+    }
+}
+
+impl Mlp {
+    fn new(config: &LlamaConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let (hidden, inter, bias) = (
+            config.hidden_size,
+            config.intermediate_size,
+            config.mlp_bias,
+        );
+        Ok(Self {
+            gate_proj: candle_nn::linear_b(hidden, inter, bias, vb.pp("gate_proj"))?.into(),
+            up_proj: candle_nn::linear_b(hidden, inter, bias, vb.pp("up_proj"))?.into(),
+            down_proj: candle_nn::linear_b(inter, hidden, bias, vb.pp("down_proj"))?.into(),
+        })
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    }
+}
+
+impl DecoderLayer {
+    fn new(config: &LlamaConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let (hidden, eps) = (config.hidden_size, config.rms_norm_eps);
+        Ok(Self {
+            self_attn: Attention::new(config, vb.pp("self_attn"))?,
+            mlp: Mlp::new(config, vb.pp("mlp"))?,
+            input_layernorm: candle_nn::rms_norm(hidden, eps, vb.pp("input_layernorm"))?,
+            post_attention_layernorm: candle_nn::rms_norm(
+                hidden,
+                eps,
+                vb.pp("post_attention_layernorm"),
+            )?,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &(Tensor, Tensor),
+        mask: Option<&Tensor>,
+        cache: &mut Option<(Tensor, Tensor)>,
+    ) -> candle_core::Result<Tensor> {
+        let h =
+            (x + self
+                .self_attn
+                .forward(&self.input_layernorm.forward(x)?, rope, mask, cache)?)?;
+        &h + self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&h)?)?
+    }
+}
+
+/// The causal mask for `t` new positions after `past` cached ones: 0 where a query may look,
+/// -inf above the diagonal, `[t, past + t]`.
+fn causal_mask(
+    t: usize,
+    past: usize,
+    dtype: DType,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let total = past + t;
+    let values: Vec<f32> = (0..t)
+        .flat_map(|i| (0..total).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(values, (t, total), device)?.to_dtype(dtype)
+}
+
+impl LlamaModel {
+    fn new(config: &LlamaConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let embed_tokens =
+            candle_nn::embedding(config.vocab_size, config.hidden_size, vb.pp("embed_tokens"))?;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| DecoderLayer::new(config, vb.pp("layers").pp(i)))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let norm = candle_nn::rms_norm(config.hidden_size, config.rms_norm_eps, vb.pp("norm"))?;
+        let inv_freq = config.inv_freq();
+        let n = inv_freq.len();
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            inv_freq: Tensor::from_vec(inv_freq, n, vb.device())?,
+        })
+    }
+
+    /// `(cos, sin)` `[t, head_dim / 2]` for positions `past .. past + t`, in `dtype`.
+    fn rope(&self, past: usize, t: usize, dtype: DType) -> candle_core::Result<(Tensor, Tensor)> {
+        let device = self.inv_freq.device();
+        let positions: Vec<f32> = (past..past + t).map(|p| p as f32).collect();
+        let positions = Tensor::from_vec(positions, (t, 1), device)?;
+        let freqs = positions.broadcast_mul(&self.inv_freq.unsqueeze(0)?)?;
+        Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
+    }
+
+    /// The final hidden states `[b, t, hidden]` for token ids `[b, t]`, after `cache`'s
+    /// positions; the cache is extended by `t`.
+    ///
+    /// # Errors
+    /// Shape errors from candle; a cache of another model.
+    pub fn forward(&self, ids: &Tensor, cache: &mut Cache) -> Result<Tensor> {
+        let (_, t) = ids.dims2()?;
+        if cache.layers.len() != self.layers.len() {
+            return Err(ModelError::Input(format!(
+                "the cache has {} layers, the model {}",
+                cache.layers.len(),
+                self.layers.len()
+            )));
+        }
+        let past = cache.len;
+        let mut x = self.embed_tokens.forward(ids)?;
+        let dtype = x.dtype();
+        let rope = self.rope(past, t, dtype)?;
+        let mask = if t > 1 {
+            Some(causal_mask(t, past, dtype, x.device())?)
+        } else {
+            None
+        };
+        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            x = layer.forward(&x, &rope, mask.as_ref(), kv)?;
+        }
+        cache.len += t;
+        Ok(self.norm.forward(&x)?)
+    }
+}
+
+impl LlamaForCausalLM {
+    /// Builds the model from weights named as transformers names them (`model.embed_tokens.weight`,
+    /// `model.layers.0.self_attn.q_proj.weight`, ..., `lm_head.weight` unless tied).
+    ///
+    /// # Errors
+    /// A candle error naming a missing tensor or a wrong shape.
+    pub fn new(config: LlamaConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let model = LlamaModel::new(&config, vb.pp("model"))?;
+        let lm_head = if config.tie_word_embeddings {
+            Linear::new(model.embed_tokens.embeddings().clone(), None)
+        } else {
+            candle_nn::linear_no_bias(config.hidden_size, config.vocab_size, vb.pp("lm_head"))?
+        };
+        Ok(Self {
+            model,
+            lm_head: LoraLinear::from(lm_head),
+            config,
+        })
+    }
+
+    /// The hyper-parameters.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// A fresh key/value cache for this model.
+    pub fn new_cache(&self) -> Cache {
+        Cache::new(&self.config)
+    }
+
+    /// Logits `[b, t, vocab]` for every position of `ids [b, t]`, after `cache`'s positions.
+    ///
+    /// # Errors
+    /// Shape errors; token ids outside the vocabulary.
+    pub fn forward(&self, ids: &Tensor, cache: &mut Cache) -> Result<Tensor> {
+        let hidden = self.model.forward(ids, cache)?;
+        Ok(self.lm_head.forward(&hidden)?)
+    }
+
+    /// Logits `[b, vocab]` of the last position only (the LM head on one position): what
+    /// generation needs.
+    ///
+    /// # Errors
+    /// As [`forward`](Self::forward).
+    pub fn forward_last(&self, ids: &Tensor, cache: &mut Cache) -> Result<Tensor> {
+        let hidden = self.model.forward(ids, cache)?;
+        let t = hidden.dim(1)?;
+        let last = hidden.narrow(1, t - 1, 1)?.squeeze(1)?;
+        Ok(self.lm_head.forward(&last)?)
+    }
+}
