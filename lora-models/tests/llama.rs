@@ -237,3 +237,124 @@ fn a_peft_adapter_made_on_transformers_smollm2_gives_peft_outputs() {
     println!("merged: {d:.3e}");
     assert!(d <= SMOLLM2_ATOL, "merged: {d}");
 }
+
+/// Flips one byte of the tensor data of `name` in a copy of the GGUF at `src`.
+fn gguf_with_changed_tensor(src: &Path, name: &str, dst: &Path) {
+    let mut file = std::fs::File::open(src).unwrap();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
+    let info = &content.tensor_infos[name];
+    let at = (content.tensor_data_offset + info.offset) as usize + 3;
+    let mut bytes = std::fs::read(src).unwrap();
+    bytes[at] ^= 0x40;
+    std::fs::write(dst, bytes).unwrap();
+}
+
+#[test]
+fn adapters_on_gguf_bases_record_the_stored_tensors_whatever_the_dtype() {
+    let gguf = fixtures().join("tiny-llama-gguf/tiny-llama.gguf");
+    let mut model = load_llama(&gguf, DType::F32, &Device::Cpu).unwrap();
+    let config = lora_runtime::LoraConfig::from_json(
+        r#"{"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]}"#,
+    )
+    .unwrap();
+    model
+        .init_adapter_with(
+            &candle_nn::VarMap::new(),
+            &lora_runtime::InitOptions::default().with_peft_config(config),
+        )
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    model.save_adapter(dir.path()).unwrap();
+    let file = lora_runtime::peft::AdapterFile::read(dir.path()).unwrap();
+    // blk.0.attn_q is stored as Q8_0 and blk.1.attn_v as F16 in the fixture.
+    let q = &file.base_fingerprints["model.layers.0.self_attn.q_proj"];
+    let v = &file.base_fingerprints["model.layers.1.self_attn.v_proj"];
+    assert_eq!((q.dtype.as_str(), v.dtype.as_str()), ("q8_0", "f16"));
+
+    // The same file loaded in another dtype accepts the adapter ...
+    let mut half = load_llama(&gguf, DType::F16, &Device::Cpu).unwrap();
+    half.load_adapter(dir.path()).unwrap();
+    // ... another file with a changed q tensor refuses it, naming the module.
+    let other = dir.path().join("other.gguf");
+    gguf_with_changed_tensor(&gguf, "blk.0.attn_q.weight", &other);
+    let mut changed = load_llama(&other, DType::F32, &Device::Cpu).unwrap();
+    let err = changed.load_adapter(dir.path()).unwrap_err();
+    assert!(
+        matches!(&err, lora_runtime::Error::BaseMismatch { module, .. } if module == "model.layers.0.self_attn.q_proj"),
+        "{err}"
+    );
+    assert!(changed.adapters().is_empty());
+}
+
+#[test]
+fn bad_checkpoints_are_named_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    // A truncated GGUF: the error names the file and the tensor.
+    let gguf = fixtures().join("tiny-llama-gguf/tiny-llama.gguf");
+    let bytes = std::fs::read(&gguf).unwrap();
+    let cut = dir.path().join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() - 1000]).unwrap();
+    let err = load_llama(&cut, DType::F32, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("cut.gguf") && err.contains("tensor `"),
+        "{err}"
+    );
+    // Not a model at all.
+    let junk = dir.path().join("junk.bin");
+    std::fs::write(&junk, b"hello").unwrap();
+    let err = load_llama(&junk, DType::F32, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("junk.bin") && err.contains("neither a GGUF"),
+        "{err}"
+    );
+    // Another architecture.
+    let hf = dir.path().join("gpt2");
+    std::fs::create_dir(&hf).unwrap();
+    std::fs::write(
+        hf.join("config.json"),
+        r#"{"model_type": "gpt2", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8,
+            "num_hidden_layers": 1, "num_attention_heads": 2}"#,
+    )
+    .unwrap();
+    let err = load_llama(&hf, DType::F32, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("config.json") && err.contains("`model_type`"),
+        "{err}"
+    );
+    // A directory whose weights lack a tensor.
+    let partial = dir.path().join("partial");
+    std::fs::create_dir(&partial).unwrap();
+    let src = fixtures().join("tiny-llama-tied");
+    std::fs::copy(src.join("config.json"), partial.join("config.json")).unwrap();
+    let mut tensors =
+        candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    tensors.remove("model.layers.1.mlp.up_proj.weight");
+    candle_core::safetensors::save(&tensors, partial.join("model.safetensors")).unwrap();
+    let err = load_llama(&partial, DType::F32, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("model.layers.1.mlp.up_proj.weight"), "{err}");
+    // An adapter for another model: shape mismatch named by the file and tensor.
+    let mut model = load_llama(&fixtures().join("tiny-llama"), DType::F32, &Device::Cpu).unwrap();
+    let err = model
+        .load_adapter(fixtures().join("smollm2-adapter"))
+        .unwrap_err();
+    assert!(
+        matches!(err, lora_runtime::Error::BadTensor { .. }),
+        "{err:?}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains("adapter_model.safetensors")
+            && text.contains("lora_A")
+            && text.contains("does not fit"),
+        "{text}"
+    );
+    assert!(model.adapters().is_empty());
+}
