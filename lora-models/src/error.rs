@@ -69,6 +69,93 @@ pub enum ModelError {
     /// An input the model cannot run (empty prompt, too long, a token id outside the vocabulary).
     #[error("{0}")]
     Input(String),
+
+    /// A GGUF file lacks a metadata key the tokenizer needs.
+    #[error("{}: no `{key}` metadata: the file holds no tokenizer that can be rebuilt", path.display())]
+    MissingMetadata {
+        /// The GGUF file.
+        path: PathBuf,
+        /// The missing key, e.g. `tokenizer.ggml.tokens`.
+        key: String,
+    },
+
+    /// A GGUF metadata value or a config field has the wrong type or an impossible value.
+    #[error("{}: `{field}`: {reason}", path.display())]
+    InvalidField {
+        /// The file at fault.
+        path: PathBuf,
+        /// The metadata key or JSON field, e.g. `tokenizer.ggml.bos_token_id` or `eos_token`.
+        field: String,
+        /// Why the value is refused.
+        reason: String,
+    },
+
+    /// The GGUF file describes a tokenizer kind this crate does not rebuild.
+    #[error(
+        "{}: `tokenizer.ggml.model` is `{found}`, but only `gpt2` (byte-level BPE) is supported: \
+         load the model's `tokenizer.json` with `TextTokenizer::from_hf_dir` instead",
+        path.display()
+    )]
+    UnsupportedTokenizer {
+        /// The GGUF file.
+        path: PathBuf,
+        /// The value of `tokenizer.ggml.model`, e.g. `llama` (sentencepiece).
+        found: String,
+    },
+
+    /// A special token named by a config file is not in the vocabulary.
+    #[error("{}: `{field}` is `{token}`, which is not in the vocabulary", path.display())]
+    UnknownToken {
+        /// The config file.
+        path: PathBuf,
+        /// The field naming the token, e.g. `eos_token`.
+        field: String,
+        /// The token's text.
+        token: String,
+    },
+
+    /// No end-of-sequence token is stated anywhere.
+    #[error(
+        "{}: no end-of-sequence token: set `eos_token` in `tokenizer_config.json` or \
+         `eos_token_id` in `generation_config.json`",
+        path.display()
+    )]
+    MissingEosToken {
+        /// The model directory or file.
+        path: PathBuf,
+    },
+
+    /// The `tokenizers` library refused to build or load the tokenizer.
+    #[error("{}: cannot build the tokenizer: {source}", path.display())]
+    Tokenizer {
+        /// The file the tokenizer came from.
+        path: PathBuf,
+        /// What `tokenizers` reported.
+        source: tokenizers::Error,
+    },
+
+    /// Encoding text into token ids failed.
+    #[error("cannot encode text: {source}")]
+    Encode {
+        /// What `tokenizers` reported.
+        source: tokenizers::Error,
+    },
+
+    /// Decoding token ids into text failed.
+    #[error("cannot decode token ids: {source}")]
+    Decode {
+        /// What `tokenizers` reported.
+        source: tokenizers::Error,
+    },
+
+    /// A chat template failed to compile or to render (including its own `raise_exception`).
+    #[error("chat template: cannot {what}: {source}")]
+    Template {
+        /// The stage that failed: `compile the template` or `render the messages`.
+        what: &'static str,
+        /// What minijinja reported, with the template line.
+        source: minijinja::Error,
+    },
 }
 
 impl ModelError {

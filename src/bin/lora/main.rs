@@ -1,11 +1,14 @@
 //! `lora`: merge a PEFT LoRA adapter into a safetensors model, or inspect an adapter, with no
-//! model code.
+//! model code; generate text with a Llama-family model and an adapter.
 //!
 //! ```text
 //! lora merge --base model.safetensors --adapter my-adapter --out merged.safetensors
 //! lora merge --base sharded-model-dir --adapter my-adapter --out merged-dir
 //! lora inspect my-adapter
+//! lora generate --model SmolLM2-135M-Instruct.Q4_1.gguf --prompt "What is the capital of France?"
 //! ```
+
+mod generate;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -19,7 +22,11 @@ use lora::peft::AdapterFile;
 use lora::TargetModules;
 
 #[derive(Parser)]
-#[command(name = "lora", version, about = "Merge and inspect PEFT LoRA adapters")]
+#[command(
+    name = "lora",
+    version,
+    about = "Merge and inspect PEFT LoRA adapters; generate with Llama-family models"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -51,25 +58,35 @@ enum Command {
         /// The PEFT adapter directory.
         adapter: PathBuf,
     },
+    /// Generate text with a Llama-family model (a .gguf file or a Hugging Face directory),
+    /// optionally with a PEFT adapter. stdout carries exactly the completion.
+    Generate(generate::GenerateArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
+    let merging = matches!(cli.command, Command::Merge { .. });
+    let result: Result<(), Box<dyn std::error::Error>> = match cli.command {
         Command::Merge {
             base,
             adapter,
             out,
             quiet,
             no_verify_base,
-        } => merge(base, adapter, out, quiet, !no_verify_base),
-        Command::Inspect { adapter } => inspect(adapter),
+        } => merge(base, adapter, out, quiet, !no_verify_base).map_err(Into::into),
+        Command::Inspect { adapter } => inspect(adapter).map_err(Into::into),
+        Command::Generate(args) => generate::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
-            if matches!(e, lora::Error::BaseMismatch { .. }) {
+            if merging
+                && matches!(
+                    e.downcast_ref::<lora::Error>(),
+                    Some(lora::Error::BaseMismatch { .. })
+                )
+            {
                 eprintln!("hint: pass --no-verify-base to merge anyway");
             }
             ExitCode::FAILURE
