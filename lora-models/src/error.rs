@@ -66,6 +66,17 @@ pub enum ModelError {
         reason: String,
     },
 
+    /// A hub id that is not in the Hugging Face cache and could not be downloaded.
+    #[error("model `{id}` (Hugging Face cache {}): {reason}", cache.display())]
+    Hub {
+        /// The hub id as given.
+        id: String,
+        /// The cache directory searched.
+        cache: PathBuf,
+        /// What failed.
+        reason: String,
+    },
+
     /// An input the model cannot run (empty prompt, too long, a token id outside the vocabulary).
     #[error("{0}")]
     Input(String),

@@ -17,6 +17,7 @@ pub mod cache;
 pub mod chat;
 pub mod error;
 pub mod generate;
+pub mod hub;
 pub mod llama;
 pub mod pretrained;
 pub mod tokenizer;

@@ -27,9 +27,10 @@ pub enum WeightDtype {
 /// The arguments of `lora generate`.
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// The model: a `.gguf` file or a Hugging Face model directory.
+    /// The model: a `.gguf` file, a Hugging Face model directory, or a hub id
+    /// (`HuggingFaceTB/SmolLM2-135M-Instruct`, resolved through the Hugging Face cache).
     #[arg(long)]
-    model: PathBuf,
+    model: String,
     /// The weights' dtype.
     #[arg(long, value_enum, default_value = "f32")]
     dtype: WeightDtype,
@@ -79,10 +80,11 @@ pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
         return Err(format!("--top-p must be in (0, 1], got {}", args.top_p).into());
     }
     let start = Instant::now();
-    let mut pretrained = Pretrained::load(&args.model, dtype, &Device::Cpu)?;
+    let path = lora::models::hub::resolve_model(&args.model)?;
+    let mut pretrained = Pretrained::load(&path, dtype, &Device::Cpu)?;
     eprintln!(
         "loaded {} in {:.2} s",
-        args.model.display(),
+        path.display(),
         start.elapsed().as_secs_f64()
     );
     if let Some(adapter) = &args.adapter {
