@@ -26,6 +26,7 @@
 //! | argument | value | default |
 //! |---|---|---|
 //! | `targets` | `["q_proj", ..]`: the fields that get an adapter, each a `candle_nn::Linear` (or `lora::LoraLinear`); non-empty, no duplicates | none: the struct is a container |
+//! | `adaptable` | `["k_proj", ..]`: linear fields that can take adapters created at run time (`InitOptions::with_peft_config` / `with_config`) but get none from `init_adapter`; non-empty, no duplicates, not also in `targets` | none |
 //! | `rank` | integer literal `>= 1`: the inner dimension `r` of `A [r, in]` and `B [out, r]` | required with `targets` |
 //! | `alpha` | integer or float literal `> 0`: the adapter is scaled by `alpha / rank` | `8`, as in PEFT |
 //! | `dropout` | float literal in `[0, 1)`: dropout on the adapter's input while training | `0` |
