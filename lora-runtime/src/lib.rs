@@ -62,7 +62,7 @@ pub use config::{LayerConfig, LoraConfig, LoraInit, TargetModules};
 pub use error::{Error, Factor, LayerError, LayerResult, Result};
 pub use ext::LoraModelExt;
 pub use fingerprint::BaseFingerprint;
-pub use layer::{LoraLayer, LoraLinear, MergedWeight};
+pub use layer::{FrozenLinear, LoraLayer, LoraLinear, MergedWeight};
 pub use model::{LoraModel, ModulePath, VisitFn, VisitMutFn};
 pub use peft::LoadOptions;
 pub use registry::{InitOptions, TrainableParameters, DEFAULT_SEED};

@@ -195,6 +195,30 @@ where
     Ok(count)
 }
 
+/// `f` over `items` on up to candle's thread count of threads, results in order: for per-layer
+/// work that is independent and memory-bound (hashing base weights).
+pub(crate) fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let threads = candle_core::utils::get_num_threads().clamp(1, items.len().max(1));
+    if threads == 1 {
+        return items.iter().map(f).collect();
+    }
+    let per = items.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        let f = &f;
+        let handles: Vec<_> = items
+            .chunks(per)
+            .map(|chunk| s.spawn(move || chunk.iter().map(f).collect::<Vec<R>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| match h.join() {
+                Ok(results) => results,
+                Err(panic) => std::panic::resume_unwind(panic),
+            })
+            .collect()
+    })
+}
+
 /// The adapter names of every layer, sorted and deduplicated.
 pub(crate) fn adapter_names<M: LoraModel + ?Sized>(model: &M) -> Vec<String> {
     let mut names: Vec<String> = layers(model)

@@ -57,6 +57,9 @@ pub struct LoraLinear {
     /// The fingerprint of the weight as its file stores it, when that is not the weight in
     /// memory (a GGUF tensor dequantized on load).
     stored_fingerprint: Option<BaseFingerprint>,
+    /// The fingerprint of the base weight once computed: the base is frozen, so it is hashed
+    /// once, not on every save and load. Reset when `unload` replaces the base.
+    fingerprint_cache: std::sync::OnceLock<BaseFingerprint>,
 }
 
 impl From<Linear> for LoraLinear {
@@ -117,6 +120,7 @@ impl LoraLinear {
             training: false,
             unmerged_weight: None,
             stored_fingerprint: None,
+            fingerprint_cache: std::sync::OnceLock::new(),
         }
     }
 
@@ -242,7 +246,8 @@ impl LoraLinear {
     /// this layer does not have; a candle error for a row count that does not match `x`.
     pub fn forward_with_adapters(&self, x: &Tensor, rows: &[Option<&str>]) -> LayerResult<Tensor> {
         let routing = self.prepare_routing(rows)?;
-        let y = self.base()?.forward(x)?;
+        let base = self.base()?;
+        let y = self.base_forward(&base, x)?;
         Ok((y + routing.term(x)?)?)
     }
 
@@ -290,10 +295,10 @@ impl LoraLinear {
                     "LoraLinear: mixed-adapter batches are for inference; call `set_batch_adapters(None)` before training",
                 ));
             }
-            return base.forward(x)? + routing.term(x)?;
+            return self.base_forward(&base, x)? + routing.term(x)?;
         }
         let Some(ad) = self.adapter() else {
-            return base.forward(x);
+            return self.base_forward(&base, x);
         };
         if self.is_merged() {
             if train {
@@ -301,7 +306,7 @@ impl LoraLinear {
                     "LoraLinear: cannot train a merged layer, call `unmerge()` first",
                 ));
             }
-            return base.forward(x);
+            return self.base_forward(&base, x);
         }
         let dropped;
         let x_lora = if train && ad.dropout() > 0.0 {
@@ -325,8 +330,18 @@ impl LoraLinear {
             )?;
             return y.reshape(out_dims);
         }
-        let y = base.forward(x)?;
+        let y = self.base_forward(&base, x)?;
         y + self.lora_term(ad, x_lora)?
+    }
+
+    /// The base layer's output: a frozen weight through [`kernels::frozen_linear`] (no weight
+    /// gradient in a backward pass), an unfrozen one (full fine-tuning) through candle's `Linear`.
+    fn base_forward(&self, base: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
+        if base.weight().track_op() || base.bias().is_some_and(Tensor::track_op) {
+            base.forward(x)
+        } else {
+            kernels::frozen_linear(x, base.weight(), base.bias())
+        }
     }
 }
 
@@ -366,10 +381,17 @@ impl LoraLayer for LoraLinear {
         self.weight.elem_count() + self.bias.as_ref().map_or(0, Tensor::elem_count)
     }
     fn base_fingerprint(&self) -> LayerResult<BaseFingerprint> {
-        match &self.stored_fingerprint {
-            Some(fp) => Ok(fp.clone()),
-            None => BaseFingerprint::of(self.base_weight()),
+        if let Some(fp) = self
+            .stored_fingerprint
+            .as_ref()
+            .or(self.fingerprint_cache.get())
+        {
+            return Ok(fp.clone());
         }
+        let fp = BaseFingerprint::of(self.base_weight())?;
+        // Another thread may have set it meanwhile, to the same value.
+        let _ = self.fingerprint_cache.set(fp.clone());
+        Ok(fp)
     }
     fn adapter_set(&self) -> &AdapterSet {
         &self.adapters
@@ -422,6 +444,8 @@ impl LoraLayer for LoraLinear {
     }
 
     fn unload(&mut self) {
+        // The merged weight becomes the base: its fingerprint is another.
+        self.fingerprint_cache = std::sync::OnceLock::new();
         self.unmerged_weight = None;
         self.adapters.clear();
         self.routing = None;
@@ -589,5 +613,63 @@ mod tests {
                 close(gf.get(t).unwrap(), gr.get(t).unwrap());
             }
         }
+    }
+
+    #[test]
+    fn the_frozen_base_path_gives_the_composed_graph_gradients_without_a_weight_gradient() {
+        // f64: the fused f32 kernel does not apply, so the base runs through `frozen_linear`.
+        let dev = Device::Cpu;
+        let w = Var::from_tensor(&Tensor::randn(0f64, 0.5, (6, 5), &dev).unwrap()).unwrap();
+        let bias = Tensor::randn(0f64, 0.5, 6, &dev).unwrap();
+        let mut l = LoraLinear::new(w.as_tensor().clone(), Some(bias.clone()));
+        let adapter = l.fresh_adapter(&LayerConfig::new(2, 3.0), 1).unwrap();
+        adapter
+            .b()
+            .set(&Tensor::randn(0f64, 0.5, (6, 2), &dev).unwrap())
+            .unwrap();
+        l.insert_adapter(DEFAULT_ADAPTER, adapter.clone()).unwrap();
+        let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (2, 3, 5), &dev).unwrap()).unwrap();
+        let ours = l.forward_t(x.as_tensor(), true).unwrap();
+        let (a, b) = (adapter.a().as_tensor(), adapter.b().as_tensor());
+        // The composed graph, with the weight as a variable: candle computes its gradient too.
+        let reference = (x
+            .broadcast_matmul(&w.t().unwrap())
+            .unwrap()
+            .broadcast_add(&bias)
+            .unwrap()
+            + x.broadcast_matmul(&a.t().unwrap())
+                .unwrap()
+                .affine(adapter.scaling(), 0.0)
+                .unwrap()
+                .broadcast_matmul(&b.t().unwrap())
+                .unwrap())
+        .unwrap();
+        let max_diff = |p: &Tensor, q: &Tensor| -> f64 {
+            (p - q)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
+        assert!(max_diff(&ours, &reference) < 1e-12);
+        let g_ours = ours.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let g_ref = reference
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for t in [a, b, x.as_tensor()] {
+            assert!(max_diff(g_ours.get(t).unwrap(), g_ref.get(t).unwrap()) < 1e-10);
+        }
+        assert!(g_ref.get(w.as_tensor()).is_some());
+        assert!(
+            g_ours.get(w.as_tensor()).is_none(),
+            "no gradient for the frozen weight"
+        );
     }
 }

@@ -15,8 +15,10 @@
 //! Methods report a [`LayerError`] without a module path: the model visitor knows the path and
 //! attaches it once ([`LayerError::at`]).
 
+mod frozen;
 mod linear;
 
+pub use frozen::FrozenLinear;
 pub use linear::LoraLinear;
 
 use std::any::Any;

@@ -11,7 +11,7 @@ use crate::adapter::Adapter;
 use crate::error::{Error, Factor, LayerError, Result};
 use crate::fingerprint::BaseFingerprint;
 use crate::layer::{install_default, LoraLayer};
-use crate::model::{layers, prepare_then_commit, LoraModel};
+use crate::model::{layers, parallel_map, prepare_then_commit, LoraModel};
 
 impl AdapterFile {
     /// Checks the recorded [`BaseFingerprint`]s against the model's LoRA layers
@@ -22,12 +22,17 @@ impl AdapterFile {
     /// # Errors
     /// [`Error::BaseMismatch`] naming the first module whose base weight differs.
     pub fn verify_base(&self, layers: &[(&str, &dyn LoraLayer)]) -> Result<()> {
-        for module in self.base_fingerprints.keys() {
-            let Some((_, layer)) = layers.iter().find(|(p, _)| p == module) else {
-                continue;
-            };
-            let found = layer.base_fingerprint().map_err(|e| e.at(module))?;
-            self.check_base(module, &found)?;
+        let checked: Vec<(&str, &dyn LoraLayer)> = layers
+            .iter()
+            .filter(|(p, _)| self.base_fingerprints.contains_key(*p))
+            .copied()
+            .collect();
+        // Hashing is memory-bound and per layer: in parallel (each layer keeps its fingerprint).
+        let found = parallel_map(&checked, |(p, layer)| {
+            layer.base_fingerprint().map_err(|e| e.at(p))
+        });
+        for ((module, _), found) in checked.iter().zip(found) {
+            self.check_base(module, &found?)?;
         }
         Ok(())
     }

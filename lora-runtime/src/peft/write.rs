@@ -15,7 +15,7 @@ use crate::config::{LoraConfig, TargetModules};
 use crate::error::{Error, Factor, Result};
 use crate::fs::{RealFs, SaveFs, Staging};
 use crate::layer::LoraLayer;
-use crate::model::{adapter_names, layers, LoraModel};
+use crate::model::{adapter_names, layers, parallel_map, LoraModel};
 
 /// A tensor's bytes for a safetensors file.
 pub(crate) struct RawTensor<'a> {
@@ -144,7 +144,12 @@ pub(crate) fn save_layers(
     let config_path = dir.join(CONFIG_FILE);
     let mut tensors = Vec::with_capacity(2 * layers.len());
     let mut metadata = pt_metadata();
-    for &(path, layer, ad) in layers {
+    // Hashing the bases is memory-bound and per layer: in parallel (and once per layer, which
+    // keeps the fingerprint).
+    let fingerprints = parallel_map(layers, |(path, layer, _)| {
+        layer.base_fingerprint().map_err(|e| e.at(path))
+    });
+    for (&(path, _, ad), fingerprint) in layers.iter().zip(fingerprints) {
         for (factor, var) in [(Factor::A, ad.a()), (Factor::B, ad.b())] {
             let key = peft_key(path, factor);
             let (dtype, bytes) = tensor_bytes(var.as_tensor(), &tensor_path, &key)?;
@@ -157,10 +162,9 @@ pub(crate) fn save_layers(
                 },
             ));
         }
-        let fingerprint = layer.base_fingerprint().map_err(|e| e.at(path))?;
         metadata.insert(
             format!("{FINGERPRINT_PREFIX}{path}"),
-            fingerprint.to_string(),
+            fingerprint?.to_string(),
         );
     }
     let config = config_for(layers, all)?.to_json()?;
