@@ -358,3 +358,72 @@ fn bad_checkpoints_are_named_errors() {
     );
     assert!(model.adapters().is_empty());
 }
+
+#[test]
+fn lora_training_reaches_every_layer_through_norms_and_softmax() {
+    use candle_nn::{Optimizer, ParamsAdamW};
+    let mut model = load_llama(&fixtures().join("tiny-llama"), DType::F32, &Device::Cpu).unwrap();
+    let config = lora_runtime::LoraConfig::from_json(
+        r#"{"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}"#,
+    )
+    .unwrap();
+    let varmap = candle_nn::VarMap::new();
+    model
+        .init_adapter_with(
+            &varmap,
+            &lora_runtime::InitOptions::default().with_peft_config(config),
+        )
+        .unwrap();
+    model.set_training(true);
+    let ids = io("tiny-llama")["input_ids"].to_dtype(DType::U32).unwrap();
+    let t = ids.dim(1).unwrap();
+    let (inputs, targets) = (
+        ids.narrow(1, 0, t - 1).unwrap(),
+        ids.narrow(1, 1, t - 1).unwrap(),
+    );
+    let loss_of = |model: &LlamaForCausalLM| {
+        let logits = model.forward(&inputs, &mut model.new_cache()).unwrap();
+        candle_nn::loss::cross_entropy(
+            &logits.flatten_to(1).unwrap(),
+            &targets.flatten_all().unwrap(),
+        )
+        .unwrap()
+    };
+    // B starts at zero, so every B gets a gradient (A's is zero): the first layer's included,
+    // which the gradient reaches only through the norms and softmax of the layers above it.
+    let loss = loss_of(&model);
+    let grads = loss.backward().unwrap();
+    let layers = model.lora_layers();
+    let adapted: Vec<_> = layers
+        .iter()
+        .filter(|(_, l, _)| l.adapter().is_some())
+        .collect();
+    assert_eq!(
+        (layers.len(), adapted.len()),
+        (15, 14),
+        "all-linear leaves lm_head out"
+    );
+    for (path, layer, _) in adapted {
+        let b = layer.adapter().unwrap().b();
+        let g = grads
+            .get(b.as_tensor())
+            .unwrap_or_else(|| panic!("{path}: no gradient"));
+        let norm: f32 = g.abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
+        assert!(norm > 0.0, "{path}: zero gradient");
+    }
+    let mut opt = candle_nn::AdamW::new(
+        model.trainable_vars(),
+        ParamsAdamW {
+            lr: 1e-2,
+            ..ParamsAdamW::default()
+        },
+    )
+    .unwrap();
+    let first: f32 = loss.to_scalar().unwrap();
+    for _ in 0..20 {
+        let loss = loss_of(&model);
+        opt.backward_step(&loss).unwrap();
+    }
+    let last: f32 = loss_of(&model).to_scalar().unwrap();
+    assert!(last < 0.5 * first, "{first} -> {last}");
+}

@@ -32,7 +32,7 @@
 //!   command-line tool).
 //!
 //! Modules depend on each other in one direction, each only on those before it:
-//! `error` -> `config` -> `fingerprint` -> `adapter` -> `kernels` -> `routing` -> `layer` ->
+//! `error` -> `config` -> `fingerprint` -> `adapter` -> `kernels`, `ops` -> `routing` -> `layer` ->
 //! `model` -> `fs` -> `peft` -> `registry` -> `merge`, `combine`, `batched` -> `ext` ->
 //! `merge_file`.
 #![warn(missing_docs)]
@@ -52,6 +52,7 @@ pub mod layer;
 pub mod merge;
 pub mod merge_file;
 pub mod model;
+pub mod ops;
 pub mod peft;
 pub mod registry;
 pub mod routing;

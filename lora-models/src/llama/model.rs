@@ -168,8 +168,8 @@ impl Attention {
         let k = heads(self.k_proj.forward(x)?, kv)?;
         let v = heads(self.v_proj.forward(x)?, kv)?;
         let (cos, sin) = rope;
-        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+        let q = lora_runtime::ops::rope(&q, cos, sin)?;
+        let k = lora_runtime::ops::rope(&k, cos, sin)?;
         let (k, v) = match cache.take() {
             Some((k0, v0)) => (Tensor::cat(&[k0, k], 2)?, Tensor::cat(&[v0, v], 2)?),
             None => (k, v),
@@ -183,8 +183,9 @@ impl Attention {
             None => scores,
         };
         let dtype = scores.dtype();
+        // `lora_runtime::ops`: candle's fused kernels, with a backward when training.
         let probs =
-            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
+            lora_runtime::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
         let y = probs.matmul(&v)?; // [b, h, t, d]
         let y = y.transpose(1, 2)?.reshape((b, t, h * d))?;
         self.o_proj.forward(&y)
@@ -243,6 +244,11 @@ impl DecoderLayer {
             .mlp
             .forward(&self.post_attention_layernorm.forward(&h)?)?
     }
+}
+
+/// RMSNorm through `lora_runtime::ops` (candle's `RmsNorm` has no backward).
+fn norm(layer: &RmsNorm, x: &Tensor) -> candle_core::Result<Tensor> {
+    lora_runtime::ops::rms_norm(x, layer.weight(), layer.eps())
 }
 
 /// The causal mask for `t` new positions after `past` cached ones: 0 where a query may look,
@@ -314,7 +320,7 @@ impl LlamaModel {
             x = layer.forward(&x, &rope, mask.as_ref(), kv)?;
         }
         cache.len += t;
-        Ok(self.norm.forward(&x)?)
+        Ok(norm(&self.norm, &x)?)
     }
 }
 

@@ -1,0 +1,268 @@
+//! Fused RMSNorm, softmax and rotary embedding that models can train through.
+//!
+//! candle-nn's fused `rms_norm`, `softmax_last_dim` and `rotary_emb::rope` have no backward: a model using them
+//! silently stops the gradient there, so adapters before a norm never learn. These run candle's
+//! fused kernels when no gradient is tracked (inference) and, when one is, a fused CPU forward
+//! with a hand-written backward (f32), or the composed candle ops elsewhere (other dtypes,
+//! CUDA), which are slower but exact.
+//!
+//! ```
+//! use candle_core::{Device, Tensor, Var};
+//! let x = Var::from_tensor(&Tensor::randn(0f32, 1., (2, 8), &Device::Cpu)?)?;
+//! let w = Tensor::ones(8, candle_core::DType::F32, &Device::Cpu)?;
+//! let y = lora_runtime::ops::rms_norm(x.as_tensor(), &w, 1e-5)?;
+//! let p = lora_runtime::ops::softmax_last_dim(&y)?;
+//! let grads = p.sqr()?.sum_all()?.backward()?;
+//! assert!(grads.get(x.as_tensor()).is_some()); // the gradient reaches x
+//! # Ok::<(), candle_core::Error>(())
+//! ```
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Shape, Tensor, D};
+
+/// Whether the fused CPU op with a backward applies.
+fn fused_cpu(t: &Tensor) -> bool {
+    t.dtype() == DType::F32 && matches!(t.device(), Device::Cpu)
+}
+
+/// The contiguous f32 values of a storage, or an error naming `what`.
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    let Some((start, end)) = l.contiguous_offsets() else {
+        return Err(candle_core::Error::msg(format!(
+            "{what}: input is not contiguous"
+        )));
+    };
+    Ok(&s.as_slice::<f32>()?[start..end])
+}
+
+/// `x / sqrt(mean(x^2) + eps) * w` over the last dimension.
+struct RmsNorm {
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "lora-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, w) = (
+            f32_slice(xs, xl, "rms_norm")?,
+            f32_slice(ws, wl, "rms_norm")?,
+        );
+        let d = w.len();
+        if d == 0 || xl.shape().dims().last() != Some(&d) {
+            return Err(candle_core::Error::msg(format!(
+                "rms_norm: input {:?} does not end in the weight's {d}",
+                xl.shape()
+            )));
+        }
+        let mut out = vec![0f32; x.len()];
+        for (row, dst) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+            let mean = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
+            let r = 1.0 / (mean + self.eps).sqrt();
+            for ((o, v), g) in dst.iter_mut().zip(row).zip(w) {
+                *o = v * r * g;
+            }
+        }
+        Ok((CpuStorage::F32(out), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let d = x.dim(D::Minus1)? as f64;
+        let r = (x.sqr()?.mean_keepdim(D::Minus1)? + f64::from(self.eps))?
+            .sqrt()?
+            .recip()?;
+        let gw = grad.broadcast_mul(w)?;
+        let grad_x = if x.track_op() {
+            // d/dx (x r w) = r (g w) - x r^3 / d * sum(g w x)
+            let dot = (&gw * x)?.sum_keepdim(D::Minus1)?;
+            let coef = (r.powf(3.0)? * dot)?.affine(1.0 / d, 0.0)?;
+            Some((gw.broadcast_mul(&r)? - x.broadcast_mul(&coef)?)?)
+        } else {
+            None
+        };
+        let grad_w = if w.track_op() {
+            let normed = x.broadcast_mul(&r)?;
+            let per_row = (grad * normed)?;
+            let rows = per_row.elem_count() / w.elem_count().max(1);
+            Some(per_row.reshape((rows, w.elem_count()))?.sum(0)?)
+        } else {
+            None
+        };
+        Ok((grad_x, grad_w))
+    }
+}
+
+/// RMSNorm over the last dimension: `x / sqrt(mean(x^2) + eps) * weight`, with a backward.
+///
+/// # Errors
+/// Shape errors.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    if !(x.track_op() || weight.track_op()) {
+        return candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps as f32);
+    }
+    if fused_cpu(x) && fused_cpu(weight) {
+        return x
+            .contiguous()?
+            .apply_op2(weight, RmsNorm { eps: eps as f32 });
+    }
+    // Composed, in f32: slower, exact gradients on every device and dtype.
+    let dtype = x.dtype();
+    let x32 = x.to_dtype(DType::F32)?;
+    let r = (x32.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?;
+    x32.broadcast_mul(&r)?
+        .to_dtype(dtype)?
+        .broadcast_mul(weight)
+}
+
+/// Softmax over the last dimension.
+struct Softmax;
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "lora-softmax"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(xs, xl, "softmax")?;
+        let d = xl.shape().dims().last().copied().unwrap_or(1).max(1);
+        let mut out = vec![0f32; x.len()];
+        for (row, dst) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for (o, v) in dst.iter_mut().zip(row) {
+                *o = (v - max).exp();
+                sum += *o;
+            }
+            for o in dst.iter_mut() {
+                *o /= sum;
+            }
+        }
+        Ok((CpuStorage::F32(out), xl.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        // d softmax: y * (g - sum(g y))
+        let dot = (grad * y)?.sum_keepdim(D::Minus1)?;
+        Ok(Some((y * grad.broadcast_sub(&dot)?)?))
+    }
+}
+
+/// Softmax over the last dimension, with a backward.
+///
+/// # Errors
+/// Shape errors.
+pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
+    if !x.track_op() {
+        return candle_nn::ops::softmax_last_dim(x);
+    }
+    if fused_cpu(x) {
+        return x.contiguous()?.apply_op1(Softmax);
+    }
+    candle_nn::ops::softmax(x, D::Minus1)
+}
+
+/// Rotary position embedding, transformers' `rotate_half` form, for `x [b, heads, t, d]` and
+/// `cos`, `sin` `[t, d / 2]`: `x1 cos - x2 sin` and `x2 cos + x1 sin` on the two halves of `x`.
+/// candle's fused kernel without a gradient; composed candle ops, which have one, with.
+///
+/// # Errors
+/// Shape errors.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    if !x.track_op() {
+        return candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin);
+    }
+    let d = x.dim(D::Minus1)?;
+    let (x1, x2) = (
+        x.narrow(D::Minus1, 0, d / 2)?,
+        x.narrow(D::Minus1, d / 2, d / 2)?,
+    );
+    let first = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
+    let second = (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?;
+    Tensor::cat(&[first, second], D::Minus1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    #[test]
+    fn fused_ops_match_the_composed_ones_with_gradients() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 4, 16), &dev).unwrap()).unwrap();
+        let w = Var::from_tensor(&Tensor::randn(1f32, 0.2, 16, &dev).unwrap()).unwrap();
+        let eps = 1e-5;
+        // Composed references.
+        let r = (x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + eps)
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .recip()
+            .unwrap();
+        let norm_ref = x.broadcast_mul(&r).unwrap().broadcast_mul(&w).unwrap();
+        let soft_ref = candle_nn::ops::softmax(&norm_ref, D::Minus1).unwrap();
+        let norm = rms_norm(x.as_tensor(), w.as_tensor(), eps).unwrap();
+        let soft = softmax_last_dim(&norm).unwrap();
+        assert!(max_diff(&norm, &norm_ref) < 1e-5);
+        assert!(max_diff(&soft, &soft_ref) < 1e-6);
+        // A loss that weights every output differently.
+        let k = Tensor::randn(0f32, 1.0, (3, 4, 16), &dev).unwrap();
+        let g = (soft * &k).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_ref = (soft_ref * &k)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for t in [x.as_tensor(), w.as_tensor()] {
+            let (a, b) = (g.get(t).unwrap(), g_ref.get(t).unwrap());
+            assert!(max_diff(a, b) < 1e-5, "{}", max_diff(a, b));
+        }
+        // Rotary embedding: the composed form (with a graph) equals candle's fused kernel.
+        let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 2, 3, 8), &dev).unwrap()).unwrap();
+        let angles = Tensor::randn(0f32, 1.0, (3, 4), &dev).unwrap();
+        let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+        let fused = candle_nn::rotary_emb::rope(q.as_tensor(), &cos, &sin).unwrap();
+        let composed = rope(q.as_tensor(), &cos, &sin).unwrap();
+        assert!(max_diff(&fused, &composed) < 1e-6);
+        let gq = composed
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        // A rotation keeps norms: d|R q|^2 / dq = 2 q.
+        let want = q.as_tensor().affine(2.0, 0.0).unwrap();
+        assert!(max_diff(gq.get(q.as_tensor()).unwrap(), &want) < 1e-5);
+        // Without a graph, candle's fused kernels: the same values.
+        let plain = rms_norm(&x.as_tensor().detach(), &w.as_tensor().detach(), eps).unwrap();
+        assert!(max_diff(&plain, &norm) < 1e-5);
+    }
+}
