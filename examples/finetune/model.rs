@@ -11,13 +11,15 @@ use lora::prelude::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-/// Causal self-attention; LoRA on the query and value projections, as in the paper.
+/// Causal self-attention; LoRA on the query and value projections, as in the paper. The other
+/// linear layers are `LoraLinear`s without adapter too: frozen (no weight gradient) when
+/// training LoRA, trainable for full fine-tuning.
 #[lora(rank = 8, alpha = 16, targets = ["q_proj", "v_proj"])]
 struct Attention {
     q_proj: Linear,
-    k_proj: Linear,
+    k_proj: LoraLinear,
     v_proj: Linear,
-    o_proj: Linear,
+    o_proj: LoraLinear,
     n_head: usize,
 }
 
@@ -46,8 +48,8 @@ impl Module for LayerNorm {
 }
 
 struct Mlp {
-    c_fc: Linear,
-    c_proj: Linear,
+    c_fc: LoraLinear,
+    c_proj: LoraLinear,
 }
 
 #[lora]
@@ -67,7 +69,7 @@ pub(crate) struct Gpt {
     #[lora(nested)]
     h: Vec<Block>,
     ln_f: LayerNorm,
-    lm_head: Linear,
+    lm_head: LoraLinear,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -86,21 +88,24 @@ pub(crate) enum Mode {
     Full,
 }
 
+/// A linear layer: frozen for LoRA training, trainable for full fine-tuning.
+fn layer(l: Linear, mode: Mode) -> LoraLinear {
+    match mode {
+        Mode::Lora => l.into(),
+        Mode::Full => LoraLinear::new_unfrozen(l),
+    }
+}
+
 impl Attention {
     fn new(cfg: &GptConfig, vb: VarBuilder, mode: Mode) -> Result<Self> {
         let d = cfg.d_model;
-        let proj = |name: &str| -> Result<LoraLinear> {
-            let l = linear(d, d, vb.pp(name))?;
-            Ok(match mode {
-                Mode::Lora => l.into(),
-                Mode::Full => LoraLinear::new_unfrozen(l),
-            })
-        };
+        let proj =
+            |name: &str| -> Result<LoraLinear> { Ok(layer(linear(d, d, vb.pp(name))?, mode)) };
         Ok(Self {
             q_proj: proj("q_proj")?,
-            k_proj: linear(d, d, vb.pp("k_proj"))?,
+            k_proj: proj("k_proj")?,
             v_proj: proj("v_proj")?,
-            o_proj: linear(d, d, vb.pp("o_proj"))?,
+            o_proj: proj("o_proj")?,
             n_head: cfg.n_head,
         })
     }
@@ -133,8 +138,8 @@ impl Block {
             attn: Attention::new(cfg, vb.pp("attn"), mode)?,
             ln_2: layer_norm(d, vb.pp("ln_2"))?,
             mlp: Mlp {
-                c_fc: linear(d, 4 * d, vb.pp("mlp.c_fc"))?,
-                c_proj: linear(4 * d, d, vb.pp("mlp.c_proj"))?,
+                c_fc: layer(linear(d, 4 * d, vb.pp("mlp.c_fc"))?, mode),
+                c_proj: layer(linear(4 * d, d, vb.pp("mlp.c_proj"))?, mode),
             },
         })
     }
@@ -156,7 +161,10 @@ impl Gpt {
                 .map(|i| Block::new(cfg, vb.pp(format!("h.{i}")), mode))
                 .collect::<Result<_>>()?,
             ln_f: layer_norm(cfg.d_model, vb.pp("ln_f"))?,
-            lm_head: candle_nn::linear_no_bias(cfg.d_model, cfg.vocab, vb.pp("lm_head"))?,
+            lm_head: layer(
+                candle_nn::linear_no_bias(cfg.d_model, cfg.vocab, vb.pp("lm_head"))?,
+                mode,
+            ),
         })
     }
 

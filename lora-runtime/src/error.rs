@@ -223,8 +223,7 @@ pub enum Error {
     /// default config): the adapter must be described at run time.
     #[error(
         "the model declares no default adapter (its LoRA layers {layers} have no `targets` config): \
-         create one at run time with `init_adapter_with(&varmap, &InitOptions::default().with_peft_config(config))` \
-         or `.with_config(LayerConfig::new(rank, alpha))`"
+         create one at run time with `init_adapter_with(&varmap, &InitOptions::default().with_peft_config(config))`"
     )]
     NoDefaultAdapter {
         /// Some of the model's LoRA layers.

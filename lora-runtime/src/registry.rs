@@ -29,9 +29,10 @@ pub const DEFAULT_SEED: u64 = 0x10_0A;
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct InitOptions {
-    /// Hyper-parameters for every LoRA layer (targets and adaptable layers) instead of those the
-    /// structs declare: for choosing rank or alpha at run time. `None` (the default): what each
-    /// struct declares for its `targets`.
+    /// Hyper-parameters for every target instead of those the structs declare: for choosing
+    /// rank or alpha at run time. `adaptable` layers are chosen with
+    /// [`with_peft_config`](Self::with_peft_config). `None` (the default): what each struct
+    /// declares for its `targets`.
     pub config: Option<LayerConfig>,
     /// A PEFT `LoraConfig` that chooses the layers and their hyper-parameters at run time (see
     /// [`with_peft_config`](Self::with_peft_config)). Exclusive with `config`.
@@ -58,7 +59,7 @@ impl Default for InitOptions {
 }
 
 impl InitOptions {
-    /// Uses `config` for every LoRA layer.
+    /// Uses `config` for every target.
     pub fn with_config(mut self, config: LayerConfig) -> Self {
         self.config = Some(config);
         self
@@ -149,7 +150,8 @@ pub(crate) fn init_adapter<M: LoraModel + ?Sized>(
     let mut configs: HashMap<String, LayerConfig> = HashMap::new();
     for (path, _, declared) in &all {
         let config = match (&options.config, &options.peft_config) {
-            (Some(config), _) => Some(*config),
+            // Replaces the declared hyper-parameters: adaptable layers stay without adapter.
+            (Some(config), _) => declared.map(|_| *config),
             (None, Some(peft)) if peft.targets_module(path) => Some(peft.layer_config(path)?),
             (None, Some(_)) => None,
             (None, None) => *declared,
