@@ -294,3 +294,55 @@ impl LlamaConfig {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// llama.cpp's converter stores Llama-3 scaling as `rope_freqs.weight`, one divisor a
+    /// frequency (`convert_hf_to_gguf.py`, `LlamaModel.generate_extra_tensors`): written out
+    /// here as it does, the GGUF path must give the inverse frequencies of the config path.
+    #[test]
+    fn gguf_rope_factors_give_the_llama3_frequencies() {
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../tests/fixtures/llm/tiny-llama/config.json"),
+        )
+        .unwrap();
+        let config = LlamaConfig::from_hf_json(&text, Path::new("config.json")).unwrap();
+        let RopeScaling::Llama3(s) = config.rope_scaling.clone() else {
+            panic!("tiny-llama has Llama-3 scaling: {:?}", config.rope_scaling)
+        };
+        let (d, base) = (config.head_dim, config.rope_theta);
+        let low_wavelen = s.original_max_position_embeddings as f64 / s.low_freq_factor;
+        let high_wavelen = s.original_max_position_embeddings as f64 / s.high_freq_factor;
+        let factors: Vec<f32> = (0..d / 2)
+            .map(|i| {
+                let freq = 1.0 / base.powf(2.0 * i as f64 / d as f64);
+                let wavelen = 2.0 * std::f64::consts::PI / freq;
+                let factor = if wavelen < high_wavelen {
+                    1.0
+                } else if wavelen > low_wavelen {
+                    s.factor
+                } else {
+                    let smooth = (s.original_max_position_embeddings as f64 / wavelen
+                        - s.low_freq_factor)
+                        / (s.high_freq_factor - s.low_freq_factor);
+                    1.0 / ((1.0 - smooth) / s.factor + smooth)
+                };
+                factor as f32
+            })
+            .collect();
+        assert!(
+            factors.iter().any(|&f| f > 1.0 && f < s.factor as f32),
+            "a medium band"
+        );
+        let from_gguf = LlamaConfig {
+            rope_scaling: RopeScaling::Factors(factors),
+            ..config.clone()
+        };
+        for (a, b) in config.inv_freq().iter().zip(from_gguf.inv_freq()) {
+            assert!((a - b).abs() <= 1e-6 * a.abs(), "{a} vs {b}");
+        }
+    }
+}
