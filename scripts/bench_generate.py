@@ -2,11 +2,14 @@
 dequantized to f32 on both sides), the same threads, in one run. Run through
 `scripts/bench_generate.sh`; the modes are:
 
-  hf GGUF       transformers' side: one forward over each chat prompt (prompt tokens/s) and greedy
-                `generate` of exactly --new-tokens tokens (generation tokens/s); prints JSON.
+  hf GGUF       transformers' side alone: one forward over each chat prompt (prompt tokens/s) and
+                greedy `generate` of exactly --new-tokens tokens (generation tokens/s), medians of
+                --runs runs after a warm-up; prints JSON.
+  hf-serve GGUF the same, loaded once, one timed run per prompt read from stdin (for `report`,
+                which alternates it with `lora generate` run by run).
   hf-rss GGUF   load the GGUF to f32 and generate 1 token for "hi" (the peak RSS probe).
   params GGUF   the parameters in the GGUF (sum of its tensors' element counts); prints JSON.
-  report        runs both sides (`lora generate` as processes, this script's `hf` mode), the peak
+  report        runs both sides (`lora generate` as processes, this script's `hf-serve` mode), the peak
                 RSS probes under /usr/bin/time -v, and prints a markdown table; --write FILE puts it
                 into FILE between the `bench-generate:begin` / `bench-generate:end` markers.
 
@@ -203,7 +206,9 @@ def run_ours(lora, gguf_path, prompt, n):
     m = LINE.search(p.stderr)
     if not m:
         raise RuntimeError(f"no timing line in `lora generate`'s stderr:\n{p.stderr}")
+    loaded = re.search(r"loaded .* in ([\d.]+) s", p.stderr)
     return {
+        "load_s": float(loaded[1]) if loaded else None,
         "prompt_tokens": int(m[1]),
         "ttft_s": float(m[2]),
         "prompt_tps": float(m[3]),
@@ -309,6 +314,9 @@ def report(args):
     with open("/proc/meminfo") as f:
         mem_gib = int(f.readline().split()[1]) / 2**20
     lora_version = subprocess.run([lora, "--version"], capture_output=True, text=True).stdout.strip() or "lora"
+    built = time.strftime("%Y-%m-%d %H:%M %Z", time.localtime(os.path.getmtime(lora)))
+    rustc = subprocess.run(["rustc", "-V"], cwd=ROOT, capture_output=True, text=True).stdout.strip() if shutil.which("rustc") else ""
+    lora_version = f"{lora_version} (binary built {built})" + (f", {rustc}" if rustc else "")
     lines = [
         BEGIN,
         "",
@@ -317,6 +325,12 @@ def report(args):
         f"torch {hf['torch']}, transformers {hf['transformers']}. CPU, f32 (GGUF dequantized on load), {THREADS} threads on both "
         f"sides, greedy, {args.new_tokens} new tokens at most, medians of {args.runs} runs after a warm-up. Load average (1 min) "
         "during the run: " + ", ".join(f"{x:.1f}" for x in loads) + ".",
+        "",
+        "Prompt tok/s: ours = prompt tokens / time to the first new token, as `lora generate` prints it; transformers' = "
+        "prompt tokens / one bare `model(input_ids)` forward (its time to the first token of `generate` is below). "
+        "Generation tok/s, both sides: (new tokens - 1) / time from the first new token to the last (transformers' timed "
+        "with a streamer). Ratios are ours / transformers (higher is better for ours). Each run of ours is a fresh process; "
+        "the runs alternate with transformers' (loaded once) so load bursts hit both.",
         "",
         "| prompt | prompt tokens (ours / tf) | prompt tok/s, ours | prompt tok/s, transformers | ratio "
         "| generation tok/s, ours | generation tok/s, transformers | ratio | new tokens (ours / tf) | same text (chars) |",
@@ -335,7 +349,9 @@ def report(args):
         f"| peak RSS of the f32 load <= 1.3x the f32 weights | {rss_ratio:.2f}x | {verdict(rss_ratio <= 1.3)} |",
         "",
         "Peak RSS runs (" + str(args.rss_runs) + " each, alternating): ours " + ", ".join(mib(x) for x in rss["ours"])
-        + "; transformers " + ", ".join(mib(x) for x in rss["hf"]) + f". transformers' load time in the timed process: {hf['load_s']:.1f} s.",
+        + "; transformers " + ", ".join(mib(x) for x in rss["hf"]) + f". Load time (GGUF to f32 weights + tokenizer, as each side reports it): ours "
+        + ", ".join(f"{x['load_s']:.2f} s" for p in PROMPTS for x in ours[p] if x["load_s"] is not None)
+        + f"; transformers {hf['load_s']:.1f} s (`AutoTokenizer` + `AutoModelForCausalLM.from_pretrained`, once).",
         "transformers' prompt tokens/s measured as `lora generate` does (time to the first token of `generate`): "
         + ", ".join(f"{med(x['prompt_tps_ttft'] for x in theirs[p]):.0f}" for p in PROMPTS)
         + "; its generation tokens/s as all new tokens over `generate`'s time less one bare forward: "
