@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{embedding, linear, Embedding, Linear, VarBuilder, VarMap};
 use lora::prelude::*;
 use rand::rngs::StdRng;
@@ -23,7 +23,8 @@ struct Attention {
     n_head: usize,
 }
 
-/// Layer norm built from differentiable ops (candle-nn's fused kernel has no backward pass).
+/// Layer norm through `lora::ops::layer_norm`: a fused kernel with a backward pass
+/// (candle-nn's fused kernel has none).
 struct LayerNorm {
     weight: Tensor,
     bias: Tensor,
@@ -38,12 +39,7 @@ fn layer_norm(d: usize, vb: VarBuilder) -> candle_core::Result<LayerNorm> {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let xc = x.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        xc.broadcast_div(&(var + 1e-5)?.sqrt()?)?
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)
+        lora::ops::layer_norm(x, &self.weight, &self.bias, 1e-5)
     }
 }
 
@@ -122,9 +118,8 @@ impl Attention {
         let k = heads(self.k_proj.forward(x)?)?;
         let v = heads(self.v_proj.forward(x)?)?;
         let att = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?.broadcast_add(mask)?;
-        // `softmax_last_dim` and candle-nn's fused `LayerNorm` have no backward pass: use the
-        // differentiable compositions.
-        let att = candle_nn::ops::softmax(&att, D::Minus1)?;
+        // candle-nn's `softmax_last_dim` has no backward pass; `lora::ops`'s has.
+        let att = lora::ops::softmax_last_dim(&att)?;
         let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
         self.o_proj.forward(&y)
     }

@@ -1,4 +1,4 @@
-//! Fused RMSNorm, softmax and rotary embedding that models can train through.
+//! Fused RMSNorm, layer norm, softmax and rotary embedding that models can train through.
 //!
 //! candle-nn's fused `rms_norm`, `softmax_last_dim` and `rotary_emb::rope` have no backward: a model using them
 //! silently stops the gradient there, so adapters before a norm never learn. These run candle's
@@ -17,7 +17,9 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Shape, Tensor, D};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Tensor, D,
+};
 
 /// Whether the fused CPU op with a backward applies.
 fn fused_cpu(t: &Tensor) -> bool {
@@ -127,6 +129,123 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Te
     x32.broadcast_mul(&r)?
         .to_dtype(dtype)?
         .broadcast_mul(weight)
+}
+
+/// `(x - mean) / sqrt(var + eps) * w + b` over the last dimension.
+struct LayerNorm {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "lora-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(xs, xl, "layer_norm")?;
+        let (w, b) = (
+            f32_slice(ws, wl, "layer_norm")?,
+            f32_slice(bs, bl, "layer_norm")?,
+        );
+        let d = w.len();
+        if d == 0 || b.len() != d || xl.shape().dims().last() != Some(&d) {
+            return Err(candle_core::Error::msg(format!(
+                "layer_norm: input {:?}, weight {d} and bias {} do not fit",
+                xl.shape(),
+                b.len()
+            )));
+        }
+        let mut out = vec![0f32; x.len()];
+        for (row, dst) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+            let mean = row.iter().sum::<f32>() / d as f32;
+            let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
+            let r = 1.0 / (var + self.eps).sqrt();
+            for (((o, v), g), c) in dst.iter_mut().zip(row).zip(w).zip(b) {
+                *o = (v - mean) * r * g + c;
+            }
+        }
+        Ok((CpuStorage::F32(out), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = x.dim(D::Minus1)? as f64;
+        let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+        let r = (centered.sqr()?.mean_keepdim(D::Minus1)? + f64::from(self.eps))?
+            .sqrt()?
+            .recip()?;
+        let normed = centered.broadcast_mul(&r)?;
+        let rows = |t: Tensor| -> candle_core::Result<Tensor> {
+            let n = t.elem_count() / w.elem_count().max(1);
+            t.reshape((n, w.elem_count()))?.sum(0)
+        };
+        let grad_x = if x.track_op() {
+            // r / d * (d gw - sum(gw) - x^ sum(gw x^)), gw = g w
+            let gw = grad.broadcast_mul(w)?;
+            let sum_gw = gw.sum_keepdim(D::Minus1)?;
+            let sum_gwx = (&gw * &normed)?.sum_keepdim(D::Minus1)?;
+            let inner =
+                ((gw.affine(d, 0.0)?.broadcast_sub(&sum_gw))? - normed.broadcast_mul(&sum_gwx)?)?;
+            Some(inner.broadcast_mul(&r.affine(1.0 / d, 0.0)?)?)
+        } else {
+            None
+        };
+        let grad_w = if w.track_op() {
+            Some(rows((grad * &normed)?)?)
+        } else {
+            None
+        };
+        let grad_b = if b.track_op() {
+            Some(rows(grad.clone())?)
+        } else {
+            None
+        };
+        Ok((grad_x, grad_w, grad_b))
+    }
+}
+
+/// Layer norm over the last dimension, `(x - mean) / sqrt(var + eps) * weight + bias`, with a
+/// backward (candle-nn's fused `LayerNorm` has none).
+///
+/// # Errors
+/// Shape errors.
+pub fn layer_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
+    let tracked = x.track_op() || weight.track_op() || bias.track_op();
+    if !tracked {
+        return candle_nn::ops::layer_norm(&x.contiguous()?, weight, bias, eps as f32);
+    }
+    if fused_cpu(x) && fused_cpu(weight) && fused_cpu(bias) {
+        return x
+            .contiguous()?
+            .apply_op3(weight, bias, LayerNorm { eps: eps as f32 });
+    }
+    let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+    let r = (centered.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?;
+    centered
+        .broadcast_mul(&r)?
+        .broadcast_mul(weight)?
+        .broadcast_add(bias)
 }
 
 /// Softmax over the last dimension.
@@ -243,6 +362,31 @@ mod tests {
         for t in [x.as_tensor(), w.as_tensor()] {
             let (a, b) = (g.get(t).unwrap(), g_ref.get(t).unwrap());
             assert!(max_diff(a, b) < 1e-5, "{}", max_diff(a, b));
+        }
+        // Layer norm: fused with a backward against the composition.
+        let b = Var::from_tensor(&Tensor::randn(0f32, 0.2, 16, &dev).unwrap()).unwrap();
+        let mean = x.mean_keepdim(D::Minus1).unwrap();
+        let centered = x.broadcast_sub(&mean).unwrap();
+        let var = centered.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+        let ln_ref = centered
+            .broadcast_div(&(var + eps).unwrap().sqrt().unwrap())
+            .unwrap()
+            .broadcast_mul(&w)
+            .unwrap()
+            .broadcast_add(&b)
+            .unwrap();
+        let ln = layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), eps).unwrap();
+        assert!(max_diff(&ln, &ln_ref) < 1e-5);
+        let g = (ln * &k).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_ref = (ln_ref * &k)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for t in [x.as_tensor(), w.as_tensor(), b.as_tensor()] {
+            let (a, r) = (g.get(t).unwrap(), g_ref.get(t).unwrap());
+            assert!(max_diff(a, r) < 1e-4, "{}", max_diff(a, r));
         }
         // Rotary embedding: the composed form (with a graph) equals candle's fused kernel.
         let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 2, 3, 8), &dev).unwrap()).unwrap();
