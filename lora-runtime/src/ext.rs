@@ -2,8 +2,8 @@
 //!
 //! Implemented for every `LoraModel` (including a single [`LoraLinear`](crate::LoraLinear)) and
 //! exported in the prelude. Each verb is one call into the module that owns the work:
-//! [`registry`](crate::registry) (create, activate, delete, train), [`merge`](crate::merge),
-//! [`combine`](crate::combine), [`batched`](crate::batched) and [`peft`](crate::peft) (files).
+//! [`crate::registry`] (create, activate, delete, train), [`crate::merge`],
+//! [`crate::combine`], [`crate::batched`] and [`crate::peft`] (files).
 //! Operations on the whole model are all-or-nothing: they check every layer first and change
 //! nothing when one fails.
 
@@ -189,8 +189,8 @@ pub trait LoraModelExt: LoraModel {
     /// unmerged base weight (see [`BaseFingerprint`](crate::BaseFingerprint)), which
     /// [`load_adapter`](Self::load_adapter) checks; PEFT ignores these entries.
     ///
-    /// The two files are replaced together or not at all (see [`fs`](crate::fs)): a failed
-    /// save leaves any previous adapter intact.
+    /// The two files are replaced together or not at all: a failed save leaves any previous
+    /// adapter intact.
     ///
     /// # Errors
     /// [`Error::NoAdapter`](crate::Error::NoAdapter) without adapters,

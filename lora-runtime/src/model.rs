@@ -6,8 +6,8 @@
 //! [`LoraModelExt`](crate::LoraModelExt), implemented for every `LoraModel`, each a call into the
 //! module that does the work.
 //!
-//! This module also holds the two helpers those modules share: [`layers`] (every layer with its
-//! path) and [`prepare_then_commit`], the one place where "check every layer, then change every
+//! This module also holds the two helpers those modules share: `layers` (every layer with its
+//! path) and `prepare_then_commit`, the one place where "check every layer, then change every
 //! layer" is written.
 //!
 //! ```

@@ -3,12 +3,12 @@
 //! A directory holds `adapter_model.safetensors` (tensors
 //! `base_model.model.<module path>.lora_A.weight` `[r, in]` and `...lora_B.weight` `[out, r]`,
 //! metadata `format: pt`) and `adapter_config.json`. [`AdapterFile::read`] parses and validates
-//! one without a model; [`LoraModel::load_adapter`](crate::LoraModel::load_adapter) and
-//! [`LoraModel::save_adapter`](crate::LoraModel::save_adapter) use this module.
+//! one without a model; [`load_adapter`](crate::LoraModelExt::load_adapter) and
+//! [`save_adapter`](crate::LoraModelExt::save_adapter) use this module.
 //!
 //! Files are untrusted input: sizes are checked before anything is allocated
 //! ([`MAX_ADAPTER_BYTES`], [`MAX_CONFIG_BYTES`], [`MAX_HEADER_BYTES`]), every malformation is a
-//! specific [`Error`], and saves are atomic (both files staged, then renamed, rolled back on
+//! specific [`Error`](crate::Error), and saves are atomic (both files staged, then renamed, rolled back on
 //! failure). Saved files also record a [`BaseFingerprint`] of each target's base weight.
 //!
 //! ```no_run
@@ -89,7 +89,7 @@ pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
 /// The largest safetensors JSON header accepted: 100 MB, the `safetensors` crate's own limit.
 pub const MAX_HEADER_BYTES: u64 = 100_000_000;
 
-/// The safetensors metadata key under which [`LoraModel::save_adapter`](crate::LoraModel::save_adapter)
+/// The safetensors metadata key under which [`save_adapter`](crate::LoraModelExt::save_adapter)
 /// records the fingerprint of a module's base weight: `lora.base_fingerprint.<module path>`.
 /// PEFT ignores metadata it does not know, so files with these entries still load there.
 pub const FINGERPRINT_PREFIX: &str = "lora.base_fingerprint.";
