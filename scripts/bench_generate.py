@@ -34,6 +34,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Cargo's target directory: $CARGO_TARGET_DIR when set, else target/.
+TARGET = os.path.join(ROOT, os.environ.get("CARGO_TARGET_DIR", "target"))
 THREADS = int(os.environ.get("BENCH_THREADS", "2"))
 BEGIN, END = "<!-- bench-generate:begin -->", "<!-- bench-generate:end -->"
 PROMPTS = [
@@ -363,8 +365,9 @@ def report(args):
     table = "\n".join(lines)
     print(table)
     raw = {"params": info, "hf": hf, "ours": ours, "transformers": theirs, "rss": rss, "loads": loads}
-    os.makedirs(os.path.join(ROOT, "target", "bench-data"), exist_ok=True)
-    with open(os.path.join(ROOT, "target", "bench-data", "generate.json"), "w") as f:
+    data = os.path.join(TARGET, "bench-data")
+    os.makedirs(data, exist_ok=True)
+    with open(os.path.join(data, "generate.json"), "w") as f:
         json.dump(raw, f, indent=1)
     if args.write:
         old = open(args.write).read()
@@ -387,7 +390,7 @@ def main():
         s.add_argument("--new-tokens", type=int, default=64)
     s = sub.add_parser("report")
     s.add_argument("--gguf", required=True)
-    s.add_argument("--lora", default=os.path.join(ROOT, "target", "release", "lora"))
+    s.add_argument("--lora", default=os.path.join(TARGET, "release", "lora"))
     s.add_argument("--python", default=sys.executable, help="the Python with torch, transformers and gguf")
     s.add_argument("--runs", type=int, default=3)
     s.add_argument("--rss-runs", type=int, default=3)

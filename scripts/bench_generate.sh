@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 if [ -z "${LORA_BIN:-}" ]; then
     cargo build --release --bin lora >&2
-    LORA_BIN=target/release/lora
+    LORA_BIN="${CARGO_TARGET_DIR:-target}/release/lora"
 fi
 GGUF="$(PYTHON="$PYTHON" scripts/fetch-smollm2.sh)"
 exec "$PYTHON" scripts/bench_generate.py report --python "$PYTHON" --lora "$LORA_BIN" --gguf "$GGUF" "$@"

@@ -16,7 +16,10 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA = os.path.join(ROOT, "target", "bench-data")
+# Cargo's target directory: $CARGO_TARGET_DIR when set (relative to the repository root), else
+# target/. Criterion results and the release binary live there.
+TARGET = os.path.join(ROOT, os.environ.get("CARGO_TARGET_DIR", "target"))
+DATA = os.path.join(TARGET, "bench-data")
 MERGE_DIR = os.path.join(DATA, "merge-model")
 THREADS = os.environ.get("BENCH_THREADS", "2")
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
@@ -38,12 +41,12 @@ def cargo_env():
 def criterion_results():
     """`{full_id: median seconds}` from criterion's last run."""
     out = {}
-    for path in glob.glob(os.path.join(ROOT, "target", "criterion", "*", "*", "new", "benchmark.json")):
+    for path in glob.glob(os.path.join(TARGET, "criterion", "*", "*", "new", "benchmark.json")):
         with open(path) as f:
             full_id = json.load(f)["full_id"]
         with open(os.path.join(os.path.dirname(path), "estimates.json")) as f:
             out[full_id] = json.load(f)["median"]["point_estimate"] / 1e9
-    for path in glob.glob(os.path.join(ROOT, "target", "criterion", "notes", "*")):
+    for path in glob.glob(os.path.join(TARGET, "criterion", "notes", "*")):
         with open(path) as f:
             out["note/" + os.path.basename(path)] = int(f.read())
     return out
@@ -117,7 +120,7 @@ def main():
     base = os.path.join(MERGE_DIR, "model.safetensors")
     adapter = os.path.join(MERGE_DIR, "adapter")
     ours_out, peft_out = os.path.join(DATA, "merged-lora.safetensors"), os.path.join(DATA, "merged-peft")
-    lora_bin = os.path.join(ROOT, "target", "release", "lora")
+    lora_bin = os.path.join(TARGET, "release", "lora")
     proc = {"ours": [], "theirs": [], "theirs_inproc": []}
     for _ in range(args.rounds):
         wall, rss, _ = timed_process([lora_bin, "merge", "--base", base, "--adapter", adapter, "--out", ours_out, "--quiet"], env={"RAYON_NUM_THREADS": THREADS})

@@ -260,13 +260,23 @@ pub(crate) fn set_active_adapter<M: LoraModel + ?Sized>(
     if let Some(n) = name {
         check_known(model, n)?;
     }
+    change_adapter_sets(model, |set| set.set_active(name))
+}
+
+/// Applies `change` to every layer's adapters, refused while merged (a merged delta must never
+/// be left in the weights of another adapter); clears mixed-adapter routings, which hold a
+/// snapshot of the factors.
+fn change_adapter_sets<M: LoraModel + ?Sized>(
+    model: &mut M,
+    change: impl Fn(&mut crate::adapter::AdapterSet),
+) -> Result<()> {
     refuse_if_merged(model)?;
     prepare_then_commit(
         model,
         |_, _, _| Ok(Some(())),
         |layer, ()| {
             layer.set_routing(None);
-            layer.adapter_set_mut().set_active(name);
+            change(layer.adapter_set_mut());
         },
     )?;
     Ok(())
@@ -275,16 +285,9 @@ pub(crate) fn set_active_adapter<M: LoraModel + ?Sized>(
 /// Removes the adapter `name` from every layer.
 pub(crate) fn delete_adapter<M: LoraModel + ?Sized>(model: &mut M, name: &str) -> Result<()> {
     check_known(model, name)?;
-    refuse_if_merged(model)?;
-    prepare_then_commit(
-        model,
-        |_, _, _| Ok(Some(())),
-        |layer, ()| {
-            layer.set_routing(None);
-            layer.adapter_set_mut().remove(name);
-        },
-    )?;
-    Ok(())
+    change_adapter_sets(model, |set| {
+        set.remove(name);
+    })
 }
 
 /// The name active in the first layer (every layer has the same active name).
