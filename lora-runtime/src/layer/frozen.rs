@@ -58,7 +58,13 @@ impl FrozenLinear {
 
 impl Module for FrozenLinear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let bias = self.bias.as_ref().map(Tensor::detach);
-        kernels::frozen_linear(x, &self.weight.detach(), bias.as_ref())
+        let (weight, bias) = (self.weight.detach(), self.bias.as_ref().map(Tensor::detach));
+        if x.track_op() {
+            // Training: the custom op, whose backward computes the input's gradient only.
+            kernels::frozen_linear(x, &weight, bias.as_ref())
+        } else {
+            // Nothing to differentiate: candle's own matmul (no custom-op overhead).
+            Linear::new(weight, bias).forward(x)
+        }
     }
 }

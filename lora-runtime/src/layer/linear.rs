@@ -334,13 +334,15 @@ impl LoraLinear {
         y + self.lora_term(ad, x_lora)?
     }
 
-    /// The base layer's output: a frozen weight through [`kernels::frozen_linear`] (no weight
-    /// gradient in a backward pass), an unfrozen one (full fine-tuning) through candle's `Linear`.
+    /// The base layer's output: in a graph that trains (the input tracks a gradient), a frozen
+    /// weight goes through [`kernels::frozen_linear`] (no weight gradient in the backward pass);
+    /// otherwise, and for an unfrozen weight (full fine-tuning), candle's `Linear`.
     fn base_forward(&self, base: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
-        if base.weight().track_op() || base.bias().is_some_and(Tensor::track_op) {
-            base.forward(x)
-        } else {
+        let frozen = !(base.weight().track_op() || base.bias().is_some_and(Tensor::track_op));
+        if frozen && x.track_op() {
             kernels::frozen_linear(x, base.weight(), base.bias())
+        } else {
+            base.forward(x)
         }
     }
 }
