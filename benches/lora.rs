@@ -537,9 +537,60 @@ fn mixed_batch(c: &mut Criterion) {
     }
 }
 
+/// A LoRA (q, v; r = 8, alpha = 16) training step of SmolLM2-135M-Instruct (the GGUF dequantized to
+/// f32), batch 8 x 128 tokens: what PyTorch + PEFT does at 163 tokens/s on this machine
+/// (`../shared/MODELS.md`). Skipped without the model (`scripts/fetch-smollm2.sh`).
+fn smollm2_train_step(c: &mut Criterion) {
+    let Some(path) = lora::models::cache::smollm2() else {
+        eprintln!("smollm2_train_step: skipped: run scripts/fetch-smollm2.sh");
+        return;
+    };
+    let mut model = lora::models::llama::load_llama(&path, DType::F32, &Device::Cpu).unwrap();
+    let config = LoraConfig::from_json(
+        r#"{"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}"#,
+    )
+    .unwrap();
+    model
+        .init_adapter_with(
+            &VarMap::new(),
+            &InitOptions::default().with_peft_config(config),
+        )
+        .unwrap();
+    model.set_training(true);
+    let (batch, len) = (8, 128);
+    let mut rng = StdRng::seed_from_u64(5);
+    let ids: Vec<u32> = (0..batch * (len + 1))
+        .map(|_| rng.random_range(0..49152u32))
+        .collect();
+    let ids = Tensor::from_vec(ids, (batch, len + 1), &Device::Cpu).unwrap();
+    let (inputs, targets) = (
+        ids.narrow(1, 0, len).unwrap(),
+        ids.narrow(1, 1, len).unwrap().flatten_all().unwrap(),
+    );
+    let mut opt = candle_nn::AdamW::new(
+        model.trainable_vars(),
+        ParamsAdamW {
+            lr: 1e-4,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut g = c.benchmark_group("train_step/smollm2_135m");
+    g.sample_size(10);
+    g.bench_function("lora_qv_b8x128", |b| {
+        b.iter(|| {
+            let logits = model.forward(&inputs, &mut model.new_cache()).unwrap();
+            let loss =
+                candle_nn::loss::cross_entropy(&logits.flatten_to(1).unwrap(), &targets).unwrap();
+            opt.backward_step(&loss).unwrap();
+        })
+    });
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = config();
-    targets = forward, merge, train_step, adapter_io, merge_file, mixed_batch
+    targets = forward, merge, train_step, adapter_io, merge_file, mixed_batch, smollm2_train_step
 }
 criterion_main!(benches);
