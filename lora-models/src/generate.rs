@@ -1,6 +1,22 @@
 //! Text generation with a key/value cache: greedy by default, temperature / top-p sampling with
 //! a seed on request; stops at a stop token or after `max_new_tokens`, handing each token to a
 //! callback as it comes (for streaming).
+//!
+//! ```
+//! use candle_core::{DType, Device};
+//! use lora_models::generate::{generate, GenerateOptions, StopReason};
+//! use lora_models::llama::load_llama;
+//!
+//! // A tiny random Llama from the test fixtures.
+//! let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/llm/tiny-llama");
+//! let model = load_llama(dir.as_ref(), DType::F32, &Device::Cpu)?;
+//! let options = GenerateOptions { max_new_tokens: 5, ..GenerateOptions::default() };
+//! let mut streamed = Vec::new();
+//! let out = generate(&model, &[1, 2, 3], &options, |id| Ok(streamed.push(id)))?;
+//! assert_eq!((out.tokens.len(), out.stop), (5, StopReason::Length));
+//! assert_eq!(streamed, out.tokens);
+//! # Ok::<(), lora_models::ModelError>(())
+//! ```
 
 use candle_core::{DType, Tensor};
 use rand::rngs::StdRng;

@@ -6,6 +6,25 @@
 //! [`crate::combine`], [`crate::batched`] and [`crate::peft`] (files).
 //! Operations on the whole model are all-or-nothing: they check every layer first and change
 //! nothing when one fails.
+//!
+//! ```
+//! use candle_core::{Device, Module, Tensor};
+//! use candle_nn::VarMap;
+//! use lora_runtime::{LoraLinear, LoraModelExt};
+//!
+//! let w = Tensor::randn(0f32, 1., (8, 8), &Device::Cpu)?;
+//! let mut layer = LoraLinear::new(w.clone(), None); // one layer is a model of its own
+//! layer.init_adapter(&VarMap::new())?;
+//! layer.adapter().unwrap().b().set(&Tensor::ones((8, 8), candle_core::DType::F32, &Device::Cpu)?)?;
+//! let x = Tensor::randn(0f32, 1., (2, 8), &Device::Cpu)?;
+//! let before = layer.forward(&x)?;
+//! layer.merge()?;
+//! assert!(layer.is_merged());
+//! layer.unmerge()?;
+//! assert_eq!(layer.weight().to_vec2::<f32>()?, w.to_vec2::<f32>()?); // bit for bit
+//! assert_eq!(layer.forward(&x)?.to_vec2::<f32>()?, before.to_vec2::<f32>()?);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 use std::path::Path;
 
