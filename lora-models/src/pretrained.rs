@@ -13,16 +13,14 @@
 //! # Ok::<(), lora_models::ModelError>(())
 //! ```
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::gguf_file::Content;
 use candle_core::{DType, Device};
 
 use crate::chat::Message;
-use crate::error::{ModelError, Result};
+use crate::error::Result;
 use crate::generate::{generate, GenerateOptions, Generation};
-use crate::llama::{load_gguf, load_hf_dir, Checkpoint, LlamaForCausalLM};
+use crate::llama::{load_gguf_content, load_hf_dir, open_gguf, Checkpoint, LlamaForCausalLM};
 use crate::tokenizer::TextTokenizer;
 
 /// A model and its tokenizer.
@@ -41,18 +39,17 @@ impl Pretrained {
     /// (`tokenizer.json`, `tokenizer_config.json`), float weights in `dtype`.
     ///
     /// # Errors
-    /// A [`ModelError`] naming the file and the field or tensor at fault.
+    /// A [`ModelError`](crate::ModelError) naming the file and the field or tensor at fault.
     pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let (model, tokenizer) = match Checkpoint::of(path)? {
             Checkpoint::Gguf(p) => {
-                let model = load_gguf(&p, dtype, device)?;
-                let mut file = File::open(&p).map_err(|e| ModelError::io(&p, e))?;
-                let content = Content::read(&mut file).map_err(|e| ModelError::Unsupported {
-                    path: p.clone(),
-                    field: "header".into(),
-                    reason: format!("not a readable GGUF file: {e}"),
-                })?;
-                (model, TextTokenizer::from_gguf(&content, &p)?)
+                // One read of the header for both the model and the tokenizer.
+                let (mut file, content) = open_gguf(&p)?;
+                let tokenizer = TextTokenizer::from_gguf(&content, &p)?;
+                (
+                    load_gguf_content(&p, &mut file, &content, dtype, device)?,
+                    tokenizer,
+                )
             }
             Checkpoint::HfDir(p) => (
                 load_hf_dir(&p, dtype, device)?,

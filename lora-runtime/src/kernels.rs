@@ -240,12 +240,18 @@ struct FrozenMatmul {
 }
 
 impl FrozenMatmul {
-    /// The `(b, m, n, k)` of `x [n, in] @ W^T` and the layout of `W^T`.
-    fn plan(
+    /// `x W^T` on one backend: `weight_storage` picks the weight's storage of that backend out
+    /// of candle's `Storage` (the same matmul call on every device).
+    fn fwd<S: BackendStorage>(
         &self,
+        xs: &S,
         xl: &Layout,
-        wl: &Layout,
-    ) -> candle_core::Result<((usize, usize, usize, usize), Layout)> {
+        weight_storage: impl Fn(&Storage) -> Option<&S>,
+    ) -> candle_core::Result<(S, Shape)> {
+        let (guard, wl) = self.weight.storage_and_layout();
+        let ws = weight_storage(&guard).ok_or_else(|| {
+            candle_core::Error::msg("frozen linear: the weight is on another device than the input")
+        })?;
         let (n, inp) = xl.shape().dims2()?;
         let (out, w_in) = wl.shape().dims2()?;
         if w_in != inp {
@@ -253,7 +259,8 @@ impl FrozenMatmul {
                 "frozen linear: input [{n}, {inp}] does not fit weight [{out}, {w_in}]"
             )));
         }
-        Ok(((1, n, out, inp), wl.transpose(0, 1)?))
+        let y = xs.matmul(ws, (1, n, out, inp), xl, &wl.transpose(0, 1)?)?;
+        Ok((y, Shape::from((n, out))))
     }
 }
 
@@ -263,15 +270,10 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (guard, wl) = self.weight.storage_and_layout();
-        let Storage::Cpu(ws) = &*guard else {
-            return Err(candle_core::Error::msg(
-                "frozen linear: the weight is not on the CPU",
-            ));
-        };
-        let (bmnk, wt) = self.plan(xl, wl)?;
-        let y = xs.matmul(ws, bmnk, xl, &wt)?;
-        Ok((y, Shape::from((bmnk.1, bmnk.2))))
+        self.fwd(xs, xl, |s| match s {
+            Storage::Cpu(w) => Some(w),
+            _ => None,
+        })
     }
 
     #[cfg(feature = "cuda")]
@@ -280,15 +282,10 @@ impl CustomOp1 for FrozenMatmul {
         xs: &candle_core::CudaStorage,
         xl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let (guard, wl) = self.weight.storage_and_layout();
-        let Storage::Cuda(ws) = &*guard else {
-            return Err(candle_core::Error::msg(
-                "frozen linear: the weight is not on the GPU",
-            ));
-        };
-        let (bmnk, wt) = self.plan(xl, wl)?;
-        let y = xs.matmul(ws, bmnk, xl, &wt)?;
-        Ok((y, Shape::from((bmnk.1, bmnk.2))))
+        self.fwd(xs, xl, |s| match s {
+            Storage::Cuda(w) => Some(w),
+            _ => None,
+        })
     }
 
     fn bwd(

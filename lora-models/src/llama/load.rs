@@ -124,31 +124,22 @@ pub fn load_hf_dir(dir: &Path, dtype: DType, device: &Device) -> Result<LlamaFor
     }
     // SAFETY: the files are mapped read-only; a concurrent truncation by another process is
     // outside what any reader can defend against.
-    let vb =
-        unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device) }.map_err(|e| {
-            ModelError::Tensor {
+    let st =
+        unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }.map_err(|e| {
+            ModelError::InvalidPath {
                 path: dir.to_path_buf(),
-                name: String::new(),
-                reason: e.to_string(),
+                reason: format!("its safetensors files cannot be read: {e}"),
             }
         })?;
-    LlamaForCausalLM::new(config, vb).map_err(|e| ModelError::Tensor {
-        path: dir.to_path_buf(),
-        name: missing_name(&e),
-        reason: e.to_string(),
-    })
-}
-
-/// The tensor name in a candle "cannot find tensor" / shape error, when it says.
-fn missing_name(e: &candle_core::Error) -> String {
-    let text = e.to_string();
-    text.split_whitespace()
-        .find(|w| w.contains(".weight") || w.contains(".bias"))
-        .map(|w| {
-            w.trim_matches(|c: char| !c.is_alphanumeric() && c != '.' && c != '_')
-                .to_string()
-        })
-        .unwrap_or_default()
+    check_tensors(
+        &config,
+        dir,
+        |name| st.get(name).ok().map(|view| view.shape().to_vec()),
+        str::to_string,
+    )?;
+    let vb = VarBuilder::from_backend(Box::new(st), dtype, device.clone());
+    // Every tensor and shape was checked: what is left are candle's own errors.
+    Ok(LlamaForCausalLM::new(config, vb)?)
 }
 
 /// GGUF metadata reader for one architecture prefix.
@@ -252,12 +243,32 @@ fn unpermute(w: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
 /// A [`ModelError`] naming the file and the metadata key or tensor at fault: another
 /// architecture, missing metadata, a missing or truncated tensor.
 pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<LlamaForCausalLM> {
+    let (mut file, content) = open_gguf(path)?;
+    load_gguf_content(path, &mut file, &content, dtype, device)
+}
+
+/// Opens a GGUF file and reads its header (metadata and tensor index).
+///
+/// # Errors
+/// [`ModelError::Io`]; [`ModelError::Unsupported`] for a file that is not a readable GGUF.
+pub(crate) fn open_gguf(path: &Path) -> Result<(File, Content)> {
     let mut file = File::open(path).map_err(|e| ModelError::io(path, e))?;
     let content = Content::read(&mut file).map_err(|e| ModelError::Unsupported {
         path: path.to_path_buf(),
         field: "header".into(),
         reason: format!("not a readable GGUF file: {e}"),
     })?;
+    Ok((file, content))
+}
+
+/// [`load_gguf`] from a header already read (the tokenizer reads the same header).
+pub(crate) fn load_gguf_content(
+    path: &Path,
+    file: &mut File,
+    content: &Content,
+    dtype: DType,
+    device: &Device,
+) -> Result<LlamaForCausalLM> {
     let arch = match content.metadata.get("general.architecture") {
         Some(Value::String(a)) => a.clone(),
         _ => {
@@ -276,7 +287,7 @@ pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<LlamaForC
         });
     }
     let meta = Meta {
-        content: &content,
+        content,
         arch: arch.clone(),
         path,
     };
@@ -299,7 +310,7 @@ pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<LlamaForC
     let has_bias = content.tensor_infos.contains_key("blk.0.attn_q.bias");
     let rope_scaling = if content.tensor_infos.contains_key("rope_freqs.weight") {
         let t = content
-            .tensor(&mut file, "rope_freqs.weight", &Device::Cpu)
+            .tensor(file, "rope_freqs.weight", &Device::Cpu)
             .and_then(|q| q.dequantize(&Device::Cpu))
             .and_then(|t| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>())
             .map_err(|e| tensor_error(path, "rope_freqs.weight", e))?;
@@ -335,24 +346,25 @@ pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<LlamaForC
     };
     config.check(path)?;
 
+    check_tensors(
+        &config,
+        path,
+        |name| {
+            let gguf = gguf_name(name)?;
+            content
+                .tensor_infos
+                .get(&gguf)
+                .map(|i| i.shape.dims().to_vec())
+        },
+        |name| gguf_name(name).unwrap_or_else(|| name.to_string()),
+    )?;
+
     // Dequantize every tensor the model needs, under transformers' names.
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     let mut fingerprints: HashMap<String, BaseFingerprint> = HashMap::new();
-    let names: Vec<String> = content.tensor_infos.keys().cloned().collect();
-    let wanted = hf_names(&config);
-    for hf in &wanted {
-        let Some(gguf) = gguf_name(hf) else { continue };
-        if !names.contains(&gguf) {
-            if hf == "lm_head.weight" {
-                continue; // tied
-            }
-            return Err(ModelError::Tensor {
-                path: path.to_path_buf(),
-                name: gguf,
-                reason: format!("missing from the file (needed for `{hf}`)"),
-            });
-        }
-        let (qtensor, fingerprint) = read_tensor(&mut file, &content, &gguf, path)?;
+    for (hf, _) in expected_tensors(&config) {
+        let gguf = gguf_name(&hf).unwrap_or_else(|| hf.clone());
+        let (qtensor, fingerprint) = read_tensor(file, content, &gguf, path)?;
         let mut t = qtensor
             .dequantize(device)
             .map_err(|e| tensor_error(path, &gguf, e))?;
@@ -369,7 +381,7 @@ pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<LlamaForC
         if let Some(module) = hf.strip_suffix(".weight") {
             fingerprints.insert(module.to_string(), fingerprint);
         }
-        tensors.insert(hf.clone(), t);
+        tensors.insert(hf, t);
     }
     if config.tie_word_embeddings {
         if let Some(fp) = fingerprints.get("model.embed_tokens").cloned() {
@@ -377,11 +389,8 @@ pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<LlamaForC
         }
     }
     let vb = VarBuilder::from_tensors(tensors, dtype, device);
-    let mut model = LlamaForCausalLM::new(config, vb).map_err(|e| ModelError::Tensor {
-        path: path.to_path_buf(),
-        name: missing_name(&e),
-        reason: e.to_string(),
-    })?;
+    // Every tensor and shape was checked: what is left are candle's own errors.
+    let mut model = LlamaForCausalLM::new(config, vb)?;
     attach_fingerprints(&mut model, &fingerprints)?;
     Ok(model)
 }
@@ -394,34 +403,73 @@ fn tensor_error(path: &Path, name: &str, e: candle_core::Error) -> ModelError {
     }
 }
 
-/// Every parameter name the model reads, in transformers' naming.
-fn hf_names(config: &LlamaConfig) -> Vec<String> {
-    let mut names = vec![
-        "model.embed_tokens.weight".to_string(),
-        "model.norm.weight".to_string(),
-        "lm_head.weight".to_string(),
+/// Every parameter the model reads, in transformers' naming, with its shape; `lm_head.weight`
+/// only when the embeddings are not tied.
+fn expected_tensors(config: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
+    let (hidden, inter, vocab) = (
+        config.hidden_size,
+        config.intermediate_size,
+        config.vocab_size,
+    );
+    let (q, kv) = (
+        config.num_attention_heads * config.head_dim,
+        config.num_key_value_heads * config.head_dim,
+    );
+    let mut out = vec![
+        ("model.embed_tokens.weight".to_string(), vec![vocab, hidden]),
+        ("model.norm.weight".to_string(), vec![hidden]),
     ];
+    if !config.tie_word_embeddings {
+        out.push(("lm_head.weight".to_string(), vec![vocab, hidden]));
+    }
+    // Mirrors the biases `Attention::new` and `Mlp::new` read.
+    let o_bias = config.attention_bias && config.model_type != "qwen2";
     for i in 0..config.num_hidden_layers {
-        for m in [
-            "self_attn.q_proj",
-            "self_attn.k_proj",
-            "self_attn.v_proj",
-            "self_attn.o_proj",
-            "mlp.gate_proj",
-            "mlp.up_proj",
-            "mlp.down_proj",
-            "input_layernorm",
-            "post_attention_layernorm",
-        ] {
-            names.push(format!("model.layers.{i}.{m}.weight"));
-        }
-        if config.attention_bias {
-            for m in ["q_proj", "k_proj", "v_proj"] {
-                names.push(format!("model.layers.{i}.self_attn.{m}.bias"));
+        let layer = |m: &str| format!("model.layers.{i}.{m}");
+        let modules = [
+            ("self_attn.q_proj", q, hidden, config.attention_bias),
+            ("self_attn.k_proj", kv, hidden, config.attention_bias),
+            ("self_attn.v_proj", kv, hidden, config.attention_bias),
+            ("self_attn.o_proj", hidden, q, o_bias),
+            ("mlp.gate_proj", inter, hidden, config.mlp_bias),
+            ("mlp.up_proj", inter, hidden, config.mlp_bias),
+            ("mlp.down_proj", hidden, inter, config.mlp_bias),
+        ];
+        for (m, rows, cols, bias) in modules {
+            out.push((format!("{}.weight", layer(m)), vec![rows, cols]));
+            if bias {
+                out.push((format!("{}.bias", layer(m)), vec![rows]));
             }
         }
+        for norm in ["input_layernorm", "post_attention_layernorm"] {
+            out.push((format!("{}.weight", layer(norm)), vec![hidden]));
+        }
     }
-    names
+    out
+}
+
+/// Checks that the checkpoint has every tensor `config` needs, with its shape, before anything
+/// is built: `found(name)` is the shape stored under transformers' `name` (`None`: absent), and
+/// `stored(name)` the name the file uses, for the error.
+fn check_tensors(
+    config: &LlamaConfig,
+    path: &Path,
+    found: impl Fn(&str) -> Option<Vec<usize>>,
+    stored: impl Fn(&str) -> String,
+) -> Result<()> {
+    for (name, shape) in expected_tensors(config) {
+        let reason = match found(&name) {
+            None => "missing from the file".to_string(),
+            Some(s) if s != shape => format!("has shape {s:?}, the config needs {shape:?}"),
+            Some(_) => continue,
+        };
+        return Err(ModelError::Tensor {
+            path: path.to_path_buf(),
+            name: stored(&name),
+            reason: format!("{reason} (for `{name}`)"),
+        });
+    }
+    Ok(())
 }
 
 /// Reads a tensor of the file and the fingerprint of its stored bytes (GGML type and data).

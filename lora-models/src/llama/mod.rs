@@ -16,4 +16,5 @@ mod model;
 
 pub use config::{Llama3RopeScaling, LlamaConfig, RopeScaling};
 pub use load::{load_gguf, load_hf_dir, load_llama, Checkpoint};
+pub(crate) use load::{load_gguf_content, open_gguf};
 pub use model::{Attention, Cache, DecoderLayer, LlamaForCausalLM, LlamaModel, Mlp};
