@@ -215,6 +215,14 @@ pub enum Error {
         what: String,
     },
 
+    /// A training step cannot go on: a non-finite loss or gradient, a gradient of the wrong
+    /// shape, an optimizer state that does not fit the variables.
+    #[error("training: {reason}")]
+    Training {
+        /// What went wrong, with the step and the variable where known.
+        reason: String,
+    },
+
     /// The model has no LoRA layers at all.
     #[error("the model has no LoRA layers")]
     NoLoraLayers,

@@ -36,8 +36,9 @@ use crate::config::{LayerConfig, LoraConfig};
 use crate::error::Result;
 use crate::layer::LoraLayer;
 use crate::model::{self, LoraModel};
-use crate::peft::{self, LoadOptions};
+use crate::peft::{self, LoadOptions, SaveOptions};
 use crate::registry::{self, InitOptions, TrainableParameters};
+use crate::rng::DropoutRng;
 use crate::{batched, combine, merge};
 
 /// The verbs of a LoRA model: adapters, merge, files. See the [module docs](self).
@@ -151,6 +152,20 @@ pub trait LoraModelExt: LoraModel {
         TrainableParameters::of(self)
     }
 
+    /// `A` and `B` of every active adapter with the names PEFT's file gives them
+    /// (`<module path>.lora_A.weight`): what [`Trainer`](crate::train::Trainer) saves its
+    /// optimizer state under.
+    fn named_trainable_vars(&self) -> Vec<(String, Var)> {
+        registry::named_trainable_vars(self)
+    }
+
+    /// Makes training-mode dropout draw its masks from `rng` (shared by every layer) instead of
+    /// candle's unseeded generator, so a seeded run is reproducible bit for bit; `None` goes back
+    /// to candle's.
+    fn set_dropout_rng(&mut self, rng: Option<&DropoutRng>) {
+        registry::set_dropout_rng(self, rng);
+    }
+
     /// Puts every LoRA layer in training mode (dropout on the LoRA branch) or inference mode,
     /// like PyTorch's `model.train()` / `model.eval()`.
     fn set_training(&mut self, training: bool) {
@@ -215,7 +230,17 @@ pub trait LoraModelExt: LoraModel {
     /// [`Error::NoAdapter`](crate::Error::NoAdapter) without adapters,
     /// [`Error::Io`](crate::Error::Io) naming the file on I/O failure.
     fn save_adapter(&self, dir: impl AsRef<Path>) -> Result<()> {
-        peft::save_adapter(self, dir.as_ref())
+        peft::save_adapter(self, dir.as_ref(), &SaveOptions::default())
+    }
+
+    /// [`save_adapter`](Self::save_adapter) with the config fields that describe where the
+    /// adapter belongs (`task_type`, `base_model_name_or_path`), which PEFT uses to pick the
+    /// model class and the base when loading with `AutoPeftModel`.
+    ///
+    /// # Errors
+    /// As [`save_adapter`](Self::save_adapter).
+    fn save_adapter_with(&self, dir: impl AsRef<Path>, options: &SaveOptions) -> Result<()> {
+        peft::save_adapter(self, dir.as_ref(), options)
     }
 
     /// Loads a PEFT adapter directory (or an `adapter_model.safetensors` file next to its

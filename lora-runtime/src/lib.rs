@@ -32,9 +32,9 @@
 //!   command-line tool).
 //!
 //! Modules depend on each other in one direction, each only on those before it:
-//! `error` -> `config` -> `fingerprint` -> `adapter` -> `kernels`, `ops` -> `routing` -> `layer` ->
+//! `error` -> `config` -> `rng` -> `fingerprint` -> `adapter` -> `kernels`, `ops` -> `routing` -> `layer` ->
 //! `model` -> `fs` -> `peft` -> `registry` -> `merge`, `combine`, `batched` -> `ext` ->
-//! `merge_file`.
+//! `train`, `merge_file`.
 #![warn(missing_docs)]
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
@@ -55,7 +55,9 @@ pub mod model;
 pub mod ops;
 pub mod peft;
 pub mod registry;
+pub mod rng;
 pub mod routing;
+pub mod train;
 
 pub use adapter::{Adapter, AdapterSet, DEFAULT_ADAPTER};
 pub use combine::Combination;
@@ -65,7 +67,7 @@ pub use ext::LoraModelExt;
 pub use fingerprint::BaseFingerprint;
 pub use layer::{FrozenLinear, LoraLayer, LoraLinear, MergedWeight};
 pub use model::{LoraModel, ModulePath, VisitFn, VisitMutFn};
-pub use peft::LoadOptions;
+pub use peft::{LoadOptions, SaveOptions};
 pub use registry::{InitOptions, TrainableParameters, DEFAULT_SEED};
 
 /// What the code `#[lora]` generates calls. Not a public API: it changes without notice.

@@ -14,7 +14,8 @@ use crate::config::{LayerConfig, LoraConfig};
 use crate::error::{Error, Factor, Result};
 use crate::layer::install_default;
 use crate::model::{adapter_names, layers, prepare_then_commit, LoraModel, ModulePath};
-use crate::peft::named_key;
+use crate::peft::{named_key, peft_key};
+use crate::rng::DropoutRng;
 
 /// The seed [`InitOptions::default`] uses.
 pub const DEFAULT_SEED: u64 = 0x10_0A;
@@ -304,6 +305,30 @@ pub(crate) fn trainable_vars<M: LoraModel + ?Sized>(model: &M) -> Vec<Var> {
         .filter_map(|(_, l, _)| l.adapter())
         .flat_map(|ad| [ad.a().clone(), ad.b().clone()])
         .collect()
+}
+
+/// `(name, variable)` of `A` and `B` of every active adapter, named as PEFT's file keys
+/// (`<path>.lora_A.weight`): what an optimizer state is saved under.
+pub(crate) fn named_trainable_vars<M: LoraModel + ?Sized>(model: &M) -> Vec<(String, Var)> {
+    layers(model)
+        .iter()
+        .filter_map(|(p, l, _)| l.adapter().map(|ad| (p, ad)))
+        .flat_map(|(p, ad)| {
+            [
+                (peft_key(p, Factor::A), ad.a().clone()),
+                (peft_key(p, Factor::B), ad.b().clone()),
+            ]
+        })
+        .collect()
+}
+
+/// Makes every layer draw its dropout masks from `rng`.
+pub(crate) fn set_dropout_rng<M: LoraModel + ?Sized>(model: &mut M, rng: Option<&DropoutRng>) {
+    // The callback never fails, so neither does the visit of a correct model.
+    let _ = model.visit_lora_layers_mut(&mut ModulePath::new(), &mut |_, l, _| {
+        l.set_dropout_rng(rng.cloned());
+        Ok(())
+    });
 }
 
 /// Puts every layer in training or inference mode.

@@ -28,6 +28,7 @@ use crate::error::{LayerError, LayerResult};
 use crate::fingerprint::BaseFingerprint;
 use crate::kernels;
 use crate::layer::{LoraLayer, MergedWeight};
+use crate::rng::DropoutRng;
 use crate::routing::{Routing, RoutingTarget};
 
 /// A linear layer with a frozen base weight and named LoRA adapters.
@@ -52,6 +53,8 @@ pub struct LoraLinear {
     routing: Option<Routing>,
     /// Training mode: dropout on the LoRA branch, merged layers refused.
     training: bool,
+    /// Where training-mode dropout draws its masks (`None`: candle's unseeded generator).
+    dropout_rng: Option<DropoutRng>,
     /// While merged: the weight before the merge, kept for a bit-exact unmerge.
     unmerged_weight: Option<Tensor>,
     /// The fingerprint of the weight as its file stores it, when that is not the weight in
@@ -118,6 +121,7 @@ impl LoraLinear {
             adapters: AdapterSet::default(),
             routing: None,
             training: false,
+            dropout_rng: None,
             unmerged_weight: None,
             stored_fingerprint: None,
             fingerprint_cache: std::sync::OnceLock::new(),
@@ -310,7 +314,10 @@ impl LoraLinear {
         }
         let dropped;
         let x_lora = if train && ad.dropout() > 0.0 {
-            dropped = candle_nn::ops::dropout(x, ad.dropout())?;
+            dropped = match &self.dropout_rng {
+                Some(rng) => rng.dropout(x, ad.dropout())?,
+                None => candle_nn::ops::dropout(x, ad.dropout())?,
+            };
             &dropped
         } else {
             x
@@ -475,6 +482,9 @@ impl LoraLayer for LoraLinear {
     }
     fn set_training(&mut self, training: bool) {
         LoraLinear::set_training(self, training);
+    }
+    fn set_dropout_rng(&mut self, rng: Option<DropoutRng>) {
+        self.dropout_rng = rng;
     }
     fn as_any(&self) -> &dyn Any {
         self

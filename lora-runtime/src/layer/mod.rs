@@ -29,6 +29,7 @@ use crate::adapter::{Adapter, AdapterSet, DEFAULT_ADAPTER};
 use crate::config::LayerConfig;
 use crate::error::{Factor, LayerError, LayerResult};
 use crate::fingerprint::BaseFingerprint;
+use crate::rng::DropoutRng;
 use crate::routing::Routing;
 
 /// A merged weight computed by [`LoraLayer::prepare_merge`], not yet installed.
@@ -110,6 +111,11 @@ pub trait LoraLayer: Send + Sync + std::fmt::Debug + Any {
     fn is_training(&self) -> bool;
     /// Switches training mode.
     fn set_training(&mut self, training: bool);
+    /// Makes training-mode dropout draw its masks from `rng` (`None`: the layer's own default),
+    /// so that a seeded run is reproducible. Layers without dropout ignore it.
+    fn set_dropout_rng(&mut self, rng: Option<DropoutRng>) {
+        let _ = rng;
+    }
 
     /// The layer as [`Any`], to reach its concrete type (see `downcast_ref` on `dyn LoraLayer`).
     fn as_any(&self) -> &dyn Any;

@@ -32,9 +32,10 @@ use candle_core::Tensor;
 
 pub use crate::fingerprint::BaseFingerprint;
 pub(crate) use bind::load_adapter;
-pub(crate) use keys::named_key;
+pub(crate) use keys::{named_key, peft_key};
 pub(crate) use read::{candle_of, parse_safetensors};
-pub(crate) use write::{adapter_config, save_adapter, tensor_bytes};
+pub use write::SaveOptions;
+pub(crate) use write::{adapter_config, save_adapter, serialize_tensors, tensor_bytes};
 
 use crate::config::LoraConfig;
 

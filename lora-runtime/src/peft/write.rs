@@ -84,6 +84,33 @@ pub(crate) fn tensor_bytes(t: &Tensor, file: &Path, key: &str) -> Result<(Dtype,
     })
 }
 
+/// The bytes of a safetensors file holding `tensors` (in this order) and `metadata`; `file`
+/// names the file in errors.
+pub(crate) fn serialize_tensors(
+    tensors: &[(String, Tensor)],
+    metadata: HashMap<String, String>,
+    file: &Path,
+) -> Result<Vec<u8>> {
+    let raw = tensors
+        .iter()
+        .map(|(key, t)| {
+            let (dtype, bytes) = tensor_bytes(t, file, key)?;
+            Ok((
+                key.clone(),
+                RawTensor {
+                    dtype,
+                    shape: t.dims().to_vec(),
+                    data: Cow::Owned(bytes),
+                },
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    safetensors::serialize(raw, Some(metadata)).map_err(|source| Error::SafeTensors {
+        path: file.to_path_buf(),
+        source,
+    })
+}
+
 /// `{"format": "pt"}`.
 pub(crate) fn pt_metadata() -> HashMap<String, String> {
     HashMap::from([("format".to_string(), "pt".to_string())])
@@ -92,10 +119,23 @@ pub(crate) fn pt_metadata() -> HashMap<String, String> {
 /// One adapter of one layer, to be written: `(module path, layer, adapter)`.
 pub(crate) type SavedLayer<'a> = (&'a str, &'a dyn LoraLayer, &'a Adapter);
 
+/// What [`save_adapter_with`](crate::LoraModelExt::save_adapter_with) adds to the config.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SaveOptions {
+    /// `task_type`, e.g. `CAUSAL_LM` (PEFT picks the model class from it).
+    pub task_type: Option<String>,
+    /// `base_model_name_or_path`: the base model's hub id or path.
+    pub base_model_name_or_path: Option<String>,
+}
+
 /// Writes the adapters of `model` in PEFT's format (see
 /// [`save_adapter`](crate::LoraModelExt::save_adapter)): the default adapter at `dir`, every
 /// other in `dir/<name>/`, as PEFT lays them out.
-pub(crate) fn save_adapter<M: LoraModel + ?Sized>(model: &M, dir: &Path) -> Result<()> {
+pub(crate) fn save_adapter<M: LoraModel + ?Sized>(
+    model: &M,
+    dir: &Path,
+    options: &SaveOptions,
+) -> Result<()> {
     let layers = layers(model);
     let names = adapter_names(model);
     if names.is_empty() {
@@ -114,7 +154,7 @@ pub(crate) fn save_adapter<M: LoraModel + ?Sized>(model: &M, dir: &Path) -> Resu
             dir.join(name)
         };
         let all: Vec<&str> = layers.iter().map(|(p, _, _)| p.as_str()).collect();
-        save_layers(&target, &adapters, &all, &RealFs)?;
+        save_layers(&target, &adapters, &all, options, &RealFs)?;
     }
     Ok(())
 }
@@ -138,6 +178,7 @@ pub(crate) fn save_layers(
     dir: &Path,
     layers: &[SavedLayer<'_>],
     all: &[&str],
+    options: &SaveOptions,
     fs: &dyn SaveFs,
 ) -> Result<()> {
     let tensor_path = dir.join(ADAPTER_FILE);
@@ -167,7 +208,12 @@ pub(crate) fn save_layers(
             fingerprint?.to_string(),
         );
     }
-    let config = config_for(layers, all)?.to_json()?;
+    let mut config = config_for(layers, all)?;
+    config.task_type.clone_from(&options.task_type);
+    config
+        .base_model_name_or_path
+        .clone_from(&options.base_model_name_or_path);
+    let config = config.to_json()?;
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let bytes =
         safetensors::serialize(tensors, Some(metadata)).map_err(|source| Error::SafeTensors {
@@ -299,7 +345,7 @@ mod tests {
 
     fn save(dir: &Path, layers: &[SavedLayer<'_>]) -> Result<()> {
         let all: Vec<&str> = layers.iter().map(|(p, _, _)| *p).collect();
-        save_layers(dir, layers, &all, &RealFs)
+        save_layers(dir, layers, &all, &SaveOptions::default(), &RealFs)
     }
 
     /// A file system whose writers fail once `budget` bytes were written in all, and whose
@@ -392,7 +438,8 @@ mod tests {
                 written: Arc::default(),
                 fail_rename: None,
             };
-            let err = save_layers(dir.path(), &refs(&new), &[], &fs).unwrap_err();
+            let err = save_layers(dir.path(), &refs(&new), &[], &SaveOptions::default(), &fs)
+                .unwrap_err();
             assert!(
                 err.to_string().contains("injected failure: disk full"),
                 "{budget}: {err}"
@@ -407,7 +454,8 @@ mod tests {
                 written: Arc::default(),
                 fail_rename: Some(name),
             };
-            let err = save_layers(dir.path(), &refs(&new), &[], &fs).unwrap_err();
+            let err = save_layers(dir.path(), &refs(&new), &[], &SaveOptions::default(), &fs)
+                .unwrap_err();
             assert!(
                 err.to_string().contains("injected failure: rename"),
                 "{name}: {err}"
@@ -420,7 +468,7 @@ mod tests {
             written: Arc::default(),
             fail_rename: None,
         };
-        save_layers(dir.path(), &refs(&new), &[], &fs).unwrap();
+        save_layers(dir.path(), &refs(&new), &[], &SaveOptions::default(), &fs).unwrap();
         let after = snapshot(dir.path());
         assert_eq!(after.len(), 2);
         assert_ne!(after[ADAPTER_FILE], before[ADAPTER_FILE]);
@@ -434,14 +482,28 @@ mod tests {
             written: Arc::default(),
             fail_rename: None,
         };
-        save_layers(dir.path(), &refs(&layers(1)), &[], &fs).unwrap_err();
+        save_layers(
+            dir.path(),
+            &refs(&layers(1)),
+            &[],
+            &SaveOptions::default(),
+            &fs,
+        )
+        .unwrap_err();
         assert!(snapshot(dir.path()).is_empty());
         let fs = Faulty {
             budget: usize::MAX,
             written: Arc::default(),
             fail_rename: Some(CONFIG_FILE),
         };
-        save_layers(dir.path(), &refs(&layers(1)), &[], &fs).unwrap_err();
+        save_layers(
+            dir.path(),
+            &refs(&layers(1)),
+            &[],
+            &SaveOptions::default(),
+            &fs,
+        )
+        .unwrap_err();
         assert!(
             snapshot(dir.path()).is_empty(),
             "{:?}",
