@@ -77,6 +77,17 @@ pub enum ModelError {
         reason: String,
     },
 
+    /// A line of a training data file that cannot be used.
+    #[error("{}:{line}: {reason}", path.display())]
+    Data {
+        /// The data file.
+        path: PathBuf,
+        /// The line number (from 1).
+        line: usize,
+        /// What is wrong with the line.
+        reason: String,
+    },
+
     /// An input the model cannot run (empty prompt, too long, a token id outside the vocabulary).
     #[error("{0}")]
     Input(String),

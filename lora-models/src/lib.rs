@@ -5,7 +5,8 @@
 //! and generation ([`generate`], [`Pretrained`]).
 //!
 //! Modules depend on each other in one direction: `error` -> `cache`, `chat` -> `tokenizer` ->
-//! `llama` -> `generate` -> `pretrained`.
+//! `llama` -> `generate` -> `pretrained`; `sft` (training) sits beside `llama`, which implements
+//! its [`sft::CausalLm`] seam.
 //!
 //! Field names are transformers' module paths, so `model.layers.0.self_attn.q_proj` here is
 //! `model.layers.0.self_attn.q_proj` in PyTorch, and PEFT adapters load by name.
@@ -20,6 +21,7 @@ pub mod generate;
 pub mod hub;
 pub mod llama;
 pub mod pretrained;
+pub mod sft;
 pub mod tokenizer;
 
 pub use chat::{render_chat, Message};

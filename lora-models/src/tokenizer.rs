@@ -338,6 +338,48 @@ impl TextTokenizer {
         )
     }
 
+    /// Writes `tokenizer.json`, `tokenizer_config.json` (special tokens, `add_bos_token`, the
+    /// chat template) and `generation_config.json` (the stop ids) into `dir`:
+    /// what [`from_hf_dir`](Self::from_hf_dir) and transformers' `AutoTokenizer` read back into
+    /// this tokenizer.
+    ///
+    /// # Errors
+    /// [`ModelError::Io`] or [`ModelError::Tokenizer`] naming the file.
+    pub fn save_hf(&self, dir: &Path) -> Result<(), ModelError> {
+        std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+        let path = dir.join("tokenizer.json");
+        self.inner
+            .save(&path, false)
+            .map_err(|source| ModelError::Tokenizer {
+                path: path.clone(),
+                source,
+            })?;
+        let config = serde_json::json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self.bos.as_ref().map(|b| b.text.clone()),
+            "eos_token": self.eos.text,
+            "pad_token": self.eos.text,
+            "add_bos_token": self.add_bos_token,
+            "chat_template": self.chat_template,
+        });
+        let generation = serde_json::json!({
+            "bos_token_id": self.bos_token_id(),
+            "eos_token_id": self.stop_token_ids,
+        });
+        for (name, value) in [
+            ("tokenizer_config.json", config),
+            ("generation_config.json", generation),
+        ] {
+            let path = dir.join(name);
+            let text = serde_json::to_string_pretty(&value).map_err(|source| ModelError::Json {
+                path: path.clone(),
+                source,
+            })?;
+            std::fs::write(&path, text).map_err(|e| ModelError::io(&path, e))?;
+        }
+        Ok(())
+    }
+
     /// The beginning-of-sequence id, if the tokenizer has one.
     pub fn bos_token_id(&self) -> Option<u32> {
         self.bos.as_ref().map(|bos| bos.id)

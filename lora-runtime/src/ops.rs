@@ -410,3 +410,174 @@ mod tests {
         assert!(max_diff(&plain, &norm) < 1e-5);
     }
 }
+
+/// Runs `f(first_row, rows)` over `n` rows split into one contiguous chunk a thread.
+fn par_rows<T: Send>(out: &mut [T], row_len: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+    let rows = out.len() / row_len.max(1);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(rows.max(1));
+    let per = rows.div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        for (i, chunk) in out.chunks_mut(per * row_len.max(1)).enumerate() {
+            let f = &f;
+            s.spawn(move || f(i * per, chunk));
+        }
+    });
+}
+
+/// The label ids of a storage, as `usize`.
+fn labels_of(s: &CpuStorage, l: &Layout) -> candle_core::Result<Vec<usize>> {
+    let all = match s {
+        CpuStorage::U32(v) => v.iter().map(|&x| x as usize).collect::<Vec<_>>(),
+        CpuStorage::I64(v) => v.iter().map(|&x| x.max(0) as usize).collect(),
+        CpuStorage::U8(v) => v.iter().map(|&x| x as usize).collect(),
+        _ => {
+            return Err(candle_core::Error::msg(
+                "cross-entropy: labels must be integers",
+            ))
+        }
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(all[a..b].to_vec()),
+        None => Err(candle_core::Error::msg(
+            "cross-entropy: labels must be contiguous",
+        )),
+    }
+}
+
+/// `logsumexp(row) - row[label]` of each row: the fused forward of [`cross_entropy_sum`].
+struct CrossEntropy;
+
+/// `(softmax(row) - onehot(label)) * g`: its backward.
+struct CrossEntropyGrad;
+
+fn check_labels(labels: &[usize], rows: usize, vocab: usize) -> candle_core::Result<()> {
+    if labels.len() != rows {
+        return Err(candle_core::Error::msg(format!(
+            "cross-entropy: {} labels for {rows} rows",
+            labels.len()
+        )));
+    }
+    if let Some(bad) = labels.iter().find(|&&l| l >= vocab) {
+        return Err(candle_core::Error::msg(format!(
+            "cross-entropy: label {bad} is outside the {vocab} classes"
+        )));
+    }
+    Ok(())
+}
+
+impl CustomOp2 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "lora-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "cross-entropy logits")?;
+        let (rows, vocab) = l1.shape().dims2()?;
+        let labels = labels_of(s2, l2)?;
+        check_labels(&labels, rows, vocab)?;
+        let mut out = vec![0f32; rows];
+        par_rows(&mut out, 1, |first, dst| {
+            for (k, o) in dst.iter_mut().enumerate() {
+                let r = first + k;
+                let row = &x[r * vocab..(r + 1) * vocab];
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let sum: f32 = row.iter().map(|v| (v - max).exp()).sum();
+                *o = max + sum.ln() - row[labels[r]];
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from(rows)))
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        labels: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = logits.apply_op3_no_bwd(labels, &grad.contiguous()?, &CrossEntropyGrad)?;
+        Ok((Some(g), None))
+    }
+}
+
+impl CustomOp3 for CrossEntropyGrad {
+    fn name(&self) -> &'static str {
+        "lora-cross-entropy-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "cross-entropy logits")?;
+        let (rows, vocab) = l1.shape().dims2()?;
+        let labels = labels_of(s2, l2)?;
+        check_labels(&labels, rows, vocab)?;
+        let g = f32_slice(s3, l3, "cross-entropy gradient")?;
+        let mut out = vec![0f32; rows * vocab];
+        par_rows(&mut out, vocab, |first, dst| {
+            for (k, d) in dst.chunks_exact_mut(vocab).enumerate() {
+                let r = first + k;
+                let row = &x[r * vocab..(r + 1) * vocab];
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for (o, v) in d.iter_mut().zip(row) {
+                    *o = (v - max).exp();
+                    sum += *o;
+                }
+                let scale = g[r] / sum;
+                for o in d.iter_mut() {
+                    *o *= scale;
+                }
+                d[labels[r]] -= g[r];
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// The summed cross-entropy `sum_i (logsumexp(logits_i) - logits_i[labels_i])` of `logits
+/// [n, classes]` against integer `labels [n]`, a scalar, with a backward to the logits.
+///
+/// On the CPU in f32 one fused pass each way (the backward writes `softmax - onehot` directly),
+/// instead of candle's `log_softmax` composition, which makes several vocabulary-sized
+/// temporaries; elsewhere that composition.
+///
+/// ```
+/// use candle_core::{Device, Tensor, Var};
+/// let logits = Var::new(&[[1f32, 2., 3.], [0., 0., 0.]], &Device::Cpu)?;
+/// let labels = Tensor::new(&[2u32, 0], &Device::Cpu)?;
+/// let loss = lora_runtime::ops::cross_entropy_sum(logits.as_tensor(), &labels)?;
+/// let expect = (1f32.exp() + 2f32.exp() + 3f32.exp()).ln() - 3. + 3f32.ln();
+/// assert!((loss.to_scalar::<f32>()? - expect).abs() < 1e-5);
+/// let grad = loss.backward()?.get(logits.as_tensor()).unwrap().to_vec2::<f32>()?;
+/// assert!((grad[1][0] - (1. / 3. - 1.)).abs() < 1e-6);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+///
+/// # Errors
+/// Shape errors; a label outside the classes.
+pub fn cross_entropy_sum(logits: &Tensor, labels: &Tensor) -> candle_core::Result<Tensor> {
+    if fused_cpu(logits) {
+        return logits
+            .contiguous()?
+            .apply_op2(&labels.contiguous()?, CrossEntropy)?
+            .sum_all();
+    }
+    let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    let labels = labels.to_dtype(DType::U32)?.unsqueeze(1)?;
+    logp.gather(&labels, 1)?.sum_all()?.neg()
+}

@@ -214,6 +214,64 @@ impl LlamaConfig {
         Ok(config)
     }
 
+    /// The `config.json` transformers reads back into this config (`LlamaForCausalLM` or
+    /// `Qwen2ForCausalLM`, f32 weights).
+    ///
+    /// # Errors
+    /// [`ModelError::Unsupported`] for RoPE scaling held as per-frequency factors (GGUF's
+    /// `rope_freqs.weight`), which `config.json` cannot express.
+    pub fn to_hf_json(&self) -> Result<serde_json::Value> {
+        let rope_scaling = match &self.rope_scaling {
+            RopeScaling::None => serde_json::Value::Null,
+            RopeScaling::Llama3(s) => serde_json::json!({
+                "rope_type": "llama3",
+                "factor": s.factor,
+                "low_freq_factor": s.low_freq_factor,
+                "high_freq_factor": s.high_freq_factor,
+                "original_max_position_embeddings": s.original_max_position_embeddings,
+            }),
+            RopeScaling::Factors(_) => {
+                return Err(ModelError::Unsupported {
+                    path: "config.json".into(),
+                    field: "rope_scaling".into(),
+                    reason: "RoPE scaling given as per-frequency factors (GGUF `rope_freqs.weight`) has no config.json form".into(),
+                })
+            }
+        };
+        let architecture = if self.model_type == "qwen2" {
+            "Qwen2ForCausalLM"
+        } else {
+            "LlamaForCausalLM"
+        };
+        let eos = match self.eos_token_ids.as_slice() {
+            [] => serde_json::Value::Null,
+            [one] => serde_json::json!(one),
+            many => serde_json::json!(many),
+        };
+        Ok(serde_json::json!({
+            "architectures": [architecture],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": rope_scaling,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.attention_bias,
+            "mlp_bias": self.mlp_bias,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos,
+            "torch_dtype": "float32",
+        }))
+    }
+
     /// Checks the sizes agree with each other.
     pub(crate) fn check(&self, path: &Path) -> Result<()> {
         let bad = |field: &str, reason: String| ModelError::Unsupported {

@@ -11,6 +11,7 @@
 //! ```
 
 mod config;
+mod finetune;
 mod load;
 mod model;
 

@@ -6,9 +6,11 @@
 //! lora merge --base sharded-model-dir --adapter my-adapter --out merged-dir
 //! lora inspect my-adapter
 //! lora generate --model SmolLM2-135M-Instruct.Q4_1.gguf --prompt "What is the capital of France?"
+//! lora train --model SmolLM2-135M-Instruct.Q4_1.gguf --data train.jsonl --out my-adapter
 //! ```
 
 mod generate;
+mod train;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -61,6 +63,9 @@ enum Command {
     /// Generate text with a Llama-family model (a .gguf file or a Hugging Face directory),
     /// optionally with a PEFT adapter. stdout carries exactly the completion.
     Generate(generate::GenerateArgs),
+    /// Fine-tune a Llama-family model on JSONL data (chat, prompt/completion or text): a LoRA
+    /// adapter in PEFT's format, or with --full every weight.
+    Train(train::TrainArgs),
 }
 
 fn main() -> ExitCode {
@@ -76,6 +81,7 @@ fn main() -> ExitCode {
         } => merge(base, adapter, out, quiet, !no_verify_base).map_err(Into::into),
         Command::Inspect { adapter } => inspect(adapter).map_err(Into::into),
         Command::Generate(args) => generate::run(args),
+        Command::Train(args) => train::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

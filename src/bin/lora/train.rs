@@ -1,0 +1,326 @@
+//! `lora train`: supervised fine-tuning of a Llama-family model on JSONL data, LoRA or full,
+//! a thin layer over [`lora::models::sft`].
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use lora::candle::{DType, Device};
+use lora::models::sft::{self, DataOptions, Dataset, Duration, Event, LossOn, SftConfig, Tuning};
+use lora::models::Pretrained;
+use lora::train::{AdamWConfig, TrainerConfig};
+use lora::{InitOptions, LoraConfig, LoraModelExt, SaveOptions};
+
+use crate::generate::WeightDtype;
+
+/// Which tokens the loss covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LossOnArg {
+    /// Assistant turns and completions (every token of `text` lines).
+    Completions,
+    /// Every token.
+    All,
+}
+
+/// The arguments of `lora train`.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// The base model: a `.gguf` file, a Hugging Face model directory, or a hub id.
+    #[arg(long)]
+    model: String,
+    /// Training data, JSONL: `{"messages": [...]}`, `{"prompt", "completion"}` or `{"text"}`.
+    #[arg(long)]
+    data: PathBuf,
+    /// Where the adapter (or, with --full, the model) and the checkpoints go.
+    #[arg(long)]
+    out: PathBuf,
+    /// The weights' dtype while training.
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: WeightDtype,
+    /// Held-out data (same formats) for the eval loss.
+    #[arg(long)]
+    eval: Option<PathBuf>,
+    /// Layers to adapt: names (`q_proj,v_proj`), `all-linear`, or a regex over module paths.
+    #[arg(long, default_value = "q_proj,v_proj")]
+    targets: String,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 8)]
+    rank: usize,
+    /// LoRA alpha (scaling alpha / rank).
+    #[arg(long, default_value_t = 16.0)]
+    alpha: f64,
+    /// Dropout on the LoRA branch.
+    #[arg(long, default_value_t = 0.0)]
+    dropout: f64,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 2e-4)]
+    lr: f64,
+    /// AdamW's decoupled weight decay.
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    /// Clip the global gradient norm to this (0: no clipping).
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    /// Optimizer steps.
+    #[arg(long, conflicts_with = "epochs")]
+    steps: Option<u64>,
+    /// Passes over the data (default 1).
+    #[arg(long)]
+    epochs: Option<f64>,
+    /// Examples per micro-batch.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// Sequences are cut to this many tokens.
+    #[arg(long, default_value_t = 512)]
+    max_seq_len: usize,
+    /// Linear warmup steps before the cosine decay.
+    #[arg(long, default_value_t = 0)]
+    warmup_steps: u64,
+    /// Eval loss every N steps (and at the end).
+    #[arg(long)]
+    eval_every: Option<u64>,
+    /// A checkpoint every N steps (and always on Ctrl-C).
+    #[arg(long)]
+    save_every: Option<u64>,
+    /// A system prompt for conversations without one, replacing the template's default.
+    #[arg(long)]
+    system: Option<String>,
+    /// Which tokens the loss covers.
+    #[arg(long, value_enum, default_value = "completions")]
+    loss_on: LossOnArg,
+    /// Seed of the adapter's initialization, the shuffling and the dropout masks.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Full fine-tuning (every weight) instead of LoRA; saves a Hugging Face model directory.
+    #[arg(long)]
+    full: bool,
+    /// Continue from OUT/checkpoint-STEP (same data and settings).
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// The PEFT `target_modules` value of `--targets`.
+fn targets_json(targets: &str) -> serde_json::Value {
+    let plain = |s: &str| s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if targets == "all-linear" {
+        serde_json::json!("all-linear")
+    } else if targets.split(',').all(|t| plain(t.trim())) {
+        serde_json::json!(targets
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .collect::<Vec<_>>())
+    } else {
+        serde_json::json!(targets)
+    }
+}
+
+/// Runs `lora train`.
+pub fn run(args: TrainArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let dtype = match args.dtype {
+        WeightDtype::F32 => DType::F32,
+        WeightDtype::F16 => DType::F16,
+        WeightDtype::Bf16 => DType::BF16,
+        WeightDtype::Quantized => {
+            return Err("--dtype quantized is not available yet: use f32, f16 or bf16".into())
+        }
+    };
+    let path = lora::models::hub::resolve_model(&args.model)?;
+    let start = Instant::now();
+    let Pretrained {
+        mut model,
+        tokenizer,
+        ..
+    } = Pretrained::load(&path, dtype, &Device::Cpu)?;
+    eprintln!(
+        "loaded {} in {:.1} s",
+        path.display(),
+        start.elapsed().as_secs_f64()
+    );
+
+    let options = DataOptions {
+        system: args.system.clone(),
+        loss_on: match args.loss_on {
+            LossOnArg::Completions => LossOn::Completions,
+            LossOnArg::All => LossOn::All,
+        },
+        max_seq_len: args.max_seq_len,
+    };
+    let data = Dataset::from_jsonl(&args.data, &tokenizer, &options)?;
+    let eval = args
+        .eval
+        .as_ref()
+        .map(|p| Dataset::from_jsonl(p, &tokenizer, &options))
+        .transpose()?;
+    for d in std::iter::once(&data).chain(eval.as_ref()) {
+        eprintln!(
+            "{}: {} examples, {} tokens ({} trained on){}{}",
+            d.path.display(),
+            d.examples.len(),
+            d.tokens(),
+            d.loss_tokens(),
+            if d.truncated > 0 {
+                format!(", {} truncated to {} tokens", d.truncated, args.max_seq_len)
+            } else {
+                String::new()
+            },
+            if d.skipped > 0 {
+                format!(", {} skipped (nothing left to train on)", d.skipped)
+            } else {
+                String::new()
+            }
+        );
+    }
+
+    let tuning = if args.full {
+        Tuning::Full
+    } else {
+        Tuning::Lora
+    };
+    if tuning == Tuning::Lora {
+        let config = LoraConfig::from_json(
+            &serde_json::json!({
+                "r": args.rank,
+                "lora_alpha": args.alpha,
+                "lora_dropout": args.dropout,
+                "target_modules": targets_json(&args.targets),
+            })
+            .to_string(),
+        )?;
+        model.init_adapter_with(
+            &lora::candle_nn::VarMap::new(),
+            &InitOptions::default()
+                .with_peft_config(config)
+                .with_seed(args.seed),
+        )?;
+        if model.named_trainable_vars().is_empty() {
+            return Err(format!("--targets {} matches no layer of the model", args.targets).into());
+        }
+        eprintln!("{}", model.trainable_parameters());
+    }
+
+    let config = SftConfig {
+        trainer: TrainerConfig {
+            lr: args.lr,
+            warmup_steps: args.warmup_steps,
+            max_grad_norm: (args.max_grad_norm > 0.0).then_some(args.max_grad_norm),
+            adamw: AdamWConfig {
+                weight_decay: args.weight_decay,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+        duration: match (args.steps, args.epochs) {
+            (Some(n), _) => Duration::Steps(n),
+            (None, Some(e)) => Duration::Epochs(e),
+            (None, None) => Duration::Epochs(1.0),
+        },
+        batch_size: args.batch_size,
+        grad_accum: args.grad_accum,
+        eval_every: args.eval_every,
+        save_every: args.save_every,
+        seed: args.seed,
+        tuning,
+        out: args.out.clone(),
+        save: SaveOptions {
+            task_type: Some("CAUSAL_LM".into()),
+            base_model_name_or_path: Some(args.model.clone()),
+        },
+    };
+
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = Arc::clone(&stop);
+        ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            eprintln!(
+                "\nstopping after this step and writing a checkpoint (Ctrl-C again to quit now)"
+            );
+        })?;
+    }
+    let total = config.total_steps(data.examples.len());
+    let bar = if args.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(total)
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed}, eta {eta})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(if args.full { "full" } else { "lora" });
+    let mut on_event = |event: &Event| match event {
+        Event::Step {
+            stats,
+            loss,
+            tokens_per_s,
+            epoch,
+            ..
+        } => {
+            bar.set_position(stats.step);
+            bar.set_message(format!(
+                "loss {loss:.4} lr {:.2e} {tokens_per_s:.0} tok/s epoch {epoch}",
+                stats.lr
+            ));
+            if args.quiet {
+                eprintln!(
+                    "step {} loss {loss:.4} lr {:.3e} grad-norm {:.3}",
+                    stats.step, stats.lr, stats.grad_norm
+                );
+            }
+        }
+        Event::Eval { step, loss } => bar.println(format!("step {step}: eval loss {loss:.4}")),
+        Event::Checkpoint { path } => bar.println(format!("checkpoint {}", path.display())),
+    };
+    let outcome = sft::train(
+        &mut model,
+        &tokenizer,
+        &data,
+        eval.as_ref(),
+        &config,
+        args.resume.as_deref(),
+        &stop,
+        &mut on_event,
+    )?;
+    bar.finish_and_clear();
+    eprintln!(
+        "{} steps, last loss {}, {:.0} tokens/s{}",
+        outcome.steps,
+        outcome.last_loss.map_or("-".into(), |l| format!("{l:.4}")),
+        outcome.tokens as f64 / outcome.seconds.max(1e-9),
+        outcome
+            .eval_loss
+            .map_or(String::new(), |l| format!(", eval loss {l:.4}"))
+    );
+    if outcome.stopped {
+        eprintln!(
+            "stopped: resume with --resume {}",
+            args.out.join(sft::checkpoint_name(outcome.steps)).display()
+        );
+    } else {
+        eprintln!(
+            "wrote {} to {}",
+            if args.full {
+                "the model"
+            } else {
+                "the adapter"
+            },
+            args.out.display()
+        );
+    }
+    Ok(())
+}
