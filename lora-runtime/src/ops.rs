@@ -315,102 +315,6 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tenso
     Tensor::cat(&[first, second], D::Minus1)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::Var;
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
-
-    #[test]
-    fn fused_ops_match_the_composed_ones_with_gradients() {
-        let dev = Device::Cpu;
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 4, 16), &dev).unwrap()).unwrap();
-        let w = Var::from_tensor(&Tensor::randn(1f32, 0.2, 16, &dev).unwrap()).unwrap();
-        let eps = 1e-5;
-        // Composed references.
-        let r = (x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + eps)
-            .unwrap()
-            .sqrt()
-            .unwrap()
-            .recip()
-            .unwrap();
-        let norm_ref = x.broadcast_mul(&r).unwrap().broadcast_mul(&w).unwrap();
-        let soft_ref = candle_nn::ops::softmax(&norm_ref, D::Minus1).unwrap();
-        let norm = rms_norm(x.as_tensor(), w.as_tensor(), eps).unwrap();
-        let soft = softmax_last_dim(&norm).unwrap();
-        assert!(max_diff(&norm, &norm_ref) < 1e-5);
-        assert!(max_diff(&soft, &soft_ref) < 1e-6);
-        // A loss that weights every output differently.
-        let k = Tensor::randn(0f32, 1.0, (3, 4, 16), &dev).unwrap();
-        let g = (soft * &k).unwrap().sum_all().unwrap().backward().unwrap();
-        let g_ref = (soft_ref * &k)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for t in [x.as_tensor(), w.as_tensor()] {
-            let (a, b) = (g.get(t).unwrap(), g_ref.get(t).unwrap());
-            assert!(max_diff(a, b) < 1e-5, "{}", max_diff(a, b));
-        }
-        // Layer norm: fused with a backward against the composition.
-        let b = Var::from_tensor(&Tensor::randn(0f32, 0.2, 16, &dev).unwrap()).unwrap();
-        let mean = x.mean_keepdim(D::Minus1).unwrap();
-        let centered = x.broadcast_sub(&mean).unwrap();
-        let var = centered.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
-        let ln_ref = centered
-            .broadcast_div(&(var + eps).unwrap().sqrt().unwrap())
-            .unwrap()
-            .broadcast_mul(&w)
-            .unwrap()
-            .broadcast_add(&b)
-            .unwrap();
-        let ln = layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), eps).unwrap();
-        assert!(max_diff(&ln, &ln_ref) < 1e-5);
-        let g = (ln * &k).unwrap().sum_all().unwrap().backward().unwrap();
-        let g_ref = (ln_ref * &k)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for t in [x.as_tensor(), w.as_tensor(), b.as_tensor()] {
-            let (a, r) = (g.get(t).unwrap(), g_ref.get(t).unwrap());
-            assert!(max_diff(a, r) < 1e-4, "{}", max_diff(a, r));
-        }
-        // Rotary embedding: the composed form (with a graph) equals candle's fused kernel.
-        let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 2, 3, 8), &dev).unwrap()).unwrap();
-        let angles = Tensor::randn(0f32, 1.0, (3, 4), &dev).unwrap();
-        let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
-        let fused = candle_nn::rotary_emb::rope(q.as_tensor(), &cos, &sin).unwrap();
-        let composed = rope(q.as_tensor(), &cos, &sin).unwrap();
-        assert!(max_diff(&fused, &composed) < 1e-6);
-        let gq = composed
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        // A rotation keeps norms: d|R q|^2 / dq = 2 q.
-        let want = q.as_tensor().affine(2.0, 0.0).unwrap();
-        assert!(max_diff(gq.get(q.as_tensor()).unwrap(), &want) < 1e-5);
-        // Without a graph, candle's fused kernels: the same values.
-        let plain = rms_norm(&x.as_tensor().detach(), &w.as_tensor().detach(), eps).unwrap();
-        assert!(max_diff(&plain, &norm) < 1e-5);
-    }
-}
-
 /// Runs `f(first_row, rows)` over `n` rows split into one contiguous chunk a thread.
 fn par_rows<T: Send>(out: &mut [T], row_len: usize, f: impl Fn(usize, &mut [T]) + Sync) {
     let rows = out.len() / row_len.max(1);
@@ -580,4 +484,133 @@ pub fn cross_entropy_sum(logits: &Tensor, labels: &Tensor) -> candle_core::Resul
     let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
     let labels = labels.to_dtype(DType::U32)?.unsqueeze(1)?;
     logp.gather(&labels, 1)?.sum_all()?.neg()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    #[test]
+    fn fused_ops_match_the_composed_ones_with_gradients() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 4, 16), &dev).unwrap()).unwrap();
+        let w = Var::from_tensor(&Tensor::randn(1f32, 0.2, 16, &dev).unwrap()).unwrap();
+        let eps = 1e-5;
+        // Composed references.
+        let r = (x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + eps)
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .recip()
+            .unwrap();
+        let norm_ref = x.broadcast_mul(&r).unwrap().broadcast_mul(&w).unwrap();
+        let soft_ref = candle_nn::ops::softmax(&norm_ref, D::Minus1).unwrap();
+        let norm = rms_norm(x.as_tensor(), w.as_tensor(), eps).unwrap();
+        let soft = softmax_last_dim(&norm).unwrap();
+        assert!(max_diff(&norm, &norm_ref) < 1e-5);
+        assert!(max_diff(&soft, &soft_ref) < 1e-6);
+        // A loss that weights every output differently.
+        let k = Tensor::randn(0f32, 1.0, (3, 4, 16), &dev).unwrap();
+        let g = (soft * &k).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_ref = (soft_ref * &k)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for t in [x.as_tensor(), w.as_tensor()] {
+            let (a, b) = (g.get(t).unwrap(), g_ref.get(t).unwrap());
+            assert!(max_diff(a, b) < 1e-5, "{}", max_diff(a, b));
+        }
+        // Layer norm: fused with a backward against the composition.
+        let b = Var::from_tensor(&Tensor::randn(0f32, 0.2, 16, &dev).unwrap()).unwrap();
+        let mean = x.mean_keepdim(D::Minus1).unwrap();
+        let centered = x.broadcast_sub(&mean).unwrap();
+        let var = centered.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+        let ln_ref = centered
+            .broadcast_div(&(var + eps).unwrap().sqrt().unwrap())
+            .unwrap()
+            .broadcast_mul(&w)
+            .unwrap()
+            .broadcast_add(&b)
+            .unwrap();
+        let ln = layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), eps).unwrap();
+        assert!(max_diff(&ln, &ln_ref) < 1e-5);
+        let g = (ln * &k).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_ref = (ln_ref * &k)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for t in [x.as_tensor(), w.as_tensor(), b.as_tensor()] {
+            let (a, r) = (g.get(t).unwrap(), g_ref.get(t).unwrap());
+            assert!(max_diff(a, r) < 1e-4, "{}", max_diff(a, r));
+        }
+        // Rotary embedding: the composed form (with a graph) equals candle's fused kernel.
+        let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 2, 3, 8), &dev).unwrap()).unwrap();
+        let angles = Tensor::randn(0f32, 1.0, (3, 4), &dev).unwrap();
+        let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+        let fused = candle_nn::rotary_emb::rope(q.as_tensor(), &cos, &sin).unwrap();
+        let composed = rope(q.as_tensor(), &cos, &sin).unwrap();
+        assert!(max_diff(&fused, &composed) < 1e-6);
+        let gq = composed
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        // A rotation keeps norms: d|R q|^2 / dq = 2 q.
+        let want = q.as_tensor().affine(2.0, 0.0).unwrap();
+        assert!(max_diff(gq.get(q.as_tensor()).unwrap(), &want) < 1e-5);
+        // Without a graph, candle's fused kernels: the same values.
+        let plain = rms_norm(&x.as_tensor().detach(), &w.as_tensor().detach(), eps).unwrap();
+        assert!(max_diff(&plain, &norm) < 1e-5);
+    }
+
+    #[test]
+    fn fused_cross_entropy_matches_log_softmax_with_gradients() {
+        let dev = Device::Cpu;
+        let logits = Var::from_tensor(&Tensor::randn(0f32, 3.0, (7, 300), &dev).unwrap()).unwrap();
+        let labels = Tensor::new(&[0u32, 299, 5, 17, 5, 100, 250], &dev).unwrap();
+        let fused = cross_entropy_sum(logits.as_tensor(), &labels).unwrap();
+        let logp = candle_nn::ops::log_softmax(logits.as_tensor(), D::Minus1).unwrap();
+        let composed = logp
+            .gather(&labels.unsqueeze(1).unwrap(), 1)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .neg()
+            .unwrap();
+        assert!(max_diff(&fused, &composed) < 1e-4);
+        // Scaled, so the incoming gradient is not 1.
+        let g = (fused * 0.5).unwrap().backward().unwrap();
+        let g_ref = (composed * 0.5).unwrap().backward().unwrap();
+        let (a, b) = (
+            g.get(logits.as_tensor()).unwrap(),
+            g_ref.get(logits.as_tensor()).unwrap(),
+        );
+        assert!(max_diff(a, b) < 1e-6, "{}", max_diff(a, b));
+        let bad = Tensor::new(&[0u32, 300, 0, 0, 0, 0, 0], &dev).unwrap();
+        let err = cross_entropy_sum(logits.as_tensor(), &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("label 300 is outside the 300 classes"),
+            "{err}"
+        );
+    }
 }

@@ -1,0 +1,438 @@
+//! `lora train` and the SFT loop behind it, on the tiny chat fixture (tiny-llama-tied's weights
+//! with a small ChatML tokenizer, `tests/fixtures/llm/tiny-chat`, made by
+//! `scripts/tiny_chat_fixture.py`): the loss falls, the loss mask covers exactly the assistant
+//! turns and completions, a resumed run ends bit for bit where an uninterrupted one does (dropout
+//! on), full fine-tuning writes a model that loads back, and bad data or targets are refused with
+//! the file and line before anything is written.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use lora::candle::{DType, Device, Tensor};
+use lora::models::sft::{
+    self, CausalLm, DataOptions, Dataset, Duration, Event, LossOn, SftConfig, Tuning,
+};
+use lora::models::Pretrained;
+use lora::train::TrainerConfig;
+use lora::{InitOptions, LoraConfig, LoraModelExt};
+
+const LORA: &str = env!("CARGO_BIN_EXE_lora");
+
+fn model_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llm/tiny-chat")
+}
+
+const DATA: &str = r#"{"messages": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi there"}]}
+{"messages": [{"role": "user", "content": "Say no"}, {"role": "assistant", "content": "no way"}]}
+
+{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Count"}, {"role": "assistant", "content": "one two"}, {"role": "user", "content": "More"}, {"role": "assistant", "content": "three"}]}
+{"prompt": "The sky is", "completion": " blue"}
+{"text": "the end"}
+"#;
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn load() -> Pretrained {
+    Pretrained::load(&model_dir(), DType::F32, &Device::Cpu).unwrap()
+}
+
+fn dataset(p: &Pretrained, path: &Path, options: &DataOptions) -> Dataset {
+    Dataset::from_jsonl(path, &p.tokenizer, options).unwrap()
+}
+
+/// The text of each example's target tokens.
+fn targets_text(p: &Pretrained, d: &Dataset) -> Vec<String> {
+    d.examples
+        .iter()
+        .map(|e| {
+            let ids: Vec<u32> = e
+                .ids
+                .iter()
+                .zip(&e.targets)
+                .filter(|(_, t)| **t)
+                .map(|(i, _)| *i)
+                .collect();
+            p.tokenizer.decode(&ids).unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn the_loss_covers_exactly_assistant_turns_and_completions() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "d.jsonl", DATA);
+    let p = load();
+    let d = dataset(&p, &path, &DataOptions::default());
+    assert_eq!(d.examples.len(), 5);
+    assert_eq!(
+        d.examples.iter().map(|e| e.line).collect::<Vec<_>>(),
+        [1, 2, 4, 5, 6]
+    );
+    assert_eq!(
+        targets_text(&p, &d),
+        [
+            "hi there<|im_end|>",
+            "no way<|im_end|>",
+            "one two<|im_end|>three<|im_end|>",
+            " blue<|im_end|>",
+            // A text line trains on everything after its first token.
+            "he end<|im_end|>",
+        ]
+    );
+    // The ids are the rendered conversation's, as transformers tokenizes it.
+    let first = &d.examples[0];
+    let text = p.tokenizer.decode(&first.ids).unwrap();
+    assert_eq!(
+        text,
+        "<|im_start|>system\nYou are a tiny model.<|im_end|>\n<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\nhi there<|im_end|>\n"
+    );
+    // --system replaces the template's default; --loss-on all covers every token but the first.
+    let options = DataOptions {
+        system: Some("S".into()),
+        loss_on: LossOn::All,
+        ..Default::default()
+    };
+    let d = dataset(&p, &path, &options);
+    let text = p.tokenizer.decode(&d.examples[0].ids).unwrap();
+    assert!(
+        text.starts_with("<|im_start|>system\nS<|im_end|>\n"),
+        "{text}"
+    );
+    let e = &d.examples[0];
+    assert!(!e.targets[0] && e.targets[1..].iter().all(|t| *t));
+    // Truncation is counted.
+    let short = DataOptions {
+        max_seq_len: 12,
+        ..Default::default()
+    };
+    let d = Dataset::from_jsonl(&path, &p.tokenizer, &short).unwrap();
+    assert!(
+        d.truncated >= 3 && d.skipped >= 2,
+        "{} {}",
+        d.truncated,
+        d.skipped
+    );
+    assert!(d.examples.iter().all(|e| e.ids.len() <= 12));
+}
+
+#[test]
+fn malformed_lines_are_refused_with_the_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = load();
+    let good = r#"{"prompt": "a", "completion": "b"}"#;
+    let cases = [
+        (format!("{good}\n{{not json\n"), ":2: invalid JSON"),
+        (
+            format!("{good}\n\n{{\"prompt\": 3, \"completion\": \"x\"}}\n"),
+            ":3: `prompt` must be a string, found a number",
+        ),
+        (
+            format!("{good}\n{{\"messages\": [{{\"role\": \"user\", \"content\": \"hi\"}}]}}\n"),
+            ":2: the conversation has no assistant turn",
+        ),
+        (
+            format!("{{\"messages\": [{{\"role\": \"user\", \"content\": 1}}]}}\n{good}\n"),
+            ":1: `messages[0]`: `content` must be a string",
+        ),
+        (
+            format!("{good}\n{{\"input\": \"x\"}}\n"),
+            ":2: expected `messages`, `prompt` and `completion`, or `text`",
+        ),
+        ("\n\n".to_string(), ":1: the file holds no examples"),
+        (String::new(), ":1: the file holds no examples"),
+    ];
+    for (i, (text, want)) in cases.iter().enumerate() {
+        let path = write(dir.path(), &format!("bad{i}.jsonl"), text);
+        let err = Dataset::from_jsonl(&path, &p.tokenizer, &DataOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!("bad{i}.jsonl{want}")),
+            "case {i}: {err}"
+        );
+    }
+}
+
+fn lora_config() -> LoraConfig {
+    LoraConfig::from_json(
+        r#"{"r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "target_modules": ["q_proj", "v_proj", "down_proj"]}"#,
+    )
+    .unwrap()
+}
+
+fn run_config(out: &Path, steps: u64) -> SftConfig {
+    SftConfig {
+        trainer: TrainerConfig {
+            lr: 2e-2,
+            warmup_steps: 2,
+            ..Default::default()
+        },
+        duration: Duration::Steps(steps),
+        batch_size: 2,
+        grad_accum: 2,
+        seed: 3,
+        out: out.to_path_buf(),
+        ..Default::default()
+    }
+}
+
+/// A LoRA run of `steps` steps on DATA; `stop_at` sets the stop flag after that step.
+fn lora_run(
+    out: &Path,
+    data: &Dataset,
+    steps: u64,
+    stop_at: Option<u64>,
+    resume: Option<&Path>,
+) -> (Pretrained, sft::Outcome) {
+    let mut p = load();
+    p.model
+        .init_adapter_with(
+            &lora::candle_nn::VarMap::new(),
+            &InitOptions::default()
+                .with_peft_config(lora_config())
+                .with_seed(1),
+        )
+        .unwrap();
+    let stop = AtomicBool::new(false);
+    let config = run_config(out, steps);
+    let tokenizer = p.tokenizer.clone();
+    let outcome = sft::train(
+        &mut p.model,
+        &tokenizer,
+        data,
+        None,
+        &config,
+        resume,
+        &stop,
+        &mut |e| {
+            if let (Event::Step { stats, .. }, Some(at)) = (e, stop_at) {
+                if stats.step == at {
+                    stop.store(true, Ordering::SeqCst);
+                }
+            }
+        },
+    )
+    .unwrap();
+    (p, outcome)
+}
+
+#[test]
+fn training_lowers_the_loss_and_a_resumed_run_ends_bit_for_bit_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "d.jsonl", DATA);
+    let p = load();
+    let data = dataset(&p, &path, &DataOptions::default());
+    let before = sft::evaluate(&p.model, &data, 4, 2, &Device::Cpu).unwrap();
+
+    let whole = dir.path().join("whole");
+    let (trained, outcome) = lora_run(&whole, &data, 8, None, None);
+    assert!(!outcome.stopped && outcome.steps == 8);
+    let after = sft::evaluate(&trained.model, &data, 4, 2, &Device::Cpu).unwrap();
+    assert!(after < before - 0.5, "loss {before} -> {after}");
+
+    // Interrupted after step 3 (a checkpoint is written), then resumed to the end.
+    let split = dir.path().join("split");
+    let (_, outcome) = lora_run(&split, &data, 8, Some(3), None);
+    assert!(outcome.stopped && outcome.steps == 3);
+    let ckpt = split.join("checkpoint-3");
+    for f in [
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "optimizer.safetensors",
+        "trainer_state.json",
+    ] {
+        assert!(ckpt.join(f).is_file(), "{f}");
+    }
+    assert!(!split.join("adapter_model.safetensors").exists());
+    let (_, outcome) = lora_run(&split, &data, 8, None, Some(&ckpt));
+    assert_eq!(outcome.steps, 8);
+    let tensors = |dir: &Path| {
+        lora::candle::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap()
+    };
+    let (a, b) = (tensors(&whole), tensors(&split));
+    assert_eq!(a.len(), 18); // 3 layers x 3 targets x (A, B)
+    for (key, t) in &a {
+        let bits = |t: &Tensor| -> Vec<u32> {
+            t.flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect()
+        };
+        assert!(
+            bits(t) == bits(&b[key]),
+            "{key}: the resumed run differs from the uninterrupted one"
+        );
+    }
+
+    // A checkpoint of other settings is refused before anything changes.
+    let mut p = load();
+    p.model
+        .init_adapter_with(
+            &lora::candle_nn::VarMap::new(),
+            &InitOptions::default().with_peft_config(lora_config()),
+        )
+        .unwrap();
+    let mut config = run_config(&split, 8);
+    config.batch_size = 3;
+    let tokenizer = p.tokenizer.clone();
+    let err = sft::train(
+        &mut p.model,
+        &tokenizer,
+        &data,
+        None,
+        &config,
+        Some(&ckpt),
+        &AtomicBool::new(false),
+        &mut |_| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("batch size 2, this run has 3"), "{err}");
+}
+
+#[test]
+fn full_fine_tuning_writes_a_model_that_loads_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "d.jsonl", DATA);
+    let mut p = load();
+    let data = dataset(&p, &path, &DataOptions::default());
+    let before = sft::evaluate(&p.model, &data, 4, 2, &Device::Cpu).unwrap();
+    let out = dir.path().join("full");
+    let mut config = run_config(&out, 6);
+    config.tuning = Tuning::Full;
+    config.trainer.lr = 2e-3;
+    let tokenizer = p.tokenizer.clone();
+    sft::train(
+        &mut p.model,
+        &tokenizer,
+        &data,
+        None,
+        &config,
+        None,
+        &AtomicBool::new(false),
+        &mut |_| {},
+    )
+    .unwrap();
+    let after = sft::evaluate(&p.model, &data, 4, 2, &Device::Cpu).unwrap();
+    assert!(after < before - 0.5, "loss {before} -> {after}");
+    let back = Pretrained::load(&out, DType::F32, &Device::Cpu).unwrap();
+    let ids = Tensor::new(&[[1u32, 40, 41, 42, 3]], &Device::Cpu).unwrap();
+    let x = p.model.hidden_states(&ids).unwrap();
+    let y = back.model.hidden_states(&ids).unwrap();
+    let diff = (x - y)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    // The same weights; the trained model's norms run the fused op with a backward (its weights
+    // are variables), the loaded one's candle's kernel: rounding apart.
+    assert!(diff < 1e-5, "{diff}");
+    assert_eq!(
+        back.tokenizer.encode_raw("the end").unwrap(),
+        tokenizer.encode_raw("the end").unwrap()
+    );
+    assert_eq!(back.tokenizer.chat_template(), tokenizer.chat_template());
+}
+
+fn lora_train(args: &[&str]) -> Output {
+    Command::new(LORA).arg("train").args(args).output().unwrap()
+}
+
+#[test]
+fn the_command_trains_an_adapter_that_generate_loads_and_refuses_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = write(dir.path(), "d.jsonl", DATA);
+    let model = model_dir();
+    let model = model.to_str().unwrap();
+    let out = dir.path().join("adapter");
+    let o = lora_train(&[
+        "--model",
+        model,
+        "--data",
+        data.to_str().unwrap(),
+        "--eval",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--steps",
+        "4",
+        "--batch-size",
+        "2",
+        "--lr",
+        "1e-2",
+        "--targets",
+        "all-linear",
+        "--quiet",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("eval loss"), "{err}");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["task_type"], "CAUSAL_LM");
+    assert_eq!(config["base_model_name_or_path"], model);
+    let targets = config["target_modules"].as_array().unwrap();
+    assert_eq!(targets.len(), 7, "{targets:?}"); // every projection, not lm_head
+    let g = Command::new(LORA)
+        .args([
+            "generate",
+            "--model",
+            model,
+            "--adapter",
+            out.to_str().unwrap(),
+            "--prompt",
+            "hi",
+            "--max-new-tokens",
+            "3",
+        ])
+        .output()
+        .unwrap();
+    assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
+
+    // Nothing is written for bad data or targets that match nothing.
+    let bad = write(
+        dir.path(),
+        "bad.jsonl",
+        "{\"text\": \"ok\"}\n{\"text\": 1}\n",
+    );
+    let none = dir.path().join("none");
+    let o = lora_train(&[
+        "--model",
+        model,
+        "--data",
+        bad.to_str().unwrap(),
+        "--out",
+        none.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("bad.jsonl:2: `text` must be a string"),
+        "{err}"
+    );
+    let o = lora_train(&[
+        "--model",
+        model,
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        none.to_str().unwrap(),
+        "--targets",
+        "nothing_here",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("nothing_here"), "{err}");
+    assert!(!none.exists());
+}
