@@ -7,7 +7,7 @@ use std::path::Path;
 
 use candle_core::{Tensor, Var};
 use candle_nn::{Embedding, Linear, Module, RmsNorm};
-use lora_runtime::train::write_safetensors;
+use lora_runtime::train::{write_safetensors, Checkpointing};
 use lora_runtime::LoraLinear;
 
 use super::model::LlamaForCausalLM;
@@ -46,7 +46,15 @@ fn unfreeze_norm(vars: &mut Vec<(String, Var)>, path: &str, norm: &RmsNorm) -> R
 
 impl CausalLm for LlamaForCausalLM {
     fn hidden_states(&self, ids: &Tensor) -> Result<Tensor> {
-        self.model.forward(ids, &mut self.new_cache())
+        match self.gradient_checkpointing() {
+            Some(ck) => self.model.forward_checkpointed(ids, ck),
+            None => self.model.forward(ids, &mut self.new_cache()),
+        }
+    }
+
+    fn set_gradient_checkpointing(&mut self, ck: Option<Checkpointing>) -> Result<()> {
+        LlamaForCausalLM::set_gradient_checkpointing(self, ck);
+        Ok(())
     }
 
     fn logits(&self, hidden: &Tensor) -> Result<Tensor> {

@@ -17,6 +17,7 @@
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
 use lora_macros::lora;
+use lora_runtime::train::Checkpointing;
 use lora_runtime::LoraLinear;
 
 use super::config::LlamaConfig;
@@ -92,6 +93,8 @@ pub struct LlamaForCausalLM {
     /// `lm_head` (sharing the embedding matrix when `tie_word_embeddings`).
     pub lm_head: Linear,
     config: LlamaConfig,
+    /// Set for training with activation checkpointing.
+    checkpointing: Option<Checkpointing>,
 }
 
 /// The key/value cache of one sequence batch: what generation reuses from step to step. A model
@@ -322,6 +325,30 @@ impl LlamaModel {
         cache.len += t;
         Ok(norm(&self.norm, &x)?)
     }
+
+    /// [`forward`](Self::forward) from position 0 without a cache, each decoder layer
+    /// checkpointed (see [`Checkpointing`]): for training with less memory.
+    ///
+    /// # Errors
+    /// As [`forward`](Self::forward).
+    pub fn forward_checkpointed(&self, ids: &Tensor, ck: &Checkpointing) -> Result<Tensor> {
+        let (_, t) = ids.dims2()?;
+        let mut x = self.embed_tokens.forward(ids)?;
+        let dtype = x.dtype();
+        let rope = self.rope(0, t, dtype)?;
+        let mask = if t > 1 {
+            Some(causal_mask(t, 0, dtype, x.device())?)
+        } else {
+            None
+        };
+        for layer in &self.layers {
+            let (layer, rope, mask) = (layer.clone(), rope.clone(), mask.clone());
+            x = ck.run(&x, move |x| {
+                layer.forward(x, &rope, mask.as_ref(), &mut None)
+            })?;
+        }
+        Ok(norm(&self.norm, &x)?)
+    }
 }
 
 impl LlamaForCausalLM {
@@ -341,7 +368,19 @@ impl LlamaForCausalLM {
             model,
             lm_head: LoraLinear::from(lm_head),
             config,
+            checkpointing: None,
         })
+    }
+
+    /// Checkpoints every decoder layer in [`CausalLm::hidden_states`](crate::sft::CausalLm)
+    /// (training; `None` turns it off). Generation and [`forward`](Self::forward) are unchanged.
+    pub fn set_gradient_checkpointing(&mut self, ck: Option<Checkpointing>) {
+        self.checkpointing = ck;
+    }
+
+    /// The checkpointing set by [`set_gradient_checkpointing`](Self::set_gradient_checkpointing).
+    pub fn gradient_checkpointing(&self) -> Option<&Checkpointing> {
+        self.checkpointing.as_ref()
     }
 
     /// The hyper-parameters.

@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
+use lora_runtime::train::Checkpointing;
 use lora_runtime::LoraModel;
 
 use super::data::Example;
@@ -22,6 +23,18 @@ pub trait CausalLm: LoraModel {
     /// # Errors
     /// Shape errors.
     fn logits(&self, hidden: &Tensor) -> Result<Tensor>;
+    /// Checkpoints the model's blocks in [`hidden_states`](Self::hidden_states) (`None`: off).
+    ///
+    /// # Errors
+    /// [`ModelError::Input`](crate::ModelError::Input) when the model cannot (the default).
+    fn set_gradient_checkpointing(&mut self, ck: Option<Checkpointing>) -> Result<()> {
+        match ck {
+            None => Ok(()),
+            Some(_) => Err(crate::ModelError::Input(
+                "this model does not support gradient checkpointing".into(),
+            )),
+        }
+    }
     /// Makes every weight trainable (full fine-tuning) and returns them, named as the
     /// checkpoint names them; tied weights appear once.
     ///

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Var};
 use lora_runtime::rng::{DropoutRng, SeededRng};
-use lora_runtime::train::{StepStats, Trainer, TrainerConfig};
+use lora_runtime::train::{Checkpointing, StepStats, Trainer, TrainerConfig};
 use lora_runtime::{LoraModelExt, SaveOptions};
 use serde::{Deserialize, Serialize};
 
@@ -65,6 +65,9 @@ pub struct SftConfig {
     pub out: PathBuf,
     /// What the adapter's config says about its base.
     pub save: SaveOptions,
+    /// Recompute each block's activations in the backward pass instead of keeping them (less
+    /// memory, one more forward).
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for SftConfig {
@@ -80,6 +83,7 @@ impl Default for SftConfig {
             tuning: Tuning::Lora,
             out: PathBuf::from("out"),
             save: SaveOptions::default(),
+            gradient_checkpointing: false,
         }
     }
 }
@@ -295,6 +299,14 @@ pub fn train<M: CausalLm>(
         )?;
     }
     model.set_dropout_rng(Some(&dropout));
+    if config.gradient_checkpointing {
+        let ck = Checkpointing::new(
+            vars.iter().map(|(_, v)| v.clone()).collect(),
+            Some(dropout.clone()),
+        );
+        trainer.set_grad_sink(Some(ck.sink().clone()));
+        model.set_gradient_checkpointing(Some(ck))?;
+    }
     let pad = tokenizer.eos_token_id();
     let mut outcome = Outcome {
         steps: trainer.steps(),
@@ -360,12 +372,14 @@ pub fn train<M: CausalLm>(
         if stopping {
             outcome.stopped = true;
             model.set_training(false);
+            model.set_gradient_checkpointing(None)?;
             return Ok(outcome);
         }
     }
     outcome.eval_loss = run_eval(model, trainer.steps(), on_event)?.or(outcome.eval_loss);
     model.set_training(false);
     model.set_dropout_rng(None);
+    model.set_gradient_checkpointing(None)?;
     save_output(model, tokenizer, config, &config.out)?;
     Ok(outcome)
 }

@@ -28,9 +28,11 @@
 //! # Ok::<(), lora_runtime::Error>(())
 //! ```
 
+mod checkpoint;
 mod optim;
 mod schedule;
 
+pub use checkpoint::{Checkpointing, GradSink};
 pub use optim::{AdamW, AdamWConfig};
 pub use schedule::LrSchedule;
 
@@ -100,6 +102,8 @@ pub struct Trainer {
     max_grad_norm: Option<f64>,
     /// The accumulated gradient of each variable, in the optimizer's order.
     grads: Vec<Option<Tensor>>,
+    /// Gradients computed inside checkpointed blocks.
+    sink: Option<GradSink>,
 }
 
 impl Trainer {
@@ -133,7 +137,14 @@ impl Trainer {
             schedule: LrSchedule::new(config.lr, config.warmup_steps, config.total_steps),
             max_grad_norm: config.max_grad_norm,
             grads: vec![None; n],
+            sink: None,
         })
+    }
+
+    /// Adds the gradients of checkpointed blocks (see [`Checkpointing::sink`]) to those of
+    /// each [`backward`](Self::backward).
+    pub fn set_grad_sink(&mut self, sink: Option<GradSink>) {
+        self.sink = sink;
     }
 
     /// Optimizer steps taken.
@@ -168,10 +179,16 @@ impl Trainer {
         }
         let store = loss.backward()?;
         for ((_, var), acc) in self.optimizer.vars().zip(self.grads.iter_mut()) {
-            if let Some(g) = store.get(var.as_tensor()) {
+            let from_sink = self.sink.as_ref().and_then(|s| s.take(var));
+            for g in store
+                .get(var.as_tensor())
+                .cloned()
+                .into_iter()
+                .chain(from_sink)
+            {
                 *acc = Some(match acc.take() {
                     Some(a) => (a + g)?,
-                    None => g.clone(),
+                    None => g,
                 });
             }
         }
@@ -197,10 +214,12 @@ impl Trainer {
         }
         let mut sq = 0f64;
         for g in grads.iter().flatten() {
+            // Squares summed in the gradient's dtype (a parameter-sized f64 copy would cost more
+            // than the sum): ample precision for a clipping threshold.
             sq += g
-                .to_dtype(candle_core::DType::F64)?
                 .sqr()?
                 .sum_all()?
+                .to_dtype(candle_core::DType::F64)?
                 .to_scalar::<f64>()?;
         }
         let grad_norm = sq.sqrt();

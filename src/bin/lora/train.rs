@@ -100,6 +100,10 @@ pub struct TrainArgs {
     /// Full fine-tuning (every weight) instead of LoRA; saves a Hugging Face model directory.
     #[arg(long)]
     full: bool,
+    /// Recompute each decoder layer's activations in the backward pass instead of keeping them:
+    /// much less memory for long sequences, about one more forward per step.
+    #[arg(long)]
+    gradient_checkpointing: bool,
     /// Continue from OUT/checkpoint-STEP (same data and settings).
     #[arg(long)]
     resume: Option<PathBuf>,
@@ -235,6 +239,7 @@ pub fn run(args: TrainArgs) -> Result<(), Box<dyn std::error::Error>> {
             task_type: Some("CAUSAL_LM".into()),
             base_model_name_or_path: Some(args.model.clone()),
         },
+        gradient_checkpointing: args.gradient_checkpointing,
     };
 
     let stop = Arc::new(AtomicBool::new(false));
