@@ -349,6 +349,22 @@ fn mixed_adapter_batches_equal_each_row_alone() {
             "row {i} ({row:?})"
         );
     }
+    // A new assignment while routing stays on (the stacks are reused, only the masks change),
+    // with another batch size: still each row alone.
+    m.set_batch_adapters(Some(&rows)).unwrap();
+    let rows2 = [Some("c"), Some("c"), None];
+    m.set_batch_adapters(Some(&rows2)).unwrap();
+    let x3 = tensor(13, &[3, 2, 12], 1.0);
+    let y3 = m.forward(&x3).unwrap();
+    m.set_batch_adapters(None).unwrap();
+    for (i, row) in rows2.iter().enumerate() {
+        m.set_active_adapter(*row).unwrap();
+        let alone = m.forward(&x3.narrow(0, i, 1).unwrap()).unwrap();
+        assert!(
+            common::max_abs_diff(&y3.narrow(0, i, 1).unwrap(), &alone) < 1e-5,
+            "reassigned row {i}"
+        );
+    }
     // Layer level: the same without going through the model.
     let x2 = tensor(12, &[4, 12], 1.0);
     let names = [Some("b"), Some("c"), None, Some("b")];

@@ -212,6 +212,7 @@ fn lora_run_with(
     let stop = AtomicBool::new(false);
     let mut config = run_config(out, steps);
     config.gradient_checkpointing = checkpointing;
+    config.resume = resume.map(Path::to_path_buf);
     let tokenizer = p.tokenizer.clone();
     let outcome = sft::train(
         &mut p.model,
@@ -219,7 +220,6 @@ fn lora_run_with(
         data,
         None,
         &config,
-        resume,
         &stop,
         &mut |e| {
             if let (Event::Step { stats, .. }, Some(at)) = (e, stop_at) {
@@ -295,6 +295,7 @@ fn training_lowers_the_loss_and_a_resumed_run_ends_bit_for_bit_the_same() {
         .unwrap();
     let mut config = run_config(&split, 8);
     config.batch_size = 3;
+    config.resume = Some(ckpt.clone());
     let tokenizer = p.tokenizer.clone();
     let err = sft::train(
         &mut p.model,
@@ -302,7 +303,6 @@ fn training_lowers_the_loss_and_a_resumed_run_ends_bit_for_bit_the_same() {
         &data,
         None,
         &config,
-        Some(&ckpt),
         &AtomicBool::new(false),
         &mut |_| {},
     )
@@ -359,7 +359,6 @@ fn full_fine_tuning_writes_a_model_that_loads_back() {
         &data,
         None,
         &config,
-        None,
         &AtomicBool::new(false),
         &mut |_| {},
     )

@@ -232,7 +232,6 @@ pub(crate) fn run(args: Args) -> Result<Vec<Row>> {
             &train_data,
             None,
             &config,
-            None,
             &AtomicBool::new(false),
             &mut |_| {},
         )?;

@@ -126,11 +126,14 @@ pub trait LoraModelExt: LoraModel {
 
     /// Routes the rows of the next forwards through different adapters: row `i` of every LoRA
     /// layer's input uses the adapter `rows[i]` (`None`: the base alone), all rows in one pass
-    /// (stacked factors gathered per row and batched matmuls, the BGMV idea, instead of a loop
-    /// of sub-batches). The model's own `forward` stays as it is: the assignment is carried by
-    /// the layers until `set_batch_adapters(None)`. The factors are snapshotted now, so call it
-    /// again after changing adapters. Inference only: training forwards are refused while set,
-    /// and merging clears it.
+    /// (each layer's adapters stacked once, a per-row mask selecting each row's block, two
+    /// dense matmuls, the second accumulated into the base output; instead of a loop of
+    /// sub-batches). The model's own `forward` stays as it is: the assignment is carried by the
+    /// layers until `set_batch_adapters(None)`. The factors are snapshotted when routing starts
+    /// and the stacks are reused while it stays on, so a new assignment every decoding step only
+    /// rebuilds the masks; adding or deleting an adapter restacks, and after changing factors
+    /// in place call `set_batch_adapters(None)` first. Inference only: training forwards are
+    /// refused while set, and merging clears it.
     ///
     /// # Errors
     /// [`Error::UnknownAdapter`](crate::Error::UnknownAdapter),

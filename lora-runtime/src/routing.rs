@@ -14,15 +14,25 @@ use crate::adapter::{Adapter, AdapterSet};
 use crate::error::{LayerError, LayerResult};
 
 /// The stacked factors of one layer's adapters and the rows' slots.
+///
+/// Every adapter of the layer has a block of `r_max` columns: `A_all [S r_max, in]` and the
+/// scaled `B_all [out, S r_max]`. Row `i`'s LoRA term is `((x_i A_all^T) * mask_i) B_all^T`,
+/// where `mask_i` is 1 on the block of the row's adapter and 0 elsewhere: two dense matmuls
+/// for the whole batch (the second fused with the base matmul into one output buffer where the
+/// layer can, see `LoraLinear`), whatever the mix of adapters. The stacks depend only on the
+/// layer's adapters, the mask only on the rows: [`with_rows`](Self::with_rows) reuses the
+/// stacks when only the assignment changes (a serving loop, every step).
 #[derive(Debug, Clone)]
 pub struct Routing {
-    /// Slot per batch row, `u32 [b]`; slot 0 is "no adapter".
-    rows: Tensor,
-    /// `[slots, r_max, in]`.
+    /// The adapters of the stacks, in slot order.
+    names: Vec<String>,
+    /// `[S r_max, in]`.
     a: Tensor,
-    /// `(s * B)^T`, `[slots, r_max, out]`, contiguous: the second batched matmul then reads
-    /// its right operand row-major (about 3x faster than through a transposed view at t = 1).
+    /// `[out, S r_max]`, scaling folded in.
     b: Tensor,
+    /// `[rows, S r_max]`: 1 on each row's block.
+    mask: Tensor,
+    r_max: usize,
 }
 
 /// The shape and storage of the layer a [`Routing`] is for.
@@ -39,7 +49,7 @@ pub struct RoutingTarget<'a> {
 }
 
 impl Routing {
-    /// Stacks the adapters of `set` that `rows` name, for a layer of `target`'s shape: row `i`
+    /// Stacks every adapter of `set` for a layer of `target`'s shape and routes `rows`: row `i`
     /// uses the adapter `rows[i]`, `None` the base alone.
     ///
     /// # Errors
@@ -49,40 +59,18 @@ impl Routing {
         rows: &[Option<&str>],
         target: RoutingTarget<'_>,
     ) -> LayerResult<Self> {
-        let mut used: Vec<&Adapter> = Vec::new();
-        let mut used_names: Vec<&str> = Vec::new();
-        let mut slots = Vec::with_capacity(rows.len());
-        for row in rows {
-            let Some(name) = row else {
-                slots.push(0u32);
-                continue;
-            };
-            let Some(ad) = set.get(name) else {
-                return Err(LayerError::UnknownAdapter {
-                    name: (*name).to_string(),
-                    known: set.names().into_iter().map(str::to_string).collect(),
-                });
-            };
-            let slot = match used_names.iter().position(|u| u == name) {
-                Some(i) => i,
-                None => {
-                    used_names.push(name);
-                    used.push(ad);
-                    used.len() - 1
-                }
-            };
-            slots.push(slot as u32 + 1);
-        }
         let RoutingTarget {
             inp,
             out,
             dtype,
             device,
         } = target;
-        let r_max = used.iter().map(|a| a.rank()).max().unwrap_or(1);
-        let mut a_slots = vec![Tensor::zeros((1, r_max, inp), dtype, device)?];
-        let mut b_slots = vec![Tensor::zeros((1, out, r_max), dtype, device)?];
-        for ad in used {
+        let names: Vec<String> = set.names().into_iter().map(str::to_string).collect();
+        let adapters: Vec<&Adapter> = names.iter().filter_map(|n| set.get(n)).collect();
+        let r_max = adapters.iter().map(|a| a.rank()).max().unwrap_or(1);
+        let mut a_blocks = Vec::with_capacity(adapters.len());
+        let mut b_blocks = Vec::with_capacity(adapters.len());
+        for ad in adapters {
             let pad = r_max - ad.rank();
             let a = ad.a().as_tensor().detach().to_dtype(dtype)?;
             let b = ad
@@ -99,15 +87,86 @@ impl Routing {
             } else {
                 (a, b)
             };
-            a_slots.push(a.unsqueeze(0)?);
-            b_slots.push(b.unsqueeze(0)?);
+            a_blocks.push(a);
+            b_blocks.push(b);
         }
-        let n = slots.len();
+        let (a, b) = if a_blocks.is_empty() {
+            (
+                Tensor::zeros((r_max, inp), dtype, device)?,
+                Tensor::zeros((out, r_max), dtype, device)?,
+            )
+        } else {
+            (
+                Tensor::cat(&a_blocks, 0)?.contiguous()?,
+                Tensor::cat(&b_blocks, 1)?.contiguous()?,
+            )
+        };
+        let stacks = Self {
+            names,
+            a,
+            b,
+            mask: Tensor::zeros((0, r_max), dtype, device)?,
+            r_max,
+        };
+        stacks.with_rows(set, rows)
+    }
+
+    /// The same stacks with another assignment of rows to adapters (only the mask is built).
+    ///
+    /// # Errors
+    /// [`LayerError::UnknownAdapter`] for a name the stacks lack; a candle error.
+    pub fn with_rows(&self, set: &AdapterSet, rows: &[Option<&str>]) -> LayerResult<Self> {
+        let width = self.a.dim(0)?;
+        let mut mask = vec![0f32; rows.len() * width];
+        for (i, row) in rows.iter().enumerate() {
+            let Some(name) = row else { continue };
+            let Some(slot) = self.names.iter().position(|n| n == name) else {
+                return Err(LayerError::UnknownAdapter {
+                    name: (*name).to_string(),
+                    known: set.names().into_iter().map(str::to_string).collect(),
+                });
+            };
+            let start = i * width + slot * self.r_max;
+            mask[start..start + self.r_max].fill(1.0);
+        }
+        let mask = Tensor::from_vec(mask, (rows.len(), width), self.a.device())?
+            .to_dtype(self.a.dtype())?;
         Ok(Self {
-            rows: Tensor::from_vec(slots, n, device)?,
-            a: Tensor::cat(&a_slots, 0)?,
-            b: Tensor::cat(&b_slots, 0)?.transpose(1, 2)?.contiguous()?,
+            mask,
+            ..self.clone()
         })
+    }
+
+    /// Whether the stacks hold exactly the adapters called `names` (sorted), so that
+    /// [`with_rows`](Self::with_rows) may reuse them.
+    pub fn stacks(&self, names: &[&str]) -> bool {
+        self.names.len() == names.len() && self.names.iter().zip(names).all(|(a, b)| a == b)
+    }
+
+    /// The stacked, scaled `B_all [out, S r_max]`.
+    pub fn b_all(&self) -> &Tensor {
+        &self.b
+    }
+
+    /// The masked hidden product `(x A_all^T) * mask`, `[n, S r_max]`, for `x [n, in]` whose
+    /// `n = rows * t` positions come row by row.
+    ///
+    /// # Errors
+    /// When `n` is not a multiple of the routing's rows; shape errors.
+    pub fn hidden(&self, x2: &Tensor) -> candle_core::Result<Tensor> {
+        let (n, _) = x2.dims2()?;
+        let rows = self.mask.dim(0)?;
+        if rows == 0 || n % rows != 0 {
+            candle_core::bail!(
+                "mixed-adapter batch: the input has {n} positions, not a multiple of the {rows} row adapters set"
+            );
+        }
+        let t = n / rows;
+        let width = self.a.dim(0)?;
+        let h = x2.to_dtype(self.a.dtype())?.matmul(&self.a.t()?)?;
+        h.reshape((rows, t, width))?
+            .broadcast_mul(&self.mask.unsqueeze(1)?)?
+            .reshape((n, width))
     }
 
     /// The LoRA term for `x [b, .., in]` (row `i` with its slot's adapter), shape `[b, .., out]`.
@@ -119,22 +178,24 @@ impl Routing {
         let (Some(&b), Some(&inp)) = (dims.first(), dims.last()) else {
             candle_core::bail!("mixed-adapter batch: the input is a scalar");
         };
-        if b != self.rows.dim(0)? {
+        if b != self.mask.dim(0)? {
             candle_core::bail!(
                 "mixed-adapter batch: the input has {b} rows but {} row adapters were set",
-                self.rows.dim(0)?
+                self.mask.dim(0)?
             );
         }
-        let t = x.elem_count() / (b * inp).max(1);
-        let x3 = x.reshape((b, t, inp))?.to_dtype(self.a.dtype())?;
-        let a = self.a.index_select(&self.rows, 0)?; // [b, r, in]
-        let bt = self.b.index_select(&self.rows, 0)?; // [b, r, out]
-        let h = x3.matmul(&a.transpose(1, 2)?)?; // [b, t, r]
-        let d = h.matmul(&bt)?; // [b, t, out]
+        let n = x.elem_count() / inp.max(1);
+        let h = self.hidden(&x.reshape((n, inp))?)?;
+        let d = h.matmul(&self.b.t()?)?;
         let mut out_dims = dims.to_vec();
         if let Some(last) = out_dims.last_mut() {
-            *last = d.dim(2)?;
+            *last = d.dim(1)?;
         }
         d.reshape(out_dims)?.to_dtype(x.dtype())
+    }
+
+    /// The number of rows routed.
+    pub fn rows(&self) -> candle_core::Result<usize> {
+        self.mask.dim(0)
     }
 }

@@ -65,6 +65,9 @@ pub struct SftConfig {
     pub out: PathBuf,
     /// What the adapter's config says about its base.
     pub save: SaveOptions,
+    /// Continue from this checkpoint (`OUT/checkpoint-STEP`) of a run with the same data and
+    /// settings.
+    pub resume: Option<PathBuf>,
     /// Recompute each block's activations in the backward pass instead of keeping them (less
     /// memory, one more forward).
     pub gradient_checkpointing: bool,
@@ -83,6 +86,7 @@ impl Default for SftConfig {
             tuning: Tuning::Lora,
             out: PathBuf::from("out"),
             save: SaveOptions::default(),
+            resume: None,
             gradient_checkpointing: false,
         }
     }
@@ -238,8 +242,8 @@ pub fn evaluate<M: CausalLm + ?Sized>(
 /// With [`Tuning::Lora`] the model's active adapter is trained (create it first, e.g. with
 /// `init_adapter_with`); with [`Tuning::Full`] every weight is made trainable. `stop` is checked
 /// after each step: when set, a checkpoint is written and the run returns with
-/// [`Outcome::stopped`]. `resume` continues from a checkpoint of the same run settings and
-/// ends with the same weights as a run that was never interrupted.
+/// [`Outcome::stopped`]. [`SftConfig::resume`] continues from a checkpoint of the same run
+/// settings and ends with the same weights as a run that was never interrupted.
 ///
 /// # Errors
 /// [`ModelError::Input`] for settings that do not fit (batch size 0, a checkpoint of other
@@ -251,7 +255,6 @@ pub fn train<M: CausalLm>(
     data: &Dataset,
     eval: Option<&Dataset>,
     config: &SftConfig,
-    resume: Option<&Path>,
     stop: &AtomicBool,
     on_event: &mut dyn FnMut(&Event),
 ) -> Result<Outcome> {
@@ -284,9 +287,9 @@ pub fn train<M: CausalLm>(
         ..config.trainer
     };
     let mut trainer = Trainer::new(vars.clone(), trainer_config)?;
-    let dropout = DropoutRng::new(config.seed ^ 0xD809_0u64);
+    let dropout = DropoutRng::new(config.seed ^ 0x000D_8090_u64);
     let mut stream = Stream::new(n, config.seed);
-    if let Some(dir) = resume {
+    if let Some(dir) = &config.resume {
         restore(
             dir,
             &vars,
@@ -364,9 +367,7 @@ pub fn train<M: CausalLm>(
         }
         let stopping = stop.load(Ordering::SeqCst);
         if stopping || config.save_every.is_some_and(|e| e > 0 && step % e == 0) {
-            let path = save_checkpoint(
-                model, tokenizer, &trainer, &stream, &dropout, config, n, total,
-            )?;
+            let path = save_checkpoint(model, &trainer, &stream, &dropout, config, n, total)?;
             on_event(&Event::Checkpoint { path });
         }
         if stopping {
@@ -402,7 +403,6 @@ fn save_output<M: CausalLm>(
 #[allow(clippy::too_many_arguments)]
 fn save_checkpoint<M: CausalLm>(
     model: &M,
-    tokenizer: &TextTokenizer,
     trainer: &Trainer,
     stream: &Stream,
     dropout: &DropoutRng,
@@ -435,7 +435,6 @@ fn save_checkpoint<M: CausalLm>(
                     &weights,
                     HashMap::new(),
                 )?;
-                let _ = tokenizer;
             }
         }
         trainer.save_state(&tmp)?;

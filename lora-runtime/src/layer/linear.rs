@@ -251,8 +251,26 @@ impl LoraLinear {
     pub fn forward_with_adapters(&self, x: &Tensor, rows: &[Option<&str>]) -> LayerResult<Tensor> {
         let routing = self.prepare_routing(rows)?;
         let base = self.base()?;
-        let y = self.base_forward(&base, x)?;
-        Ok((y + routing.term(x)?)?)
+        Ok(self.routed_forward(&base, &routing, x)?)
+    }
+
+    /// The base plus the routed LoRA terms: on the CPU in f32 one output buffer (the stacked
+    /// `B` product and the base matmul accumulate into it, see `kernels::fused_forward`).
+    fn routed_forward(
+        &self,
+        base: &Linear,
+        routing: &Routing,
+        x: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let (weight, bias) = (base.weight(), base.bias());
+        if kernels::fused_applies(x, routing.b_all(), routing.b_all(), weight, bias) {
+            let (inp, out_dims) = self.flat_dims(x)?;
+            let x2 = x.reshape((x.elem_count() / inp.max(1), inp))?;
+            let h = routing.hidden(&x2)?;
+            return kernels::fused_forward(&x2, &h, routing.b_all(), weight, bias)?
+                .reshape(out_dims);
+        }
+        self.base_forward(base, x)? + routing.term(x)?
     }
 
     /// The input width and the output shape for an input `[..., in]`.
@@ -299,7 +317,7 @@ impl LoraLinear {
                     "LoraLinear: mixed-adapter batches are for inference; call `set_batch_adapters(None)` before training",
                 ));
             }
-            return self.base_forward(&base, x)? + routing.term(x)?;
+            return self.routed_forward(&base, routing, x);
         }
         let Some(ad) = self.adapter() else {
             return self.base_forward(&base, x);
@@ -474,6 +492,12 @@ impl LoraLayer for LoraLinear {
             dtype: self.adapter_dtype(),
             device: self.weight.device(),
         };
+        // Only the assignment changed: keep the stacks (see `Routing::with_rows`).
+        if let Some(current) = &self.routing {
+            if current.stacks(&self.adapters.names()) {
+                return current.with_rows(&self.adapters, rows);
+            }
+        }
         Routing::new(&self.adapters, rows, target)
     }
 

@@ -239,6 +239,7 @@ pub fn run(args: TrainArgs) -> Result<(), Box<dyn std::error::Error>> {
             task_type: Some("CAUSAL_LM".into()),
             base_model_name_or_path: Some(args.model.clone()),
         },
+        resume: args.resume.clone(),
         gradient_checkpointing: args.gradient_checkpointing,
     };
 
@@ -297,7 +298,6 @@ pub fn run(args: TrainArgs) -> Result<(), Box<dyn std::error::Error>> {
         &data,
         eval.as_ref(),
         &config,
-        args.resume.as_deref(),
         &stop,
         &mut on_event,
     )?;
