@@ -23,7 +23,7 @@ What it checks:
   implementations summing in different orders); any other difference is a real mismatch and the
   script exits 1.
 
-Run (about 3 minutes on 2 cores; needs torch, transformers, peft, gguf - scripts/requirements.txt):
+Run (2-4 minutes on 2 cores; needs torch, transformers, peft, gguf - scripts/requirements.txt):
 
     cp target/release/lora /tmp/lora-bin
     /tmp/llmvenv/bin/python scripts/peft_roundtrip_smollm2.py --lora /tmp/lora-bin
@@ -31,7 +31,19 @@ Run (about 3 minutes on 2 cores; needs torch, transformers, peft, gguf - scripts
     # by scripts/fetch-smollm2.sh), --steps N (default 30), --keep DIR (keep data and adapter)
 
 Observed on 2026-11-29 (2 CPU cores, torch 2.15, transformers 5.24, peft 0.21.2):
-RESULT_PLACEHOLDER
+PASS, twice: 126 s (lora train 30 steps 61 s, 5 x lora generate 13 s, transformers load + PEFT
+25 s, greedy base and adapter completions 27 s), and 232 s with a compile sharing the 2 cores. PEFT loaded all 120 tensors (q_proj and v_proj A/B of 30
+layers) with no missing or unexpected keys, values bit-equal to the file. 5/5 completions equal,
+no near-ties needed; the adapter changed the base completion on 5/5 prompts, e.g. for
+"name[The Waterman], food[Japanese], priceRange[cheap], area[city centre], familyFriendly[no]":
+  base:    "The Waterman is a Michelin-starred restaurant located in the heart of the city centre,
+            serving exquisite Japanese cuisine with a focus on local ingredients and ..."
+  adapter: "The Waterman is a Japanese restaurant in the city centre. It's not the best choice. It's
+            not the best. It's not the best. It's not the best. It's not" (both sides)
+The adapter's completions are repetitive rather than the training template: 30 steps of
+`lora train` ended at loss 1.32, where a plain PyTorch + PEFT loop with the same settings on the
+same data reaches 0.02. That is a training-quality question, not a format one; this script checks
+the format and inference path only.
 """
 
 import argparse
@@ -92,7 +104,7 @@ def run(cmd):
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         sys.exit(f"command failed ({res.returncode}): {' '.join(cmd)}\n{res.stderr[-4000:]}")
-    return res.stdout
+    return res.stdout, res.stderr
 
 
 def check_adapter_keys(peft_model, adapter, caught):
@@ -147,14 +159,15 @@ def main():
         shutil.rmtree(adapter)
     print(f"[{time.time() - t0:5.0f}s] lora train: {args.steps} steps on {args.examples} records",
           flush=True)
-    run([args.lora, "train", "--model", args.model, "--data", data, "--out", adapter,
+    _, log = run([args.lora, "train", "--model", args.model, "--data", data, "--out", adapter,
          "--steps", str(args.steps), "--system", SYSTEM, "--lr", "1e-3",
          "--targets", "q_proj,v_proj", "--quiet"])
     t_train = time.time() - t0
-    print(f"[{time.time() - t0:5.0f}s] trained; lora generate on {len(prompts)} prompts", flush=True)
+    summary = [l for l in log.splitlines() if "last loss" in l]
+    print(f"[{time.time() - t0:5.0f}s] trained ({summary[-1] if summary else 'no summary line'}); lora generate on {len(prompts)} prompts", flush=True)
     ours = []
     for p in prompts:
-        out = run([args.lora, "generate", "--model", args.model, "--adapter", adapter,
+        out, _ = run([args.lora, "generate", "--model", args.model, "--adapter", adapter,
                    "--system", SYSTEM, "--prompt", p, "--max-new-tokens", str(MAX_NEW)])
         ours.append(out[:-1] if out.endswith("\n") else out)
 

@@ -239,13 +239,15 @@ impl DecoderLayer {
         mask: Option<&Tensor>,
         cache: &mut Option<(Tensor, Tensor)>,
     ) -> candle_core::Result<Tensor> {
+        // `norm`, not `RmsNorm::forward`: candle's fused kernel has no backward and would cut
+        // the gradient of everything below this layer.
         let h =
             (x + self
                 .self_attn
-                .forward(&self.input_layernorm.forward(x)?, rope, mask, cache)?)?;
+                .forward(&norm(&self.input_layernorm, x)?, rope, mask, cache)?)?;
         &h + self
             .mlp
-            .forward(&self.post_attention_layernorm.forward(&h)?)?
+            .forward(&norm(&self.post_attention_layernorm, &h)?)?
     }
 }
 
