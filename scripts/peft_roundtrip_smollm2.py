@@ -30,20 +30,20 @@ Run (2-4 minutes on 2 cores; needs torch, transformers, peft, gguf - scripts/req
     # options: --model GGUF (default ~/.cache/lora/models/SmolLM2-135M-Instruct.Q4_1.gguf, fetched
     # by scripts/fetch-smollm2.sh), --steps N (default 30), --keep DIR (keep data and adapter)
 
-Observed on 2026-11-29 (2 CPU cores, torch 2.15, transformers 5.24, peft 0.21.2):
-PASS, twice: 126 s (lora train 30 steps 61 s, 5 x lora generate 13 s, transformers load + PEFT
-25 s, greedy base and adapter completions 27 s), and 232 s with a compile sharing the 2 cores. PEFT loaded all 120 tensors (q_proj and v_proj A/B of 30
+Observed on 2026-11-29 (2 CPU cores, torch 2.15, transformers 5.24, peft 0.21.2): PASS in
+127 s (lora train 30 steps 79 s). PEFT loaded all 120 tensors (q_proj and v_proj A/B of 30
 layers) with no missing or unexpected keys, values bit-equal to the file. 5/5 completions equal,
 no near-ties needed; the adapter changed the base completion on 5/5 prompts, e.g. for
 "name[The Waterman], food[Japanese], priceRange[cheap], area[city centre], familyFriendly[no]":
   base:    "The Waterman is a Michelin-starred restaurant located in the heart of the city centre,
             serving exquisite Japanese cuisine with a focus on local ingredients and ..."
-  adapter: "The Waterman is a Japanese restaurant in the city centre. It's not the best choice. It's
-            not the best. It's not the best. It's not the best. It's not" (both sides)
-The adapter's completions are repetitive rather than the training template: 30 steps of
-`lora train` ended at loss 1.32, where a plain PyTorch + PEFT loop with the same settings on the
-same data reaches 0.02. That is a training-quality question, not a format one; this script checks
-the format and inference path only.
+  adapter: "The Waterman is a cheap Japanese restaurant in the city centre area. It is not family
+            friendly." (both sides: the training template, exactly)
+An earlier run of this script found `lora train` learning far less than a PyTorch + PEFT loop on
+the same data (loss 1.32 vs 0.02 after 30 steps): the decoder layers' RMSNorms went through
+candle's fused kernel, which has no backward, so every gradient below a norm was lost. Fixed, and
+`tests/train.rs` now checks the LoRA gradients through the whole model against finite
+differences.
 """
 
 import argparse
