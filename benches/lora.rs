@@ -481,7 +481,12 @@ fn mixed_batch(c: &mut Criterion) {
                 proj: m.proj.clone(),
             };
             pm.set_batch_adapters(Some(&rows)).unwrap();
-            let preset = pm.proj;
+            let preset = pm.proj.clone();
+            // A serving loop: a new assignment every step, routing kept on (stacks reused).
+            let mut reassign = || {
+                pm.set_batch_adapters(Some(&rows)).unwrap();
+                pm.proj.forward(&x).unwrap()
+            };
             for other in [
                 sub_batch_delta(layer, &base, &x, &rows, &names),
                 sub_batch_layers(&layers, &x, &rows, &names),
@@ -506,6 +511,9 @@ fn mixed_batch(c: &mut Criterion) {
             g.bench_function(BenchmarkId::new("one_pass_preset", n), |b| {
                 b.iter(|| preset.forward(&x).unwrap())
             });
+            g.bench_function(BenchmarkId::new("one_pass_reassign", n), |b| {
+                b.iter(&mut reassign)
+            });
             g.bench_function(BenchmarkId::new("loop_delta", n), |b| {
                 b.iter(|| sub_batch_delta(layer, &base, &x, &rows, &names))
             });
@@ -524,6 +532,7 @@ fn mixed_batch(c: &mut Criterion) {
                         drop(layer.forward_with_adapters(&x, &rows).unwrap())
                     }),
                     ("one_pass_preset", &mut || drop(preset.forward(&x).unwrap())),
+                    ("one_pass_reassign", &mut || drop(reassign())),
                     ("loop_delta", &mut || {
                         drop(sub_batch_delta(layer, &base, &x, &rows, &names))
                     }),

@@ -494,3 +494,129 @@ mod tests {
         assert!(add_low_rank(&w, &l, &rt, rank, cols, &mut out[1..]).is_err());
     }
 }
+
+/// The stacked factors of a mixed-adapter batch as plain f32 values (see `routing`):
+/// `a [slots * r, in]`, `b [out, slots * r]` (scaled), row-major.
+#[derive(Debug, Clone)]
+pub(crate) struct RoutedFactors {
+    pub(crate) a: std::sync::Arc<Vec<f32>>,
+    pub(crate) b: std::sync::Arc<Vec<f32>>,
+    pub(crate) r: usize,
+}
+
+/// `x W^T + bias + s B_i (A_i x)` for every position of `x [n, in]`, where the `n` positions
+/// come `n / slots.len()` per row and row `k` uses the adapter block `slots[k]` (`None`: the
+/// base alone): the base by one gemm into the output, then each row's thin product added in
+/// place (`r` dot products and an `out x r` update a position). Inference only: no backward.
+struct RoutedLinear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    factors: RoutedFactors,
+    slots: std::sync::Arc<Vec<Option<usize>>>,
+}
+
+impl CustomOp1 for RoutedLinear {
+    fn name(&self) -> &'static str {
+        "lora-routed-linear"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, inp) = xl.shape().dims2()?;
+        let Some((x_start, x_end)) = xl.contiguous_offsets() else {
+            return Err(candle_core::Error::msg(
+                "routed linear: the input is not contiguous",
+            ));
+        };
+        let x = &xs.as_slice::<f32>()?[x_start..x_end];
+        let (w_guard, wl) = self.weight.storage_and_layout();
+        let Storage::Cpu(ws) = &*w_guard else {
+            return Err(candle_core::Error::msg(
+                "routed linear: the weight is not on the CPU",
+            ));
+        };
+        let w = ws.as_slice::<f32>()?;
+        let (w_rs, w_cs, w_off) = strides2(wl)?;
+        let (out, w_in) = wl.shape().dims2()?;
+        let rows = self.slots.len();
+        if w_in != inp || rows == 0 || n % rows != 0 {
+            return Err(candle_core::Error::msg(format!(
+                "routed linear: input [{n}, {inp}] does not fit weight [{out}, {w_in}] and {rows} rows"
+            )));
+        }
+        let RoutedFactors { a, b, r } = &self.factors;
+        let r = *r;
+        let width = b.len() / out.max(1);
+        let mut dst = vec![0f32; n * out];
+        if n > 0 && out > 0 {
+            // SAFETY: the pointers and strides describe `x`, `w` and `dst` as checked above.
+            unsafe {
+                gemm(
+                    n,
+                    out,
+                    inp,
+                    dst.as_mut_ptr(),
+                    1,
+                    out as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    inp as isize,
+                    w.as_ptr().add(w_off),
+                    w_rs,
+                    w_cs,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    parallelism(),
+                );
+            }
+        }
+        drop(w_guard);
+        let per_row = n / rows;
+        let mut h = vec![0f32; r];
+        for (p, (xp, dp)) in x
+            .chunks_exact(inp.max(1))
+            .zip(dst.chunks_exact_mut(out.max(1)))
+            .enumerate()
+        {
+            let Some(slot) = self.slots[p / per_row] else {
+                continue;
+            };
+            let a_block = &a[slot * r * inp..(slot + 1) * r * inp];
+            for (hj, aj) in h.iter_mut().zip(a_block.chunks_exact(inp)) {
+                *hj = aj.iter().zip(xp).map(|(u, v)| u * v).sum();
+            }
+            for (o, d) in dp.iter_mut().enumerate() {
+                let bo = &b[o * width + slot * r..o * width + (slot + 1) * r];
+                *d += bo.iter().zip(&h).map(|(u, v)| u * v).sum::<f32>();
+            }
+        }
+        if let Some(bias) = &self.bias {
+            let bias = bias.to_vec1::<f32>()?;
+            for row in dst.chunks_exact_mut(out.max(1)) {
+                for (d, b) in row.iter_mut().zip(&bias) {
+                    *d += b;
+                }
+            }
+        }
+        Ok((CpuStorage::F32(dst), Shape::from((n, out))))
+    }
+}
+
+/// A mixed-adapter batch's forward on the CPU in f32 (see [`RoutedLinear`]); `x2 [n, in]`.
+pub(crate) fn routed_forward(
+    x2: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    factors: &RoutedFactors,
+    slots: &std::sync::Arc<Vec<Option<usize>>>,
+) -> candle_core::Result<Tensor> {
+    x2.contiguous()?.apply_op1_no_bwd(&RoutedLinear {
+        weight: weight.clone(),
+        bias: bias.cloned(),
+        factors: factors.clone(),
+        slots: slots.clone(),
+    })
+}

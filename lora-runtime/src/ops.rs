@@ -305,6 +305,12 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tenso
     if !x.track_op() {
         return candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin);
     }
+    if fused_cpu(x) && fused_cpu(cos) && fused_cpu(sin) {
+        return x.contiguous()?.apply_op1(Rope {
+            cos: cos.contiguous()?,
+            sin: sin.contiguous()?,
+        });
+    }
     let d = x.dim(D::Minus1)?;
     let (x1, x2) = (
         x.narrow(D::Minus1, 0, d / 2)?,
@@ -313,6 +319,65 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tenso
     let first = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
     let second = (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?;
     Tensor::cat(&[first, second], D::Minus1)
+}
+
+/// The rotation of [`rope`] as one CPU pass; its backward is the inverse rotation (the same
+/// with `-sin`), as one pass too.
+struct Rope {
+    /// `[t, d / 2]`.
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "lora-rope"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(xs, xl, "rope")?;
+        let dims = xl.shape().dims();
+        let (Some(&d), true) = (dims.last(), dims.len() >= 2) else {
+            return Err(candle_core::Error::msg("rope: expected [.., t, d]"));
+        };
+        let t = dims[dims.len() - 2];
+        let half = d / 2;
+        let (cos, sin) = (
+            self.cos.flatten_all()?.to_vec1::<f32>()?,
+            self.sin.flatten_all()?.to_vec1::<f32>()?,
+        );
+        if d % 2 != 0 || cos.len() != t * half || sin.len() != t * half {
+            return Err(candle_core::Error::msg(format!(
+                "rope: cos/sin must be [{t}, {half}] for an input {dims:?}"
+            )));
+        }
+        let mut out = vec![0f32; x.len()];
+        for (row, (src, dst)) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)).enumerate() {
+            let p = (row % t) * half;
+            let (c, s) = (&cos[p..p + half], &sin[p..p + half]);
+            let (x1, x2) = src.split_at(half);
+            let (o1, o2) = dst.split_at_mut(half);
+            for i in 0..half {
+                o1[i] = x1[i] * c[i] - x2[i] * s[i];
+                o2[i] = x2[i] * c[i] + x1[i] * s[i];
+            }
+        }
+        Ok((CpuStorage::F32(out), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        // The rotation's transpose is the rotation by the opposite angle.
+        let inverse = Rope {
+            cos: self.cos.clone(),
+            sin: self.sin.neg()?,
+        };
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&inverse)?))
+    }
 }
 
 /// Runs `f(first_row, rows)` over `n` rows split into one contiguous chunk a thread.
@@ -576,6 +641,32 @@ mod tests {
         // A rotation keeps norms: d|R q|^2 / dq = 2 q.
         let want = q.as_tensor().affine(2.0, 0.0).unwrap();
         assert!(max_diff(gq.get(q.as_tensor()).unwrap(), &want) < 1e-5);
+        // And against the composition's gradient under a weighting that is not rotation-invariant.
+        let (x1, x2) = (
+            q.as_tensor().narrow(D::Minus1, 0, 4).unwrap(),
+            q.as_tensor().narrow(D::Minus1, 4, 4).unwrap(),
+        );
+        let first = (x1.broadcast_mul(&cos).unwrap() - x2.broadcast_mul(&sin).unwrap()).unwrap();
+        let second = (x2.broadcast_mul(&cos).unwrap() + x1.broadcast_mul(&sin).unwrap()).unwrap();
+        let reference = Tensor::cat(&[first, second], D::Minus1).unwrap();
+        let weights = Tensor::randn(0f32, 1.0, (1, 2, 3, 8), &dev).unwrap();
+        let g1 = (composed * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g2 = (reference * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let (a, b) = (
+            g1.get(q.as_tensor()).unwrap(),
+            g2.get(q.as_tensor()).unwrap(),
+        );
+        assert!(max_diff(a, b) < 1e-6, "{}", max_diff(a, b));
         // Without a graph, candle's fused kernels: the same values.
         let plain = rms_norm(&x.as_tensor().detach(), &w.as_tensor().detach(), eps).unwrap();
         assert!(max_diff(&plain, &norm) < 1e-5);

@@ -8,10 +8,13 @@
 //! of the whole batch: the BGMV idea, with candle's batched matmul as the kernel. The model-level
 //! verb is in [`batched`](crate::batched).
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor};
 
 use crate::adapter::{Adapter, AdapterSet};
 use crate::error::{LayerError, LayerResult};
+use crate::kernels::RoutedFactors;
 
 /// The stacked factors of one layer's adapters and the rows' slots.
 ///
@@ -33,6 +36,10 @@ pub struct Routing {
     /// `[rows, S r_max]`: 1 on each row's block.
     mask: Tensor,
     r_max: usize,
+    /// Each row's block (`None`: the base alone).
+    slots: Arc<Vec<Option<usize>>>,
+    /// The stacks as f32 values, for the CPU kernel (f32 CPU layers only).
+    cpu: Option<RoutedFactors>,
 }
 
 /// The shape and storage of the layer a [`Routing`] is for.
@@ -101,12 +108,23 @@ impl Routing {
                 Tensor::cat(&b_blocks, 1)?.contiguous()?,
             )
         };
+        let cpu = if dtype == DType::F32 && device.is_cpu() {
+            Some(RoutedFactors {
+                a: Arc::new(a.flatten_all()?.to_vec1::<f32>()?),
+                b: Arc::new(b.flatten_all()?.to_vec1::<f32>()?),
+                r: r_max,
+            })
+        } else {
+            None
+        };
         let stacks = Self {
             names,
             a,
             b,
             mask: Tensor::zeros((0, r_max), dtype, device)?,
             r_max,
+            slots: Arc::new(Vec::new()),
+            cpu,
         };
         stacks.with_rows(set, rows)
     }
@@ -118,6 +136,7 @@ impl Routing {
     pub fn with_rows(&self, set: &AdapterSet, rows: &[Option<&str>]) -> LayerResult<Self> {
         let width = self.a.dim(0)?;
         let mut mask = vec![0f32; rows.len() * width];
+        let mut slots = vec![None; rows.len()];
         for (i, row) in rows.iter().enumerate() {
             let Some(name) = row else { continue };
             let Some(slot) = self.names.iter().position(|n| n == name) else {
@@ -128,11 +147,13 @@ impl Routing {
             };
             let start = i * width + slot * self.r_max;
             mask[start..start + self.r_max].fill(1.0);
+            slots[i] = Some(slot);
         }
         let mask = Tensor::from_vec(mask, (rows.len(), width), self.a.device())?
             .to_dtype(self.a.dtype())?;
         Ok(Self {
             mask,
+            slots: Arc::new(slots),
             ..self.clone()
         })
     }
@@ -141,6 +162,12 @@ impl Routing {
     /// [`with_rows`](Self::with_rows) may reuse them.
     pub fn stacks(&self, names: &[&str]) -> bool {
         self.names.len() == names.len() && self.names.iter().zip(names).all(|(a, b)| a == b)
+    }
+
+    /// The CPU kernel's inputs: the stacks as f32 values and each row's block, when the layer
+    /// is f32 on the CPU.
+    pub(crate) fn cpu_factors(&self) -> Option<(&RoutedFactors, &Arc<Vec<Option<usize>>>)> {
+        self.cpu.as_ref().map(|c| (c, &self.slots))
     }
 
     /// The stacked, scaled `B_all [out, S r_max]`.

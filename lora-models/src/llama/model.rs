@@ -81,6 +81,8 @@ pub struct LlamaModel {
     pub norm: RmsNorm,
     /// The inverse rotary frequencies, f32 `[head_dim / 2]`.
     inv_freq: Tensor,
+    /// Query heads per key/value head.
+    groups: usize,
 }
 
 /// A Llama-family causal language model (Llama 1-3, SmolLM, Qwen2): `model` plus `lm_head`.
@@ -121,18 +123,6 @@ impl Cache {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
-}
-
-/// `x [b, kv_heads, t, d]` with each key/value head repeated `n` times, as transformers'
-/// `repeat_kv`: `[b, kv_heads * n, t, d]`.
-fn repeat_kv(x: Tensor, n: usize) -> candle_core::Result<Tensor> {
-    if n == 1 {
-        return Ok(x);
-    }
-    let (b, kv, t, d) = x.dims4()?;
-    x.unsqueeze(2)?
-        .broadcast_as((b, kv, n, t, d))?
-        .reshape((b, kv * n, t, d))
 }
 
 impl Attention {
@@ -178,18 +168,22 @@ impl Attention {
             None => (k, v),
         };
         *cache = Some((k.clone(), v.clone()));
-        let k = repeat_kv(k, h / kv)?.contiguous()?;
-        let v = repeat_kv(v, h / kv)?.contiguous()?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?;
+        // Grouped-query attention without repeating keys and values: the `n` query heads that
+        // share a key/value head are stacked along the positions, `[b, kv, n * t, d]` (query
+        // head `g * n + j` uses key/value head `g`, as transformers' `repeat_kv` pairs them).
+        // The scale goes on `q` (`t x d` values rather than `t x T` scores).
+        let n = h / kv;
+        let q = (q * (1.0 / (d as f64).sqrt()))?.reshape((b, kv, n * t, d))?;
+        let scores = q.matmul(&k.t()?)?; // [b, kv, n * t, T]
         let scores = match mask {
-            Some(mask) => scores.broadcast_add(mask)?,
+            Some(mask) => scores.broadcast_add(mask)?, // [n * t, T]
             None => scores,
         };
         let dtype = scores.dtype();
         // `lora_runtime::ops`: candle's fused kernels, with a backward when training.
         let probs =
             lora_runtime::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
-        let y = probs.matmul(&v)?; // [b, h, t, d]
+        let y = probs.matmul(&v)?.reshape((b, h, t, d))?;
         let y = y.transpose(1, 2)?.reshape((b, t, h * d))?;
         self.o_proj.forward(&y)
     }
@@ -257,18 +251,24 @@ fn norm(layer: &RmsNorm, x: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 /// The causal mask for `t` new positions after `past` cached ones: 0 where a query may look,
-/// -inf above the diagonal, `[t, past + t]`.
+/// -inf above the diagonal, `[t, past + t]`, repeated `groups` times along the rows (the query
+/// heads sharing a key/value head are stacked that way, see `Attention::forward`):
+/// `[groups * t, past + t]`.
 fn causal_mask(
     t: usize,
     past: usize,
+    groups: usize,
     dtype: DType,
     device: &Device,
 ) -> candle_core::Result<Tensor> {
     let total = past + t;
-    let values: Vec<f32> = (0..t)
-        .flat_map(|i| (0..total).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
+    let values: Vec<f32> = (0..groups * t)
+        .flat_map(|row| {
+            let i = row % t;
+            (0..total).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 })
+        })
         .collect();
-    Tensor::from_vec(values, (t, total), device)?.to_dtype(dtype)
+    Tensor::from_vec(values, (groups * t, total), device)?.to_dtype(dtype)
 }
 
 impl LlamaModel {
@@ -286,6 +286,7 @@ impl LlamaModel {
             layers,
             norm,
             inv_freq: Tensor::from_vec(inv_freq, n, vb.device())?,
+            groups: config.num_attention_heads / config.num_key_value_heads.max(1),
         })
     }
 
@@ -317,7 +318,7 @@ impl LlamaModel {
         let dtype = x.dtype();
         let rope = self.rope(past, t, dtype)?;
         let mask = if t > 1 {
-            Some(causal_mask(t, past, dtype, x.device())?)
+            Some(causal_mask(t, past, self.groups, dtype, x.device())?)
         } else {
             None
         };
@@ -339,7 +340,7 @@ impl LlamaModel {
         let dtype = x.dtype();
         let rope = self.rope(0, t, dtype)?;
         let mask = if t > 1 {
-            Some(causal_mask(t, 0, dtype, x.device())?)
+            Some(causal_mask(t, 0, self.groups, dtype, x.device())?)
         } else {
             None
         };

@@ -263,12 +263,20 @@ impl LoraLinear {
         x: &Tensor,
     ) -> candle_core::Result<Tensor> {
         let (weight, bias) = (base.weight(), base.bias());
-        if kernels::fused_applies(x, routing.b_all(), routing.b_all(), weight, bias) {
+        if let (true, Some((factors, slots))) = (
+            kernels::fused_applies(x, routing.b_all(), routing.b_all(), weight, bias),
+            routing.cpu_factors(),
+        ) {
+            let rows = x.dims().first().copied().unwrap_or(0);
+            if rows != slots.len() {
+                candle_core::bail!(
+                    "mixed-adapter batch: the input has {rows} rows but {} row adapters were set",
+                    slots.len()
+                );
+            }
             let (inp, out_dims) = self.flat_dims(x)?;
             let x2 = x.reshape((x.elem_count() / inp.max(1), inp))?;
-            let h = routing.hidden(&x2)?;
-            return kernels::fused_forward(&x2, &h, routing.b_all(), weight, bias)?
-                .reshape(out_dims);
+            return kernels::routed_forward(&x2, weight, bias, factors, slots)?.reshape(out_dims);
         }
         self.base_forward(base, x)? + routing.term(x)?
     }
