@@ -496,12 +496,32 @@ mod tests {
 }
 
 /// The stacked factors of a mixed-adapter batch as plain f32 values (see `routing`):
-/// `a [slots * r, in]`, `b [out, slots * r]` (scaled), row-major.
+/// `a [slots * r, in]` and `bt [slots * r, out]` (`B^T`, scaled), row-major, so that both thin
+/// products run along contiguous rows.
 #[derive(Debug, Clone)]
 pub(crate) struct RoutedFactors {
     pub(crate) a: std::sync::Arc<Vec<f32>>,
-    pub(crate) b: std::sync::Arc<Vec<f32>>,
+    pub(crate) bt: std::sync::Arc<Vec<f32>>,
     pub(crate) r: usize,
+}
+
+/// `sum_i a_i b_i` with eight independent accumulators, which the compiler turns into vector
+/// FMAs (a single running sum is a serial dependency it may not reorder).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(u, v)| u * v)
+        .sum();
+    for (u, v) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += u[l] * v[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// `x W^T + bias + s B_i (A_i x)` for every position of `x [n, in]`, where the `n` positions
@@ -543,9 +563,8 @@ impl CustomOp1 for RoutedLinear {
                 "routed linear: input [{n}, {inp}] does not fit weight [{out}, {w_in}] and {rows} rows"
             )));
         }
-        let RoutedFactors { a, b, r } = &self.factors;
+        let RoutedFactors { a, bt, r } = &self.factors;
         let r = *r;
-        let width = b.len() / out.max(1);
         let mut dst = vec![0f32; n * out];
         if n > 0 && out > 0 {
             // SAFETY: the pointers and strides describe `x`, `w` and `dst` as checked above.
@@ -586,11 +605,13 @@ impl CustomOp1 for RoutedLinear {
             };
             let a_block = &a[slot * r * inp..(slot + 1) * r * inp];
             for (hj, aj) in h.iter_mut().zip(a_block.chunks_exact(inp)) {
-                *hj = aj.iter().zip(xp).map(|(u, v)| u * v).sum();
+                *hj = dot(aj, xp);
             }
-            for (o, d) in dp.iter_mut().enumerate() {
-                let bo = &b[o * width + slot * r..o * width + (slot + 1) * r];
-                *d += bo.iter().zip(&h).map(|(u, v)| u * v).sum::<f32>();
+            let b_block = &bt[slot * r * out..(slot + 1) * r * out];
+            for (hj, bj) in h.iter().zip(b_block.chunks_exact(out)) {
+                for (d, bv) in dp.iter_mut().zip(bj) {
+                    *d += hj * bv;
+                }
             }
         }
         if let Some(bias) = &self.bias {

@@ -111,7 +111,7 @@ impl Routing {
         let cpu = if dtype == DType::F32 && device.is_cpu() {
             Some(RoutedFactors {
                 a: Arc::new(a.flatten_all()?.to_vec1::<f32>()?),
-                b: Arc::new(b.flatten_all()?.to_vec1::<f32>()?),
+                bt: Arc::new(b.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()?),
                 r: r_max,
             })
         } else {
