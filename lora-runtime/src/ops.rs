@@ -380,9 +380,139 @@ impl CustomOp1 for Rope {
     }
 }
 
+/// `silu(gate) * up`, the SwiGLU product, as one CPU pass.
+struct SwiGlu;
+
+/// Its backward for one operand: `which = 0` the gate's gradient `g * up * silu'(gate)`,
+/// `which = 1` the up projection's `g * silu(gate)`; one pass each.
+struct SwiGluGrad {
+    which: u8,
+}
+
+fn silu_f32(x: f32) -> (f32, f32) {
+    let s = 1.0 / (1.0 + (-x).exp());
+    (x * s, s)
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "lora-swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (g, u) = (
+            f32_slice(s1, l1, "swiglu gate")?,
+            f32_slice(s2, l2, "swiglu up")?,
+        );
+        if l1.shape() != l2.shape() {
+            return Err(candle_core::Error::msg(
+                "swiglu: gate and up differ in shape",
+            ));
+        }
+        let mut out = vec![0f32; g.len()];
+        par_rows(&mut out, 1, |first, dst| {
+            for (k, o) in dst.iter_mut().enumerate() {
+                *o = silu_f32(g[first + k]).0 * u[first + k];
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let d = |which: u8, t: &Tensor| -> candle_core::Result<Option<Tensor>> {
+            if !t.track_op() {
+                return Ok(None);
+            }
+            gate.apply_op3_no_bwd(up, &grad, &SwiGluGrad { which })
+                .map(Some)
+        };
+        Ok((d(0, gate)?, d(1, up)?))
+    }
+}
+
+impl CustomOp3 for SwiGluGrad {
+    fn name(&self) -> &'static str {
+        "lora-swiglu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (g, u, dy) = (
+            f32_slice(s1, l1, "swiglu gate")?,
+            f32_slice(s2, l2, "swiglu up")?,
+            f32_slice(s3, l3, "swiglu gradient")?,
+        );
+        let out: Vec<f32> = if self.which == 0 {
+            g.iter()
+                .zip(u)
+                .zip(dy)
+                .map(|((&g, &u), &dy)| {
+                    let (y, s) = silu_f32(g);
+                    // d silu / dx = s + x s (1 - s) = s + y (1 - s)
+                    dy * u * (s + y * (1.0 - s))
+                })
+                .collect()
+        } else {
+            g.iter()
+                .zip(dy)
+                .map(|(&g, &dy)| dy * silu_f32(g).0)
+                .collect()
+        };
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// `silu(gate) * up` (the SwiGLU MLP's product), with a backward: on the CPU in f32 one pass
+/// forward and one per operand backward (candle's `silu` then `mul` make five passes and four
+/// temporaries for the same); elsewhere that composition.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let g = Tensor::new(&[0.5f32, -1.0], &Device::Cpu)?;
+/// let u = Tensor::new(&[2f32, 3.0], &Device::Cpu)?;
+/// let y = lora_runtime::ops::swiglu(&g, &u)?.to_vec1::<f32>()?;
+/// let silu = |x: f32| x / (1.0 + (-x).exp());
+/// assert!((y[0] - silu(0.5) * 2.0).abs() < 1e-6 && (y[1] - silu(-1.0) * 3.0).abs() < 1e-6);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+///
+/// # Errors
+/// Shape errors.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+    if fused_cpu(gate) && fused_cpu(up) && gate.shape() == up.shape() {
+        return gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu);
+    }
+    candle_nn::ops::silu(gate)? * up
+}
+
 /// Runs `f(first_row, rows)` over `n` rows split into one contiguous chunk a thread.
 fn par_rows<T: Send>(out: &mut [T], row_len: usize, f: impl Fn(usize, &mut [T]) + Sync) {
     let rows = out.len() / row_len.max(1);
+    // Spawning threads costs tens of microseconds: small outputs (a decoding step's) run here.
+    if out.len() < 1 << 16 {
+        f(0, out);
+        return;
+    }
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(rows.max(1));
@@ -667,6 +797,24 @@ mod tests {
             g2.get(q.as_tensor()).unwrap(),
         );
         assert!(max_diff(a, b) < 1e-6, "{}", max_diff(a, b));
+        // SwiGLU: fused against candle's silu * up, values and both gradients.
+        let g = Var::from_tensor(&Tensor::randn(0f32, 2.0, (5, 7), &dev).unwrap()).unwrap();
+        let u = Var::from_tensor(&Tensor::randn(0f32, 1.0, (5, 7), &dev).unwrap()).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (5, 7), &dev).unwrap();
+        let fused = swiglu(g.as_tensor(), u.as_tensor()).unwrap();
+        let composed = (candle_nn::ops::silu(g.as_tensor()).unwrap() * u.as_tensor()).unwrap();
+        assert!(max_diff(&fused, &composed) < 1e-6);
+        let g1 = (fused * &k).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (composed * &k)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for t in [g.as_tensor(), u.as_tensor()] {
+            let (a, b) = (g1.get(t).unwrap(), g2.get(t).unwrap());
+            assert!(max_diff(a, b) < 1e-5, "{}", max_diff(a, b));
+        }
         // Without a graph, candle's fused kernels: the same values.
         let plain = rms_norm(&x.as_tensor().detach(), &w.as_tensor().detach(), eps).unwrap();
         assert!(max_diff(&plain, &norm) < 1e-5);
