@@ -16,7 +16,9 @@
 //!   product that is its arithmetic floor.
 //! - `train_step/gpt4_d768`: forward, backward and AdamW step of a 4-layer d = 768 GPT-style
 //!   model on 8 x 128 tokens, with LoRA on `q_proj` and `v_proj` and with full fine-tuning.
-//! - `adapter_io/l32_d4096`: `save_adapter` / `load_adapter` of a 32-layer, d = 4096 q/v adapter.
+//! - `adapter_io/l32_d4096`: `save_adapter` / `load_adapter` of a 32-layer, d = 4096 q/v adapter;
+//!   `adapter_io/l8_d2048`: the first load onto a fresh model (hashing the bases) beside one read
+//!   of the base weights.
 //! - `merge_file/...`: `lora merge` of the model in `$LORA_BENCH_MERGE_DIR` (`model.safetensors`
 //!   plus `adapter/`, written by `scripts/bench_peft.py gen-merge`), beside the I/O floor (read the
 //!   input, write and sync an output of the same size). Skipped when the variable is unset.
@@ -35,7 +37,7 @@ use std::time::Duration;
 
 use candle_core::{DType, Device, Module, Tensor, Var, D};
 use candle_nn::{Linear, Optimizer, ParamsAdamW, VarBuilder, VarMap};
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion};
 use lora::prelude::*;
 use lora::{LoraLayer, DEFAULT_ADAPTER};
 use rand::rngs::StdRng;
@@ -294,6 +296,51 @@ fn adapter_io(c: &mut Criterion) {
     g.sample_size(20);
     g.bench_function("save", |b| b.iter(|| model.save_adapter(&dir).unwrap()));
     g.bench_function("load", |b| b.iter(|| model.load_adapter(&dir).unwrap()));
+    g.finish();
+
+    // The first load onto a fresh model must hash every target's base weight once (its
+    // fingerprint is then kept): beside it, one plain read of those weights (a sum of each).
+    // Real random weights here, 8 layers of d = 2048 (q and v: 256 MiB).
+    let (n_layer, d) = (8, 2048);
+    let mut rng = StdRng::seed_from_u64(9);
+    let weights: Vec<(Tensor, Tensor)> = (0..n_layer)
+        .map(|_| {
+            (
+                randn(&[d, d], 0.02, &mut rng),
+                randn(&[d, d], 0.02, &mut rng),
+            )
+        })
+        .collect();
+    let fresh = || QvModel {
+        layers: weights
+            .iter()
+            .map(|(q, v)| QvLayer {
+                q_proj: Linear::new(q.clone(), None).into(),
+                v_proj: Linear::new(v.clone(), None).into(),
+            })
+            .collect(),
+    };
+    let mut model = fresh();
+    model.init_adapter(&VarMap::new()).unwrap();
+    let dir = bench_dir().join("adapter_io_first");
+    model.save_adapter(&dir).unwrap();
+    let mut g = c.benchmark_group("adapter_io/l8_d2048");
+    g.sample_size(10);
+    g.bench_function("first_load", |b| {
+        b.iter_batched(
+            fresh,
+            |mut m| m.load_adapter(&dir).unwrap(),
+            BatchSize::LargeInput,
+        )
+    });
+    g.bench_function("read_weights", |b| {
+        b.iter(|| {
+            for (q, v) in &weights {
+                drop(q.sum_all().unwrap());
+                drop(v.sum_all().unwrap());
+            }
+        })
+    });
     g.finish();
 }
 
