@@ -370,7 +370,7 @@ fn lora_gradients_match_finite_differences() {
             .unwrap();
         for &k in &[0usize, 7, 33] {
             let eps = 1e-2f32;
-            let mut at = |d: f32| {
+            let at = |d: f32| {
                 let mut w = orig.clone();
                 w[k] += d;
                 var.set(&Tensor::from_vec(w, var.dims(), &Device::Cpu).unwrap())
