@@ -496,6 +496,11 @@ fn the_command_trains_an_adapter_that_generate_loads_and_refuses_bad_input() {
         "--targets",
         "all-linear",
         "--quiet",
+        "--loraplus-ratio",
+        "16",
+        "--rslora",
+        "--init",
+        "gaussian",
     ]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
@@ -504,6 +509,7 @@ fn the_command_trains_an_adapter_that_generate_loads_and_refuses_bad_input() {
         serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
             .unwrap();
     assert_eq!(config["task_type"], "CAUSAL_LM");
+    assert_eq!(config["use_rslora"], true);
     assert_eq!(config["base_model_name_or_path"], model);
     let targets = config["target_modules"].as_array().unwrap();
     assert_eq!(targets.len(), 7, "{targets:?}"); // every projection, not lm_head

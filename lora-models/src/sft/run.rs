@@ -68,6 +68,9 @@ pub struct SftConfig {
     /// Continue from this checkpoint (`OUT/checkpoint-STEP`) of a run with the same data and
     /// settings.
     pub resume: Option<PathBuf>,
+    /// LoRA+: the `B` factors learn this many times faster than the `A` factors (`None`: the
+    /// same rate; PEFT's `loraplus_lr_ratio`, 16 in the paper's experiments).
+    pub loraplus_ratio: Option<f64>,
     /// Recompute each block's activations in the backward pass instead of keeping them (less
     /// memory, one more forward).
     pub gradient_checkpointing: bool,
@@ -87,6 +90,7 @@ impl Default for SftConfig {
             out: PathBuf::from("out"),
             save: SaveOptions::default(),
             resume: None,
+            loraplus_ratio: None,
             gradient_checkpointing: false,
         }
     }
@@ -167,6 +171,8 @@ struct LoopState {
     grad_accum: usize,
     seed: u64,
     full: bool,
+    #[serde(default)]
+    loraplus_ratio: Option<f64>,
 }
 
 /// Where the data stream is: the epoch's order and the next position in it.
@@ -287,6 +293,14 @@ pub fn train<M: CausalLm>(
         ..config.trainer
     };
     let mut trainer = Trainer::new(vars.clone(), trainer_config)?;
+    if let Some(ratio) = config.loraplus_ratio {
+        if !(ratio.is_finite() && ratio > 0.0) {
+            return Err(ModelError::Input(format!(
+                "the LoRA+ ratio must be positive, got {ratio}"
+            )));
+        }
+        trainer.set_lr_scales(lora_runtime::train::loraplus(ratio));
+    }
     let dropout = DropoutRng::new(config.seed ^ 0x000D_8090_u64);
     let mut stream = Stream::new(n, config.seed);
     if let Some(dir) = &config.resume {
@@ -451,6 +465,7 @@ fn save_checkpoint<M: CausalLm>(
             grad_accum: config.grad_accum,
             seed: config.seed,
             full: config.tuning == Tuning::Full,
+            loraplus_ratio: config.loraplus_ratio,
         };
         let path = tmp.join(STATE_FILE);
         let text = serde_json::to_string_pretty(&state).map_err(|source| ModelError::Json {
@@ -515,6 +530,14 @@ fn restore(
                 path.display()
             )));
         }
+    }
+    if state.loraplus_ratio != config.loraplus_ratio {
+        return Err(ModelError::Input(format!(
+            "{}: the checkpoint was made with LoRA+ ratio {:?}, this run has {:?}",
+            path.display(),
+            state.loraplus_ratio,
+            config.loraplus_ratio
+        )));
     }
     if state.order.len() != examples || state.cursor > examples {
         return Err(ModelError::Input(format!(

@@ -147,6 +147,11 @@ impl Trainer {
         self.sink = sink;
     }
 
+    /// Sets each variable's learning-rate multiplier from its name, e.g. [`loraplus`].
+    pub fn set_lr_scales(&mut self, scale: impl Fn(&str) -> f64) {
+        self.optimizer.set_lr_scales(scale);
+    }
+
     /// Optimizer steps taken.
     pub fn steps(&self) -> u64 {
         self.optimizer.steps()
@@ -299,6 +304,19 @@ impl Trainer {
         self.grads = vec![None; self.grads.len()];
         Ok(())
     }
+}
+
+/// LoRA+ (Hayou et al. 2024), as PEFT's `create_loraplus_optimizer` sets it up: the `B` factors
+/// (`lora_B` in the name) learn `ratio` times faster than everything else. Hand it to
+/// [`Trainer::set_lr_scales`].
+///
+/// ```
+/// let scale = lora_runtime::train::loraplus(16.0);
+/// assert_eq!(scale("base_model.model.q_proj.lora_B.weight"), 16.0);
+/// assert_eq!(scale("base_model.model.q_proj.lora_A.weight"), 1.0);
+/// ```
+pub fn loraplus(ratio: f64) -> impl Fn(&str) -> f64 {
+    move |name: &str| if name.contains("lora_B") { ratio } else { 1.0 }
 }
 
 /// Writes `tensors` to the safetensors file `path` with `metadata`, atomically (a temporary file

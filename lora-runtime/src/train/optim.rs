@@ -40,6 +40,8 @@ struct Param {
     var: Var,
     m: Tensor,
     v: Tensor,
+    /// This variable's learning rate is the step's times this (LoRA+ gives `B` a larger one).
+    lr_scale: f64,
 }
 
 /// One step's constants.
@@ -114,7 +116,13 @@ impl AdamW {
                 }
                 let m = var.zeros_like()?;
                 let v = var.zeros_like()?;
-                Ok(Param { name, var, m, v })
+                Ok(Param {
+                    name,
+                    var,
+                    m,
+                    v,
+                    lr_scale: 1.0,
+                })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
@@ -127,6 +135,14 @@ impl AdamW {
     /// The number of steps taken.
     pub fn steps(&self) -> u64 {
         self.steps
+    }
+
+    /// Sets each variable's learning-rate multiplier from its name (PyTorch's parameter
+    /// groups, e.g. [`loraplus`](super::loraplus)).
+    pub fn set_lr_scales(&mut self, scale: impl Fn(&str) -> f64) {
+        for p in &mut self.params {
+            p.lr_scale = scale(&p.name);
+        }
     }
 
     /// The optimized variables with their names.
@@ -173,6 +189,7 @@ impl AdamW {
                 });
             }
             let g = g.to_dtype(p.m.dtype())?;
+            let lr = lr * p.lr_scale;
             let h = Hyper {
                 lr,
                 beta1,
@@ -299,6 +316,34 @@ mod tests {
                 "{got:?} vs {expect:?}"
             );
         }
+    }
+
+    /// Adam's first step moves each entry by the learning rate times the gradient's sign: with
+    /// a scale of 4 on `b`, by four times as much.
+    #[test]
+    fn learning_rate_scales_apply_per_variable() {
+        let a = Var::new(&[1f32, 1.0], &Device::Cpu).unwrap();
+        let b = Var::new(&[1f32, 1.0], &Device::Cpu).unwrap();
+        let vars = vec![
+            ("x.lora_A.weight".into(), a.clone()),
+            ("x.lora_B.weight".into(), b.clone()),
+        ];
+        let mut opt = AdamW::new(vars, AdamWConfig::default()).unwrap();
+        opt.set_lr_scales(crate::train::loraplus(4.0));
+        let g = Tensor::new(&[1f32, -1.0], &Device::Cpu).unwrap();
+        opt.step(&[Some(g.clone()), Some(g)], 0.01).unwrap();
+        let (a, b) = (
+            a.as_tensor().to_vec1::<f32>().unwrap(),
+            b.as_tensor().to_vec1::<f32>().unwrap(),
+        );
+        assert!(
+            (a[0] - 0.99).abs() < 1e-6 && (a[1] - 1.01).abs() < 1e-6,
+            "{a:?}"
+        );
+        assert!(
+            (b[0] - 0.96).abs() < 1e-6 && (b[1] - 1.04).abs() < 1e-6,
+            "{b:?}"
+        );
     }
 
     #[test]

@@ -25,6 +25,15 @@ pub enum LossOnArg {
     All,
 }
 
+/// The initialization of `A`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum InitArg {
+    /// Kaiming-uniform (PEFT's `init_lora_weights = true`).
+    Kaiming,
+    /// Gaussian with std 1/r (PEFT's `"gaussian"`).
+    Gaussian,
+}
+
 /// The arguments of `lora train`.
 #[derive(Debug, Args)]
 pub struct TrainArgs {
@@ -100,6 +109,15 @@ pub struct TrainArgs {
     /// Full fine-tuning (every weight) instead of LoRA; saves a Hugging Face model directory.
     #[arg(long)]
     full: bool,
+    /// LoRA+: the B factors learn R times faster than the A factors (PEFT's loraplus_lr_ratio).
+    #[arg(long, value_name = "R")]
+    loraplus_ratio: Option<f64>,
+    /// rsLoRA: scale by alpha / sqrt(rank) instead of alpha / rank.
+    #[arg(long)]
+    rslora: bool,
+    /// How A is initialized (B starts at zero): PEFT's kaiming-uniform default, or gaussian.
+    #[arg(long, value_enum, default_value = "kaiming")]
+    init: InitArg,
     /// Recompute each decoder layer's activations in the backward pass instead of keeping them:
     /// much less memory for long sequences, about one more forward per step.
     #[arg(long)]
@@ -196,6 +214,11 @@ pub fn run(args: TrainArgs) -> Result<(), Box<dyn std::error::Error>> {
                 "r": args.rank,
                 "lora_alpha": args.alpha,
                 "lora_dropout": args.dropout,
+                "use_rslora": args.rslora,
+                "init_lora_weights": match args.init {
+                    InitArg::Kaiming => serde_json::json!(true),
+                    InitArg::Gaussian => serde_json::json!("gaussian"),
+                },
                 "target_modules": targets_json(&args.targets),
             })
             .to_string(),
@@ -240,6 +263,7 @@ pub fn run(args: TrainArgs) -> Result<(), Box<dyn std::error::Error>> {
             base_model_name_or_path: Some(args.model.clone()),
         },
         resume: args.resume.clone(),
+        loraplus_ratio: args.loraplus_ratio,
         gradient_checkpointing: args.gradient_checkpointing,
     };
 
