@@ -65,7 +65,7 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Fine-tune a Llama-family model on JSONL data (chat, prompt/completion or text): a LoRA
     /// adapter in PEFT's format, or with --full every weight.
-    Train(train::TrainArgs),
+    Train(Box<train::TrainArgs>),
 }
 
 fn main() -> ExitCode {
@@ -81,7 +81,7 @@ fn main() -> ExitCode {
         } => merge(base, adapter, out, quiet, !no_verify_base).map_err(Into::into),
         Command::Inspect { adapter } => inspect(adapter).map_err(Into::into),
         Command::Generate(args) => generate::run(args),
-        Command::Train(args) => train::run(args),
+        Command::Train(args) => train::run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
