@@ -106,6 +106,8 @@ struct Seq<'t> {
     text: String,
     sent: usize,
     start: Instant,
+    /// The most sequences it was decoded with in one step (for the log).
+    peak_batch: usize,
 }
 
 /// How a sequence ended.
@@ -361,6 +363,7 @@ fn admit<'t>(
         text: String::new(),
         sent: 0,
         start,
+        peak_batch: 1,
     };
     match accept(&mut seq, &logits, stop_tokens) {
         None => Some(seq),
@@ -385,6 +388,10 @@ fn step(
         .set_batch_adapters(Some(&rows))
         .map_err(|e| e.to_string())?;
     let tokens: Vec<u32> = active.iter().map(|s| s.next).collect();
+    let b = active.len();
+    for seq in active.iter_mut() {
+        seq.peak_batch = seq.peak_batch.max(b);
+    }
     let mut caches: Vec<&mut SeqCache> = active.iter_mut().map(|s| &mut s.cache).collect();
     let logits: Vec<Vec<f32>> = model
         .decode_step(&tokens, &mut caches)
@@ -503,6 +510,7 @@ fn finish(mut seq: Seq<'_>, end: End) {
         End::Gone => "client gone".to_string(),
         End::StopString => "200 stop".to_string(), // made `Finished` above
     };
+    let outcome = format!("{outcome} (batch of up to {})", seq.peak_batch);
     log(seq.id, &seq.request, completion_tokens, &outcome, seq.start);
 }
 
