@@ -499,3 +499,48 @@ fn a_client_that_leaves_mid_stream_frees_its_slot() {
     let (s, _) = server.post("/v1/completions", &completion("tiny-chat", "hi", 2));
     assert_eq!(s, 200);
 }
+
+#[test]
+fn unloading_an_adapter_in_use_ends_its_requests_cleanly() {
+    let (a, _) = adapters();
+    let spec = format!("a={}", a.display());
+    let server = Server::start(&["--adapter", &spec, "--allow-runtime-lora"]);
+    let body = json!({"model": "a", "prompt": "Once upon", "max_tokens": 240,
+                      "temperature": 1.0, "seed": 3, "stream": true})
+    .to_string();
+    let mut s = TcpStream::connect(&server.addr).unwrap();
+    write!(
+        s,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    // Unload once the request runs (its first chunk came).
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&raw).contains("data: ") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "{}", String::from_utf8_lossy(&raw));
+        raw.extend_from_slice(&buf[..n]);
+    }
+    let (status, e) = server.post("/v1/unload_lora_adapter", &json!({"lora_name": "a"}));
+    assert_eq!(status, 200, "{e}");
+    s.read_to_end(&mut raw).unwrap();
+    let raw = String::from_utf8(raw).unwrap();
+    let (_, rest) = raw.split_once("\r\n\r\n").unwrap();
+    let data = events(&dechunk(rest));
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{raw}");
+    // The stream ends with the error, or it finished before the unload.
+    let ended: Value = serde_json::from_str(&data[data.len() - 2]).unwrap();
+    assert!(
+        ended["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("unloaded"))
+            || ended["choices"][0]["finish_reason"].is_string(),
+        "{ended}"
+    );
+    let (s, _) = server.post("/v1/completions", &completion("a", "hi", 2));
+    assert_eq!(s, 404);
+    let (s, _) = server.post("/v1/completions", &completion("tiny-chat", "hi", 2));
+    assert_eq!(s, 200);
+}

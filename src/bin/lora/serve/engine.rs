@@ -235,12 +235,8 @@ fn handle(
             let _ = reply.send(model.adapters());
         }
         Command::Load { name, path, reply } => {
-            let result = load(model, limits, &name, &path);
-            match &result {
-                Ok(()) => eprintln!("adapter {name} loaded from {path}"),
-                Err(e) => eprintln!("adapter {name} not loaded: {}", e.message),
-            }
-            let _ = reply.send(result);
+            // The handler logs the outcome.
+            let _ = reply.send(load(model, limits, &name, &path));
         }
         Command::Unload { name, reply } => {
             if !model.adapters().contains(&name) {
@@ -276,7 +272,6 @@ fn handle(
                 .set_batch_adapters(None)
                 .and_then(|()| model.delete_adapter(&name))
                 .map_err(|e| ApiError::server(format!("unloading `{name}`: {e}")));
-            eprintln!("adapter {name} unloaded");
             let _ = reply.send(result);
         }
     }
