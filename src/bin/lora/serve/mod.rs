@@ -32,7 +32,8 @@ pub struct ServeArgs {
     /// An adapter to serve, `NAME=DIR` (a PEFT adapter directory); repeat for more.
     #[arg(long = "adapter", value_name = "NAME=DIR")]
     adapters: Vec<String>,
-    /// The name of the base model in requests and `/v1/models` (default: the model file's stem).
+    /// The name of the base model in requests and `/v1/models` (default: the model file's stem,
+    /// or the hub id).
     #[arg(long)]
     served_model_name: Option<String>,
     /// The address to listen on.
@@ -69,6 +70,8 @@ pub fn run(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
     let pretrained = Pretrained::load(&path, dtype, &Device::Cpu)?;
     let base_name = match args.served_model_name {
         Some(name) => name,
+        // A hub id names itself; a file or directory by its stem.
+        None if !Path::new(&args.model).exists() => args.model.clone(),
         None => served_name(&path),
     };
     let stop_tokens = pretrained.stop_tokens();
