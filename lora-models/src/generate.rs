@@ -119,6 +119,30 @@ fn pick(logits: &[f32], options: &GenerateOptions, rng: &mut StdRng) -> u32 {
     kept.last().map_or_else(argmax, |(id, _)| *id)
 }
 
+/// The token picker of [`generate`] for callers that run the model themselves (a server stepping
+/// many sequences): greedy or seeded temperature / top-p sampling, as `generate` does, so the
+/// same options and seed give the same tokens.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    options: GenerateOptions,
+    rng: StdRng,
+}
+
+impl Sampler {
+    /// A sampler for `options` (its seed; `max_new_tokens` and `stop_tokens` are not used).
+    pub fn new(options: &GenerateOptions) -> Self {
+        Self {
+            options: options.clone(),
+            rng: StdRng::seed_from_u64(options.seed),
+        }
+    }
+
+    /// The next token from `logits` (f32 `[vocab]`).
+    pub fn pick(&mut self, logits: &[f32]) -> u32 {
+        pick(logits, &self.options, &mut self.rng)
+    }
+}
+
 /// Generates after `prompt` (token ids), calling `on_token` with each new token as it comes.
 ///
 /// # Errors

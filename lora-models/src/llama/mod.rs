@@ -10,11 +10,13 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod batch;
 mod config;
 mod finetune;
 mod load;
 mod model;
 
+pub use batch::SeqCache;
 pub use config::{Llama3RopeScaling, LlamaConfig, RopeScaling};
 pub use load::{load_gguf, load_hf_dir, load_llama, Checkpoint};
 pub(crate) use load::{load_gguf_content, open_gguf};

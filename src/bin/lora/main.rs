@@ -7,9 +7,11 @@
 //! lora inspect my-adapter
 //! lora generate --model SmolLM2-135M-Instruct.Q4_1.gguf --prompt "What is the capital of France?"
 //! lora train --model SmolLM2-135M-Instruct.Q4_1.gguf --data train.jsonl --out my-adapter
+//! lora serve --model SmolLM2-135M-Instruct.Q4_1.gguf --adapter mine=my-adapter --port 8000
 //! ```
 
 mod generate;
+mod serve;
 mod train;
 
 use std::collections::BTreeMap;
@@ -66,6 +68,10 @@ enum Command {
     /// Fine-tune a Llama-family model on JSONL data (chat, prompt/completion or text): a LoRA
     /// adapter in PEFT's format, or with --full every weight.
     Train(Box<train::TrainArgs>),
+    /// Serve a Llama-family model and its LoRA adapters over an OpenAI-compatible HTTP API
+    /// (`/v1/completions`, `/v1/chat/completions`, `/v1/models`), requests for different
+    /// adapters decoded together.
+    Serve(serve::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -82,6 +88,7 @@ fn main() -> ExitCode {
         Command::Inspect { adapter } => inspect(adapter).map_err(Into::into),
         Command::Generate(args) => generate::run(args),
         Command::Train(args) => train::run(*args),
+        Command::Serve(args) => serve::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
