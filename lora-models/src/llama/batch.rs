@@ -24,10 +24,9 @@
 //! ```
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::RmsNorm;
 
 use super::config::LlamaConfig;
-use super::model::{Attention, LlamaForCausalLM};
+use super::model::{attend, causal_mask, norm, Attention, LlamaForCausalLM};
 
 use crate::error::{ModelError, Result};
 
@@ -65,8 +64,11 @@ struct Heads {
     head_dim: usize,
 }
 
-fn norm(layer: &RmsNorm, x: &Tensor) -> candle_core::Result<Tensor> {
-    lora_runtime::ops::rms_norm(x, layer.weight(), layer.eps())
+impl Heads {
+    /// `(heads, kv_heads, head_dim)`.
+    fn dims(self) -> (usize, usize, usize) {
+        (self.heads, self.kv_heads, self.head_dim)
+    }
 }
 
 /// `(cos, sin)` `[n, head_dim / 2]` at `positions`, computed as the model computes its table.
@@ -84,60 +86,6 @@ fn rope_at(
     let positions = Tensor::from_vec(positions, (n, 1), device)?;
     let freqs = positions.broadcast_mul(&inv_freq.unsqueeze(0)?)?;
     Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
-}
-
-/// The causal mask of `t` new positions after `past`, the query heads of a group stacked along
-/// the rows: `[groups * t, past + t]`.
-fn causal_mask(
-    t: usize,
-    past: usize,
-    groups: usize,
-    dtype: DType,
-    device: &Device,
-) -> candle_core::Result<Tensor> {
-    let total = past + t;
-    let values: Vec<f32> = (0..groups * t)
-        .flat_map(|row| {
-            let i = row % t;
-            (0..total).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 })
-        })
-        .collect();
-    Tensor::from_vec(values, (groups * t, total), device)?.to_dtype(dtype)
-}
-
-/// Attention of one sequence: rotated `q [1, h, t, d]`, new `k`, `v` `[1, kv, t, d]`, appended
-/// to `cache`; returns `[1, t, h * d]` (before `o_proj`).
-fn attend(
-    shape: Heads,
-    q: &Tensor,
-    k: Tensor,
-    v: Tensor,
-    mask: Option<&Tensor>,
-    cache: &mut Option<(Tensor, Tensor)>,
-) -> candle_core::Result<Tensor> {
-    let Heads {
-        heads: h,
-        kv_heads: kv,
-        head_dim: d,
-    } = shape;
-    let t = q.dim(2)?;
-    let (k, v) = match cache.take() {
-        Some((k0, v0)) => (Tensor::cat(&[k0, k], 2)?, Tensor::cat(&[v0, v], 2)?),
-        None => (k, v),
-    };
-    *cache = Some((k.clone(), v.clone()));
-    let n = h / kv;
-    let q = (q * (1.0 / (d as f64).sqrt()))?.reshape((1, kv, n * t, d))?;
-    let scores = q.matmul(&k.t()?)?;
-    let scores = match mask {
-        Some(mask) => scores.broadcast_add(mask)?,
-        None => scores,
-    };
-    let dtype = scores.dtype();
-    let probs =
-        lora_runtime::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
-    let y = probs.matmul(&v)?.reshape((1, h, t, d))?;
-    y.transpose(1, 2)?.reshape((1, t, h * d))
 }
 
 /// The projections of `x [b, t, hidden]` split into heads: `[b, n, t, d]`.
@@ -221,7 +169,7 @@ impl LlamaForCausalLM {
             let v = project(&a.v_proj, &h, shape.kv_heads, shape.head_dim)?;
             let q = lora_runtime::ops::rope(&q, &cos, &sin)?;
             let k = lora_runtime::ops::rope(&k, &cos, &sin)?;
-            let y = attend(shape, &q, k, v, mask.as_ref(), kv)?;
+            let y = attend(&q, k, v, mask.as_ref(), kv, shape.dims())?;
             x = (x + a.o_proj.forward(&y)?)?;
             x = (&x
                 + layer
@@ -263,9 +211,9 @@ impl LlamaForCausalLM {
             .forward(&Tensor::new(tokens, &device)?.unsqueeze(1)?)?; // [b, 1, hidden]
         let dtype = x.dtype();
         let positions: Vec<usize> = caches.iter().map(|c| c.len).collect();
-        let (cos, sin) = rope_at(self.config(), &positions, dtype, &device)?; // [b, d / 2]
-                                                                              // Rows at their own positions: the batch goes along the time axis, `[1, n, b, d]`,
-                                                                              // where the rotation table has one position per row.
+        // `[b, d / 2]`. Rows at their own positions: the batch goes along the time axis,
+        // `[1, n, b, d]`, where the rotation table has one position per row.
+        let (cos, sin) = rope_at(self.config(), &positions, dtype, &device)?;
         let rotate = |y: &Tensor| -> candle_core::Result<Tensor> {
             let y = y.transpose(0, 2)?.contiguous()?;
             lora_runtime::ops::rope(&y, &cos, &sin)?
@@ -285,12 +233,12 @@ impl LlamaForCausalLM {
                     .get_mut(l)
                     .ok_or_else(|| ModelError::Input(format!("the cache has no layer {l}")))?;
                 rows.push(attend(
-                    shape,
                     &q.narrow(0, i, 1)?,
                     k.narrow(0, i, 1)?,
                     v.narrow(0, i, 1)?,
                     None,
                     kv,
+                    shape.dims(),
                 )?);
             }
             let y = Tensor::cat(&rows, 0)?; // [b, 1, h * d]

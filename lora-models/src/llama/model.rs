@@ -163,30 +163,47 @@ impl Attention {
         let (cos, sin) = rope;
         let q = lora_runtime::ops::rope(&q, cos, sin)?;
         let k = lora_runtime::ops::rope(&k, cos, sin)?;
-        let (k, v) = match cache.take() {
-            Some((k0, v0)) => (Tensor::cat(&[k0, k], 2)?, Tensor::cat(&[v0, v], 2)?),
-            None => (k, v),
-        };
-        *cache = Some((k.clone(), v.clone()));
-        // Grouped-query attention without repeating keys and values: the `n` query heads that
-        // share a key/value head are stacked along the positions, `[b, kv, n * t, d]` (query
-        // head `g * n + j` uses key/value head `g`, as transformers' `repeat_kv` pairs them).
-        // The scale goes on `q` (`t x d` values rather than `t x T` scores).
-        let n = h / kv;
-        let q = (q * (1.0 / (d as f64).sqrt()))?.reshape((b, kv, n * t, d))?;
-        let scores = q.matmul(&k.t()?)?; // [b, kv, n * t, T]
-        let scores = match mask {
-            Some(mask) => scores.broadcast_add(mask)?, // [n * t, T]
-            None => scores,
-        };
-        let dtype = scores.dtype();
-        // `lora_runtime::ops`: candle's fused kernels, with a backward when training.
-        let probs =
-            lora_runtime::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
-        let y = probs.matmul(&v)?.reshape((b, h, t, d))?;
-        let y = y.transpose(1, 2)?.reshape((b, t, h * d))?;
+        let y = attend(&q, k, v, mask, cache, (h, kv, d))?;
         self.o_proj.forward(&y)
     }
+}
+
+/// Scaled dot-product attention of rotated `q [b, h, t, d]` over the new `k`, `v`
+/// `[b, kv, t, d]` appended to `cache`, causal through `mask` (`[groups * t, past + t]`, see
+/// `causal_mask`); returns `[b, t, h * d]`, the input of `o_proj`. Shared by the model's forward
+/// and the per-sequence decoding of `batch.rs`.
+pub(super) fn attend(
+    q: &Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Option<&Tensor>,
+    cache: &mut Option<(Tensor, Tensor)>,
+    (h, kv, d): (usize, usize, usize),
+) -> candle_core::Result<Tensor> {
+    let (b, _, t, _) = q.dims4()?;
+    let (k, v) = match cache.take() {
+        Some((k0, v0)) => (Tensor::cat(&[k0, k], 2)?, Tensor::cat(&[v0, v], 2)?),
+        None => (k, v),
+    };
+    *cache = Some((k.clone(), v.clone()));
+    // Grouped-query attention without repeating keys and values: the `n` query heads that
+    // share a key/value head are stacked along the positions, `[b, kv, n * t, d]` (query
+    // head `g * n + j` uses key/value head `g`, as transformers' `repeat_kv` pairs them).
+    // The scale goes on `q` (`t x d` values rather than `t x T` scores).
+    let n = h / kv;
+    let q = (q * (1.0 / (d as f64).sqrt()))?.reshape((b, kv, n * t, d))?;
+    let scores = q.matmul(&k.t()?)?; // [b, kv, n * t, T]
+    let scores = match mask {
+        Some(mask) => scores.broadcast_add(mask)?, // [n * t, T]
+        None => scores,
+    };
+    let dtype = scores.dtype();
+    // `lora_runtime::ops`: candle's fused kernels, with a backward when training.
+    let probs =
+        lora_runtime::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
+    let y = probs.matmul(&v)?.reshape((b, h, t, d))?;
+    let y = y.transpose(1, 2)?.reshape((b, t, h * d))?;
+    Ok(y)
 }
 
 impl Mlp {
@@ -247,7 +264,7 @@ impl DecoderLayer {
 }
 
 /// RMSNorm through `lora_runtime::ops` (candle's `RmsNorm` has no backward).
-fn norm(layer: &RmsNorm, x: &Tensor) -> candle_core::Result<Tensor> {
+pub(super) fn norm(layer: &RmsNorm, x: &Tensor) -> candle_core::Result<Tensor> {
     lora_runtime::ops::rms_norm(x, layer.weight(), layer.eps())
 }
 
@@ -255,7 +272,7 @@ fn norm(layer: &RmsNorm, x: &Tensor) -> candle_core::Result<Tensor> {
 /// -inf above the diagonal, `[t, past + t]`, repeated `groups` times along the rows (the query
 /// heads sharing a key/value head are stacked that way, see `Attention::forward`):
 /// `[groups * t, past + t]`.
-fn causal_mask(
+pub(super) fn causal_mask(
     t: usize,
     past: usize,
     groups: usize,
