@@ -528,6 +528,57 @@ fn the_command_trains_an_adapter_that_generate_loads_and_refuses_bad_input() {
         .output()
         .unwrap();
     assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
+    // `lora merge` takes it onto the safetensors base (its recorded fingerprints match), and the
+    // merged checkpoint's outputs equal the unmerged adapter's.
+    let merged = dir.path().join("merged.safetensors");
+    let base = model_dir().join("model.safetensors");
+    let m = Command::new(LORA)
+        .args([
+            "merge",
+            "--base",
+            base.to_str().unwrap(),
+            "--adapter",
+            out.to_str().unwrap(),
+        ])
+        .args(["--out", merged.to_str().unwrap(), "--quiet"])
+        .output()
+        .unwrap();
+    assert!(m.status.success(), "{}", String::from_utf8_lossy(&m.stderr));
+    let merged_dir = dir.path().join("merged-model");
+    std::fs::create_dir_all(&merged_dir).unwrap();
+    for f in [
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(model_dir().join(f), merged_dir.join(f)).unwrap();
+    }
+    std::fs::rename(&merged, merged_dir.join("model.safetensors")).unwrap();
+    let mut unmerged = load();
+    unmerged.model.load_adapter(&out).unwrap();
+    let folded = Pretrained::load(&merged_dir, DType::F32, &Device::Cpu).unwrap();
+    let ids = Tensor::new(&[[1u32, 40, 41, 42, 3]], &Device::Cpu).unwrap();
+    let (a, b) = (
+        unmerged
+            .model
+            .forward(&ids, &mut unmerged.model.new_cache())
+            .unwrap(),
+        folded
+            .model
+            .forward(&ids, &mut folded.model.new_cache())
+            .unwrap(),
+    );
+    let diff = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    // f32 rounding of W + s B A against the unmerged sum, through 3 layers (logits up to ~10).
+    assert!(diff < 1e-4, "merged vs unmerged logits: {diff}");
 
     // Nothing is written for bad data or targets that match nothing.
     let bad = write(
