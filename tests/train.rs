@@ -5,6 +5,8 @@
 //! on), full fine-tuning writes a model that loads back, and bad data or targets are refused with
 //! the file and line before anything is written.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -411,13 +413,8 @@ fn gradient_checkpointing_trains_the_same_adapter() {
     for ((name, x), (_, y)) in a.iter().zip(&b) {
         // Same dropout masks (the generator is rewound for the recomputation), same
         // arithmetic; only the order gradients are summed in may differ.
-        let d = (x.as_tensor() - y.as_tensor())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap();
-        assert!(d.to_scalar::<f32>().unwrap() < 1e-5, "{name}: {d}");
+        let d = common::max_abs_diff(x.as_tensor(), y.as_tensor());
+        assert!(d < 1e-5, "{name}: {d}");
     }
 }
 
@@ -449,14 +446,7 @@ fn full_fine_tuning_writes_a_model_that_loads_back() {
     let ids = Tensor::new(&[[1u32, 40, 41, 42, 3]], &Device::Cpu).unwrap();
     let x = p.model.hidden_states(&ids).unwrap();
     let y = back.model.hidden_states(&ids).unwrap();
-    let diff = (x - y)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = common::max_abs_diff(&x, &y);
     // The same weights; the trained model's norms run the fused op with a backward (its weights
     // are variables), the loaded one's candle's kernel: rounding apart.
     assert!(diff < 1e-5, "{diff}");
@@ -569,14 +559,7 @@ fn the_command_trains_an_adapter_that_generate_loads_and_refuses_bad_input() {
             .forward(&ids, &mut folded.model.new_cache())
             .unwrap(),
     );
-    let diff = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = common::max_abs_diff(&a, &b);
     // f32 rounding of W + s B A against the unmerged sum, through 3 layers (logits up to ~10).
     assert!(diff < 1e-4, "merged vs unmerged logits: {diff}");
 

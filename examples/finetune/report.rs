@@ -7,6 +7,11 @@ use candle_nn::VarMap;
 
 use super::train::Scores;
 
+#[path = "../common/memory.rs"]
+mod memory;
+
+pub(crate) use memory::{human_bytes, peak_rss, reset_peak_rss};
+
 /// One line of the results table.
 pub(crate) struct Row {
     pub(crate) name: &'static str,
@@ -70,23 +75,6 @@ pub(crate) fn print_table(rows: &[Row], held_out: usize) {
     }
 }
 
-/// Peak resident memory since the last reset, in bytes (Linux; 0 elsewhere).
-pub(crate) fn peak_rss() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
-}
-
-pub(crate) fn reset_peak_rss() {
-    // Writing 5 to clear_refs resets the peak RSS (Linux >= 4.0); harmless where unsupported.
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
 /// The median time of each case: `rounds` interleaved rounds, each timing every case `runs` times
 /// in turn, so drift on a shared machine hits all cases alike.
 pub(crate) fn interleaved_medians<const N: usize>(
@@ -120,12 +108,4 @@ fn median(mut t: Vec<f64>) -> f64 {
 
 pub(crate) fn count_params(varmap: &VarMap) -> usize {
     varmap.all_vars().iter().map(|v| v.elem_count()).sum()
-}
-
-pub(crate) fn human_bytes(b: u64) -> String {
-    if b >= 1 << 20 {
-        format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
-    } else {
-        format!("{:.1} KiB", b as f64 / 1024.0)
-    }
 }

@@ -551,6 +551,20 @@ struct CrossEntropy;
 /// `(softmax(row) - onehot(label)) * g`: its backward.
 struct CrossEntropyGrad;
 
+/// The logits `[rows, vocab]` and the checked labels of a cross-entropy op's first two inputs.
+fn ce_inputs<'a>(
+    s1: &'a CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+) -> candle_core::Result<(&'a [f32], usize, usize, Vec<usize>)> {
+    let x = f32_slice(s1, l1, "cross-entropy logits")?;
+    let (rows, vocab) = l1.shape().dims2()?;
+    let labels = labels_of(s2, l2)?;
+    check_labels(&labels, rows, vocab)?;
+    Ok((x, rows, vocab, labels))
+}
+
 fn check_labels(labels: &[usize], rows: usize, vocab: usize) -> candle_core::Result<()> {
     if labels.len() != rows {
         return Err(candle_core::Error::msg(format!(
@@ -578,10 +592,7 @@ impl CustomOp2 for CrossEntropy {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s1, l1, "cross-entropy logits")?;
-        let (rows, vocab) = l1.shape().dims2()?;
-        let labels = labels_of(s2, l2)?;
-        check_labels(&labels, rows, vocab)?;
+        let (x, rows, vocab, labels) = ce_inputs(s1, l1, s2, l2)?;
         let mut out = vec![0f32; rows];
         par_rows(&mut out, 1, |first, dst| {
             for (k, o) in dst.iter_mut().enumerate() {
@@ -621,10 +632,7 @@ impl CustomOp3 for CrossEntropyGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s1, l1, "cross-entropy logits")?;
-        let (rows, vocab) = l1.shape().dims2()?;
-        let labels = labels_of(s2, l2)?;
-        check_labels(&labels, rows, vocab)?;
+        let (x, rows, vocab, labels) = ce_inputs(s1, l1, s2, l2)?;
         let g = f32_slice(s3, l3, "cross-entropy gradient")?;
         let mut out = vec![0f32; rows * vocab];
         par_rows(&mut out, vocab, |first, dst| {
@@ -686,6 +694,11 @@ mod tests {
     use super::*;
     use candle_core::Var;
 
+    /// The gradients of `sum(y * k)`: a loss that weights every output differently.
+    fn weighted_grads(y: &Tensor, k: &Tensor) -> candle_core::backprop::GradStore {
+        (y * k).unwrap().sum_all().unwrap().backward().unwrap()
+    }
+
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)
             .unwrap()
@@ -718,13 +731,8 @@ mod tests {
         assert!(max_diff(&soft, &soft_ref) < 1e-6);
         // A loss that weights every output differently.
         let k = Tensor::randn(0f32, 1.0, (3, 4, 16), &dev).unwrap();
-        let g = (soft * &k).unwrap().sum_all().unwrap().backward().unwrap();
-        let g_ref = (soft_ref * &k)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g = weighted_grads(&soft, &k);
+        let g_ref = weighted_grads(&soft_ref, &k);
         for t in [x.as_tensor(), w.as_tensor()] {
             let (a, b) = (g.get(t).unwrap(), g_ref.get(t).unwrap());
             assert!(max_diff(a, b) < 1e-5, "{}", max_diff(a, b));
@@ -743,13 +751,8 @@ mod tests {
             .unwrap();
         let ln = layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), eps).unwrap();
         assert!(max_diff(&ln, &ln_ref) < 1e-5);
-        let g = (ln * &k).unwrap().sum_all().unwrap().backward().unwrap();
-        let g_ref = (ln_ref * &k)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g = weighted_grads(&ln, &k);
+        let g_ref = weighted_grads(&ln_ref, &k);
         for t in [x.as_tensor(), w.as_tensor(), b.as_tensor()] {
             let (a, r) = (g.get(t).unwrap(), g_ref.get(t).unwrap());
             assert!(max_diff(a, r) < 1e-4, "{}", max_diff(a, r));
@@ -780,18 +783,8 @@ mod tests {
         let second = (x2.broadcast_mul(&cos).unwrap() + x1.broadcast_mul(&sin).unwrap()).unwrap();
         let reference = Tensor::cat(&[first, second], D::Minus1).unwrap();
         let weights = Tensor::randn(0f32, 1.0, (1, 2, 3, 8), &dev).unwrap();
-        let g1 = (composed * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let g2 = (reference * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g1 = weighted_grads(&composed, &weights);
+        let g2 = weighted_grads(&reference, &weights);
         let (a, b) = (
             g1.get(q.as_tensor()).unwrap(),
             g2.get(q.as_tensor()).unwrap(),
@@ -804,13 +797,8 @@ mod tests {
         let fused = swiglu(g.as_tensor(), u.as_tensor()).unwrap();
         let composed = (candle_nn::ops::silu(g.as_tensor()).unwrap() * u.as_tensor()).unwrap();
         assert!(max_diff(&fused, &composed) < 1e-6);
-        let g1 = (fused * &k).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (composed * &k)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g1 = weighted_grads(&fused, &k);
+        let g2 = weighted_grads(&composed, &k);
         for t in [g.as_tensor(), u.as_tensor()] {
             let (a, b) = (g1.get(t).unwrap(), g2.get(t).unwrap());
             assert!(max_diff(a, b) < 1e-5, "{}", max_diff(a, b));

@@ -33,8 +33,9 @@ pub struct Routing {
     a: Tensor,
     /// `[out, S r_max]`, scaling folded in.
     b: Tensor,
-    /// `[rows, S r_max]`: 1 on each row's block.
-    mask: Tensor,
+    /// `[rows, S r_max]`: 1 on each row's block; only where the tensor path needs it (the CPU
+    /// kernel reads `slots`).
+    mask: Option<Tensor>,
     r_max: usize,
     /// Each row's block (`None`: the base alone).
     slots: Arc<Vec<Option<usize>>>,
@@ -121,7 +122,7 @@ impl Routing {
             names,
             a,
             b,
-            mask: Tensor::zeros((0, r_max), dtype, device)?,
+            mask: None,
             r_max,
             slots: Arc::new(Vec::new()),
             cpu,
@@ -129,33 +130,58 @@ impl Routing {
         stacks.with_rows(set, rows)
     }
 
-    /// The same stacks with another assignment of rows to adapters (only the mask is built).
+    /// The same stacks with another assignment of rows to adapters (only the row slots, and
+    /// the mask off the CPU, are built).
     ///
     /// # Errors
     /// [`LayerError::UnknownAdapter`] for a name the stacks lack; a candle error.
     pub fn with_rows(&self, set: &AdapterSet, rows: &[Option<&str>]) -> LayerResult<Self> {
-        let width = self.a.dim(0)?;
-        let mut mask = vec![0f32; rows.len() * width];
-        let mut slots = vec![None; rows.len()];
-        for (i, row) in rows.iter().enumerate() {
-            let Some(name) = row else { continue };
-            let Some(slot) = self.names.iter().position(|n| n == name) else {
-                return Err(LayerError::UnknownAdapter {
-                    name: (*name).to_string(),
-                    known: set.names().into_iter().map(str::to_string).collect(),
-                });
-            };
-            let start = i * width + slot * self.r_max;
-            mask[start..start + self.r_max].fill(1.0);
-            slots[i] = Some(slot);
-        }
-        let mask = Tensor::from_vec(mask, (rows.len(), width), self.a.device())?
-            .to_dtype(self.a.dtype())?;
-        Ok(Self {
-            mask,
+        let slots = rows
+            .iter()
+            .map(|row| match row {
+                None => Ok(None),
+                Some(name) => self
+                    .names
+                    .iter()
+                    .position(|n| n == name)
+                    .map(Some)
+                    .ok_or_else(|| LayerError::UnknownAdapter {
+                        name: (*name).to_string(),
+                        known: set.names().into_iter().map(str::to_string).collect(),
+                    }),
+            })
+            .collect::<LayerResult<Vec<_>>>()?;
+        let mut next = Self {
             slots: Arc::new(slots),
+            mask: None,
             ..self.clone()
-        })
+        };
+        // The CPU kernel reads the slots; the mask is for the tensor path only.
+        if next.cpu.is_none() {
+            next.mask = Some(next.build_mask()?);
+        }
+        Ok(next)
+    }
+
+    /// `[rows, S r_max]`: 1 on each row's block.
+    fn build_mask(&self) -> candle_core::Result<Tensor> {
+        let width = self.a.dim(0)?;
+        let mut mask = vec![0f32; self.slots.len() * width];
+        for (i, slot) in self.slots.iter().enumerate() {
+            if let Some(slot) = slot {
+                let start = i * width + slot * self.r_max;
+                mask[start..start + self.r_max].fill(1.0);
+            }
+        }
+        Tensor::from_vec(mask, (self.slots.len(), width), self.a.device())?.to_dtype(self.a.dtype())
+    }
+
+    /// The mask, built now when the routing was made for the CPU kernel.
+    fn mask(&self) -> candle_core::Result<Tensor> {
+        match &self.mask {
+            Some(m) => Ok(m.clone()),
+            None => self.build_mask(),
+        }
     }
 
     /// Whether the stacks hold exactly the adapters called `names` (sorted), so that
@@ -182,7 +208,7 @@ impl Routing {
     /// When `n` is not a multiple of the routing's rows; shape errors.
     pub fn hidden(&self, x2: &Tensor) -> candle_core::Result<Tensor> {
         let (n, _) = x2.dims2()?;
-        let rows = self.mask.dim(0)?;
+        let rows = self.slots.len();
         if rows == 0 || n % rows != 0 {
             candle_core::bail!(
                 "mixed-adapter batch: the input has {n} positions, not a multiple of the {rows} row adapters set"
@@ -192,7 +218,7 @@ impl Routing {
         let width = self.a.dim(0)?;
         let h = x2.to_dtype(self.a.dtype())?.matmul(&self.a.t()?)?;
         h.reshape((rows, t, width))?
-            .broadcast_mul(&self.mask.unsqueeze(1)?)?
+            .broadcast_mul(&self.mask()?.unsqueeze(1)?)?
             .reshape((n, width))
     }
 
@@ -205,10 +231,10 @@ impl Routing {
         let (Some(&b), Some(&inp)) = (dims.first(), dims.last()) else {
             candle_core::bail!("mixed-adapter batch: the input is a scalar");
         };
-        if b != self.mask.dim(0)? {
+        if b != self.slots.len() {
             candle_core::bail!(
                 "mixed-adapter batch: the input has {b} rows but {} row adapters were set",
-                self.mask.dim(0)?
+                self.slots.len()
             );
         }
         let n = x.elem_count() / inp.max(1);
@@ -223,6 +249,6 @@ impl Routing {
 
     /// The number of rows routed.
     pub fn rows(&self) -> candle_core::Result<usize> {
-        self.mask.dim(0)
+        Ok(self.slots.len())
     }
 }

@@ -14,7 +14,7 @@
 //!
 //! let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/llm/tiny-llama");
 //! let model = load_llama(dir.as_ref(), DType::F32, &Device::Cpu)?;
-//! let (mut a, mut b) = (model.new_seq_cache(), model.new_seq_cache());
+//! let (mut a, mut b) = (model.new_cache(), model.new_cache());
 //! model.prefill(&[1, 2, 3], &mut a)?;
 //! model.prefill(&[4, 5], &mut b)?;
 //! let logits = model.decode_step(&[6, 7], &mut [&mut a, &mut b])?; // [2, vocab]
@@ -23,38 +23,15 @@
 //! # Ok::<(), lora_models::ModelError>(())
 //! ```
 
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{Module, Tensor};
 
-use super::config::LlamaConfig;
-use super::model::{attend, causal_mask, norm, Attention, LlamaForCausalLM};
+use super::model::{attend, causal_mask, norm, Attention, Cache, LlamaForCausalLM};
 
 use crate::error::{ModelError, Result};
 
 /// The key/value cache of one sequence for [`LlamaForCausalLM::prefill`] and
-/// [`LlamaForCausalLM::decode_step`].
-#[derive(Debug, Clone)]
-pub struct SeqCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
-    len: usize,
-}
-
-impl SeqCache {
-    /// An empty cache for `config`'s layers.
-    pub fn new(config: &LlamaConfig) -> Self {
-        Self {
-            layers: vec![None; config.num_hidden_layers],
-            len: 0,
-        }
-    }
-    /// The number of positions cached.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-    /// Whether nothing is cached.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-}
+/// [`LlamaForCausalLM::decode_step`]: the model's own [`Cache`], holding one sequence.
+pub type SeqCache = Cache;
 
 /// The shapes of the attention, from the config (the layer's own fields are private).
 #[derive(Debug, Clone, Copy)]
@@ -71,23 +48,6 @@ impl Heads {
     }
 }
 
-/// `(cos, sin)` `[n, head_dim / 2]` at `positions`, computed as the model computes its table.
-fn rope_at(
-    config: &LlamaConfig,
-    positions: &[usize],
-    dtype: DType,
-    device: &Device,
-) -> candle_core::Result<(Tensor, Tensor)> {
-    let inv_freq = config.inv_freq();
-    let half = inv_freq.len();
-    let inv_freq = Tensor::from_vec(inv_freq, half, device)?;
-    let positions: Vec<f32> = positions.iter().map(|&p| p as f32).collect();
-    let n = positions.len();
-    let positions = Tensor::from_vec(positions, (n, 1), device)?;
-    let freqs = positions.broadcast_mul(&inv_freq.unsqueeze(0)?)?;
-    Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
-}
-
 /// The projections of `x [b, t, hidden]` split into heads: `[b, n, t, d]`.
 fn project(layer: &impl Module, x: &Tensor, n: usize, d: usize) -> candle_core::Result<Tensor> {
     let (b, t, _) = x.dims3()?;
@@ -99,11 +59,6 @@ fn project(layer: &impl Module, x: &Tensor, n: usize, d: usize) -> candle_core::
 }
 
 impl LlamaForCausalLM {
-    /// A fresh [`SeqCache`] for this model.
-    pub fn new_seq_cache(&self) -> SeqCache {
-        SeqCache::new(self.config())
-    }
-
     fn heads(&self) -> Heads {
         let c = self.config();
         Heads {
@@ -111,16 +66,6 @@ impl LlamaForCausalLM {
             kv_heads: c.num_key_value_heads.max(1),
             head_dim: c.head_dim,
         }
-    }
-
-    fn check_cache(&self, cache: &SeqCache) -> Result<()> {
-        let (have, want) = (cache.layers.len(), self.model.layers.len());
-        if have != want {
-            return Err(ModelError::Input(format!(
-                "the cache has {have} layers, the model {want}"
-            )));
-        }
-        Ok(())
     }
 
     fn check_ids(&self, ids: &[u32]) -> Result<()> {
@@ -144,7 +89,7 @@ impl LlamaForCausalLM {
             return Err(ModelError::Input("nothing to prefill".into()));
         }
         self.check_ids(ids)?;
-        self.check_cache(cache)?;
+        cache.check_fits(self.model.layers.len())?;
         let shape = self.heads();
         let (t, past) = (ids.len(), cache.len);
         let device = self.model.embed_tokens.embeddings().device().clone();
@@ -154,7 +99,7 @@ impl LlamaForCausalLM {
             .forward(&Tensor::new(ids, &device)?.unsqueeze(0)?)?;
         let dtype = x.dtype();
         let positions: Vec<usize> = (past..past + t).collect();
-        let (cos, sin) = rope_at(self.config(), &positions, dtype, &device)?;
+        let (cos, sin) = self.model.rope_at(&positions, dtype)?;
         let groups = shape.heads / shape.kv_heads;
         let mask = if t > 1 {
             Some(causal_mask(t, past, groups, dtype, &device)?)
@@ -200,7 +145,7 @@ impl LlamaForCausalLM {
         }
         self.check_ids(tokens)?;
         for cache in caches.iter() {
-            self.check_cache(cache)?;
+            cache.check_fits(self.model.layers.len())?;
         }
         let shape = self.heads();
         let (hd, d) = (shape.heads, shape.head_dim);
@@ -213,7 +158,7 @@ impl LlamaForCausalLM {
         let positions: Vec<usize> = caches.iter().map(|c| c.len).collect();
         // `[b, d / 2]`. Rows at their own positions: the batch goes along the time axis,
         // `[1, n, b, d]`, where the rotation table has one position per row.
-        let (cos, sin) = rope_at(self.config(), &positions, dtype, &device)?;
+        let (cos, sin) = self.model.rope_at(&positions, dtype)?;
         let rotate = |y: &Tensor| -> candle_core::Result<Tensor> {
             let y = y.transpose(0, 2)?.contiguous()?;
             lora_runtime::ops::rope(&y, &cos, &sin)?
@@ -260,6 +205,7 @@ impl LlamaForCausalLM {
 mod tests {
     use super::*;
     use crate::llama::load_llama;
+    use candle_core::{DType, Device};
 
     fn tiny() -> LlamaForCausalLM {
         let dir = concat!(
@@ -274,7 +220,7 @@ mod tests {
     fn a_batched_step_matches_each_sequence_alone() {
         let model = tiny();
         let prompts: [&[u32]; 3] = [&[1, 2, 3, 4, 5], &[7], &[9, 8, 7]];
-        let mut caches: Vec<SeqCache> = prompts.iter().map(|_| model.new_seq_cache()).collect();
+        let mut caches: Vec<SeqCache> = prompts.iter().map(|_| model.new_cache()).collect();
         for (p, c) in prompts.iter().zip(caches.iter_mut()) {
             model.prefill(p, c).unwrap();
         }
@@ -315,7 +261,7 @@ mod tests {
     #[test]
     fn prefill_then_steps_match_the_model_cache() {
         let model = tiny();
-        let mut seq = model.new_seq_cache();
+        let mut seq = model.new_cache();
         let mut cache = model.new_cache();
         let a = model.prefill(&[3, 1, 4], &mut seq).unwrap();
         let b = model

@@ -103,8 +103,8 @@ pub struct LlamaForCausalLM {
 /// is shared (`&self`); each generation owns its cache.
 #[derive(Debug, Clone)]
 pub struct Cache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
-    len: usize,
+    pub(super) layers: Vec<Option<(Tensor, Tensor)>>,
+    pub(super) len: usize,
 }
 
 impl Cache {
@@ -122,6 +122,16 @@ impl Cache {
     /// Whether nothing is cached.
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+    /// Refuses a cache made for a model with another number of layers.
+    pub(super) fn check_fits(&self, layers: usize) -> Result<()> {
+        if self.layers.len() != layers {
+            return Err(ModelError::Input(format!(
+                "the cache has {} layers, the model {layers}",
+                self.layers.len()
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -310,9 +320,21 @@ impl LlamaModel {
 
     /// `(cos, sin)` `[t, head_dim / 2]` for positions `past .. past + t`, in `dtype`.
     fn rope(&self, past: usize, t: usize, dtype: DType) -> candle_core::Result<(Tensor, Tensor)> {
+        let positions: Vec<usize> = (past..past + t).collect();
+        self.rope_at(&positions, dtype)
+    }
+
+    /// `(cos, sin)` `[n, head_dim / 2]` at any `positions` (a decoding step's rows each have
+    /// their own), in `dtype`.
+    pub(super) fn rope_at(
+        &self,
+        positions: &[usize],
+        dtype: DType,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
         let device = self.inv_freq.device();
-        let positions: Vec<f32> = (past..past + t).map(|p| p as f32).collect();
-        let positions = Tensor::from_vec(positions, (t, 1), device)?;
+        let n = positions.len();
+        let positions: Vec<f32> = positions.iter().map(|&p| p as f32).collect();
+        let positions = Tensor::from_vec(positions, (n, 1), device)?;
         let freqs = positions.broadcast_mul(&self.inv_freq.unsqueeze(0)?)?;
         Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
     }
@@ -324,13 +346,7 @@ impl LlamaModel {
     /// Shape errors from candle; a cache of another model.
     pub fn forward(&self, ids: &Tensor, cache: &mut Cache) -> Result<Tensor> {
         let (_, t) = ids.dims2()?;
-        if cache.layers.len() != self.layers.len() {
-            return Err(ModelError::Input(format!(
-                "the cache has {} layers, the model {}",
-                cache.layers.len(),
-                self.layers.len()
-            )));
-        }
+        cache.check_fits(self.layers.len())?;
         let past = cache.len;
         let mut x = self.embed_tokens.forward(ids)?;
         let dtype = x.dtype();

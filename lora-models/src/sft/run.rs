@@ -337,13 +337,16 @@ pub fn train<M: CausalLm>(
     let run_eval =
         |model: &mut M, step: u64, on_event: &mut dyn FnMut(&Event)| -> Result<Option<f32>> {
             let Some(eval) = eval else { return Ok(None) };
+            // Dropout off for the eval, back on for the steps after it.
             model.set_training(false);
-            let loss = evaluate(model, eval, config.batch_size, pad, &device)?;
+            let loss = evaluate(model, eval, config.batch_size, pad, &device);
+            model.set_training(true);
+            let loss = loss?;
             on_event(&Event::Eval { step, loss });
             Ok(Some(loss))
         };
+    model.set_training(true);
     while trainer.steps() < total {
-        model.set_training(true);
         let micro: Vec<Vec<usize>> = (0..config.grad_accum)
             .map(|_| stream.take(config.batch_size, n))
             .collect();

@@ -149,7 +149,7 @@ impl CustomOp1 for Recompute {
     fn cuda_fwd(
         &self,
         _: &candle_core::CudaStorage,
-        l: &Layout,
+        _: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
         let (storage, layout) = self.y.storage_and_layout();

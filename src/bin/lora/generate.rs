@@ -24,6 +24,23 @@ pub enum WeightDtype {
     Quantized,
 }
 
+impl WeightDtype {
+    /// The candle dtype of float weights; `quantized` is refused until quantized bases exist.
+    ///
+    /// # Errors
+    /// For `quantized`.
+    pub fn float(self) -> Result<DType, String> {
+        match self {
+            Self::F32 => Ok(DType::F32),
+            Self::F16 => Ok(DType::F16),
+            Self::Bf16 => Ok(DType::BF16),
+            Self::Quantized => {
+                Err("--dtype quantized is not available yet: use f32, f16 or bf16".into())
+            }
+        }
+    }
+}
+
 /// The arguments of `lora generate`.
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
@@ -65,14 +82,7 @@ pub struct GenerateArgs {
 
 /// Runs `lora generate`.
 pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let dtype = match args.dtype {
-        WeightDtype::F32 => DType::F32,
-        WeightDtype::F16 => DType::F16,
-        WeightDtype::Bf16 => DType::BF16,
-        WeightDtype::Quantized => {
-            return Err("--dtype quantized is not available yet: use f32, f16 or bf16".into())
-        }
-    };
+    let dtype = args.dtype.float()?;
     if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
         return Err(format!("--temperature must be >= 0, got {}", args.temperature).into());
     }

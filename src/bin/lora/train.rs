@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use lora::candle::{DType, Device};
+use lora::candle::Device;
 use lora::models::sft::{self, DataOptions, Dataset, Duration, Event, LossOn, SftConfig, Tuning};
 use lora::models::Pretrained;
 use lora::train::{AdamWConfig, TrainerConfig};
@@ -148,14 +148,7 @@ fn targets_json(targets: &str) -> serde_json::Value {
 
 /// Runs `lora train`.
 pub fn run(args: TrainArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let dtype = match args.dtype {
-        WeightDtype::F32 => DType::F32,
-        WeightDtype::F16 => DType::F16,
-        WeightDtype::Bf16 => DType::BF16,
-        WeightDtype::Quantized => {
-            return Err("--dtype quantized is not available yet: use f32, f16 or bf16".into())
-        }
-    };
+    let dtype = args.dtype.float()?;
     let path = lora::models::hub::resolve_model(&args.model)?;
     let start = Instant::now();
     let Pretrained {

@@ -132,38 +132,37 @@ pub fn run(
     let mut active: Vec<Seq<'_>> = Vec::new();
     let mut next_id = 0u64;
     loop {
-        // Intake: block only when there is nothing to do.
-        if active.is_empty() && waiting.is_empty() {
+        // Intake: block only when there is nothing to do, then take whatever else is queued.
+        let mut next = if active.is_empty() && waiting.is_empty() {
             match commands.recv() {
-                Ok(cmd) => handle(
-                    cmd,
-                    &mut model,
-                    limits,
-                    &mut waiting,
-                    &mut active,
-                    &mut next_id,
-                ),
+                Ok(cmd) => Some(cmd),
                 Err(_) => return,
             }
-        }
+        } else {
+            None
+        };
         loop {
-            match commands.try_recv() {
-                Ok(cmd) => handle(
-                    cmd,
-                    &mut model,
-                    limits,
-                    &mut waiting,
-                    &mut active,
-                    &mut next_id,
-                ),
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => {
-                    if active.is_empty() && waiting.is_empty() {
-                        return;
+            let cmd = match next.take() {
+                Some(cmd) => cmd,
+                None => match commands.try_recv() {
+                    Ok(cmd) => cmd,
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        if active.is_empty() && waiting.is_empty() {
+                            return;
+                        }
+                        break;
                     }
-                    break;
-                }
-            }
+                },
+            };
+            handle(
+                cmd,
+                &mut model,
+                limits,
+                &mut waiting,
+                &mut active,
+                &mut next_id,
+            );
         }
         // Leave: clients gone.
         let mut i = 0;
@@ -326,7 +325,7 @@ fn admit<'t>(
 ) -> Option<Seq<'t>> {
     let start = Instant::now();
     let row = [request.adapter.as_deref()];
-    let mut cache = model.new_seq_cache();
+    let mut cache = model.new_cache();
     let logits = model
         .set_batch_adapters(Some(&row))
         .map_err(|e| e.to_string())

@@ -14,7 +14,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use clap::Args;
-use lora::candle::{DType, Device};
+use lora::candle::Device;
 use lora::models::Pretrained;
 use lora::LoraModelExt;
 
@@ -55,14 +55,7 @@ pub struct ServeArgs {
 
 /// Runs `lora serve` until Ctrl-C.
 pub fn run(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let dtype = match args.dtype {
-        WeightDtype::F32 => DType::F32,
-        WeightDtype::F16 => DType::F16,
-        WeightDtype::Bf16 => DType::BF16,
-        WeightDtype::Quantized => {
-            return Err("--dtype quantized is not available yet: use f32, f16 or bf16".into())
-        }
-    };
+    let dtype = args.dtype.float()?;
     if args.max_batch == 0 {
         return Err("--max-batch must be at least 1".into());
     }

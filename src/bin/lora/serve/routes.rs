@@ -92,9 +92,10 @@ async fn models(State(state): State<Shared>) -> Response {
 }
 
 async fn load_adapter(State(state): State<Shared>, body: Bytes) -> Response {
+    const ROUTE: &str = "POST /v1/load_lora_adapter";
     let (name, path) = match api::parse_load(&body) {
         Ok(v) => v,
-        Err(e) => return logged("POST /v1/load_lora_adapter", &e),
+        Err(e) => return logged(ROUTE, &e),
     };
     let (tx, rx) = oneshot::channel();
     let cmd = Command::Load {
@@ -102,38 +103,41 @@ async fn load_adapter(State(state): State<Shared>, body: Bytes) -> Response {
         path,
         reply: tx,
     };
-    if state.engine.send(cmd).is_err() {
-        return error_response(&engine_gone());
-    }
-    match rx.await {
-        Ok(Ok(())) => {
-            eprintln!("POST /v1/load_lora_adapter 200 {name}");
-            format!("Success: LoRA adapter '{name}' added successfully.").into_response()
-        }
-        Ok(Err(e)) => logged("POST /v1/load_lora_adapter", &e),
-        Err(_) => error_response(&engine_gone()),
-    }
+    adapter_command(&state, ROUTE, cmd, rx, (&name, "added")).await
 }
 
 async fn unload_adapter(State(state): State<Shared>, body: Bytes) -> Response {
+    const ROUTE: &str = "POST /v1/unload_lora_adapter";
     let name = match api::parse_unload(&body) {
         Ok(v) => v,
-        Err(e) => return logged("POST /v1/unload_lora_adapter", &e),
+        Err(e) => return logged(ROUTE, &e),
     };
     let (tx, rx) = oneshot::channel();
     let cmd = Command::Unload {
         name: name.clone(),
         reply: tx,
     };
+    adapter_command(&state, ROUTE, cmd, rx, (&name, "removed")).await
+}
+
+/// Hands an adapter command to the engine and answers with its outcome, as vLLM words it
+/// (`Success: LoRA adapter 'NAME' added successfully.`).
+async fn adapter_command(
+    state: &Shared,
+    route: &str,
+    cmd: Command,
+    reply: oneshot::Receiver<Result<(), ApiError>>,
+    (name, done): (&str, &str),
+) -> Response {
     if state.engine.send(cmd).is_err() {
         return error_response(&engine_gone());
     }
-    match rx.await {
+    match reply.await {
         Ok(Ok(())) => {
-            eprintln!("POST /v1/unload_lora_adapter 200 {name}");
-            format!("Success: LoRA adapter '{name}' removed successfully.").into_response()
+            eprintln!("{route} 200 {name}");
+            format!("Success: LoRA adapter '{name}' {done} successfully.").into_response()
         }
-        Ok(Err(e)) => logged("POST /v1/unload_lora_adapter", &e),
+        Ok(Err(e)) => logged(route, &e),
         Err(_) => error_response(&engine_gone()),
     }
 }
