@@ -155,12 +155,9 @@ impl CustomOp1 for Recompute {
         let (storage, layout) = self.y.storage_and_layout();
         match &*storage {
             Storage::Cuda(c) => Ok((c.try_clone(layout)?, self.y.shape().clone())),
-            _ => {
-                let _ = l;
-                Err(candle_core::Error::msg(
-                    "checkpoint: the block's output is on another device",
-                ))
-            }
+            _ => Err(candle_core::Error::msg(
+                "checkpoint: the block's output is on another device",
+            )),
         }
     }
 
