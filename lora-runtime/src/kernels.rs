@@ -54,6 +54,60 @@ fn strides2(l: &Layout) -> candle_core::Result<(isize, isize, usize)> {
     }
 }
 
+/// `dst = x W^T` for a contiguous `x [n, inp]`, `W [out, inp]` given by its storage and layout,
+/// and `dst [n, out]`: for 2 to [`skinny::MAX_ROWS`](crate::skinny::MAX_ROWS) rows (a server's
+/// decoding step) the few-rows kernel, gemm otherwise.
+fn base_matmul(
+    dst: &mut [f32],
+    x: &[f32],
+    n: usize,
+    inp: usize,
+    w: &[f32],
+    wl: &Layout,
+) -> candle_core::Result<()> {
+    let out = dst.len() / n.max(1);
+    let (w_rs, w_cs, w_off) = strides2(wl)?;
+    if (2..=crate::skinny::MAX_ROWS).contains(&n) && inp > 0 && out > 0 && w_cs == 1 {
+        let rs = usize::try_from(w_rs).unwrap_or(0);
+        let rows = (rs >= inp)
+            .then(|| w.get(w_off..w_off + (out - 1) * rs + inp))
+            .flatten();
+        if let (Some(rows), Some(x)) = (rows, x.get(..n * inp)) {
+            crate::skinny::matmul_t(x, n, inp, rows, rs, out, dst);
+            return Ok(());
+        }
+    }
+    if n == 0 || out == 0 {
+        return Ok(());
+    }
+    // SAFETY: the pointers and strides describe `x [n, inp]`, `w` and `dst [n, out]` as the
+    // caller checked them.
+    unsafe {
+        gemm(
+            n,
+            out,
+            inp,
+            dst.as_mut_ptr(),
+            1,
+            out as isize,
+            false,
+            x.as_ptr(),
+            1,
+            inp as isize,
+            w.as_ptr().add(w_off),
+            w_rs,
+            w_cs,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism(),
+        );
+    }
+    Ok(())
+}
+
 /// The fused op over `(x [n, in], h = s x A^T [n, r], B [out, r])`; the frozen weight (as an
 /// `[out, in]` view) and bias are fixed parts of the op.
 struct FusedLoraLinear {
@@ -526,7 +580,8 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 /// `x W^T + bias + s B_i (A_i x)` for every position of `x [n, in]`, where the `n` positions
 /// come `n / slots.len()` per row and row `k` uses the adapter block `slots[k]` (`None`: the
-/// base alone): the base by one gemm into the output, then each row's thin product added in
+/// base alone): the base by one matmul into the output (the few-rows kernel for a decoding
+/// step's batch), then each row's thin product added in
 /// place (`r` dot products and an `out x r` update a position). Inference only: no backward.
 struct RoutedLinear {
     weight: Tensor,
@@ -555,7 +610,6 @@ impl CustomOp1 for RoutedLinear {
             ));
         };
         let w = ws.as_slice::<f32>()?;
-        let (w_rs, w_cs, w_off) = strides2(wl)?;
         let (out, w_in) = wl.shape().dims2()?;
         let rows = self.slots.len();
         if w_in != inp || rows == 0 || n % rows != 0 {
@@ -566,32 +620,7 @@ impl CustomOp1 for RoutedLinear {
         let RoutedFactors { a, bt, r } = &self.factors;
         let r = *r;
         let mut dst = vec![0f32; n * out];
-        if n > 0 && out > 0 {
-            // SAFETY: the pointers and strides describe `x`, `w` and `dst` as checked above.
-            unsafe {
-                gemm(
-                    n,
-                    out,
-                    inp,
-                    dst.as_mut_ptr(),
-                    1,
-                    out as isize,
-                    false,
-                    x.as_ptr(),
-                    1,
-                    inp as isize,
-                    w.as_ptr().add(w_off),
-                    w_rs,
-                    w_cs,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    parallelism(),
-                );
-            }
-        }
+        base_matmul(&mut dst, x, n, inp, w, wl)?;
         drop(w_guard);
         let per_row = n / rows;
         let mut h = vec![0f32; r];

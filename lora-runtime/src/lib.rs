@@ -57,6 +57,7 @@ pub mod peft;
 pub mod registry;
 pub mod rng;
 pub mod routing;
+mod skinny;
 pub mod train;
 
 pub use adapter::{Adapter, AdapterSet, DEFAULT_ADAPTER};
