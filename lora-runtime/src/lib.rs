@@ -43,6 +43,7 @@ pub mod adapter;
 pub mod batched;
 pub mod combine;
 pub mod config;
+pub mod decompose;
 pub mod error;
 pub mod ext;
 pub mod fingerprint;
