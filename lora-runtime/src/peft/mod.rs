@@ -21,6 +21,7 @@
 //! ```
 
 mod bind;
+mod convert;
 mod keys;
 mod read;
 mod write;
@@ -32,6 +33,7 @@ use candle_core::Tensor;
 
 pub use crate::fingerprint::BaseFingerprint;
 pub(crate) use bind::load_adapter;
+pub use convert::convert_to_lora;
 pub(crate) use keys::{named_key, peft_key};
 pub(crate) use read::{candle_of, parse_safetensors};
 pub use write::SaveOptions;
