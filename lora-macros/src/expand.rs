@@ -59,6 +59,7 @@ fn expand(model: &Model) -> TokenStream {
                 dropout: #dropout,
                 use_rslora: #rslora,
                 init: #private::LoraInit::#init,
+                use_dora: false,
             };
         }
     });

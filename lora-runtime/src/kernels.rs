@@ -335,6 +335,57 @@ pub(crate) fn frozen_linear(
     }
 }
 
+/// DoRA's rescaling in place: each output feature of `values` (row-major `[rows, cols]`: a row,
+/// or with `fan_in_fan_out` a column of the stored `[in, out]`) is multiplied by
+/// `magnitude[j] / ||feature j||`, the norm accumulated in f64. Returns whether every result is
+/// finite (a zero norm gives infinities or NaN).
+///
+/// # Errors
+/// When `values` is not `[rows, cols]` or `magnitude` not as long as the output features.
+pub(crate) fn dora_rescale(
+    values: &mut [f32],
+    cols: usize,
+    magnitude: &[f32],
+    fan_in_fan_out: bool,
+) -> candle_core::Result<bool> {
+    let rows = if cols == 0 { 0 } else { values.len() / cols };
+    let features = if fan_in_fan_out { cols } else { rows };
+    if rows * cols != values.len() || magnitude.len() != features {
+        return Err(candle_core::Error::msg(format!(
+            "dora_rescale: {} values in rows of {cols}, {} magnitudes: not [{rows}, {cols}] with {features} output features",
+            values.len(),
+            magnitude.len()
+        )));
+    }
+    let square = |v: &f32| f64::from(*v) * f64::from(*v);
+    let mut sums = vec![0f64; features];
+    if fan_in_fan_out {
+        for row in values.chunks_exact(cols.max(1)) {
+            for (s, v) in sums.iter_mut().zip(row) {
+                *s += square(v);
+            }
+        }
+    } else {
+        for (s, row) in sums.iter_mut().zip(values.chunks_exact(cols.max(1))) {
+            *s = row.iter().map(square).sum();
+        }
+    }
+    let scale: Vec<f32> = sums
+        .iter()
+        .zip(magnitude)
+        .map(|(s, m)| (f64::from(*m) / s.sqrt()) as f32)
+        .collect();
+    let mut finite = true;
+    for (i, row) in values.chunks_exact_mut(cols.max(1)).enumerate() {
+        for (j, v) in row.iter_mut().enumerate() {
+            let g = if fan_in_fan_out { scale.get(j) } else { scale.get(i) };
+            *v *= g.copied().unwrap_or(f32::NAN);
+            finite &= v.is_finite();
+        }
+    }
+    Ok(finite)
+}
+
 /// The number of values below which [`add_low_rank`] stays on one thread.
 const PARALLEL_MIN: usize = 1 << 18;
 

@@ -34,7 +34,9 @@ use crate::routing::{Routing, RoutingTarget};
 /// A linear layer with a frozen base weight and named LoRA adapters.
 ///
 /// The forward pass is `x W^T + b + s * ((dropout(x) A^T) B^T)` with the active adapter; `B A` is
-/// never formed. Built from a [`candle_nn::Linear`] with `.into()`; without an adapter its output
+/// never formed. A DoRA adapter (one with a magnitude `m`) runs PEFT's DoRA forward instead:
+/// `m / ||W + s B A||` (per output feature, the norm detached) times `x W^T + s (x A^T) B^T`,
+/// plus the bias; that needs `B A` once per forward, for the norm, as in PEFT. Built from a [`candle_nn::Linear`] with `.into()`; without an adapter its output
 /// is bit-identical to the base layer's.
 ///
 /// The base weight and bias are detached plain tensors: no gradient flows into them. (For a
@@ -193,7 +195,8 @@ impl LoraLinear {
     }
 
     /// `s * B A` of the active adapter in f32, in the layout of the stored weight (transposed
-    /// for `fan_in_fan_out`). Detached: no gradient flows through it.
+    /// for `fan_in_fan_out`). Detached: no gradient flows through it. (For a DoRA adapter the
+    /// merge also rescales `W + s B A` by its magnitude: see [`LoraLayer::prepare_merge`].)
     ///
     /// # Errors
     /// [`LayerError::NoAdapter`] when the layer has no active adapter.
@@ -338,8 +341,9 @@ impl LoraLinear {
             }
             return self.base_forward(&base, x);
         }
+        let dropout = train && ad.dropout() > 0.0;
         let dropped;
-        let x_lora = if train && ad.dropout() > 0.0 {
+        let x_lora = if dropout {
             dropped = match &self.dropout_rng {
                 Some(rng) => rng.dropout(x, ad.dropout())?,
                 None => candle_nn::ops::dropout(x, ad.dropout())?,
@@ -348,6 +352,9 @@ impl LoraLinear {
         } else {
             x
         };
+        if let Some(magnitude) = ad.magnitude() {
+            return self.dora_forward(&base, ad, magnitude, x, dropout.then_some(x_lora));
+        }
         let (weight, bias) = (base.weight(), base.bias());
         if kernels::fused_applies(x, ad.a().as_tensor(), ad.b().as_tensor(), weight, bias) {
             // One output buffer, no `[n, out]` temporary, no extra add pass (see `kernels`).
@@ -365,6 +372,77 @@ impl LoraLinear {
         }
         let y = self.base_forward(&base, x)?;
         y + self.lora_term(ad, x_lora)?
+    }
+
+    /// DoRA's forward, as PEFT's `DoraLinearLayer.forward`: with `g = m / ||W + s B A||` per
+    /// output feature (the norm detached),
+    /// `y = g * (x W^T + s (x A^T) B^T) + b` without dropout, and with dropout (`dropped` is the
+    /// dropped input `x_d`) `y = x W^T + b + (g - 1) * (x_d W^T) + g * s (x_d A^T) B^T`. The
+    /// gradient reaches `A`, `B` and `m`, and the input; never `W`.
+    fn dora_forward(
+        &self,
+        base: &Linear,
+        ad: &Adapter,
+        magnitude: &candle_core::Var,
+        x: &Tensor,
+        dropped: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let norm = self.dora_weight_norm(ad).map_err(|e| match e {
+            LayerError::Candle(e) => e,
+            other => candle_core::Error::msg(other.to_string()),
+        })?;
+        let g = (magnitude.as_tensor().to_dtype(DType::F32)? / norm)?.to_dtype(x.dtype())?;
+        let unbiased = Linear::new(base.weight().clone(), None);
+        if let Some(x_d) = dropped {
+            let y = self.base_forward(base, x)?;
+            let dropped_base = self.base_forward(&unbiased, x_d)?;
+            let lora = self.lora_term(ad, x_d)?;
+            let extra = (dropped_base.broadcast_mul(&g.affine(1.0, -1.0)?)?
+                + lora.broadcast_mul(&g)?)?;
+            return y + extra;
+        }
+        let (a, b) = (ad.a().as_tensor(), ad.b().as_tensor());
+        let y = if kernels::fused_applies(x, a, b, base.weight(), None) {
+            let (inp, out_dims) = self.flat_dims(x)?;
+            let n = x.elem_count() / inp.max(1);
+            let x2 = x.reshape((n, inp))?;
+            let h = Self::lora_hidden(ad, &x2)?;
+            kernels::fused_forward(&x2, &h, b, base.weight(), None)?.reshape(out_dims)?
+        } else {
+            (self.base_forward(&unbiased, x)? + self.lora_term(ad, x)?)?
+        };
+        let y = y.broadcast_mul(&g)?;
+        match base.bias() {
+            Some(bias) => y.broadcast_add(bias),
+            None => Ok(y),
+        }
+    }
+
+    /// DoRA's merge, as PEFT's: `(m / ||W + s B A||) * (W + s B A)` row by row of `[out, in]`
+    /// (column by column of a stored `[in, out]`), in f32, cast to the weight's dtype.
+    fn prepare_dora_merge(
+        &self,
+        ad: &Adapter,
+        magnitude: &candle_core::Var,
+    ) -> LayerResult<MergedWeight> {
+        let plain = match self.merge_on_cpu(ad)? {
+            CpuMerge::Merged(w) => w,
+            CpuMerge::NonFinite => return Err(LayerError::NonFinite),
+            CpuMerge::NotApplicable => {
+                (self.weight.detach().to_dtype(DType::F32)? + self.delta_weight()?)?
+            }
+        };
+        // The norm of each output feature: a row of `[out, in]`, a column of `[in, out]`.
+        let (reduce, expand) = if self.fan_in_fan_out { (0, 0) } else { (1, 1) };
+        let norm = plain.sqr()?.sum(reduce)?.sqrt()?;
+        let g = (magnitude.as_tensor().detach().to_dtype(DType::F32)? / norm)?;
+        let merged = plain
+            .broadcast_mul(&g.unsqueeze(expand)?)?
+            .to_dtype(self.weight.dtype())?;
+        if !kernels::all_finite(&merged)? {
+            return Err(LayerError::NonFinite);
+        }
+        Ok(MergedWeight(merged))
     }
 
     /// The base layer's output: in a graph that trains (the input tracks a gradient), a frozen
@@ -445,6 +523,9 @@ impl LoraLayer for LoraLinear {
             return Err(LayerError::Merged);
         }
         let ad = self.adapter().ok_or(LayerError::NoAdapter)?;
+        if let Some(magnitude) = ad.magnitude() {
+            return self.prepare_dora_merge(ad, magnitude);
+        }
         match self.merge_on_cpu(ad)? {
             CpuMerge::Merged(w) => return Ok(MergedWeight(w)),
             CpuMerge::NonFinite => return Err(LayerError::NonFinite),
@@ -488,6 +569,17 @@ impl LoraLayer for LoraLinear {
 
     fn set_routing(&mut self, routing: Option<Routing>) {
         self.routing = routing;
+    }
+
+    fn supports_dora(&self) -> bool {
+        true
+    }
+
+    /// `||W + s B A||` per output feature from the unmerged weight, in f32, detached.
+    fn dora_weight_norm(&self, adapter: &Adapter) -> LayerResult<Tensor> {
+        let w = self.base_weight().detach().to_dtype(DType::F32)?;
+        let w = if self.fan_in_fan_out { w.t()? } else { w };
+        Ok((w + adapter.delta()?)?.sqr()?.sum(1)?.sqrt()?)
     }
 
     fn prepare_routing(&self, rows: &[Option<&str>]) -> LayerResult<Routing> {
