@@ -560,6 +560,73 @@ fn sharded_model() -> Result<()> {
     check_model::<Llama<AttnQv, MlpDown>>("sharded")
 }
 
+/// DoRA on biased Llama projections (q, v, o, down; k_proj is a LoRA layer without adapter),
+/// magnitudes perturbed away from their initial norms.
+#[test]
+fn dora_llama_model() -> Result<()> {
+    check_model::<Llama<AttnAll, MlpDown>>("dora_llama")
+}
+
+/// DoRA on GPT-2 `Conv1D` layers (`fan_in_fan_out`: the norm of each output feature is a column
+/// of the stored weight).
+#[test]
+fn dora_gpt2_model() -> Result<()> {
+    check_model::<Gpt2>("dora_gpt2")
+}
+
+/// The gradients of `sum(output * grad_output)` with respect to every `A`, `B` and magnitude
+/// against PEFT's (eval mode, DoRA's weight norm detached as PEFT does): the same variables,
+/// under the same names, with the same values.
+fn check_dora_gradients<M: LoraModel + Build>(case: &str) -> Result<()> {
+    let io = load(&case_dir(case).join("io.safetensors"))?;
+    let mut model = M::build(&load_state(case, "base")?, "")?;
+    model.load_adapter(case_dir(case).join("adapter"))?;
+    let vars = model.named_trainable_vars();
+    let expected: BTreeSet<String> = io
+        .keys()
+        .filter_map(|k| k.strip_prefix("grad."))
+        .map(str::to_string)
+        .collect();
+    let names: BTreeSet<String> = vars.iter().map(|(n, _)| n.clone()).collect();
+    ensure!(
+        names == expected,
+        "{case}: trainable variables {names:?}, PEFT's {expected:?}"
+    );
+    ensure!(
+        names.iter().any(|n| n.ends_with(".lora_magnitude_vector")),
+        "{case}: no magnitude among the trainable variables"
+    );
+    let y = model.forward(&tensor(&io, "input")?)?;
+    let grads = (y * tensor(&io, "grad_output")?)?.sum_all()?.backward()?;
+    let mut worst = 0f32;
+    for (name, var) in &vars {
+        let ours = grads
+            .get(var.as_tensor())
+            .with_context(|| format!("{case}: no gradient for {name}"))?;
+        worst = worst.max(assert_close(
+            &format!("{case}: gradient of {name}"),
+            ours,
+            &tensor(&io, &format!("grad.{name}"))?,
+            OUTPUT_RTOL,
+        )?);
+    }
+    println!(
+        "{case}: gradients of {} variables, worst relative error {worst:.2e}",
+        vars.len()
+    );
+    Ok(())
+}
+
+#[test]
+fn dora_llama_gradients_match_peft() -> Result<()> {
+    check_dora_gradients::<Llama<AttnAll, MlpDown>>("dora_llama")
+}
+
+#[test]
+fn dora_gpt2_gradients_match_peft() -> Result<()> {
+    check_dora_gradients::<Gpt2>("dora_gpt2")
+}
+
 /// The patterns case has ranks 2, 4 and 6 and alphas 5.5, 8 and 12: check they were read.
 #[test]
 fn patterns_ranks_and_alphas() -> Result<()> {
@@ -806,6 +873,16 @@ fn merge_file_gpt2_conv1d() -> Result<()> {
 }
 
 #[test]
+fn merge_file_dora_llama() -> Result<()> {
+    check_merge_file("dora_llama", Some(WEIGHT_RTOL))
+}
+
+#[test]
+fn merge_file_dora_gpt2() -> Result<()> {
+    check_merge_file("dora_gpt2", Some(WEIGHT_RTOL))
+}
+
+#[test]
 fn merge_file_half_bf16() -> Result<()> {
     check_merge_file("half", None)
 }
@@ -867,51 +944,54 @@ fn merge_file_sharded() -> Result<()> {
 // ---------------------------------------------------------------------------------------------
 // Refusals.
 
-/// A PEFT feature the runtime does not implement is refused by name, and the model is unchanged.
+/// A config that says `use_dora` over a file without magnitudes (and the other way round) is
+/// refused by name, and the model is unchanged.
 #[test]
-fn dora_adapter_is_refused() -> Result<()> {
-    let src = case_dir("llama_qv").join("adapter");
-    let tmp = tempfile::tempdir()?;
-    std::fs::copy(
-        src.join("adapter_model.safetensors"),
-        tmp.path().join("adapter_model.safetensors"),
-    )?;
-    let mut config = read_json(&src.join("adapter_config.json"))?;
-    config["use_dora"] = serde_json::Value::Bool(true);
-    std::fs::write(
-        tmp.path().join("adapter_config.json"),
-        serde_json::to_string_pretty(&config)?,
-    )?;
+fn dora_config_and_tensors_must_agree() -> Result<()> {
+    for (src_case, use_dora) in [("llama_qv", true), ("dora_llama", false)] {
+        let src = case_dir(src_case).join("adapter");
+        let tmp = tempfile::tempdir()?;
+        std::fs::copy(
+            src.join("adapter_model.safetensors"),
+            tmp.path().join("adapter_model.safetensors"),
+        )?;
+        let mut config = read_json(&src.join("adapter_config.json"))?;
+        config["use_dora"] = serde_json::Value::Bool(use_dora);
+        std::fs::write(
+            tmp.path().join("adapter_config.json"),
+            serde_json::to_string_pretty(&config)?,
+        )?;
 
-    let mut model = Llama::<AttnQv, MlpPlain>::build(&load_state("llama_qv", "base")?, "")?;
-    let err = model
-        .load_adapter(tmp.path())
-        .expect_err("a DoRA adapter must be refused");
-    ensure!(
-        err.to_string().contains("use_dora"),
-        "the error does not name `use_dora`: {err}"
-    );
-    ensure!(
-        model
-            .lora_layers()
-            .iter()
-            .all(|(_, l, _)| l.adapter().is_none()),
-        "the model changed"
-    );
+        let mut model = Llama::<AttnAll, MlpDown>::build(&load_state(src_case, "base")?, "")?;
+        let err = model
+            .load_adapter(tmp.path())
+            .expect_err("config and tensors disagree");
+        ensure!(
+            err.to_string().contains("use_dora") && err.to_string().contains("lora_magnitude_vector"),
+            "the error names neither `use_dora` nor the magnitude: {err}"
+        );
+        ensure!(
+            model
+                .lora_layers()
+                .iter()
+                .all(|(_, l, _)| l.adapter().is_none()),
+            "the model changed"
+        );
 
-    let out = tmp.path().join("merged.safetensors");
-    let err = merge_safetensors(
-        &case_dir("llama_qv").join("base.safetensors"),
-        tmp.path(),
-        &out,
-        &mut |_, _| {},
-    )
-    .expect_err("merge_safetensors must refuse DoRA too");
-    ensure!(
-        err.to_string().contains("use_dora"),
-        "the error does not name `use_dora`: {err}"
-    );
-    ensure!(!out.exists(), "a refused merge left an output file");
+        let out = tmp.path().join("merged.safetensors");
+        let err = merge_safetensors(
+            &case_dir(src_case).join("base.safetensors"),
+            tmp.path(),
+            &out,
+            &mut |_, _| {},
+        )
+        .expect_err("merge_safetensors must refuse it too");
+        ensure!(
+            err.to_string().contains("use_dora"),
+            "the error does not name `use_dora`: {err}"
+        );
+        ensure!(!out.exists(), "a refused merge left an output file");
+    }
     Ok(())
 }
 
