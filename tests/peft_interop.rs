@@ -1031,16 +1031,23 @@ fn wave(shape: &[usize], phase: f32) -> candle_core::Result<Tensor> {
 
 /// Gives the model adapters as a user would (`init_adapter`), then overwrites `B` (zero after
 /// init) with non-zero values, and replaces the adapter of `special` (if any) by one with another
-/// rank and alpha; `rslora` switches every adapter to rsLoRA scaling. Saves the adapter and
-/// `io.safetensors` (`input` from the case's fixture, `output` of the unmerged model).
+/// rank and alpha; `rslora` switches every adapter to rsLoRA scaling; `dora` makes DoRA adapters
+/// (rank 4, alpha 8) and moves their magnitudes away from the initial norms. Saves the adapter
+/// and `io.safetensors` (`input` from the case's fixture, `output` of the unmerged model).
 fn write_rust_adapter<M: LoraModel + Build>(
     case: &str,
     out: &Path,
     special: Option<&str>,
     rslora: bool,
+    dora: bool,
 ) -> Result<()> {
     let mut model = M::build(&load_state(case, "base")?, "")?;
-    model.init_adapter(&VarMap::new())?;
+    if dora {
+        let config = lora::LayerConfig::new(4, 8.0).with_dora(true);
+        model.init_adapter_with(&VarMap::new(), &InitOptions::default().with_config(config))?;
+    } else {
+        model.init_adapter(&VarMap::new())?;
+    }
     let mut k = 0f32;
     model.visit_lora_layers_mut(&mut ModulePath::new(), &mut |p, layer, _| {
         let ad = layer
@@ -1070,6 +1077,15 @@ fn write_rust_adapter<M: LoraModel + Build>(
             0.0,
         )
         .map_err(|e| e.at(p.as_str()))?;
+        let adapter = match ad.magnitude() {
+            None => adapter,
+            Some(m) => {
+                let moved = (m.as_tensor() * wave(m.dims(), k)?.affine(0.4, 1.0)?)?;
+                adapter
+                    .with_magnitude(candle_core::Var::from_tensor(&moved)?)
+                    .map_err(|e| e.at(p.as_str()))?
+            }
+        };
         layer
             .insert_adapter(lora::DEFAULT_ADAPTER, adapter)
             .map_err(|e| e.at(p.as_str()))
@@ -1108,12 +1124,14 @@ fn write_rust_adapters() -> Result<()> {
         &out,
         Some("model.layers.1.self_attn.v_proj"),
         false,
+        false,
     )?;
-    write_rust_adapter::<Llama<AttnAll, MlpPlain>>("rslora", &out, None, true)?;
+    write_rust_adapter::<Llama<AttnAll, MlpPlain>>("rslora", &out, None, true, false)?;
     write_rust_adapter::<Llama<AttnAll, MlpAll>>(
         "biased",
         &out,
         Some("model.layers.0.mlp.up_proj"),
+        false,
         false,
     )?;
     write_rust_adapter::<Gpt2>(
@@ -1121,6 +1139,21 @@ fn write_rust_adapters() -> Result<()> {
         &out,
         Some("transformer.h.0.mlp.c_proj"),
         false,
+        false,
+    )?;
+    write_rust_adapter::<Llama<AttnAll, MlpDown>>(
+        "dora_llama",
+        &out,
+        Some("model.layers.1.self_attn.o_proj"),
+        false,
+        true,
+    )?;
+    write_rust_adapter::<Gpt2>(
+        "dora_gpt2",
+        &out,
+        Some("transformer.h.1.attn.c_attn"),
+        false,
+        true,
     )?;
     Ok(())
 }
