@@ -967,7 +967,8 @@ fn dora_config_and_tensors_must_agree() -> Result<()> {
             .load_adapter(tmp.path())
             .expect_err("config and tensors disagree");
         ensure!(
-            err.to_string().contains("use_dora") && err.to_string().contains("lora_magnitude_vector"),
+            err.to_string().contains("use_dora")
+                && err.to_string().contains("lora_magnitude_vector"),
             "the error names neither `use_dora` nor the magnitude: {err}"
         );
         ensure!(

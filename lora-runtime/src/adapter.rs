@@ -206,7 +206,9 @@ impl Adapter {
     }
     /// Number of trainable parameters: `r * (in + out)`, plus `out` for DoRA.
     pub fn num_parameters(&self) -> usize {
-        self.a.elem_count() + self.b.elem_count() + self.magnitude.as_ref().map_or(0, |m| m.elem_count())
+        self.a.elem_count()
+            + self.b.elem_count()
+            + self.magnitude.as_ref().map_or(0, |m| m.elem_count())
     }
     /// The trainable variables: `A`, `B` and, for DoRA, the magnitude, with which each is.
     pub fn vars(&self) -> Vec<(Factor, &Var)> {

@@ -378,7 +378,11 @@ pub(crate) fn dora_rescale(
     let mut finite = true;
     for (i, row) in values.chunks_exact_mut(cols.max(1)).enumerate() {
         for (j, v) in row.iter_mut().enumerate() {
-            let g = if fan_in_fan_out { scale.get(j) } else { scale.get(i) };
+            let g = if fan_in_fan_out {
+                scale.get(j)
+            } else {
+                scale.get(i)
+            };
             *v *= g.copied().unwrap_or(f32::NAN);
             finite &= v.is_finite();
         }

@@ -304,7 +304,12 @@ pub(crate) fn trainable_vars<M: LoraModel + ?Sized>(model: &M) -> Vec<Var> {
     layers(model)
         .iter()
         .filter_map(|(_, l, _)| l.adapter())
-        .flat_map(|ad| ad.vars().into_iter().map(|(_, v)| v.clone()).collect::<Vec<_>>())
+        .flat_map(|ad| {
+            ad.vars()
+                .into_iter()
+                .map(|(_, v)| v.clone())
+                .collect::<Vec<_>>()
+        })
         .collect()
 }
 

@@ -391,14 +391,14 @@ impl LoraLinear {
             LayerError::Candle(e) => e,
             other => candle_core::Error::msg(other.to_string()),
         })?;
-        let g = (magnitude.as_tensor().to_dtype(DType::F32)? / norm)?.to_dtype(x.dtype())?;
+        let g = (magnitude.as_tensor().to_dtype(norm.dtype())? / norm)?.to_dtype(x.dtype())?;
         let unbiased = Linear::new(base.weight().clone(), None);
         if let Some(x_d) = dropped {
             let y = self.base_forward(base, x)?;
             let dropped_base = self.base_forward(&unbiased, x_d)?;
             let lora = self.lora_term(ad, x_d)?;
-            let extra = (dropped_base.broadcast_mul(&g.affine(1.0, -1.0)?)?
-                + lora.broadcast_mul(&g)?)?;
+            let extra =
+                (dropped_base.broadcast_mul(&g.affine(1.0, -1.0)?)? + lora.broadcast_mul(&g)?)?;
             return y + extra;
         }
         let (a, b) = (ad.a().as_tensor(), ad.b().as_tensor());
@@ -575,11 +575,19 @@ impl LoraLayer for LoraLinear {
         true
     }
 
-    /// `||W + s B A||` per output feature from the unmerged weight, in f32, detached.
+    /// `||W + s B A||` per output feature from the unmerged weight, detached; in f32 (f64 for
+    /// an f64 layer).
     fn dora_weight_norm(&self, adapter: &Adapter) -> LayerResult<Tensor> {
-        let w = self.base_weight().detach().to_dtype(DType::F32)?;
+        let dtype = match self.weight.dtype() {
+            DType::F64 => DType::F64,
+            _ => DType::F32,
+        };
+        let w = self.base_weight().detach().to_dtype(dtype)?;
         let w = if self.fan_in_fan_out { w.t()? } else { w };
-        Ok((w + adapter.delta()?)?.sqr()?.sum(1)?.sqrt()?)
+        let a = adapter.a().as_tensor().detach().to_dtype(dtype)?;
+        let sb = adapter.b().as_tensor().detach().to_dtype(dtype)?;
+        let delta = sb.affine(adapter.scaling(), 0.0)?.matmul(&a)?;
+        Ok((w + delta)?.sqr()?.sum(1)?.sqrt()?)
     }
 
     fn prepare_routing(&self, rows: &[Option<&str>]) -> LayerResult<Routing> {
@@ -630,6 +638,7 @@ mod tests {
     use super::*;
     use crate::adapter::DEFAULT_ADAPTER;
     use crate::config::LayerConfig;
+    use crate::rng::DropoutRng;
     use candle_core::{Device, Var};
 
     fn layer(fan_in_fan_out: bool) -> LoraLinear {
@@ -807,5 +816,275 @@ mod tests {
             g_ours.get(w.as_tensor()).is_none(),
             "no gradient for the frozen weight"
         );
+    }
+
+    /// A layer `[6, 5]` (stored transposed with `fan_in_fan_out`) of `dtype` with a DoRA
+    /// adapter: non-zero `B` and magnitudes moved away from their initial norms.
+    fn dora_layer(fan_in_fan_out: bool, dtype: DType, dropout: f32) -> LoraLinear {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (6, 5), &dev).unwrap();
+        let bias = Tensor::randn(0f32, 1.0, 6, &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let mut l = if fan_in_fan_out {
+            let w = w
+                .t()
+                .unwrap()
+                .contiguous()
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            LoraLinear::from_conv1d(w, Some(bias)).unwrap()
+        } else {
+            LoraLinear::new(w.to_dtype(dtype).unwrap(), Some(bias))
+        };
+        let config = LayerConfig::new(2, 3.0)
+            .with_dora(true)
+            .with_dropout(dropout);
+        let ad = l.fresh_adapter(&config, 1).unwrap();
+        let b = Tensor::randn(0f32, 0.5, (6, 2), &dev).unwrap();
+        ad.b().set(&b.to_dtype(dtype).unwrap()).unwrap();
+        let m = ad.magnitude().unwrap();
+        let moved = Tensor::rand(0.7f32, 1.3, 6, &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        m.set(&(m.as_tensor() * moved).unwrap()).unwrap();
+        l.insert_adapter(DEFAULT_ADAPTER, ad).unwrap();
+        l
+    }
+
+    fn max_abs_diff(p: &Tensor, q: &Tensor) -> f64 {
+        (p.to_dtype(DType::F64).unwrap() - q.to_dtype(DType::F64).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    /// The weight as `[out, in]`.
+    fn out_in(l: &LoraLinear, w: &Tensor) -> Tensor {
+        if l.fan_in_fan_out {
+            w.t().unwrap()
+        } else {
+            w.clone()
+        }
+    }
+
+    /// DoRA's forward written out in PEFT's form,
+    /// `x W^T + b + (g - 1) * (x_d W^T) + g * s (x_d A^T) B^T` with `g = m / norm`.
+    fn dora_reference(l: &LoraLinear, x: &Tensor, x_d: &Tensor, norm: &Tensor) -> Tensor {
+        let ad = l.adapter().unwrap();
+        let w = out_in(l, l.weight());
+        let g = (ad.magnitude().unwrap().as_tensor() / norm).unwrap();
+        let base = x.broadcast_matmul(&w.t().unwrap()).unwrap();
+        let y = base.broadcast_add(l.bias().unwrap()).unwrap();
+        let dropped_base = x_d.broadcast_matmul(&w.t().unwrap()).unwrap();
+        let lora = x_d
+            .broadcast_matmul(&ad.a().as_tensor().t().unwrap())
+            .unwrap()
+            .affine(ad.scaling(), 0.0)
+            .unwrap()
+            .broadcast_matmul(&ad.b().as_tensor().t().unwrap())
+            .unwrap();
+        let extra = (dropped_base
+            .broadcast_mul(&g.affine(1.0, -1.0).unwrap())
+            .unwrap()
+            + lora.broadcast_mul(&g).unwrap())
+        .unwrap();
+        (y + extra).unwrap()
+    }
+
+    /// `||W + s B A||` per output feature, in f64 from scratch.
+    fn reference_norm(l: &LoraLinear) -> Tensor {
+        let ad = l.adapter().unwrap();
+        let w = out_in(l, l.base_weight()).to_dtype(DType::F64).unwrap();
+        let ba = ad
+            .b()
+            .as_tensor()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .matmul(&ad.a().as_tensor().to_dtype(DType::F64).unwrap())
+            .unwrap()
+            .affine(ad.scaling(), 0.0)
+            .unwrap();
+        (w + ba)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum(1)
+            .unwrap()
+            .sqrt()
+            .unwrap()
+    }
+
+    #[test]
+    fn dora_fresh_adapter_starts_at_the_weight_norms_and_changes_nothing() {
+        let dev = Device::Cpu;
+        for fan_in_fan_out in [false, true] {
+            let mut l = layer(fan_in_fan_out);
+            let x = Tensor::randn(0f32, 1.0, (2, 3, 5), &dev).unwrap();
+            let y0 = l.forward(&x).unwrap();
+            let config = LayerConfig::new(2, 3.0).with_dora(true);
+            let ad = l.fresh_adapter(&config, 1).unwrap();
+            assert!(ad.is_dora());
+            assert_eq!(ad.num_parameters(), 2 * (5 + 6) + 6);
+            let norms = out_in(&l, l.weight())
+                .sqr()
+                .unwrap()
+                .sum(1)
+                .unwrap()
+                .sqrt()
+                .unwrap();
+            assert!(max_abs_diff(ad.magnitude().unwrap().as_tensor(), &norms) < 1e-6);
+            l.insert_adapter(DEFAULT_ADAPTER, ad).unwrap();
+            assert!(max_abs_diff(&l.forward(&x).unwrap(), &y0) < 1e-5);
+        }
+    }
+
+    #[test]
+    fn dora_forward_follows_peft_with_and_without_dropout() {
+        let dev = Device::Cpu;
+        for fan_in_fan_out in [false, true] {
+            // f32 takes the fused kernel, f64 the general path.
+            for dtype in [DType::F32, DType::F64] {
+                let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
+                let mut l = dora_layer(fan_in_fan_out, dtype, 0.5);
+                let x = Tensor::randn(0f32, 1.0, (2, 3, 5), &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let norm = reference_norm(&l).to_dtype(dtype).unwrap();
+                let expected = dora_reference(&l, &x, &x, &norm);
+                let d = max_abs_diff(&l.forward(&x).unwrap(), &expected);
+                assert!(d < tol, "{fan_in_fan_out} {dtype:?}: {d}");
+                // Training mode: the dropped input goes through the LoRA branch and the base
+                // term that DoRA rescales, as in PEFT; the same seed gives the same mask.
+                l.set_training(true);
+                LoraLayer::set_dropout_rng(&mut l, Some(DropoutRng::new(9)));
+                let y = l.forward(&x).unwrap();
+                let x_d = DropoutRng::new(9).dropout(&x, 0.5).unwrap();
+                let expected = dora_reference(&l, &x, &x_d, &norm);
+                assert!(
+                    max_abs_diff(&y, &expected) < tol,
+                    "{fan_in_fan_out} {dtype:?}"
+                );
+                let no_dropout = dora_reference(&l, &x, &x, &norm);
+                assert!(
+                    max_abs_diff(&y, &no_dropout) > 1e-3,
+                    "dropout had no effect"
+                );
+            }
+        }
+    }
+
+    /// The gradients of `A`, `B` and `m` against central finite differences of the forward
+    /// with the weight norm held at its value (DoRA detaches it), in f64; the frozen weight gets
+    /// none.
+    #[test]
+    fn dora_gradients_match_finite_differences_with_the_norm_detached() {
+        let dev = Device::Cpu;
+        for fan_in_fan_out in [false, true] {
+            let l = dora_layer(fan_in_fan_out, DType::F64, 0.0);
+            let ad = l.adapter().unwrap().clone();
+            // The weight as a variable: the layer must not hand it a gradient.
+            let w = Var::from_tensor(l.weight()).unwrap();
+            let bias = l.bias().cloned();
+            let mut l = if fan_in_fan_out {
+                LoraLinear::from_conv1d(w.as_tensor().clone(), bias).unwrap()
+            } else {
+                LoraLinear::new(w.as_tensor().clone(), bias)
+            };
+            l.insert_adapter(DEFAULT_ADAPTER, ad.clone()).unwrap();
+            let x = Tensor::randn(0f64, 1.0, (4, 5), &dev).unwrap();
+            let c = Tensor::randn(0f64, 1.0, (4, 6), &dev).unwrap();
+            let loss = |y: &Tensor| (y * &c).unwrap().sum_all().unwrap();
+            let grads = loss(&l.forward(&x).unwrap()).backward().unwrap();
+            assert!(grads.get(w.as_tensor()).is_none(), "no gradient for W");
+            let norm = reference_norm(&l);
+            for (factor, var) in ad.vars() {
+                let analytic = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap();
+                let analytic = analytic.to_vec1::<f64>().unwrap();
+                let original = var.as_tensor().copy().unwrap();
+                let flat = original.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+                let h = 1e-6;
+                for (i, g) in analytic.iter().enumerate() {
+                    let at = |delta: f64| {
+                        let mut v = flat.clone();
+                        v[i] += delta;
+                        var.set(&Tensor::from_vec(v, original.shape(), &dev).unwrap())
+                            .unwrap();
+                        let y = dora_reference(&l, &x, &x, &norm);
+                        loss(&y).to_scalar::<f64>().unwrap()
+                    };
+                    let numeric = (at(h) - at(-h)) / (2.0 * h);
+                    assert!(
+                        (numeric - g).abs() <= 1e-6 * (1.0 + g.abs()),
+                        "{factor} [{i}]: analytic {g}, numeric {numeric}"
+                    );
+                }
+                var.set(&original).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn dora_merge_rescales_each_output_feature_and_unmerges_exactly() {
+        let dev = Device::Cpu;
+        for fan_in_fan_out in [false, true] {
+            for dtype in [DType::F32, DType::F64] {
+                let mut l = dora_layer(fan_in_fan_out, dtype, 0.0);
+                let w0 = l.weight().copy().unwrap();
+                let x = Tensor::randn(0f32, 1.0, (3, 5), &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let y0 = l.forward(&x).unwrap();
+                // (m / ||W + s B A||) * (W + s B A), row by row of [out, in].
+                let ad = l.adapter().unwrap();
+                let plain = (out_in(&l, &w0).to_dtype(DType::F64).unwrap()
+                    + ad.delta().unwrap().to_dtype(DType::F64).unwrap())
+                .unwrap();
+                let g = (ad
+                    .magnitude()
+                    .unwrap()
+                    .as_tensor()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    / reference_norm(&l))
+                .unwrap();
+                let expected = plain.broadcast_mul(&g.unsqueeze(1).unwrap()).unwrap();
+                let merged = l.prepare_merge().unwrap();
+                l.commit_merge(merged);
+                assert!(max_abs_diff(&out_in(&l, l.weight()), &expected) < 1e-5);
+                assert!(max_abs_diff(&l.forward(&x).unwrap(), &y0) < 1e-4);
+                l.revert_merge().unwrap();
+                // Bit for bit: the conversion to f64 is exact.
+                let (a, b) = (
+                    l.weight().to_dtype(DType::F64).unwrap(),
+                    w0.to_dtype(DType::F64).unwrap(),
+                );
+                assert_eq!(max_abs_diff(&a, &b), 0.0);
+            }
+        }
+    }
+
+    #[test]
+    fn dora_is_refused_in_mixed_adapter_batches() {
+        let mut l = dora_layer(false, DType::F32, 0.0);
+        let plain = l.fresh_adapter(&LayerConfig::new(2, 4.0), 2).unwrap();
+        l.insert_adapter("plain", plain).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 5), &Device::Cpu).unwrap();
+        let err = l
+            .forward_with_adapters(&x, &[Some(DEFAULT_ADAPTER), None])
+            .unwrap_err();
+        assert!(matches!(err, LayerError::Refused(_)), "{err:?}");
+        assert!(err.to_string().contains("DoRA"), "{err}");
+        // Rows of the plain adapter only: the DoRA adapter is in the stacks, never selected.
+        l.forward_with_adapters(&x, &[Some("plain"), None]).unwrap();
     }
 }
