@@ -355,14 +355,16 @@ impl AdapterFile {
                         ),
                     ))
                 }
-                (None, true) => return Err(Error::bad_tensor(
-                    file,
-                    a_key,
-                    format!(
+                (None, true) => {
+                    return Err(Error::bad_tensor(
+                        file,
+                        a_key,
+                        format!(
                         "{} sets `use_dora: true` but `{module}` has no `lora_magnitude_vector`",
                         config_path.display()
                     ),
-                )),
+                    ))
+                }
                 (None, false) => {}
             }
             factors.insert(
