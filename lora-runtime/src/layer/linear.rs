@@ -244,6 +244,39 @@ impl LoraLinear {
         Ok(CpuMerge::Merged(merged))
     }
 
+    /// The CPU fast path of [`LoraLayer::dora_weight_norm`] for an f32 layer (`None`: it does
+    /// not apply).
+    fn dora_weight_norm_on_cpu(&self, ad: &Adapter) -> LayerResult<Option<Tensor>> {
+        let w = self.base_weight();
+        let (a, b) = (ad.a().as_tensor(), ad.b().as_tensor());
+        let on_cpu_f32 = |t: &Tensor| t.dtype() == DType::F32 && matches!(t.device(), Device::Cpu);
+        if !(on_cpu_f32(w) && on_cpu_f32(a) && on_cpu_f32(b)) {
+            return Ok(None);
+        }
+        let (_, cols) = w.dims2()?;
+        let sb = b.detach().affine(ad.scaling(), 0.0)?;
+        // W [out, in] + sB A, norms of rows; stored [in, out]: + A^T (sB)^T, norms of columns.
+        let (l, rt) = if self.fan_in_fan_out {
+            (a.t()?, sb.t()?)
+        } else {
+            (sb, a.detach())
+        };
+        let l = l.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let rt = rt.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let (guard, layout) = w.storage_and_layout();
+        let (candle_core::Storage::Cpu(storage), Some((start, end))) =
+            (&*guard, layout.contiguous_offsets())
+        else {
+            return Ok(None);
+        };
+        let values = &storage.as_slice::<f32>()?[start..end];
+        let norms =
+            kernels::low_rank_norms(values, &l, &rt, ad.rank(), cols, self.fan_in_fan_out)?;
+        drop(guard);
+        let n = norms.len();
+        Ok(Some(Tensor::from_vec(norms, n, w.device())?))
+    }
+
     /// A forward in which row `i` of `x [b, .., in]` uses the adapter `rows[i]` (`None`: the
     /// base alone): all rows in one pass, with the stacked factors gathered per row and two
     /// batched matmuls. Equal to running each row alone with its adapter active.
@@ -576,8 +609,13 @@ impl LoraLayer for LoraLinear {
     }
 
     /// `||W + s B A||` per output feature from the unmerged weight, detached; in f32 (f64 for
-    /// an f64 layer).
+    /// an f64 layer). An f32 layer on the CPU takes `kernels::low_rank_norms`: one pass over `W`
+    /// and no `[out, in]` temporary (in PEFT, and on the general path, `B A` and `W + s B A` are
+    /// formed every forward).
     fn dora_weight_norm(&self, adapter: &Adapter) -> LayerResult<Tensor> {
+        if let Some(norms) = self.dora_weight_norm_on_cpu(adapter)? {
+            return Ok(norms);
+        }
         let dtype = match self.weight.dtype() {
             DType::F64 => DType::F64,
             _ => DType::F32,
