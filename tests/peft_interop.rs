@@ -361,6 +361,12 @@ fn rel_err(ours: &Tensor, reference: &Tensor) -> Result<f32> {
     Ok(diff / scale)
 }
 
+/// `max |ours - reference|`.
+fn max_abs(ours: &Tensor, reference: &Tensor) -> Result<f32> {
+    let (o, r) = (f32s(ours)?, f32s(reference)?);
+    Ok(o.iter().zip(&r).fold(0f32, |m, (a, b)| m.max((a - b).abs())))
+}
+
 fn assert_close(what: &str, ours: &Tensor, reference: &Tensor, rtol: f32) -> Result<f32> {
     let err = rel_err(ours, reference).with_context(|| what.to_string())?;
     ensure!(err <= rtol, "{what}: relative error {err:e} > {rtol:e}");
@@ -521,8 +527,11 @@ fn check_model<M: LoraModel + Build>(case: &str) -> Result<()> {
         &unmerged,
     )?;
     println!(
-        "{case}: {} adapters; rel. error unmerged output {e_unmerged:.2e}, merged output {e_merged:.2e}, merged weights {e_weight:.2e}",
-        with_adapter.len()
+        "{case}: {} adapters; rel. error unmerged output {e_unmerged:.2e}, merged output {e_merged:.2e}, merged weights {e_weight:.2e}; max abs diff unmerged {:.2e}, merged {:.2e} (outputs up to {:.2})",
+        with_adapter.len(),
+        max_abs(&unmerged, &tensor(&io, "unmerged_output")?)?,
+        max_abs(&merged, &tensor(&io, "merged_output")?)?,
+        max_abs(&unmerged, &unmerged.zeros_like()?)?,
     );
     Ok(())
 }
