@@ -65,7 +65,12 @@ fn main() {
         let fresh = lora.fresh_adapter(&config, 7).unwrap();
         let b = Var::from_tensor(&randn(&[d, RANK], 0.02, &mut rng)).unwrap();
         let plain = Adapter::new(fresh.a().clone(), b, ALPHA, false, 0.0).unwrap();
-        let m = fresh.magnitude().unwrap().as_tensor().affine(1.1, 0.0).unwrap();
+        let m = fresh
+            .magnitude()
+            .unwrap()
+            .as_tensor()
+            .affine(1.1, 0.0)
+            .unwrap();
         let dora_adapter = plain
             .clone()
             .with_magnitude(Var::from_tensor(&m).unwrap())

@@ -364,7 +364,9 @@ fn rel_err(ours: &Tensor, reference: &Tensor) -> Result<f32> {
 /// `max |ours - reference|`.
 fn max_abs(ours: &Tensor, reference: &Tensor) -> Result<f32> {
     let (o, r) = (f32s(ours)?, f32s(reference)?);
-    Ok(o.iter().zip(&r).fold(0f32, |m, (a, b)| m.max((a - b).abs())))
+    Ok(o.iter()
+        .zip(&r)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs())))
 }
 
 fn assert_close(what: &str, ours: &Tensor, reference: &Tensor, rtol: f32) -> Result<f32> {

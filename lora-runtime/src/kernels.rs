@@ -351,7 +351,7 @@ pub(crate) fn low_rank_norms(
     cols: usize,
     per_column: bool,
 ) -> candle_core::Result<Vec<f32>> {
-    let rows = if cols == 0 { 0 } else { w.len() / cols };
+    let rows = w.len().checked_div(cols).unwrap_or(0);
     if rows * cols != w.len() || l.len() != rows * rank || rt.len() != rank * cols {
         return Err(candle_core::Error::msg(format!(
             "low_rank_norms: W has {} values, L {}, R^T {}: not [{rows}, {cols}], [{rows}, {rank}], [{rank}, {cols}]",
@@ -364,7 +364,14 @@ pub(crate) fn low_rank_norms(
     // One worker's rows: the sums of squares of its rows (or its part of every column's).
     let work = |w: &[f32], l: &[f32]| -> Vec<f64> {
         let mut row = vec![0f32; cols];
-        let mut sums = vec![0f64; if per_column { cols } else { w.len() / cols.max(1) }];
+        let mut sums = vec![
+            0f64;
+            if per_column {
+                cols
+            } else {
+                w.len() / cols.max(1)
+            }
+        ];
         for (i, w_row) in w.chunks_exact(cols.max(1)).enumerate() {
             row.copy_from_slice(w_row);
             for (k, r_row) in rt.chunks_exact(cols.max(1)).enumerate() {
@@ -426,7 +433,7 @@ pub(crate) fn dora_rescale(
     magnitude: &[f32],
     fan_in_fan_out: bool,
 ) -> candle_core::Result<bool> {
-    let rows = if cols == 0 { 0 } else { values.len() / cols };
+    let rows = values.len().checked_div(cols).unwrap_or(0);
     let features = if fan_in_fan_out { cols } else { rows };
     if rows * cols != values.len() || magnitude.len() != features {
         return Err(candle_core::Error::msg(format!(
@@ -596,8 +603,12 @@ mod tests {
     fn dora_norms_and_rescale_match_the_formed_sum_on_several_threads() {
         // Above PARALLEL_MIN, so the rows are split over threads when candle has several.
         let (rows, cols, rank) = (700, 600, 3);
-        let w: Vec<f32> = (0..rows * cols).map(|i| ((i % 13) as f32 - 6.0) * 0.1).collect();
-        let l: Vec<f32> = (0..rows * rank).map(|i| (i % 7) as f32 * 0.1 - 0.3).collect();
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i % 13) as f32 - 6.0) * 0.1)
+            .collect();
+        let l: Vec<f32> = (0..rows * rank)
+            .map(|i| (i % 7) as f32 * 0.1 - 0.3)
+            .collect();
         let rt: Vec<f32> = (0..rank * cols).map(|i| (i % 5) as f32 * 0.25).collect();
         let mut sum = vec![0f32; rows * cols];
         assert!(add_low_rank(&w, &l, &rt, rank, cols, &mut sum).unwrap());
@@ -617,7 +628,10 @@ mod tests {
             let mut scaled = sum.clone();
             assert!(dora_rescale(&mut scaled, cols, &m, per_column).unwrap());
             for (s, v) in scaled.iter().zip(&sum) {
-                assert!((s - 2.0 * v).abs() <= 1e-5 * v.abs().max(1.0), "{s} vs 2 * {v}");
+                assert!(
+                    (s - 2.0 * v).abs() <= 1e-5 * v.abs().max(1.0),
+                    "{s} vs 2 * {v}"
+                );
             }
         }
         // A zero norm gives a non-finite result, reported.

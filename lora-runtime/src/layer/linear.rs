@@ -270,8 +270,7 @@ impl LoraLinear {
             return Ok(None);
         };
         let values = &storage.as_slice::<f32>()?[start..end];
-        let norms =
-            kernels::low_rank_norms(values, &l, &rt, ad.rank(), cols, self.fan_in_fan_out)?;
+        let norms = kernels::low_rank_norms(values, &l, &rt, ad.rank(), cols, self.fan_in_fan_out)?;
         drop(guard);
         let n = norms.len();
         Ok(Some(Tensor::from_vec(norms, n, w.device())?))
