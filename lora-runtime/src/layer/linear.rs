@@ -880,12 +880,14 @@ mod tests {
             .with_dora(true)
             .with_dropout(dropout);
         let ad = l.fresh_adapter(&config, 1).unwrap();
+        // f16/bf16 layers keep f32 factors.
+        let ad_dtype = l.adapter_dtype();
         let b = Tensor::randn(0f32, 0.5, (6, 2), &dev).unwrap();
-        ad.b().set(&b.to_dtype(dtype).unwrap()).unwrap();
+        ad.b().set(&b.to_dtype(ad_dtype).unwrap()).unwrap();
         let m = ad.magnitude().unwrap();
         let moved = Tensor::rand(0.7f32, 1.3, 6, &dev)
             .unwrap()
-            .to_dtype(dtype)
+            .to_dtype(ad_dtype)
             .unwrap();
         m.set(&(m.as_tensor() * moved).unwrap()).unwrap();
         l.insert_adapter(DEFAULT_ADAPTER, ad).unwrap();
@@ -1107,6 +1109,42 @@ mod tests {
                 );
                 assert_eq!(max_abs_diff(&a, &b), 0.0);
             }
+        }
+    }
+
+    /// A bf16 layer (f32 factors and magnitude): the forward runs the LoRA branch and the norm
+    /// in f32 and stays within bf16 rounding of the same layer in f32; the merge rounds the f32
+    /// result once, and the unmerge restores the bf16 weight bit for bit.
+    #[test]
+    fn dora_on_a_bf16_layer_merges_through_f32_and_unmerges_exactly() {
+        let dev = Device::Cpu;
+        for fan_in_fan_out in [false, true] {
+            let mut half = dora_layer(fan_in_fan_out, DType::BF16, 0.0);
+            let ad = half.adapter().unwrap().clone();
+            assert_eq!(ad.magnitude().unwrap().dtype(), DType::F32);
+            let to_f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            let mut full = if fan_in_fan_out {
+                LoraLinear::from_conv1d(to_f32(half.weight()), half.bias().map(to_f32)).unwrap()
+            } else {
+                LoraLinear::new(to_f32(half.weight()), half.bias().map(to_f32))
+            };
+            full.insert_adapter(DEFAULT_ADAPTER, ad).unwrap();
+            let x = Tensor::randn(0f32, 1.0, (3, 5), &dev).unwrap();
+            let y_half = half.forward(&x.to_dtype(DType::BF16).unwrap()).unwrap();
+            let y_full = full.forward(&x).unwrap();
+            let scale = max_abs_diff(&y_full, &y_full.zeros_like().unwrap());
+            assert!(max_abs_diff(&y_half, &y_full) <= 0.02 * scale.max(1.0));
+            let w0 = half.weight().copy().unwrap();
+            let merged = half.prepare_merge().unwrap();
+            half.commit_merge(merged);
+            assert_eq!(half.weight().dtype(), DType::BF16);
+            let merged_full = full.prepare_merge().unwrap().into_tensor();
+            let expected = merged_full.to_dtype(DType::BF16).unwrap();
+            // At most one bf16 ulp (2^-7 relative) where the two f32 sums round differently.
+            let w_scale = max_abs_diff(&expected, &expected.zeros_like().unwrap());
+            assert!(max_abs_diff(half.weight(), &expected) <= w_scale / 128.0);
+            half.revert_merge().unwrap();
+            assert_eq!(max_abs_diff(half.weight(), &w0), 0.0);
         }
     }
 
