@@ -103,6 +103,7 @@ fn every_argument() {
             alpha = 0.5,
             dropout = 0.1,
             rslora,
+            dora,
             init = "gaussian",
             crate = "lora_runtime",
             targets = ["fc"]
@@ -123,7 +124,7 @@ fn every_argument() {
                     dropout: 0.1,
                     use_rslora: true,
                     init: lora_runtime::__private::LoraInit::Gaussian,
-                    use_dora: false,
+                    use_dora: true,
                 };
                 #[automatically_derived]
                 impl lora_runtime::__private::LoraModel for Mlp {
