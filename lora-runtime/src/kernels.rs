@@ -12,7 +12,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Shape, Storage, Tensor,
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Storage, Tensor,
 };
 use gemm::{gemm, Parallelism};
 
@@ -333,6 +333,100 @@ pub(crate) fn frozen_linear(
         Some(b) => y.broadcast_add(b),
         None => Ok(y),
     }
+}
+
+/// `y * g + bias` per column for `y [n, out]`, `g [out]` and a frozen `bias [out]`: DoRA's
+/// rescaling of a fused LoRA output, one pass instead of candle's two broadcast ops. The
+/// backward gives `y` (`grad * g`) and `g` (the column sums of `grad * y`) their gradients.
+struct ScaleColumns {
+    bias: Option<Tensor>,
+}
+
+impl CustomOp2 for ScaleColumns {
+    fn name(&self) -> &'static str {
+        "lora-scale-columns"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ys: &CpuStorage,
+        yl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, out) = yl.shape().dims2()?;
+        let (Some((y0, y1)), Some((g0, g1))) = (yl.contiguous_offsets(), gl.contiguous_offsets())
+        else {
+            return Err(candle_core::Error::msg(
+                "lora scale columns: the inputs must be contiguous",
+            ));
+        };
+        let (y, g) = (
+            &ys.as_slice::<f32>()?[y0..y1],
+            &gs.as_slice::<f32>()?[g0..g1],
+        );
+        let bias = match &self.bias {
+            Some(b) => b.to_vec1::<f32>()?,
+            None => vec![0f32; out],
+        };
+        if g.len() != out || bias.len() != out {
+            return Err(candle_core::Error::msg(format!(
+                "lora scale columns: y [{n}, {out}], g [{}] and bias [{}] do not fit",
+                g.len(),
+                bias.len()
+            )));
+        }
+        let mut dst = vec![0f32; n * out];
+        for (d_row, y_row) in dst
+            .chunks_exact_mut(out.max(1))
+            .zip(y.chunks_exact(out.max(1)))
+        {
+            for (((d, y), g), b) in d_row.iter_mut().zip(y_row).zip(g).zip(&bias) {
+                *d = y * g + b;
+            }
+        }
+        Ok((CpuStorage::F32(dst), Shape::from((n, out))))
+    }
+
+    fn bwd(
+        &self,
+        y: &Tensor,
+        g: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad_y = if y.track_op() {
+            Some(grad.broadcast_mul(g)?)
+        } else {
+            None
+        };
+        let grad_g = if g.track_op() {
+            Some((grad * y)?.sum(0)?)
+        } else {
+            None
+        };
+        Ok((grad_y, grad_g))
+    }
+}
+
+/// `y * g + bias` per column (see [`ScaleColumns`]) for `y [n, out]`, f32 on the CPU, with a
+/// frozen bias; `None` when that does not apply (then use candle's broadcast ops).
+///
+/// # Errors
+/// Shape errors.
+pub(crate) fn scale_columns(
+    y: &Tensor,
+    g: &Tensor,
+    bias: Option<&Tensor>,
+) -> candle_core::Result<Option<Tensor>> {
+    let cpu_f32 = |t: &Tensor| t.dtype() == DType::F32 && matches!(t.device(), Device::Cpu);
+    if !(cpu_f32(y) && cpu_f32(g) && bias.is_none_or(|b| cpu_f32(b) && !b.track_op())) {
+        return Ok(None);
+    }
+    let op = ScaleColumns {
+        bias: bias.cloned(),
+    };
+    Ok(Some(y.contiguous()?.apply_op2(&g.contiguous()?, op)?))
 }
 
 /// DoRA's weight norms without forming `W + L R`: for row-major `w [rows, cols]`, `l [rows,

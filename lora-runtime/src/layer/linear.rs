@@ -439,7 +439,12 @@ impl LoraLinear {
             let n = x.elem_count() / inp.max(1);
             let x2 = x.reshape((n, inp))?;
             let h = Self::lora_hidden(ad, &x2)?;
-            kernels::fused_forward(&x2, &h, b, base.weight(), None)?.reshape(out_dims)?
+            let y = kernels::fused_forward(&x2, &h, b, base.weight(), None)?;
+            // The scale and the bias in one pass over the output.
+            if let Some(y) = kernels::scale_columns(&y, &g, base.bias())? {
+                return y.reshape(out_dims);
+            }
+            y.reshape(out_dims)?
         } else {
             (self.base_forward(&unbiased, x)? + self.lora_term(ad, x)?)?
         };
