@@ -28,6 +28,8 @@ unexpected LoRA keys and gives the output the Rust side computed (DIR/io.safeten
     PEFT_INTEROP_OUT=target/rust_adapter cargo test --test peft_interop -- --ignored write_rust_adapters
     /tmp/peftvenv/bin/python scripts/peft_fixtures.py --check-rust-adapter target/rust_adapter/llama_qv llama_qv
     /tmp/peftvenv/bin/python scripts/peft_fixtures.py --check-rust-adapter target/rust_adapter/gpt2_conv1d gpt2_conv1d
+    /tmp/peftvenv/bin/python scripts/peft_fixtures.py --check-rust-adapter target/rust_adapter/dora_llama dora_llama
+    /tmp/peftvenv/bin/python scripts/peft_fixtures.py --check-rust-adapter target/rust_adapter/dora_gpt2 dora_gpt2
 """
 
 from __future__ import annotations
@@ -245,6 +247,25 @@ CASES = {
             ("model-00003-of-00003.safetensors", ""),
         ],
     ),
+    # DoRA (use_dora): PEFT's magnitudes start at the row norms of W + s B A; they are perturbed
+    # afterwards (as training would) so that the magnitude matters. io.safetensors also holds
+    # PEFT's gradients of a fixed loss with respect to every A, B and magnitude.
+    "dora_llama": dict(
+        seed=8,
+        model=lambda: LlamaLike(bias=True),
+        lora=dict(
+            r=4,
+            lora_alpha=8,
+            use_dora=True,
+            target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
+            lora_dropout=0.05,
+        ),
+    ),
+    "dora_gpt2": dict(
+        seed=9,
+        model=lambda: Gpt2Like(),
+        lora=dict(r=4, lora_alpha=8, use_dora=True, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True),
+    ),
     "half": dict(
         seed=7,
         model=lambda: LlamaLike(),
@@ -309,6 +330,14 @@ def generate(case: str, root: Path) -> None:
                     bound = param.shape[1] ** -0.5
                     param.copy_(torch.empty_like(param).uniform_(-bound, bound))
 
+    grads = {}
+    if spec["lora"].get("use_dora"):
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if ".lora_magnitude_vector." in name:
+                    param.mul_(1.0 + 0.3 * torch.randn_like(param))
+        grads = dora_gradients(peft_model, x, spec["seed"])
+
     with tempfile.TemporaryDirectory() as tmp:
         peft_model.save_pretrained(tmp)
         (out / "adapter").mkdir()
@@ -337,10 +366,36 @@ def generate(case: str, root: Path) -> None:
     if not half:
         rel = ((unmerged_output - merged_output).abs().max() / merged_output.abs().max()).item()
         assert rel < OUTPUT_RTOL, f"{case}: PEFT's own merged and unmerged outputs differ by {rel}"
-        io = {"input": x, "unmerged_output": unmerged_output, "merged_output": merged_output}
+        io = {"input": x, "unmerged_output": unmerged_output, "merged_output": merged_output, **grads}
         save_file({k: v.contiguous() for k, v in io.items()}, out / "io.safetensors", metadata=META)
     changed = sorted(k for k in base if not torch.equal(base[k], merged[k]))
     print(f"{case}: {len(base)} tensors, {len(changed)} merged")
+
+
+def file_key(param_name: str) -> str:
+    """PEFT's parameter name -> the adapter file's key (no adapter name; no `.weight` on DoRA's
+    magnitude, as PEFT 0.21 saves it)."""
+    key = param_name.replace(".default.", ".")
+    if key.endswith(".lora_magnitude_vector.weight"):
+        key = key[: -len(".weight")]
+    return key
+
+
+def dora_gradients(peft_model: nn.Module, x: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+    """`grad_output` (a fixed cotangent) and `grad.<file key>` = d(sum(output * grad_output))/d
+    param for every trainable parameter, in eval mode (no dropout), as PEFT computes them: the
+    weight norm of DoRA detached."""
+    gen = torch.Generator().manual_seed(2000 + seed)
+    grad_output = torch.randn(INPUT_SHAPE, generator=gen)
+    peft_model.zero_grad()
+    (peft_model(x) * grad_output).sum().backward()
+    out = {"grad_output": grad_output}
+    for name, param in peft_model.named_parameters():
+        if param.requires_grad:
+            assert param.grad is not None, f"{name} got no gradient"
+            out[f"grad.{file_key(name)}"] = param.grad.detach().clone().contiguous()
+    peft_model.zero_grad()
+    return out
 
 
 def write_versions(root: Path) -> None:
@@ -397,7 +452,8 @@ def check_rust_adapter(adapter_dir: Path, case: str, fixtures: Path) -> None:
     for k, v in file_tensors.items():
         assert torch.equal(state[k], v), f"{k} was not loaded as stored"
     n_layers = sum(1 for n, _ in peft_model.named_modules() if n.endswith(".lora_A.default"))
-    assert 2 * n_layers == len(file_tensors), f"{n_layers} LoRA layers but {len(file_tensors)} tensors"
+    per_layer = 3 if peft_model.peft_config["default"].use_dora else 2  # A, B (, magnitude)
+    assert per_layer * n_layers == len(file_tensors), f"{n_layers} LoRA layers but {len(file_tensors)} tensors"
 
     io = load_file(adapter_dir / "io.safetensors")
     with torch.no_grad():

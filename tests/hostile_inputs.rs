@@ -260,10 +260,16 @@ fn cases() -> Vec<Case> {
             message: &["the same factor is also stored as `base_model.model.q_proj.lora_A.weight`"],
         },
         Case {
-            name: "dora_magnitude_vector",
+            name: "dora_magnitude_not_a_vector",
             build: |d| { let mut t = valid_tensors(); t.push(hostile::f32s("base_model.model.q_proj.lora_magnitude_vector", &[1, 4], 0)); tensors_case(d, file(&t, None)) },
-            variant: "Unsupported",
-            message: &["unsupported PEFT feature `base_model.model.q_proj.lora_magnitude_vector`: DoRA magnitude vectors are not supported"],
+            variant: "BadTensor",
+            message: &["tensor `base_model.model.q_proj.lora_magnitude_vector`: expected a vector [out_features], got shape [1, 4]"],
+        },
+        Case {
+            name: "dora_magnitude_without_use_dora",
+            build: |d| { let mut t = valid_tensors(); t.push(hostile::f32s("base_model.model.q_proj.lora_magnitude_vector", &[4], 0)); tensors_case(d, file(&t, None)) },
+            variant: "BadTensor",
+            message: &["tensor `base_model.model.q_proj.lora_magnitude_vector`: is a DoRA magnitude but", "does not set `use_dora: true`"],
         },
         Case {
             name: "embedding_lora",
@@ -307,7 +313,7 @@ fn cases() -> Vec<Case> {
         Case { name: "negative_alpha_pattern", build: |d| config_case(d, with_config(|c| { c.insert("alpha_pattern".into(), json!({"q_proj": -1.0})); })), variant: "InvalidConfig", message: &["invalid config field `alpha_pattern`", "alpha of `q_proj` must be a finite number > 0, got -1"] },
         Case { name: "dropout_out_of_range", build: |d| config_case(d, with_config(|c| { c.insert("lora_dropout".into(), json!(1.5)); })), variant: "InvalidConfig", message: &["invalid config field `lora_dropout`"] },
         Case { name: "invalid_target_regex", build: |d| config_case(d, with_config(|c| { c.insert("target_modules".into(), json!("(q_proj")); })), variant: "InvalidConfig", message: &["invalid config field `target_modules`", "invalid regex"] },
-        Case { name: "unsupported_dora", build: |d| config_case(d, with_config(|c| { c.insert("use_dora".into(), json!(true)); })), variant: "Unsupported", message: &["unsupported PEFT feature `use_dora`: DoRA adapters are not supported"] },
+        Case { name: "dora_without_magnitudes", build: |d| config_case(d, with_config(|c| { c.insert("use_dora".into(), json!(true)); })), variant: "BadTensor", message: &["sets `use_dora: true` but `", "` has no `lora_magnitude_vector`"] },
         Case { name: "unsupported_peft_type", build: |d| config_case(d, with_config(|c| { c.insert("peft_type".into(), json!("IA3")); })), variant: "Unsupported", message: &["unsupported PEFT feature `peft_type`: `IA3` adapters are not supported, only `LORA`"] },
         Case { name: "unsupported_modules_to_save", build: |d| config_case(d, with_config(|c| { c.insert("modules_to_save".into(), json!(["lm_head"])); })), variant: "Unsupported", message: &["unsupported PEFT feature `modules_to_save`"] },
         Case { name: "unsupported_bias", build: |d| config_case(d, with_config(|c| { c.insert("bias".into(), json!("lora_only")); })), variant: "Unsupported", message: &["unsupported PEFT feature `bias`"] },

@@ -361,6 +361,14 @@ fn rel_err(ours: &Tensor, reference: &Tensor) -> Result<f32> {
     Ok(diff / scale)
 }
 
+/// `max |ours - reference|`.
+fn max_abs(ours: &Tensor, reference: &Tensor) -> Result<f32> {
+    let (o, r) = (f32s(ours)?, f32s(reference)?);
+    Ok(o.iter()
+        .zip(&r)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs())))
+}
+
 fn assert_close(what: &str, ours: &Tensor, reference: &Tensor, rtol: f32) -> Result<f32> {
     let err = rel_err(ours, reference).with_context(|| what.to_string())?;
     ensure!(err <= rtol, "{what}: relative error {err:e} > {rtol:e}");
@@ -521,8 +529,11 @@ fn check_model<M: LoraModel + Build>(case: &str) -> Result<()> {
         &unmerged,
     )?;
     println!(
-        "{case}: {} adapters; rel. error unmerged output {e_unmerged:.2e}, merged output {e_merged:.2e}, merged weights {e_weight:.2e}",
-        with_adapter.len()
+        "{case}: {} adapters; rel. error unmerged output {e_unmerged:.2e}, merged output {e_merged:.2e}, merged weights {e_weight:.2e}; max abs diff unmerged {:.2e}, merged {:.2e} (outputs up to {:.2})",
+        with_adapter.len(),
+        max_abs(&unmerged, &tensor(&io, "unmerged_output")?)?,
+        max_abs(&merged, &tensor(&io, "merged_output")?)?,
+        max_abs(&unmerged, &unmerged.zeros_like()?)?,
     );
     Ok(())
 }
@@ -558,6 +569,73 @@ fn gpt2_conv1d_model() -> Result<()> {
 #[test]
 fn sharded_model() -> Result<()> {
     check_model::<Llama<AttnQv, MlpDown>>("sharded")
+}
+
+/// DoRA on biased Llama projections (q, v, o, down; k_proj is a LoRA layer without adapter),
+/// magnitudes perturbed away from their initial norms.
+#[test]
+fn dora_llama_model() -> Result<()> {
+    check_model::<Llama<AttnAll, MlpDown>>("dora_llama")
+}
+
+/// DoRA on GPT-2 `Conv1D` layers (`fan_in_fan_out`: the norm of each output feature is a column
+/// of the stored weight).
+#[test]
+fn dora_gpt2_model() -> Result<()> {
+    check_model::<Gpt2>("dora_gpt2")
+}
+
+/// The gradients of `sum(output * grad_output)` with respect to every `A`, `B` and magnitude
+/// against PEFT's (eval mode, DoRA's weight norm detached as PEFT does): the same variables,
+/// under the same names, with the same values.
+fn check_dora_gradients<M: LoraModel + Build>(case: &str) -> Result<()> {
+    let io = load(&case_dir(case).join("io.safetensors"))?;
+    let mut model = M::build(&load_state(case, "base")?, "")?;
+    model.load_adapter(case_dir(case).join("adapter"))?;
+    let vars = model.named_trainable_vars();
+    let expected: BTreeSet<String> = io
+        .keys()
+        .filter_map(|k| k.strip_prefix("grad."))
+        .map(str::to_string)
+        .collect();
+    let names: BTreeSet<String> = vars.iter().map(|(n, _)| n.clone()).collect();
+    ensure!(
+        names == expected,
+        "{case}: trainable variables {names:?}, PEFT's {expected:?}"
+    );
+    ensure!(
+        names.iter().any(|n| n.ends_with(".lora_magnitude_vector")),
+        "{case}: no magnitude among the trainable variables"
+    );
+    let y = model.forward(&tensor(&io, "input")?)?;
+    let grads = (y * tensor(&io, "grad_output")?)?.sum_all()?.backward()?;
+    let mut worst = 0f32;
+    for (name, var) in &vars {
+        let ours = grads
+            .get(var.as_tensor())
+            .with_context(|| format!("{case}: no gradient for {name}"))?;
+        worst = worst.max(assert_close(
+            &format!("{case}: gradient of {name}"),
+            ours,
+            &tensor(&io, &format!("grad.{name}"))?,
+            OUTPUT_RTOL,
+        )?);
+    }
+    println!(
+        "{case}: gradients of {} variables, worst relative error {worst:.2e}",
+        vars.len()
+    );
+    Ok(())
+}
+
+#[test]
+fn dora_llama_gradients_match_peft() -> Result<()> {
+    check_dora_gradients::<Llama<AttnAll, MlpDown>>("dora_llama")
+}
+
+#[test]
+fn dora_gpt2_gradients_match_peft() -> Result<()> {
+    check_dora_gradients::<Gpt2>("dora_gpt2")
 }
 
 /// The patterns case has ranks 2, 4 and 6 and alphas 5.5, 8 and 12: check they were read.
@@ -806,6 +884,16 @@ fn merge_file_gpt2_conv1d() -> Result<()> {
 }
 
 #[test]
+fn merge_file_dora_llama() -> Result<()> {
+    check_merge_file("dora_llama", Some(WEIGHT_RTOL))
+}
+
+#[test]
+fn merge_file_dora_gpt2() -> Result<()> {
+    check_merge_file("dora_gpt2", Some(WEIGHT_RTOL))
+}
+
+#[test]
 fn merge_file_half_bf16() -> Result<()> {
     check_merge_file("half", None)
 }
@@ -867,51 +955,55 @@ fn merge_file_sharded() -> Result<()> {
 // ---------------------------------------------------------------------------------------------
 // Refusals.
 
-/// A PEFT feature the runtime does not implement is refused by name, and the model is unchanged.
+/// A config that says `use_dora` over a file without magnitudes (and the other way round) is
+/// refused by name, and the model is unchanged.
 #[test]
-fn dora_adapter_is_refused() -> Result<()> {
-    let src = case_dir("llama_qv").join("adapter");
-    let tmp = tempfile::tempdir()?;
-    std::fs::copy(
-        src.join("adapter_model.safetensors"),
-        tmp.path().join("adapter_model.safetensors"),
-    )?;
-    let mut config = read_json(&src.join("adapter_config.json"))?;
-    config["use_dora"] = serde_json::Value::Bool(true);
-    std::fs::write(
-        tmp.path().join("adapter_config.json"),
-        serde_json::to_string_pretty(&config)?,
-    )?;
+fn dora_config_and_tensors_must_agree() -> Result<()> {
+    for (src_case, use_dora) in [("llama_qv", true), ("dora_llama", false)] {
+        let src = case_dir(src_case).join("adapter");
+        let tmp = tempfile::tempdir()?;
+        std::fs::copy(
+            src.join("adapter_model.safetensors"),
+            tmp.path().join("adapter_model.safetensors"),
+        )?;
+        let mut config = read_json(&src.join("adapter_config.json"))?;
+        config["use_dora"] = serde_json::Value::Bool(use_dora);
+        std::fs::write(
+            tmp.path().join("adapter_config.json"),
+            serde_json::to_string_pretty(&config)?,
+        )?;
 
-    let mut model = Llama::<AttnQv, MlpPlain>::build(&load_state("llama_qv", "base")?, "")?;
-    let err = model
-        .load_adapter(tmp.path())
-        .expect_err("a DoRA adapter must be refused");
-    ensure!(
-        err.to_string().contains("use_dora"),
-        "the error does not name `use_dora`: {err}"
-    );
-    ensure!(
-        model
-            .lora_layers()
-            .iter()
-            .all(|(_, l, _)| l.adapter().is_none()),
-        "the model changed"
-    );
+        let mut model = Llama::<AttnAll, MlpDown>::build(&load_state(src_case, "base")?, "")?;
+        let err = model
+            .load_adapter(tmp.path())
+            .expect_err("config and tensors disagree");
+        ensure!(
+            err.to_string().contains("use_dora")
+                && err.to_string().contains("lora_magnitude_vector"),
+            "the error names neither `use_dora` nor the magnitude: {err}"
+        );
+        ensure!(
+            model
+                .lora_layers()
+                .iter()
+                .all(|(_, l, _)| l.adapter().is_none()),
+            "the model changed"
+        );
 
-    let out = tmp.path().join("merged.safetensors");
-    let err = merge_safetensors(
-        &case_dir("llama_qv").join("base.safetensors"),
-        tmp.path(),
-        &out,
-        &mut |_, _| {},
-    )
-    .expect_err("merge_safetensors must refuse DoRA too");
-    ensure!(
-        err.to_string().contains("use_dora"),
-        "the error does not name `use_dora`: {err}"
-    );
-    ensure!(!out.exists(), "a refused merge left an output file");
+        let out = tmp.path().join("merged.safetensors");
+        let err = merge_safetensors(
+            &case_dir(src_case).join("base.safetensors"),
+            tmp.path(),
+            &out,
+            &mut |_, _| {},
+        )
+        .expect_err("merge_safetensors must refuse it too");
+        ensure!(
+            err.to_string().contains("use_dora"),
+            "the error does not name `use_dora`: {err}"
+        );
+        ensure!(!out.exists(), "a refused merge left an output file");
+    }
     Ok(())
 }
 
@@ -951,16 +1043,23 @@ fn wave(shape: &[usize], phase: f32) -> candle_core::Result<Tensor> {
 
 /// Gives the model adapters as a user would (`init_adapter`), then overwrites `B` (zero after
 /// init) with non-zero values, and replaces the adapter of `special` (if any) by one with another
-/// rank and alpha; `rslora` switches every adapter to rsLoRA scaling. Saves the adapter and
-/// `io.safetensors` (`input` from the case's fixture, `output` of the unmerged model).
+/// rank and alpha; `rslora` switches every adapter to rsLoRA scaling; `dora` makes DoRA adapters
+/// (rank 4, alpha 8) and moves their magnitudes away from the initial norms. Saves the adapter
+/// and `io.safetensors` (`input` from the case's fixture, `output` of the unmerged model).
 fn write_rust_adapter<M: LoraModel + Build>(
     case: &str,
     out: &Path,
     special: Option<&str>,
     rslora: bool,
+    dora: bool,
 ) -> Result<()> {
     let mut model = M::build(&load_state(case, "base")?, "")?;
-    model.init_adapter(&VarMap::new())?;
+    if dora {
+        let config = lora::LayerConfig::new(4, 8.0).with_dora(true);
+        model.init_adapter_with(&VarMap::new(), &InitOptions::default().with_config(config))?;
+    } else {
+        model.init_adapter(&VarMap::new())?;
+    }
     let mut k = 0f32;
     model.visit_lora_layers_mut(&mut ModulePath::new(), &mut |p, layer, _| {
         let ad = layer
@@ -990,6 +1089,15 @@ fn write_rust_adapter<M: LoraModel + Build>(
             0.0,
         )
         .map_err(|e| e.at(p.as_str()))?;
+        let adapter = match ad.magnitude() {
+            None => adapter,
+            Some(m) => {
+                let moved = (m.as_tensor() * wave(m.dims(), k)?.affine(0.4, 1.0)?)?;
+                adapter
+                    .with_magnitude(candle_core::Var::from_tensor(&moved)?)
+                    .map_err(|e| e.at(p.as_str()))?
+            }
+        };
         layer
             .insert_adapter(lora::DEFAULT_ADAPTER, adapter)
             .map_err(|e| e.at(p.as_str()))
@@ -1028,12 +1136,14 @@ fn write_rust_adapters() -> Result<()> {
         &out,
         Some("model.layers.1.self_attn.v_proj"),
         false,
+        false,
     )?;
-    write_rust_adapter::<Llama<AttnAll, MlpPlain>>("rslora", &out, None, true)?;
+    write_rust_adapter::<Llama<AttnAll, MlpPlain>>("rslora", &out, None, true, false)?;
     write_rust_adapter::<Llama<AttnAll, MlpAll>>(
         "biased",
         &out,
         Some("model.layers.0.mlp.up_proj"),
+        false,
         false,
     )?;
     write_rust_adapter::<Gpt2>(
@@ -1041,6 +1151,21 @@ fn write_rust_adapters() -> Result<()> {
         &out,
         Some("transformer.h.0.mlp.c_proj"),
         false,
+        false,
+    )?;
+    write_rust_adapter::<Llama<AttnAll, MlpDown>>(
+        "dora_llama",
+        &out,
+        Some("model.layers.1.self_attn.o_proj"),
+        false,
+        true,
+    )?;
+    write_rust_adapter::<Gpt2>(
+        "dora_gpt2",
+        &out,
+        Some("transformer.h.1.attn.c_attn"),
+        false,
+        true,
     )?;
     Ok(())
 }

@@ -48,6 +48,7 @@ fn expand(model: &Model) -> TokenStream {
         let alpha = Literal::f64_unsuffixed(c.alpha);
         let dropout = Literal::f32_unsuffixed(c.dropout);
         let rslora = c.rslora;
+        let dora = c.dora;
         let init = match c.init {
             Init::Kaiming => quote!(Kaiming),
             Init::Gaussian => quote!(Gaussian),
@@ -59,6 +60,7 @@ fn expand(model: &Model) -> TokenStream {
                 dropout: #dropout,
                 use_rslora: #rslora,
                 init: #private::LoraInit::#init,
+                use_dora: #dora,
             };
         }
     });

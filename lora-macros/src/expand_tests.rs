@@ -39,6 +39,7 @@ fn targets() {
                     dropout: 0.0,
                     use_rslora: false,
                     init: ::lora::__private::LoraInit::Kaiming,
+                    use_dora: false,
                 };
                 #[automatically_derived]
                 impl ::lora::__private::LoraModel for Attention {
@@ -102,6 +103,7 @@ fn every_argument() {
             alpha = 0.5,
             dropout = 0.1,
             rslora,
+            dora,
             init = "gaussian",
             crate = "lora_runtime",
             targets = ["fc"]
@@ -122,6 +124,7 @@ fn every_argument() {
                     dropout: 0.1,
                     use_rslora: true,
                     init: lora_runtime::__private::LoraInit::Gaussian,
+                    use_dora: true,
                 };
                 #[automatically_derived]
                 impl lora_runtime::__private::LoraModel for Mlp {
@@ -250,6 +253,7 @@ fn generic() {
                     dropout: 0.0,
                     use_rslora: false,
                     init: ::lora::__private::LoraInit::Kaiming,
+                    use_dora: false,
                 };
                 #[automatically_derived]
                 impl<'a, L: Clone, const N: usize> ::lora::__private::LoraModel for Model<'a, L, N>

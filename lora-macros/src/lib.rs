@@ -31,11 +31,12 @@
 //! | `alpha` | integer or float literal `> 0`: the adapter is scaled by `alpha / rank` | `8`, as in PEFT |
 //! | `dropout` | float literal in `[0, 1)`: dropout on the adapter's input while training | `0` |
 //! | `rslora` | `true` or `false` (`rslora` alone means `true`): scale by `alpha / sqrt(rank)` | `false` |
+//! | `dora` | `true` or `false` (`dora` alone means `true`): DoRA adapters, with a trained magnitude per output feature (PEFT's `use_dora`) | `false` |
 //! | `init` | `"kaiming"` or `"gaussian"`: how `A` is initialised (`B` starts at zero) | `"kaiming"` |
 //! | `crate` | a path in a string, e.g. `"lora_runtime"` when depending on the runtime directly | `"::lora"` |
 //!
 //! `#[lora]` without arguments marks a container: a struct whose LoRA layers all sit in nested
-//! fields. `rank`, `alpha`, `dropout`, `rslora` and `init` without `targets` are errors, since
+//! fields. `rank`, `alpha`, `dropout`, `rslora`, `dora` and `init` without `targets` are errors, since
 //! they would have no effect.
 //!
 //! # Field arguments

@@ -42,6 +42,7 @@ pub(crate) struct Config {
     /// In `[0, 1)`.
     pub dropout: f32,
     pub rslora: bool,
+    pub dora: bool,
     pub init: Init,
 }
 
@@ -168,6 +169,7 @@ fn config(input: &Input, cx: &mut Ctxt) -> Option<Config> {
             args.alpha.as_ref().map(|a| &a.key),
             args.dropout.as_ref().map(|a| &a.key),
             args.rslora.as_ref().map(|a| &a.key),
+            args.dora.as_ref().map(|a| &a.key),
             args.init.as_ref().map(|a| &a.key),
         ];
         for key in keys.into_iter().flatten() {
@@ -276,6 +278,7 @@ fn config(input: &Input, cx: &mut Ctxt) -> Option<Config> {
         alpha,
         dropout,
         rslora: args.rslora.as_ref().is_some_and(|a| a.value),
+        dora: args.dora.as_ref().is_some_and(|a| a.value),
         init,
     })
 }

@@ -1,5 +1,6 @@
-//! [`Adapter`]: one trainable low-rank update (`A`, `B` and their scaling), and [`AdapterSet`]:
-//! the named adapters a layer holds, as PEFT keeps them (a map by name plus the active name).
+//! [`Adapter`]: one trainable low-rank update (`A`, `B` and their scaling, and for DoRA a
+//! magnitude vector), and [`AdapterSet`]: the named adapters a layer holds, as PEFT keeps them (a
+//! map by name plus the active name).
 //!
 //! Both sit below every layer kind: a layer owns an `AdapterSet` and says how its factors are
 //! shaped; everything about names, activation and initialisation lives here once.
@@ -34,11 +35,20 @@ use crate::error::{Factor, LayerError, LayerResult};
 /// The name of the adapter that `init_adapter` and `load_adapter` create, as in PEFT.
 pub const DEFAULT_ADAPTER: &str = "default";
 
-/// A trainable low-rank adapter: `A [r, in]`, `B [out, r]` and the scaling of `B A`.
+/// A trainable low-rank adapter: `A [r, in]`, `B [out, r]` and the scaling of `B A`; for DoRA
+/// also a magnitude `m [out]`.
+///
+/// DoRA (Liu et al. 2024, PEFT's `use_dora`) decomposes the adapted weight into a direction and a
+/// magnitude: `W' = (m / ||W + s B A||) * (W + s B A)`, row by row (one norm per output feature).
+/// The magnitude lives here, beside the factors it rescales, and trains with them; the norm
+/// needs the base weight, so the layer computes it (see
+/// [`LoraLayer::dora_weight_norm`](crate::LoraLayer::dora_weight_norm)).
 #[derive(Debug, Clone)]
 pub struct Adapter {
     a: Var,
     b: Var,
+    /// DoRA's `lora_magnitude_vector`, `[out]`; `None` for a plain LoRA adapter.
+    magnitude: Option<Var>,
     rank: usize,
     alpha: f64,
     use_rslora: bool,
@@ -75,6 +85,7 @@ impl Adapter {
         Ok(Self {
             a,
             b,
+            magnitude: None,
             rank: r,
             alpha,
             use_rslora,
@@ -82,8 +93,39 @@ impl Adapter {
         })
     }
 
+    /// Makes this a DoRA adapter with the magnitude `m [out]` (PEFT's `lora_magnitude_vector`).
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor, Var};
+    /// use lora_runtime::{Adapter, LayerConfig};
+    ///
+    /// let ad = Adapter::fresh(16, 32, &LayerConfig::new(4, 8.0), 0, DType::F32, &Device::Cpu)?;
+    /// let m = Var::from_tensor(&Tensor::ones(32, DType::F32, &Device::Cpu)?)?;
+    /// let dora = ad.with_magnitude(m)?;
+    /// assert!(dora.is_dora());
+    /// assert_eq!(dora.num_parameters(), 4 * (16 + 32) + 32);
+    /// # Ok::<(), lora_runtime::LayerError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`LayerError::FactorShape`] when `m` is not a vector as long as `B` is high.
+    pub fn with_magnitude(mut self, magnitude: Var) -> LayerResult<Self> {
+        let out = self.b.dims().first().copied().unwrap_or(0);
+        if magnitude.dims() != [out] {
+            return Err(LayerError::FactorShape {
+                factor: Factor::Magnitude,
+                found: magnitude.dims().to_vec(),
+                expected: format!("[{out}] (the height of lora_B)"),
+            });
+        }
+        self.magnitude = Some(magnitude);
+        Ok(self)
+    }
+
     /// A fresh adapter for a layer `[out, in]`: `A` random as `config.init` says (from a
     /// generator seeded with `seed`), `B = 0`, so it does not change the layer's output yet.
+    /// `config.use_dora` is not looked at here: the magnitude needs the base weight, which the
+    /// layer has (see [`LoraLayer::fresh_adapter`](crate::LoraLayer::fresh_adapter)).
     ///
     /// # Errors
     /// [`LayerError::InvalidConfig`] for invalid hyper-parameters.
@@ -154,9 +196,27 @@ impl Adapter {
     pub fn scaling(&self) -> f64 {
         scaling(self.rank, self.alpha, self.use_rslora)
     }
-    /// Number of trainable parameters: `r * (in + out)`.
+    /// DoRA's magnitude `m [out]`, for a DoRA adapter.
+    pub fn magnitude(&self) -> Option<&Var> {
+        self.magnitude.as_ref()
+    }
+    /// Whether this is a DoRA adapter (it has a magnitude).
+    pub fn is_dora(&self) -> bool {
+        self.magnitude.is_some()
+    }
+    /// Number of trainable parameters: `r * (in + out)`, plus `out` for DoRA.
     pub fn num_parameters(&self) -> usize {
-        self.a.elem_count() + self.b.elem_count()
+        self.a.elem_count()
+            + self.b.elem_count()
+            + self.magnitude.as_ref().map_or(0, |m| m.elem_count())
+    }
+    /// The trainable variables: `A`, `B` and, for DoRA, the magnitude, with which each is.
+    pub fn vars(&self) -> Vec<(Factor, &Var)> {
+        let mut vars = vec![(Factor::A, &self.a), (Factor::B, &self.b)];
+        if let Some(m) = &self.magnitude {
+            vars.push((Factor::Magnitude, m));
+        }
+        vars
     }
 
     /// `s * B A` in f32, `[out, in]`, detached: no gradient flows through it.

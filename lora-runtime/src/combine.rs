@@ -58,6 +58,13 @@ fn combine(parts: &[(&Adapter, f64)], how: Combination) -> LayerResult<(Tensor, 
     let Some((first, _)) = parts.first() else {
         return Err(LayerError::Refused("no adapters to combine".into()));
     };
+    if parts.iter().any(|(ad, _)| ad.is_dora()) {
+        // A DoRA adapter's update is not `s B A` alone (its magnitude rescales the whole
+        // weight): no weighted sum of deltas represents it.
+        return Err(LayerError::Refused(
+            "DoRA adapters cannot be combined: their updates are not low-rank deltas".into(),
+        ));
+    }
     let device = first.a().device().clone();
     let f32_of = |t: &Tensor| -> LayerResult<Tensor> { Ok(t.to_dtype(DType::F32)?) };
     match how {

@@ -291,13 +291,16 @@ pub enum LayerError {
     Refused(String),
 }
 
-/// Which LoRA factor: `A` (`[r, in]`) or `B` (`[out, r]`).
+/// Which trainable tensor of an adapter: `A` (`[r, in]`), `B` (`[out, r]`) or DoRA's magnitude
+/// (`[out]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Factor {
     /// `lora_A`, `[r, in]`.
     A,
     /// `lora_B`, `[out, r]`.
     B,
+    /// `lora_magnitude_vector`, `[out]`: DoRA's magnitude per output feature.
+    Magnitude,
 }
 
 impl std::fmt::Display for Factor {
@@ -305,6 +308,7 @@ impl std::fmt::Display for Factor {
         f.write_str(match self {
             Factor::A => "lora_A",
             Factor::B => "lora_B",
+            Factor::Magnitude => "lora_magnitude_vector",
         })
     }
 }

@@ -1,7 +1,9 @@
 //! Merging a PEFT adapter into a safetensors model with no model code: what `lora merge` runs.
 //!
 //! Each targeted tensor `<module>.weight` becomes `W + s * B A` (computed in f32, stored in `W`'s
-//! dtype, transposed for `fan_in_fan_out`); every other tensor is copied byte for byte. The base is
+//! dtype, transposed for `fan_in_fan_out`), or for a DoRA adapter PEFT's
+//! `(m / ||W + s B A||) * (W + s B A)` per output feature; every other tensor is copied byte for
+//! byte. The base is
 //! memory-mapped and the output is written tensor by tensor, so memory stays near the largest
 //! tensor, not the model's size. Everything is validated before the first byte is written, and the
 //! output appears only when complete (temporary files, then rename): a failed merge leaves no
@@ -27,7 +29,7 @@ use safetensors::{Dtype, View};
 use crate::error::{Error, Result};
 use crate::fingerprint::BaseFingerprint;
 use crate::fs::{RealFs, Staging};
-use crate::kernels::{add_low_rank, all_finite};
+use crate::kernels::{add_low_rank, all_finite, dora_rescale};
 use crate::peft::{candle_of, parse_safetensors, tensor_bytes, AdapterFile, Factors, LoadOptions};
 
 /// The index file of a sharded model.
@@ -115,6 +117,8 @@ struct Delta {
     b: Tensor,
     /// `A`, f32 `[r, in]`.
     a: Tensor,
+    /// DoRA's magnitude, f32 `[out]`, for a DoRA adapter.
+    magnitude: Option<Tensor>,
     fan_in_fan_out: bool,
 }
 
@@ -138,6 +142,10 @@ impl Delta {
             let l = l.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
             let rt = rt.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
             let rank = self.a.dim(0)?;
+            let magnitude = match &self.magnitude {
+                Some(m) => Some(m.to_vec1::<f32>()?),
+                None => None,
+            };
             let copied: Vec<f32>;
             // The mapping is unaligned only after tensors of odd byte counts: then copy the row data.
             let w: &[f32] = match bytemuck::try_cast_slice(bytes) {
@@ -151,11 +159,18 @@ impl Delta {
                 }
             };
             let mut out = vec![0u8; bytes.len()];
+            let merge = |out32: &mut [f32]| -> candle_core::Result<bool> {
+                let finite = add_low_rank(w, &l, &rt, rank, *cols, out32)?;
+                match &magnitude {
+                    Some(m) => Ok(finite && dora_rescale(out32, *cols, m, self.fan_in_fan_out)?),
+                    None => Ok(finite),
+                }
+            };
             let finite = match bytemuck::try_cast_slice_mut::<u8, f32>(&mut out) {
-                Ok(out32) => add_low_rank(w, &l, &rt, rank, *cols, out32)?,
+                Ok(out32) => merge(out32)?,
                 Err(_) => {
                     let mut out32 = vec![0f32; w.len()];
-                    let finite = add_low_rank(w, &l, &rt, rank, *cols, &mut out32)?;
+                    let finite = merge(&mut out32)?;
                     out = out32.iter().flat_map(|v| v.to_le_bytes()).collect();
                     finite
                 }
@@ -180,11 +195,18 @@ impl Delta {
         let w = Tensor::from_raw_buffer(bytes, dtype, shape, &Device::Cpu)?;
         let d = self.b.matmul(&self.a)?;
         let d = if self.fan_in_fan_out { d.t()? } else { d };
-        if dtype == DType::F32 {
-            w + d
-        } else {
-            (w.to_dtype(DType::F32)? + d)?.to_dtype(dtype)
-        }
+        let Some(m) = &self.magnitude else {
+            return if dtype == DType::F32 {
+                w + d
+            } else {
+                (w.to_dtype(DType::F32)? + d)?.to_dtype(dtype)
+            };
+        };
+        // DoRA: the norm of each output feature (a row of `[out, in]`, a column of `[in, out]`).
+        let plain = (w.to_dtype(DType::F32)? + d)?;
+        let axis = usize::from(!self.fan_in_fan_out);
+        let g = (m / plain.sqr()?.sum(axis)?.sqrt()?)?.unsqueeze(axis)?;
+        plain.broadcast_mul(&g)?.to_dtype(dtype)
     }
 }
 
@@ -366,6 +388,10 @@ pub fn merge_safetensors_with(
         let delta = Delta {
             b: f.b.to_dtype(DType::F32)?.affine(scale, 0.0)?,
             a: f.a.to_dtype(DType::F32)?,
+            magnitude: match &f.magnitude {
+                Some((_, m)) => Some(m.to_dtype(DType::F32)?),
+                None => None,
+            },
             fan_in_fan_out,
         };
         deltas.insert(weight, (module.clone(), delta));

@@ -23,7 +23,7 @@ pub use linear::LoraLinear;
 
 use std::any::Any;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 
 use crate::adapter::{Adapter, AdapterSet, DEFAULT_ADAPTER};
 use crate::config::LayerConfig;
@@ -117,6 +117,25 @@ pub trait LoraLayer: Send + Sync + std::fmt::Debug + Any {
         let _ = rng;
     }
 
+    /// Whether this layer kind implements DoRA (its forward and merge apply an adapter's
+    /// magnitude). Kinds that do not are refused DoRA adapters rather than silently running them
+    /// as plain LoRA.
+    fn supports_dora(&self) -> bool {
+        false
+    }
+    /// DoRA's weight norm for `adapter` on this layer: `||W + s B A||` per output feature, f32
+    /// `[out]`, computed from the unmerged base weight and detached (no gradient flows through
+    /// it, as in PEFT and the DoRA paper, section 4.3).
+    ///
+    /// # Errors
+    /// [`LayerError::Refused`] for a layer kind without DoRA; a candle error.
+    fn dora_weight_norm(&self, adapter: &Adapter) -> LayerResult<Tensor> {
+        let _ = adapter;
+        Err(LayerError::Refused(
+            "this layer kind does not support DoRA (`use_dora`)".into(),
+        ))
+    }
+
     /// The layer as [`Any`], to reach its concrete type (see `downcast_ref` on `dyn LoraLayer`).
     fn as_any(&self) -> &dyn Any;
     /// The layer as mutable [`Any`], e.g. for a loader that sets up layers of a kind it knows.
@@ -162,31 +181,45 @@ pub trait LoraLayer: Send + Sync + std::fmt::Debug + Any {
         }
     }
 
-    /// A fresh adapter for this layer (see [`Adapter::fresh`]).
+    /// A fresh adapter for this layer (see [`Adapter::fresh`]); with `config.use_dora`, its
+    /// magnitude starts at the [weight norm](Self::dora_weight_norm), `||W||` per output feature
+    /// since `B = 0`, as PEFT initialises it: the fresh adapter changes nothing.
     ///
     /// # Errors
-    /// [`LayerError::InvalidConfig`] for invalid hyper-parameters.
+    /// [`LayerError::InvalidConfig`] for invalid hyper-parameters, [`LayerError::Refused`] for
+    /// DoRA on a layer kind without it.
     fn fresh_adapter(&self, config: &LayerConfig, seed: u64) -> LayerResult<Adapter> {
-        Adapter::fresh(
+        let adapter = Adapter::fresh(
             self.in_features(),
             self.out_features(),
             config,
             seed,
             self.adapter_dtype(),
             self.device(),
-        )
+        )?;
+        if !config.use_dora {
+            return Ok(adapter);
+        }
+        let norm = self.dora_weight_norm(&adapter)?;
+        adapter.with_magnitude(Var::from_tensor(&norm.to_dtype(self.adapter_dtype())?)?)
     }
 
-    /// Adds or replaces the adapter `name` after checking that the layer is not merged and that
-    /// the factors fit. A mixed-adapter routing is cleared (it holds a snapshot of the factors).
+    /// Adds or replaces the adapter `name` after checking that the layer is not merged, that
+    /// the factors fit and that a DoRA adapter goes to a layer kind with DoRA. A mixed-adapter
+    /// routing is cleared (it holds a snapshot of the factors).
     ///
     /// # Errors
-    /// [`LayerError::Merged`], [`LayerError::FactorShape`].
+    /// [`LayerError::Merged`], [`LayerError::FactorShape`], [`LayerError::Refused`].
     fn insert_adapter(&mut self, name: &str, adapter: Adapter) -> LayerResult<()> {
         if self.is_merged() {
             return Err(LayerError::Merged);
         }
         self.check_factors(adapter.a().dims(), adapter.b().dims())?;
+        if adapter.is_dora() && !self.supports_dora() {
+            return Err(LayerError::Refused(
+                "this layer kind does not support DoRA (`use_dora`)".into(),
+            ));
+        }
         self.set_routing(None);
         self.adapter_set_mut().insert(name, adapter);
         Ok(())

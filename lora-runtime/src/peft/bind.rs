@@ -102,6 +102,22 @@ impl AdapterFile {
                 self.config.dropout as f32,
             )
             .map_err(|e| e.at(&module))?;
+            let adapter = match f.magnitude {
+                None => adapter,
+                Some((key, m)) => {
+                    if !layer.supports_dora() {
+                        return Err(Error::bad_tensor(
+                            &self.path,
+                            key,
+                            format!("layer `{module}` is of a kind without DoRA"),
+                        ));
+                    }
+                    let m = Var::from_tensor(&m.to_dtype(dtype)?.to_device(device)?)?;
+                    adapter.with_magnitude(m).map_err(|e| {
+                        Error::bad_tensor(&self.path, key, format!("does not fit: {e}"))
+                    })?
+                }
+            };
             out.insert(module, adapter);
         }
         Ok(out)

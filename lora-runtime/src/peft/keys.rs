@@ -1,4 +1,6 @@
-//! PEFT's tensor names: `base_model.model.<module path>.lora_A.weight`, as written and as read.
+//! PEFT's tensor names: `base_model.model.<module path>.lora_A.weight`, as written and as read;
+//! DoRA's magnitude is `base_model.model.<module path>.lora_magnitude_vector` (no `.weight`) in
+//! files PEFT 0.21 writes.
 
 use std::path::Path;
 
@@ -12,57 +14,58 @@ pub(crate) fn peft_key(path: &str, factor: Factor) -> String {
 
 /// PEFT's state-dict name of a factor of the adapter `name` (`...lora_A.<name>.weight`), or of
 /// the default adapter as files store it (`...lora_A.weight`) when `name` is `None`.
+///
+/// DoRA's magnitude is stored without `.weight` in files (`...lora_magnitude_vector`, as PEFT
+/// 0.21 saves it) and named `...lora_magnitude_vector.<name>.weight` in PEFT's state dict.
 pub(crate) fn named_key(path: &str, factor: Factor, name: Option<&str>) -> String {
     let sep = if path.is_empty() { "" } else { "." };
-    match name {
-        None => format!("base_model.model.{path}{sep}{factor}.weight"),
-        Some(n) => format!("base_model.model.{path}{sep}{factor}.{n}.weight"),
+    match (name, factor) {
+        (None, Factor::Magnitude) => format!("base_model.model.{path}{sep}{factor}"),
+        (None, _) => format!("base_model.model.{path}{sep}{factor}.weight"),
+        (Some(n), _) => format!("base_model.model.{path}{sep}{factor}.{n}.weight"),
     }
 }
 
 /// Splits a PEFT key into module path and factor: accepts `base_model.model.` or not, and an
-/// adapter-name infix (`lora_A.default.weight`).
+/// adapter-name infix (`lora_A.default.weight`). DoRA's magnitude is accepted as PEFT 0.21 writes
+/// it (`<module>.lora_magnitude_vector`) and in the older form with `.weight`, with or without
+/// the adapter name.
 pub(crate) fn parse_key(key: &str, file: &Path) -> Result<(String, Factor)> {
     let rest = key.strip_prefix("base_model.model.").unwrap_or(key);
     let parts: Vec<&str> = rest.split('.').collect();
-    for unsupported in [
-        "lora_embedding_A",
-        "lora_embedding_B",
-        "lora_magnitude_vector",
-    ] {
+    for unsupported in ["lora_embedding_A", "lora_embedding_B"] {
         if parts.contains(&unsupported) {
-            let what = if unsupported == "lora_magnitude_vector" {
-                "DoRA magnitude vectors are not supported"
-            } else {
-                "LoRA on embedding layers is not supported"
-            };
             return Err(Error::Unsupported {
                 path: Some(file.to_path_buf()),
                 field: key.to_string(),
-                reason: what.to_string(),
+                reason: "LoRA on embedding layers is not supported".to_string(),
             });
         }
     }
-    let pos = parts.iter().position(|p| *p == "lora_A" || *p == "lora_B");
+    let pos = parts
+        .iter()
+        .position(|p| matches!(*p, "lora_A" | "lora_B" | "lora_magnitude_vector"));
     let Some(pos) = pos.filter(|&p| p > 0) else {
         return Err(Error::bad_tensor(
             file,
             key,
-            "not a LoRA factor: expected `<module>.lora_A.weight` or `<module>.lora_B.weight`",
+            "not a LoRA factor: expected `<module>.lora_A.weight`, `<module>.lora_B.weight` or `<module>.lora_magnitude_vector`",
         ));
     };
     let tail = &parts[pos + 1..];
-    if !(tail == ["weight"] || (tail.len() == 2 && tail[1] == "weight" && !tail[0].is_empty())) {
+    let factor = match parts[pos] {
+        "lora_A" => Factor::A,
+        "lora_B" => Factor::B,
+        _ => Factor::Magnitude,
+    };
+    let named = tail.len() == 2 && tail[1] == "weight" && !tail[0].is_empty();
+    let plain = tail == ["weight"] || (factor == Factor::Magnitude && tail.is_empty());
+    if !(plain || named) {
         return Err(Error::bad_tensor(
             file,
             key,
-            "not a LoRA factor: expected the key to end in `lora_A.weight`, `lora_B.weight` or `lora_A.<adapter>.weight`",
+            "not a LoRA factor: expected the key to end in `lora_A.weight`, `lora_B.weight`, `lora_A.<adapter>.weight` or `lora_magnitude_vector`",
         ));
     }
-    let factor = if parts[pos] == "lora_A" {
-        Factor::A
-    } else {
-        Factor::B
-    };
     Ok((parts[..pos].join("."), factor))
 }

@@ -2,7 +2,8 @@
 //!
 //! A directory holds `adapter_model.safetensors` (tensors
 //! `base_model.model.<module path>.lora_A.weight` `[r, in]` and `...lora_B.weight` `[out, r]`,
-//! metadata `format: pt`) and `adapter_config.json`. [`AdapterFile::read`] parses and validates
+//! for DoRA also `...lora_magnitude_vector` `[out]`; metadata `format: pt`) and
+//! `adapter_config.json`. [`AdapterFile::read`] parses and validates
 //! one without a model; [`load_adapter`](crate::LoraModelExt::load_adapter) and
 //! [`save_adapter`](crate::LoraModelExt::save_adapter) use this module.
 //!
@@ -44,7 +45,8 @@ pub const ADAPTER_FILE: &str = "adapter_model.safetensors";
 /// The config file of an adapter directory.
 pub const CONFIG_FILE: &str = "adapter_config.json";
 
-/// The `A` and `B` factors of one module, as read from a file (on the CPU, in the file's dtype).
+/// The `A` and `B` factors of one module (and DoRA's magnitude), as read from a file (on the
+/// CPU, in the file's dtype).
 #[derive(Debug, Clone)]
 pub struct Factors {
     /// `A`, `[r, in]`.
@@ -55,6 +57,9 @@ pub struct Factors {
     pub a_key: String,
     /// The key `B` was stored under.
     pub b_key: String,
+    /// DoRA's magnitude `[out]` and the key it was stored under, for a DoRA adapter
+    /// (`use_dora`; checked to be present exactly then).
+    pub magnitude: Option<(String, Tensor)>,
     /// The rank, checked to agree between `A`, `B` and the config when read.
     pub(crate) rank: usize,
 }

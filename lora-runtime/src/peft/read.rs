@@ -20,6 +20,14 @@ use crate::kernels::all_finite;
 /// A factor read from a file, with its key (`None` until seen).
 type KeyedTensor = Option<(String, Tensor)>;
 
+/// What a file holds for one module: `A`, `B` and DoRA's magnitude.
+#[derive(Default)]
+struct ModuleTensors {
+    a: KeyedTensor,
+    b: KeyedTensor,
+    magnitude: KeyedTensor,
+}
+
 pub(crate) fn candle_of(dtype: Dtype) -> Option<DType> {
     match dtype {
         Dtype::F32 => Some(DType::F32),
@@ -156,7 +164,8 @@ impl AdapterFile {
     /// Reads and validates an adapter directory (or its `adapter_model.safetensors`): the config
     /// uses only supported features, every key is a LoRA factor, every factor is a finite
     /// floating-point matrix, each module has both `A` and `B` with agreeing ranks, and the ranks
-    /// agree with the config's `r` and `rank_pattern`.
+    /// agree with the config's `r` and `rank_pattern`; with `use_dora`, each module has a
+    /// magnitude vector as long as `B` is high (and without it, none).
     ///
     /// Sizes are checked before anything is allocated: the files against
     /// [`MAX_ADAPTER_BYTES`] and [`MAX_CONFIG_BYTES`], the declared header length against the
@@ -221,7 +230,7 @@ impl AdapterFile {
             .1;
 
         // Per module: `A` and `B` with the keys they were stored under.
-        let mut halves: BTreeMap<String, (KeyedTensor, KeyedTensor)> = BTreeMap::new();
+        let mut halves: BTreeMap<String, ModuleTensors> = BTreeMap::new();
         let mut names: Vec<&str> = st.names();
         names.sort_unstable();
         for key in names {
@@ -240,12 +249,25 @@ impl AdapterFile {
                     ),
                 )
             })?;
-            if view.shape().len() != 2 {
-                return Err(Error::bad_tensor(
-                    file,
-                    key,
-                    format!("expected a matrix, got shape {:?}", view.shape()),
-                ));
+            match (factor, view.shape().len()) {
+                (Factor::Magnitude, 1) | (Factor::A | Factor::B, 2) => {}
+                (Factor::Magnitude, _) => {
+                    return Err(Error::bad_tensor(
+                        file,
+                        key,
+                        format!(
+                            "expected a vector [out_features], got shape {:?}",
+                            view.shape()
+                        ),
+                    ))
+                }
+                _ => {
+                    return Err(Error::bad_tensor(
+                        file,
+                        key,
+                        format!("expected a matrix, got shape {:?}", view.shape()),
+                    ))
+                }
             }
             let tensor = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)?;
             if !all_finite(&tensor)? {
@@ -257,8 +279,9 @@ impl AdapterFile {
             }
             let slot = halves.entry(module).or_default();
             let slot = match factor {
-                Factor::A => &mut slot.0,
-                Factor::B => &mut slot.1,
+                Factor::A => &mut slot.a,
+                Factor::B => &mut slot.b,
+                Factor::Magnitude => &mut slot.magnitude,
             };
             if let Some((other, _)) = slot {
                 return Err(Error::bad_tensor(
@@ -271,16 +294,23 @@ impl AdapterFile {
         }
 
         let mut factors = BTreeMap::new();
-        for (module, (a, b)) in halves {
-            let ((a_key, a), (b_key, b)) = match (a, b) {
-                (Some(a), Some(b)) => (a, b),
-                (Some((k, _)), None) => {
+        for (module, ModuleTensors { a, b, magnitude }) in halves {
+            let ((a_key, a), (b_key, b)) = match (a, b, &magnitude) {
+                (Some(a), Some(b), _) => (a, b),
+                (Some((k, _)), None, _) => {
                     return Err(Error::bad_tensor(file, k, "has no matching lora_B"))
                 }
-                (None, Some((k, _))) => {
+                (None, Some((k, _)), _) => {
                     return Err(Error::bad_tensor(file, k, "has no matching lora_A"))
                 }
-                (None, None) => continue,
+                (None, None, Some((k, _))) => {
+                    return Err(Error::bad_tensor(
+                        file,
+                        k,
+                        "has no matching lora_A and lora_B",
+                    ))
+                }
+                (None, None, None) => continue,
             };
             let (ra, rb) = (a.dims()[0], b.dims()[1]);
             if ra == 0 {
@@ -301,6 +331,42 @@ impl AdapterFile {
                     format!("has rank {ra} but {} says r = {expected} for `{module}` (field `r` / `rank_pattern`)", config_path.display()),
                 ));
             }
+            match (&magnitude, config.use_dora) {
+                (Some((k, m)), true) => {
+                    let out = b.dims()[0];
+                    if m.dims() != [out] {
+                        return Err(Error::bad_tensor(
+                            file,
+                            k,
+                            format!(
+                                "has shape {:?} but `{b_key}` has {out} rows: expected [{out}]",
+                                m.dims()
+                            ),
+                        ));
+                    }
+                }
+                (Some((k, _)), false) => {
+                    return Err(Error::bad_tensor(
+                        file,
+                        k,
+                        format!(
+                            "is a DoRA magnitude but {} does not set `use_dora: true`",
+                            config_path.display()
+                        ),
+                    ))
+                }
+                (None, true) => {
+                    return Err(Error::bad_tensor(
+                        file,
+                        a_key,
+                        format!(
+                        "{} sets `use_dora: true` but `{module}` has no `lora_magnitude_vector`",
+                        config_path.display()
+                    ),
+                    ))
+                }
+                (None, false) => {}
+            }
             factors.insert(
                 module,
                 Factors {
@@ -308,6 +374,7 @@ impl AdapterFile {
                     b,
                     a_key,
                     b_key,
+                    magnitude,
                     rank: ra,
                 },
             );
