@@ -32,7 +32,7 @@
 //!   command-line tool).
 //!
 //! Modules depend on each other in one direction, each only on those before it:
-//! `error` -> `config` -> `rng` -> `fingerprint` -> `adapter` -> `kernels`, `ops` -> `routing` -> `layer` ->
+//! `error` -> `layout` -> `config` -> `rng` -> `fingerprint` -> `adapter` -> `kernels`, `ops` -> `routing` -> `layer` ->
 //! `model` -> `fs` -> `peft` -> `registry` -> `merge`, `combine`, `batched` -> `ext` ->
 //! `train`, `merge_file`.
 #![warn(missing_docs)]
@@ -49,6 +49,7 @@ pub mod fingerprint;
 mod fs;
 mod kernels;
 pub mod layer;
+pub mod layout;
 pub mod merge;
 pub mod merge_file;
 pub mod model;
@@ -65,7 +66,9 @@ pub use config::{LayerConfig, LoraConfig, LoraInit, TargetModules};
 pub use error::{Error, Factor, LayerError, LayerResult, Result};
 pub use ext::LoraModelExt;
 pub use fingerprint::BaseFingerprint;
-pub use layer::{FrozenLinear, LoraLayer, LoraLinear, MergedWeight};
+pub use layer::{
+    FrozenLinear, LoraConv1d, LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear, MergedWeight,
+};
 pub use model::{LoraModel, ModulePath, VisitFn, VisitMutFn};
 pub use peft::{LoadOptions, SaveOptions};
 pub use registry::{InitOptions, TrainableParameters, DEFAULT_SEED};

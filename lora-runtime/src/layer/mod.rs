@@ -15,9 +15,13 @@
 //! Methods report a [`LayerError`] without a module path: the model visitor knows the path and
 //! attaches it once ([`LayerError::at`]).
 
+mod conv;
+mod embedding;
 mod frozen;
 mod linear;
 
+pub use conv::{LoraConv1d, LoraConv2d};
+pub use embedding::LoraEmbedding;
 pub use frozen::FrozenLinear;
 pub use linear::LoraLinear;
 
@@ -27,8 +31,9 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::adapter::{Adapter, AdapterSet, DEFAULT_ADAPTER};
 use crate::config::LayerConfig;
-use crate::error::{Factor, LayerError, LayerResult};
+use crate::error::{LayerError, LayerResult};
 use crate::fingerprint::BaseFingerprint;
+use crate::layout::FactorLayout;
 use crate::rng::DropoutRng;
 use crate::routing::Routing;
 
@@ -53,9 +58,11 @@ impl MergedWeight {
 /// methods do the rest. Changing methods are called by the runtime only after it checked the
 /// whole model (no layer merged, every factor fits), so installing never fails half-way.
 pub trait LoraLayer: Send + Sync + std::fmt::Debug + Any {
-    /// Input features: the width of `A` (`[r, in]`).
+    /// Input features: the width of `A` (`[r, in]`); a convolution's input channels, an
+    /// embedding's number of embeddings.
     fn in_features(&self) -> usize;
-    /// Output features: the height of `B` (`[out, r]`).
+    /// Output features: the height of `B` (`[out, r]`); a convolution's output channels, an
+    /// embedding's dimension.
     fn out_features(&self) -> usize;
     /// Whether the stored weight is `[in, out]` (PEFT's `fan_in_fan_out`, GPT-2's `Conv1D`).
     fn fan_in_fan_out(&self) -> bool {
@@ -139,37 +146,32 @@ pub trait LoraLayer: Send + Sync + std::fmt::Debug + Any {
         self.adapter_set().active_name()
     }
 
-    /// Checks that `A` and `B` of these shapes fit the layer: `A [r, in]`, `B [out, r]`.
+    /// The shapes of this layer's factors for rank `rank`, and PEFT's names for them: by
+    /// default a linear layer's, `A [r, in]` and `B [out, r]` as `lora_A` / `lora_B`. Kinds
+    /// with other factors (convolutions, embeddings) override this; adapters, checks and files
+    /// follow it.
+    fn factor_layout(&self, rank: usize) -> FactorLayout {
+        FactorLayout::matrix(self.in_features(), self.out_features(), rank)
+    }
+
+    /// Checks that `A` and `B` of these shapes fit the layer's
+    /// [`factor_layout`](Self::factor_layout): `A [r, in]`, `B [out, r]` for a linear layer.
     ///
     /// # Errors
     /// [`LayerError::FactorShape`] naming the factor that does not fit.
     fn check_factors(&self, a: &[usize], b: &[usize]) -> LayerResult<()> {
-        let (inp, out) = (self.in_features(), self.out_features());
-        match *a {
-            [r, i] if i == inp && r > 0 => match *b {
-                [o, rb] if o == out && rb == r => Ok(()),
-                _ => Err(LayerError::FactorShape {
-                    factor: Factor::B,
-                    found: b.to_vec(),
-                    expected: format!("[{out}, {r}]"),
-                }),
-            },
-            _ => Err(LayerError::FactorShape {
-                factor: Factor::A,
-                found: a.to_vec(),
-                expected: format!("[r, {inp}]"),
-            }),
-        }
+        let rank = a.first().copied().unwrap_or(0);
+        self.factor_layout(rank).check(a, b)
     }
 
-    /// A fresh adapter for this layer (see [`Adapter::fresh`]).
+    /// A fresh adapter for this layer (see [`Adapter::fresh_for`]): `A` random in the
+    /// layer's [`factor_layout`](Self::factor_layout), `B = 0`.
     ///
     /// # Errors
     /// [`LayerError::InvalidConfig`] for invalid hyper-parameters.
     fn fresh_adapter(&self, config: &LayerConfig, seed: u64) -> LayerResult<Adapter> {
-        Adapter::fresh(
-            self.in_features(),
-            self.out_features(),
+        Adapter::fresh_for(
+            &self.factor_layout(config.rank),
             config,
             seed,
             self.adapter_dtype(),
