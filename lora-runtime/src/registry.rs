@@ -205,8 +205,15 @@ pub(crate) fn init_adapter<M: LoraModel + ?Sized>(
         |layer, (path, adapter)| {
             // PEFT's state-dict names: the adapter name sits between the factor and `weight`,
             // except for the default adapter in files.
-            vars.insert(named_key(&path, Factor::A, name), adapter.a().clone());
-            vars.insert(named_key(&path, Factor::B, name), adapter.b().clone());
+            let names = layer.factor_layout(adapter.rank()).names();
+            vars.insert(
+                named_key(&path, names, Factor::A, name),
+                adapter.a().clone(),
+            );
+            vars.insert(
+                named_key(&path, names, Factor::B, name),
+                adapter.b().clone(),
+            );
             match name {
                 None => install_default(layer, Some(adapter)),
                 Some(n) => {
@@ -312,11 +319,12 @@ pub(crate) fn trainable_vars<M: LoraModel + ?Sized>(model: &M) -> Vec<Var> {
 pub(crate) fn named_trainable_vars<M: LoraModel + ?Sized>(model: &M) -> Vec<(String, Var)> {
     layers(model)
         .iter()
-        .filter_map(|(p, l, _)| l.adapter().map(|ad| (p, ad)))
-        .flat_map(|(p, ad)| {
+        .filter_map(|(p, l, _)| l.adapter().map(|ad| (p, l, ad)))
+        .flat_map(|(p, l, ad)| {
+            let names = l.factor_layout(ad.rank()).names();
             [
-                (peft_key(p, Factor::A), ad.a().clone()),
-                (peft_key(p, Factor::B), ad.b().clone()),
+                (peft_key(p, names, Factor::A), ad.a().clone()),
+                (peft_key(p, names, Factor::B), ad.b().clone()),
             ]
         })
         .collect()

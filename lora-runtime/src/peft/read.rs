@@ -16,9 +16,10 @@ use crate::config::LoraConfig;
 use crate::error::{Error, Factor, Result};
 use crate::fingerprint::BaseFingerprint;
 use crate::kernels::all_finite;
+use crate::layout::FactorNames;
 
-/// A factor read from a file, with its key (`None` until seen).
-type KeyedTensor = Option<(String, Tensor)>;
+/// A factor read from a file, with its key and naming (`None` until seen).
+type KeyedTensor = Option<(String, Tensor, FactorNames)>;
 
 pub(crate) fn candle_of(dtype: Dtype) -> Option<DType> {
     match dtype {
@@ -229,7 +230,7 @@ impl AdapterFile {
                 path: file.to_path_buf(),
                 source,
             })?;
-            let (module, factor) = parse_key(key, file)?;
+            let (module, factor, names) = parse_key(key, file)?;
             let dtype = candle_of(view.dtype()).ok_or_else(|| {
                 Error::bad_tensor(
                     file,
@@ -240,11 +241,23 @@ impl AdapterFile {
                     ),
                 )
             })?;
-            if view.shape().len() != 2 {
+            // Matrices; convolutions add 1 or 2 kernel dimensions (`A [r, in, k...]`).
+            let dims_ok = match names {
+                FactorNames::Embedding => view.shape().len() == 2,
+                FactorNames::Lora => (2..=4).contains(&view.shape().len()),
+            };
+            if !dims_ok {
+                let expected = match names {
+                    FactorNames::Embedding => "a matrix",
+                    FactorNames::Lora => {
+                        "a matrix (linear layers) or a kernel of 1 or 2 spatial dimensions \
+                         (Conv1d, Conv2d; Conv3d is not supported)"
+                    }
+                };
                 return Err(Error::bad_tensor(
                     file,
                     key,
-                    format!("expected a matrix, got shape {:?}", view.shape()),
+                    format!("expected {expected}, got shape {:?}", view.shape()),
                 ));
             }
             let tensor = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)?;
@@ -260,28 +273,59 @@ impl AdapterFile {
                 Factor::A => &mut slot.0,
                 Factor::B => &mut slot.1,
             };
-            if let Some((other, _)) = slot {
+            if let Some((other, _, _)) = slot {
                 return Err(Error::bad_tensor(
                     file,
                     key,
                     format!("the same factor is also stored as `{other}`"),
                 ));
             }
-            *slot = Some((key.to_string(), tensor));
+            *slot = Some((key.to_string(), tensor, names));
         }
 
         let mut factors = BTreeMap::new();
         for (module, (a, b)) in halves {
-            let ((a_key, a), (b_key, b)) = match (a, b) {
+            let ((a_key, a, names), (b_key, b, b_names)) = match (a, b) {
                 (Some(a), Some(b)) => (a, b),
-                (Some((k, _)), None) => {
-                    return Err(Error::bad_tensor(file, k, "has no matching lora_B"))
+                (Some((k, _, names)), None) => {
+                    let other = names.factor_name(Factor::B);
+                    return Err(Error::bad_tensor(
+                        file,
+                        k,
+                        format!("has no matching {other}"),
+                    ));
                 }
-                (None, Some((k, _))) => {
-                    return Err(Error::bad_tensor(file, k, "has no matching lora_A"))
+                (None, Some((k, _, names))) => {
+                    let other = names.factor_name(Factor::A);
+                    return Err(Error::bad_tensor(
+                        file,
+                        k,
+                        format!("has no matching {other}"),
+                    ));
                 }
                 (None, None) => continue,
             };
+            if names != b_names {
+                return Err(Error::bad_tensor(
+                    file,
+                    b_key,
+                    format!(
+                        "does not pair with `{a_key}`: one is an embedding factor, the other not"
+                    ),
+                ));
+            }
+            if a.rank() != b.rank() {
+                return Err(Error::bad_tensor(
+                    file,
+                    b_key,
+                    format!(
+                        "has shape {:?} but `{a_key}` has shape {:?}: the factors of a convolution \
+                         both have its kernel dimensions",
+                        b.dims(),
+                        a.dims()
+                    ),
+                ));
+            }
             let (ra, rb) = (a.dims()[0], b.dims()[1]);
             if ra == 0 {
                 return Err(Error::bad_tensor(file, a_key, "has rank 0"));
@@ -309,6 +353,7 @@ impl AdapterFile {
                     a_key,
                     b_key,
                     rank: ra,
+                    names,
                 },
             );
         }
