@@ -28,6 +28,7 @@ unexpected LoRA keys and gives the output the Rust side computed (DIR/io.safeten
     PEFT_INTEROP_OUT=target/rust_adapter cargo test --test peft_interop -- --ignored write_rust_adapters
     /tmp/peftvenv/bin/python scripts/peft_fixtures.py --check-rust-adapter target/rust_adapter/llama_qv llama_qv
     /tmp/peftvenv/bin/python scripts/peft_fixtures.py --check-rust-adapter target/rust_adapter/gpt2_conv1d gpt2_conv1d
+    (likewise for rslora, biased, embedding, conv1d, conv2d)
 """
 
 from __future__ import annotations
@@ -193,8 +194,68 @@ class Gpt2Like(nn.Module):
         return x
 
 
+VOCAB = 20  # embedding rows
+
+
+class EmbedInner(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(VOCAB, HIDDEN)
+        self.proj = nn.Linear(HIDDEN, INNER)
+
+
+class EmbedLm(nn.Module):
+    """model.embed_tokens (nn.Embedding) and model.proj (nn.Linear): embedding and linear LoRA in one adapter."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = EmbedInner()
+
+    def forward(self, ids):
+        return self.model.proj(self.model.embed_tokens(ids))
+
+
+class Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv1d(6, 10, 3, padding=1)
+        self.conv2 = nn.Conv1d(10, 4, 5, stride=2, padding=2)
+
+
+class Conv1dNet(nn.Module):
+    """encoder.conv1 (k=3, padding 1), encoder.conv2 (k=5, stride 2, padding 2): nn.Conv1d."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = Encoder()
+
+    def forward(self, x):
+        return self.encoder.conv2(F.silu(self.encoder.conv1(x)))
+
+
+class Backbone(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.mix = nn.Conv2d(8, 6, (3, 2), padding=1)  # a non-square kernel
+        self.head = nn.Conv2d(6, 5, 1)  # 1x1: PEFT's other get_delta_weight branch
+
+
+class Conv2dNet(nn.Module):
+    """backbone.stem (3x3, stride 2), backbone.mix (3x2), backbone.head (1x1): nn.Conv2d."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = Backbone()
+
+    def forward(self, x):
+        b = self.backbone
+        return b.head(F.silu(b.mix(F.silu(b.stem(x)))))
+
+
 # ---------------------------------------------------------------------------------------------
-# Cases: (seed, model constructor, dtype, LoraConfig kwargs).
+# Cases: (seed, model constructor, dtype, LoraConfig kwargs; `input`: the input from a generator
+# when it is not INPUT_SHAPE normal; `grads`: also store PEFT's gradients of the factors).
 
 CASES = {
     "llama_qv": dict(
@@ -245,6 +306,27 @@ CASES = {
             ("model-00003-of-00003.safetensors", ""),
         ],
     ),
+    "embedding": dict(
+        seed=8,
+        model=lambda: EmbedLm(),
+        lora=dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "proj"]),
+        input=lambda gen: torch.randint(0, VOCAB, (2, 3), generator=gen),
+        grads=True,
+    ),
+    "conv1d": dict(
+        seed=9,
+        model=lambda: Conv1dNet(),
+        lora=dict(r=4, lora_alpha=8, target_modules=["conv1", "conv2"]),
+        input=lambda gen: torch.randn((2, 6, 11), generator=gen),
+        grads=True,
+    ),
+    "conv2d": dict(
+        seed=10,
+        model=lambda: Conv2dNet(),
+        lora=dict(r=3, lora_alpha=6, target_modules=["stem", "mix", "head"]),
+        input=lambda gen: torch.randn((2, 3, 9, 9), generator=gen),
+        grads=True,
+    ),
     "half": dict(
         seed=7,
         model=lambda: LlamaLike(),
@@ -263,7 +345,25 @@ def build_model(case: str) -> nn.Module:
 
 def make_input(case: str) -> torch.Tensor:
     gen = torch.Generator().manual_seed(1000 + CASES[case]["seed"])
+    if "input" in CASES[case]:
+        return CASES[case]["input"](gen)
     return torch.randn(INPUT_SHAPE, generator=gen)
+
+
+def factor_grads(peft_model: nn.Module, x: torch.Tensor, probe: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Gradients of sum(output * probe) with respect to every LoRA factor, by file key."""
+    peft_model.zero_grad()
+    (peft_model(x) * probe).sum().backward()
+    params = dict(peft_model.named_parameters())
+    out = {}
+    for key in peft.get_peft_model_state_dict(peft_model):
+        # file key -> parameter name: the adapter name goes back in
+        name = key.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight")
+        if name.endswith((".lora_embedding_A", ".lora_embedding_B")):
+            name += ".default"
+        out[f"grad.{key}"] = params[name].grad.detach().clone()
+    peft_model.zero_grad()
+    return out
 
 
 def state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -321,6 +421,12 @@ def generate(case: str, root: Path) -> None:
         (out / "adapter" / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
 
     half = spec.get("dtype", torch.float32) != torch.float32
+    grads = {}
+    if spec.get("grads"):
+        with torch.no_grad():
+            shape = peft_model(x).shape
+        probe = torch.randn(shape, generator=torch.Generator().manual_seed(2000 + spec["seed"]))
+        grads = {"probe": probe, **factor_grads(peft_model, x, probe)}
     with torch.no_grad():
         unmerged_output = None if half else peft_model(x)
         merged_model = peft_model.merge_and_unload()
@@ -337,7 +443,7 @@ def generate(case: str, root: Path) -> None:
     if not half:
         rel = ((unmerged_output - merged_output).abs().max() / merged_output.abs().max()).item()
         assert rel < OUTPUT_RTOL, f"{case}: PEFT's own merged and unmerged outputs differ by {rel}"
-        io = {"input": x, "unmerged_output": unmerged_output, "merged_output": merged_output}
+        io = {"input": x, "unmerged_output": unmerged_output, "merged_output": merged_output, **grads}
         save_file({k: v.contiguous() for k, v in io.items()}, out / "io.safetensors", metadata=META)
     changed = sorted(k for k in base if not torch.equal(base[k], merged[k]))
     print(f"{case}: {len(base)} tensors, {len(changed)} merged")
@@ -396,7 +502,7 @@ def check_rust_adapter(adapter_dir: Path, case: str, fixtures: Path) -> None:
     state = peft.get_peft_model_state_dict(peft_model)
     for k, v in file_tensors.items():
         assert torch.equal(state[k], v), f"{k} was not loaded as stored"
-    n_layers = sum(1 for n, _ in peft_model.named_modules() if n.endswith(".lora_A.default"))
+    n_layers = sum(1 for m in peft_model.modules() if isinstance(m, peft.tuners.lora.LoraLayer))
     assert 2 * n_layers == len(file_tensors), f"{n_layers} LoRA layers but {len(file_tensors)} tensors"
 
     io = load_file(adapter_dir / "io.safetensors")

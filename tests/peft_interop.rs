@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{Linear, VarMap};
+use candle_nn::{Conv1d, Conv1dConfig, Conv2d, Conv2dConfig, Embedding, Linear, VarMap};
 use lora::merge_file::merge_safetensors;
 use lora::prelude::*;
 use lora::{Adapter, LoraLayer, ModulePath};
@@ -32,6 +32,21 @@ use lora::{Adapter, LoraLayer, ModulePath};
 /// The linear layer behind a visited layer.
 fn lin(layer: &dyn LoraLayer) -> &LoraLinear {
     layer.downcast_ref().expect("a LoraLinear")
+}
+
+/// The weight of a visited layer of any kind (merged when merged).
+fn weight_of(layer: &dyn LoraLayer) -> Tensor {
+    if let Some(l) = layer.downcast_ref::<LoraLinear>() {
+        l.weight().clone()
+    } else if let Some(l) = layer.downcast_ref::<LoraEmbedding>() {
+        l.weight().clone()
+    } else if let Some(l) = layer.downcast_ref::<LoraConv1d>() {
+        l.weight().clone()
+    } else if let Some(l) = layer.downcast_ref::<LoraConv2d>() {
+        l.weight().clone()
+    } else {
+        panic!("an unknown layer kind: {layer:?}")
+    }
 }
 
 /// Relative tolerance for merged f32 weights (see the module docs).
@@ -294,6 +309,131 @@ impl Build for Gpt2 {
     }
 }
 
+/// `model.embed_tokens` (`nn.Embedding`) and `model.proj`: embedding and linear LoRA together.
+#[lora(rank = 4, alpha = 8, targets = ["embed_tokens", "proj"])]
+struct EmbedInner {
+    embed_tokens: Embedding,
+    proj: Linear,
+}
+
+#[lora]
+struct EmbedLm {
+    #[lora(nested)]
+    model: EmbedInner,
+}
+
+/// `encoder.conv1` (k = 3, padding 1) and `encoder.conv2` (k = 5, stride 2, padding 2).
+#[lora(rank = 4, alpha = 8, targets = ["conv1", "conv2"])]
+struct Encoder {
+    conv1: Conv1d,
+    conv2: Conv1d,
+}
+
+#[lora]
+struct Conv1dNet {
+    #[lora(nested)]
+    encoder: Encoder,
+}
+
+/// `backbone.stem` (3x3, stride 2, padding 1), `backbone.mix` (3x2, padding 1), `backbone.head`
+/// (1x1).
+#[lora(rank = 3, alpha = 6, targets = ["stem", "mix", "head"])]
+struct Backbone {
+    stem: Conv2d,
+    mix: Conv2d,
+    head: Conv2d,
+}
+
+#[lora]
+struct Conv2dNet {
+    #[lora(nested)]
+    backbone: Backbone,
+}
+
+impl Build for EmbedLm {
+    fn build(w: &Weights, p: &str) -> Result<Self> {
+        let table = tensor(w, &join(p, "model.embed_tokens.weight"))?;
+        let dim = table.dim(1)?;
+        Ok(Self {
+            model: EmbedInner {
+                embed_tokens: Embedding::new(table, dim).into(),
+                proj: linear(w, &join(p, "model"), "proj")?,
+            },
+        })
+    }
+    /// `proj(embed_tokens(ids))`
+    fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        self.model
+            .proj
+            .forward(&self.model.embed_tokens.forward(ids)?)
+    }
+}
+
+/// A `torch.nn.Conv1d` with bias.
+fn conv1d_layer(w: &Weights, p: &str, padding: usize, stride: usize) -> Result<Conv1d> {
+    let config = Conv1dConfig {
+        padding,
+        stride,
+        ..Default::default()
+    };
+    Ok(Conv1d::new(
+        tensor(w, &format!("{p}.weight"))?,
+        Some(tensor(w, &format!("{p}.bias"))?),
+        config,
+    ))
+}
+
+/// A `torch.nn.Conv2d` with bias.
+fn conv2d_layer(w: &Weights, p: &str, padding: usize, stride: usize) -> Result<Conv2d> {
+    let config = Conv2dConfig {
+        padding,
+        stride,
+        ..Default::default()
+    };
+    Ok(Conv2d::new(
+        tensor(w, &format!("{p}.weight"))?,
+        Some(tensor(w, &format!("{p}.bias"))?),
+        config,
+    ))
+}
+
+impl Build for Conv1dNet {
+    fn build(w: &Weights, p: &str) -> Result<Self> {
+        let e = join(p, "encoder");
+        Ok(Self {
+            encoder: Encoder {
+                conv1: conv1d_layer(w, &join(&e, "conv1"), 1, 1)?.into(),
+                conv2: conv1d_layer(w, &join(&e, "conv2"), 2, 2)?.into(),
+            },
+        })
+    }
+    /// `conv2(silu(conv1(x)))`
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let h = self.encoder.conv1.forward(x)?.silu()?;
+        self.encoder.conv2.forward(&h)
+    }
+}
+
+impl Build for Conv2dNet {
+    fn build(w: &Weights, p: &str) -> Result<Self> {
+        let b = join(p, "backbone");
+        Ok(Self {
+            backbone: Backbone {
+                stem: conv2d_layer(w, &join(&b, "stem"), 1, 2)?.into(),
+                mix: conv2d_layer(w, &join(&b, "mix"), 1, 1)?.into(),
+                head: conv2d_layer(w, &join(&b, "head"), 0, 1)?.into(),
+            },
+        })
+    }
+    /// `head(silu(mix(silu(stem(x)))))`
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let b = &self.backbone;
+        let h = b.stem.forward(x)?.silu()?;
+        let h = b.mix.forward(&h)?.silu()?;
+        b.head.forward(&h)
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Fixture access and comparisons.
 
@@ -424,8 +564,9 @@ fn adapter_modules(dir: &Path) -> Result<BTreeSet<String>> {
     let w = load(&dir.join("adapter_model.safetensors"))?;
     Ok(w.keys()
         .filter_map(|k| {
-            k.strip_prefix("base_model.model.")?
-                .strip_suffix(".lora_A.weight")
+            let k = k.strip_prefix("base_model.model.")?;
+            k.strip_suffix(".lora_A.weight")
+                .or_else(|| k.strip_suffix(".lora_embedding_A"))
         })
         .map(str::to_string)
         .collect())
@@ -445,7 +586,7 @@ fn check_model<M: LoraModel + Build>(case: &str) -> Result<()> {
     let before: Vec<(String, Tensor)> = model
         .lora_layers()
         .into_iter()
-        .map(|(p, l, _)| (p, lin(l).weight().clone()))
+        .map(|(p, l, _)| (p, weight_of(l)))
         .collect();
     ensure!(!before.is_empty(), "{case}: the model has no LoRA layers");
 
@@ -479,19 +620,22 @@ fn check_model<M: LoraModel + Build>(case: &str) -> Result<()> {
     )?;
     let mut e_weight = 0f32;
     for ((path, layer, _), (_, w0)) in model.lora_layers().into_iter().zip(&before) {
-        let layer = lin(layer);
         let name = format!("{path}.weight");
         let reference = tensor(&merged_ref, &name)?;
         if layer.adapter().is_some() {
             ensure!(layer.is_merged(), "{name} has an adapter but is not merged");
             e_weight = e_weight.max(assert_close(
                 &format!("{case}: merged {name}"),
-                layer.weight(),
+                &weight_of(layer),
                 &reference,
                 WEIGHT_RTOL,
             )?);
         } else {
-            assert_bit_equal(&format!("{case}: {name} (no adapter)"), layer.weight(), w0)?;
+            assert_bit_equal(
+                &format!("{case}: {name} (no adapter)"),
+                &weight_of(layer),
+                w0,
+            )?;
             assert_bit_equal(
                 &format!("{case}: PEFT's {name} (not targeted)"),
                 &reference,
@@ -502,16 +646,15 @@ fn check_model<M: LoraModel + Build>(case: &str) -> Result<()> {
 
     model.unmerge()?;
     for ((path, layer, _), (_, w0)) in model.lora_layers().into_iter().zip(&before) {
-        let layer = lin(layer);
         ensure!(!layer.is_merged(), "{path} still merged");
         assert_bit_equal(
             &format!("{case}: {path}.weight after unmerge"),
-            layer.weight(),
+            &weight_of(layer),
             w0,
         )?;
         assert_bit_equal(
             &format!("{case}: {path}.weight after unmerge vs base"),
-            layer.weight(),
+            &weight_of(layer),
             &tensor(&base, &format!("{path}.weight"))?,
         )?;
     }
@@ -558,6 +701,77 @@ fn gpt2_conv1d_model() -> Result<()> {
 #[test]
 fn sharded_model() -> Result<()> {
     check_model::<Llama<AttnQv, MlpDown>>("sharded")
+}
+
+#[test]
+fn embedding_model() -> Result<()> {
+    check_model::<EmbedLm>("embedding")
+}
+
+#[test]
+fn conv1d_model() -> Result<()> {
+    check_model::<Conv1dNet>("conv1d")
+}
+
+#[test]
+fn conv2d_model() -> Result<()> {
+    check_model::<Conv2dNet>("conv2d")
+}
+
+/// Gradients of `sum(output * probe)` with respect to every factor, against PyTorch's (the
+/// fixture's `grad.<file key>`), with the unmerged model in training mode. Relative to the
+/// largest gradient of each factor: the backward chains a few more products than the forward.
+fn check_gradients<M: LoraModel + Build>(case: &str) -> Result<()> {
+    let dir = case_dir(case);
+    let io = load(&dir.join("io.safetensors"))?;
+    let mut model = M::build(&load_state(case, "base")?, "")?;
+    model.load_adapter(dir.join("adapter"))?;
+    model.set_training(true);
+    let y = model.forward(&tensor(&io, "input")?)?;
+    let grads = (y * tensor(&io, "probe")?)?.sum_all()?.backward()?;
+    let mut worst = 0f32;
+    let mut checked = 0;
+    for (path, layer, _) in model.lora_layers() {
+        let ad = layer.adapter().context("every layer has an adapter")?;
+        let names = layer.factor_layout(ad.rank()).names();
+        for (factor, var) in [(lora::Factor::A, ad.a()), (lora::Factor::B, ad.b())] {
+            let name = names.factor_name(factor);
+            let suffix = if names.has_weight_suffix() {
+                ".weight"
+            } else {
+                ""
+            };
+            let key = format!("grad.base_model.model.{path}.{name}{suffix}");
+            let ours = grads
+                .get(var.as_tensor())
+                .with_context(|| format!("{case}: no gradient for {key}"))?;
+            worst = worst.max(assert_close(
+                &format!("{case}: {key}"),
+                ours,
+                &tensor(&io, &key)?,
+                OUTPUT_RTOL,
+            )?);
+            checked += 1;
+        }
+    }
+    ensure!(checked >= 4, "{case}: only {checked} factors checked");
+    println!("{case}: gradients of {checked} factors, worst rel. error {worst:.2e}");
+    Ok(())
+}
+
+#[test]
+fn embedding_gradients() -> Result<()> {
+    check_gradients::<EmbedLm>("embedding")
+}
+
+#[test]
+fn conv1d_gradients() -> Result<()> {
+    check_gradients::<Conv1dNet>("conv1d")
+}
+
+#[test]
+fn conv2d_gradients() -> Result<()> {
+    check_gradients::<Conv2dNet>("conv2d")
 }
 
 /// The patterns case has ranks 2, 4 and 6 and alphas 5.5, 8 and 12: check they were read.
@@ -806,6 +1020,21 @@ fn merge_file_gpt2_conv1d() -> Result<()> {
 }
 
 #[test]
+fn merge_file_embedding() -> Result<()> {
+    check_merge_file("embedding", Some(WEIGHT_RTOL))
+}
+
+#[test]
+fn merge_file_conv1d() -> Result<()> {
+    check_merge_file("conv1d", Some(WEIGHT_RTOL))
+}
+
+#[test]
+fn merge_file_conv2d() -> Result<()> {
+    check_merge_file("conv2d", Some(WEIGHT_RTOL))
+}
+
+#[test]
 fn merge_file_half_bf16() -> Result<()> {
     check_merge_file("half", None)
 }
@@ -976,11 +1205,12 @@ fn write_rust_adapter<M: LoraModel + Build>(
                 3.0,
             )
         } else {
-            (
-                ad.a().as_tensor().clone(),
-                wave(ad.b().dims(), k)?,
-                ad.alpha(),
-            )
+            // An embedding's fresh A is zero (as in PEFT): give it values too.
+            let a = match layer.factor_layout(ad.rank()).names() {
+                lora::layout::FactorNames::Embedding => wave(ad.a().dims(), -k)?,
+                lora::layout::FactorNames::Lora => ad.a().as_tensor().clone(),
+            };
+            (a, wave(ad.b().dims(), k)?, ad.alpha())
         };
         let adapter = Adapter::new(
             candle_core::Var::from_tensor(&a)?,
@@ -1042,5 +1272,8 @@ fn write_rust_adapters() -> Result<()> {
         Some("transformer.h.0.mlp.c_proj"),
         false,
     )?;
+    write_rust_adapter::<EmbedLm>("embedding", &out, Some("model.proj"), false)?;
+    write_rust_adapter::<Conv1dNet>("conv1d", &out, None, false)?;
+    write_rust_adapter::<Conv2dNet>("conv2d", &out, None, true)?;
     Ok(())
 }
