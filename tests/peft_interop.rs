@@ -1144,6 +1144,46 @@ fn dora_adapter_is_refused() -> Result<()> {
     Ok(())
 }
 
+/// Embedding factors onto a layer of another kind are refused naming the key, and the model is
+/// unchanged: here `embed_tokens` is (wrongly) a linear layer of the same shape.
+#[test]
+fn embedding_factors_on_a_linear_layer_are_refused() -> Result<()> {
+    #[lora(rank = 4, alpha = 8, targets = ["embed_tokens", "proj"])]
+    struct Inner {
+        embed_tokens: Linear,
+        proj: Linear,
+    }
+    #[lora]
+    struct Model {
+        #[lora(nested)]
+        model: Inner,
+    }
+    let base = load_state("embedding", "base")?;
+    let mut model = Model {
+        model: Inner {
+            embed_tokens: linear(&base, "model", "embed_tokens")?,
+            proj: linear(&base, "model", "proj")?,
+        },
+    };
+    let err = model
+        .load_adapter(case_dir("embedding").join("adapter"))
+        .expect_err("lora_embedding_A on a linear layer");
+    let text = err.to_string();
+    ensure!(
+        text.contains("model.embed_tokens.lora_embedding_A")
+            && text.contains("only embedding layers take"),
+        "the error does not name the key and the reason: {text}"
+    );
+    ensure!(
+        model
+            .lora_layers()
+            .iter()
+            .all(|(_, l, _)| l.adapter().is_none()),
+        "the model changed"
+    );
+    Ok(())
+}
+
 /// An adapter for modules the model has no LoRA layer for is an error, not a silent skip.
 #[test]
 fn adapter_for_other_targets_is_refused() -> Result<()> {
