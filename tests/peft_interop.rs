@@ -663,9 +663,14 @@ fn check_model<M: LoraModel + Build>(case: &str) -> Result<()> {
         &model.forward(&x)?,
         &unmerged,
     )?;
+    let abs = |p: &Tensor, q: &Tensor| -> Result<f32> {
+        Ok((p - q)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+    };
     println!(
-        "{case}: {} adapters; rel. error unmerged output {e_unmerged:.2e}, merged output {e_merged:.2e}, merged weights {e_weight:.2e}",
-        with_adapter.len()
+        "{case}: {} adapters; rel. error unmerged output {e_unmerged:.2e}, merged output {e_merged:.2e}, merged weights {e_weight:.2e}; max abs diff unmerged {:.2e}, merged {:.2e}",
+        with_adapter.len(),
+        abs(&unmerged, &tensor(&io, "unmerged_output")?)?,
+        abs(&merged, &tensor(&io, "merged_output")?)?,
     );
     Ok(())
 }
@@ -757,6 +762,43 @@ fn check_gradients<M: LoraModel + Build>(case: &str) -> Result<()> {
     ensure!(checked >= 4, "{case}: only {checked} factors checked");
     println!("{case}: gradients of {checked} factors, worst rel. error {worst:.2e}");
     Ok(())
+}
+
+/// Saving the embedding and conv models writes exactly the keys, shapes and dtypes PEFT wrote
+/// for the same models (the Python reverse check then loads them, see the fixtures' README).
+#[test]
+fn saved_embedding_and_conv_adapters_have_peft_s_keys() -> Result<()> {
+    fn check<M: LoraModel + Build>(case: &str) -> Result<()> {
+        let mut model = M::build(&load_state(case, "base")?, "")?;
+        model.load_adapter(case_dir(case).join("adapter"))?;
+        let tmp = tempfile::tempdir()?;
+        model.save_adapter(tmp.path())?;
+        let shapes = |dir: &Path| -> Result<BTreeMap<String, (Vec<usize>, DType)>> {
+            Ok(load(&dir.join("adapter_model.safetensors"))?
+                .into_iter()
+                .map(|(k, t)| (k, (t.dims().to_vec(), t.dtype())))
+                .collect())
+        };
+        let (ours, peft) = (
+            shapes(tmp.path())?,
+            shapes(&case_dir(case).join("adapter"))?,
+        );
+        ensure!(ours == peft, "{case}: saved {ours:?}, PEFT has {peft:?}");
+        // Loading our file back reproduces PEFT's output.
+        let mut again = M::build(&load_state(case, "base")?, "")?;
+        again.load_adapter(tmp.path())?;
+        let io = load(&case_dir(case).join("io.safetensors"))?;
+        assert_close(
+            &format!("{case}: output after save + load"),
+            &again.forward(&tensor(&io, "input")?)?,
+            &tensor(&io, "unmerged_output")?,
+            OUTPUT_RTOL,
+        )?;
+        Ok(())
+    }
+    check::<EmbedLm>("embedding")?;
+    check::<Conv1dNet>("conv1d")?;
+    check::<Conv2dNet>("conv2d")
 }
 
 #[test]

@@ -642,6 +642,41 @@ mod tests {
     }
 
     #[test]
+    fn combinations_keep_the_kernel_layout_and_sum_the_deltas() {
+        use crate::{Combination, LoraModelExt};
+        let mut l = conv2d(1, 1);
+        for (name, seed) in [("x", 1), ("y", 2)] {
+            let ad = l.fresh_adapter(&LayerConfig::new(2, 4.0), seed).unwrap();
+            let b = Tensor::randn(0f64, 1.0, ad.b().dims(), &Device::Cpu).unwrap();
+            ad.b().set(&b).unwrap();
+            l.insert_adapter(name, ad).unwrap();
+        }
+        let expected = (l.adapter_named("x").unwrap().delta().unwrap()
+            + l.adapter_named("y")
+                .unwrap()
+                .delta()
+                .unwrap()
+                .affine(-0.5, 0.0)
+                .unwrap())
+        .unwrap();
+        let parts = [("x", 1.0), ("y", -0.5)];
+        for (how, name) in [
+            (Combination::Cat, "cat"),
+            (Combination::Svd { rank: 4 }, "svd"),
+        ] {
+            l.add_weighted_adapter(&parts, how, name).unwrap();
+            let ad = l.adapter_named(name).unwrap();
+            assert_eq!(ad.a().dims(), [4, 6, 3, 2]);
+            assert_eq!(ad.b().dims(), [4, 4, 1, 1]);
+            let d = max_diff(
+                &ad.delta().unwrap().to_dtype(DType::F64).unwrap(),
+                &expected.to_dtype(DType::F64).unwrap(),
+            );
+            assert!(d < 1e-5, "{name}: {d}");
+        }
+    }
+
+    #[test]
     fn gradients_reach_a_and_b_and_match_finite_differences() {
         let x = Var::randn(0f64, 1.0, (2, 6, 7, 5), &Device::Cpu).unwrap();
         check_gradients(&with_adapter(conv2d(1, 1), 3), x.as_tensor());
