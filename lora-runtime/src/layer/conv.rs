@@ -283,7 +283,10 @@ macro_rules! lora_conv {
         /// dilation, `B [out, r, 1...]` a 1x1 convolution; the forward pass is
         /// `conv(x) + s * B(A(dropout(x)))` and the merged kernel `W + s * B A` (the factors
         /// flattened to `[out, r]` and `[r, in * k...]`), as PEFT's `get_delta_weight`.
-        /// Grouped convolutions (`groups > 1`) take no adapter: PEFT cannot merge them.
+        /// Grouped convolutions (`groups > 1`) take no adapter: PEFT cannot merge them. `A` uses
+        /// the layer's dilation, so the unmerged forward equals the merged kernel's; PEFT 0.21.2
+        /// builds its `lora_A` without the dilation, and its forward fails on a shape mismatch for
+        /// a dilated layer.
         ///
         #[doc = concat!("Built from a [`", stringify!($candle), "`] with `.into()`; without an adapter its output is")]
         /// bit-identical to the base layer's. The kernel and bias are detached plain tensors.
