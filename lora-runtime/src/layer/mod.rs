@@ -5,7 +5,7 @@
 //! implements the trait, as [`LoraEmbedding`] (`embedding.rs`) and [`LoraConv1d`] /
 //! [`LoraConv2d`] (`conv.rs`) do; a kind whose factors are not the matrices `A [r, in]`,
 //! `B [out, r]` says so through [`LoraLayer::factor_layout`] (a
-//! [`FactorLayout`](crate::layout::FactorLayout): shapes and PEFT's names), which adapter
+//! [`FactorLayout`]: shapes and PEFT's names), which adapter
 //! creation, the shape checks and the PEFT files follow.
 //!
 //! Why a trait and not an enum of kinds: the set of layer kinds is open (users can write their
