@@ -4,9 +4,8 @@
 //! sees a layer only as `&dyn LoraLayer`. A new kind is a new file here with a struct that
 //! implements the trait, as [`LoraEmbedding`] (`embedding.rs`) and [`LoraConv1d`] /
 //! [`LoraConv2d`] (`conv.rs`) do; a kind whose factors are not the matrices `A [r, in]`,
-//! `B [out, r]` says so through [`LoraLayer::factor_layout`] (a
-//! [`FactorLayout`]: shapes and PEFT's names), which adapter
-//! creation, the shape checks and the PEFT files follow.
+//! `B [out, r]` says so through [`LoraLayer::factor_layout`] (a [`FactorLayout`]: shapes and
+//! PEFT's names), which adapter creation, the shape checks and the PEFT files follow.
 //!
 //! Why a trait and not an enum of kinds: the set of layer kinds is open (users can write their
 //! own, and each kind brings its own forward and its own factor layout), while what the runtime
