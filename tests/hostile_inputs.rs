@@ -187,7 +187,7 @@ fn cases() -> Vec<Case> {
             variant: "BadTensor",
             message: &["tensor `base_model.model.q_proj.lora_A.weight`", "dtype I32 is not a floating-point type"],
         },
-        Case { name: "not_a_matrix", build: |d| tensors_case(d, file(&replace(&key("q_proj", "lora_A"), hostile::f32s("", &[12], 0)), None)), variant: "BadTensor", message: &["expected a matrix, got shape [12]"] },
+        Case { name: "not_a_matrix", build: |d| tensors_case(d, file(&replace(&key("q_proj", "lora_A"), hostile::f32s("", &[12], 0)), None)), variant: "BadTensor", message: &["expected a matrix", "got shape [12]"] },
         Case {
             name: "a_disagrees_with_layer",
             build: |d| tensors_case(d, file(&replace(&key("q_proj", "lora_A"), hostile::f32s("", &[2, 5], 0)), None)),
@@ -272,10 +272,22 @@ fn cases() -> Vec<Case> {
             message: &["tensor `base_model.model.q_proj.lora_magnitude_vector`: is a DoRA magnitude but", "does not set `use_dora: true`"],
         },
         Case {
-            name: "embedding_lora",
+            name: "embedding_a_without_b",
             build: |d| { let mut t = valid_tensors(); t.push(hostile::f32s("base_model.model.embed.lora_embedding_A", &[2, 6], 0)); tensors_case(d, file(&t, None)) },
-            variant: "Unsupported",
-            message: &["LoRA on embedding layers is not supported"],
+            variant: "BadTensor",
+            message: &["`base_model.model.embed.lora_embedding_A`", "has no matching lora_embedding_B"],
+        },
+        Case {
+            name: "embedding_a_with_linear_b",
+            build: |d| { let mut t = valid_tensors(); t.push(hostile::f32s("base_model.model.embed.lora_embedding_A", &[2, 6], 0)); t.push(hostile::f32s("base_model.model.embed.lora_B.weight", &[4, 2], 0)); tensors_case(d, file(&t, None)) },
+            variant: "BadTensor",
+            message: &["does not pair with `base_model.model.embed.lora_embedding_A`: one is an embedding factor, the other not"],
+        },
+        Case {
+            name: "conv3d_kernel",
+            build: |d| { let mut t = valid_tensors(); t.push(hostile::f32s("base_model.model.conv.lora_A.weight", &[2, 3, 1, 1, 1], 0)); tensors_case(d, file(&t, None)) },
+            variant: "BadTensor",
+            message: &["Conv3d is not supported", "got shape [2, 3, 1, 1, 1]"],
         },
         Case {
             name: "bad_fingerprint_metadata",

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{Linear, VarMap};
+use candle_nn::{Conv1d, Conv1dConfig, Conv2d, Conv2dConfig, Embedding, Linear, VarMap};
 use lora::merge_file::merge_safetensors;
 use lora::prelude::*;
 use lora::{Adapter, LoraLayer, ModulePath};
@@ -32,6 +32,21 @@ use lora::{Adapter, LoraLayer, ModulePath};
 /// The linear layer behind a visited layer.
 fn lin(layer: &dyn LoraLayer) -> &LoraLinear {
     layer.downcast_ref().expect("a LoraLinear")
+}
+
+/// The weight of a visited layer of any kind (merged when merged).
+fn weight_of(layer: &dyn LoraLayer) -> Tensor {
+    if let Some(l) = layer.downcast_ref::<LoraLinear>() {
+        l.weight().clone()
+    } else if let Some(l) = layer.downcast_ref::<LoraEmbedding>() {
+        l.weight().clone()
+    } else if let Some(l) = layer.downcast_ref::<LoraConv1d>() {
+        l.weight().clone()
+    } else if let Some(l) = layer.downcast_ref::<LoraConv2d>() {
+        l.weight().clone()
+    } else {
+        panic!("an unknown layer kind: {layer:?}")
+    }
 }
 
 /// Relative tolerance for merged f32 weights (see the module docs).
@@ -294,6 +309,131 @@ impl Build for Gpt2 {
     }
 }
 
+/// `model.embed_tokens` (`nn.Embedding`) and `model.proj`: embedding and linear LoRA together.
+#[lora(rank = 4, alpha = 8, targets = ["embed_tokens", "proj"])]
+struct EmbedInner {
+    embed_tokens: Embedding,
+    proj: Linear,
+}
+
+#[lora]
+struct EmbedLm {
+    #[lora(nested)]
+    model: EmbedInner,
+}
+
+/// `encoder.conv1` (k = 3, padding 1) and `encoder.conv2` (k = 5, stride 2, padding 2).
+#[lora(rank = 4, alpha = 8, targets = ["conv1", "conv2"])]
+struct Encoder {
+    conv1: Conv1d,
+    conv2: Conv1d,
+}
+
+#[lora]
+struct Conv1dNet {
+    #[lora(nested)]
+    encoder: Encoder,
+}
+
+/// `backbone.stem` (3x3, stride 2, padding 1), `backbone.mix` (3x2, padding 1), `backbone.head`
+/// (1x1).
+#[lora(rank = 3, alpha = 6, targets = ["stem", "mix", "head"])]
+struct Backbone {
+    stem: Conv2d,
+    mix: Conv2d,
+    head: Conv2d,
+}
+
+#[lora]
+struct Conv2dNet {
+    #[lora(nested)]
+    backbone: Backbone,
+}
+
+impl Build for EmbedLm {
+    fn build(w: &Weights, p: &str) -> Result<Self> {
+        let table = tensor(w, &join(p, "model.embed_tokens.weight"))?;
+        let dim = table.dim(1)?;
+        Ok(Self {
+            model: EmbedInner {
+                embed_tokens: Embedding::new(table, dim).into(),
+                proj: linear(w, &join(p, "model"), "proj")?,
+            },
+        })
+    }
+    /// `proj(embed_tokens(ids))`
+    fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        self.model
+            .proj
+            .forward(&self.model.embed_tokens.forward(ids)?)
+    }
+}
+
+/// A `torch.nn.Conv1d` with bias.
+fn conv1d_layer(w: &Weights, p: &str, padding: usize, stride: usize) -> Result<Conv1d> {
+    let config = Conv1dConfig {
+        padding,
+        stride,
+        ..Default::default()
+    };
+    Ok(Conv1d::new(
+        tensor(w, &format!("{p}.weight"))?,
+        Some(tensor(w, &format!("{p}.bias"))?),
+        config,
+    ))
+}
+
+/// A `torch.nn.Conv2d` with bias.
+fn conv2d_layer(w: &Weights, p: &str, padding: usize, stride: usize) -> Result<Conv2d> {
+    let config = Conv2dConfig {
+        padding,
+        stride,
+        ..Default::default()
+    };
+    Ok(Conv2d::new(
+        tensor(w, &format!("{p}.weight"))?,
+        Some(tensor(w, &format!("{p}.bias"))?),
+        config,
+    ))
+}
+
+impl Build for Conv1dNet {
+    fn build(w: &Weights, p: &str) -> Result<Self> {
+        let e = join(p, "encoder");
+        Ok(Self {
+            encoder: Encoder {
+                conv1: conv1d_layer(w, &join(&e, "conv1"), 1, 1)?.into(),
+                conv2: conv1d_layer(w, &join(&e, "conv2"), 2, 2)?.into(),
+            },
+        })
+    }
+    /// `conv2(silu(conv1(x)))`
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let h = self.encoder.conv1.forward(x)?.silu()?;
+        self.encoder.conv2.forward(&h)
+    }
+}
+
+impl Build for Conv2dNet {
+    fn build(w: &Weights, p: &str) -> Result<Self> {
+        let b = join(p, "backbone");
+        Ok(Self {
+            backbone: Backbone {
+                stem: conv2d_layer(w, &join(&b, "stem"), 1, 2)?.into(),
+                mix: conv2d_layer(w, &join(&b, "mix"), 1, 1)?.into(),
+                head: conv2d_layer(w, &join(&b, "head"), 0, 1)?.into(),
+            },
+        })
+    }
+    /// `head(silu(mix(silu(stem(x)))))`
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let b = &self.backbone;
+        let h = b.stem.forward(x)?.silu()?;
+        let h = b.mix.forward(&h)?.silu()?;
+        b.head.forward(&h)
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Fixture access and comparisons.
 
@@ -432,8 +572,9 @@ fn adapter_modules(dir: &Path) -> Result<BTreeSet<String>> {
     let w = load(&dir.join("adapter_model.safetensors"))?;
     Ok(w.keys()
         .filter_map(|k| {
-            k.strip_prefix("base_model.model.")?
-                .strip_suffix(".lora_A.weight")
+            let k = k.strip_prefix("base_model.model.")?;
+            k.strip_suffix(".lora_A.weight")
+                .or_else(|| k.strip_suffix(".lora_embedding_A"))
         })
         .map(str::to_string)
         .collect())
@@ -453,7 +594,7 @@ fn check_model<M: LoraModel + Build>(case: &str) -> Result<()> {
     let before: Vec<(String, Tensor)> = model
         .lora_layers()
         .into_iter()
-        .map(|(p, l, _)| (p, lin(l).weight().clone()))
+        .map(|(p, l, _)| (p, weight_of(l)))
         .collect();
     ensure!(!before.is_empty(), "{case}: the model has no LoRA layers");
 
@@ -487,19 +628,22 @@ fn check_model<M: LoraModel + Build>(case: &str) -> Result<()> {
     )?;
     let mut e_weight = 0f32;
     for ((path, layer, _), (_, w0)) in model.lora_layers().into_iter().zip(&before) {
-        let layer = lin(layer);
         let name = format!("{path}.weight");
         let reference = tensor(&merged_ref, &name)?;
         if layer.adapter().is_some() {
             ensure!(layer.is_merged(), "{name} has an adapter but is not merged");
             e_weight = e_weight.max(assert_close(
                 &format!("{case}: merged {name}"),
-                layer.weight(),
+                &weight_of(layer),
                 &reference,
                 WEIGHT_RTOL,
             )?);
         } else {
-            assert_bit_equal(&format!("{case}: {name} (no adapter)"), layer.weight(), w0)?;
+            assert_bit_equal(
+                &format!("{case}: {name} (no adapter)"),
+                &weight_of(layer),
+                w0,
+            )?;
             assert_bit_equal(
                 &format!("{case}: PEFT's {name} (not targeted)"),
                 &reference,
@@ -510,16 +654,15 @@ fn check_model<M: LoraModel + Build>(case: &str) -> Result<()> {
 
     model.unmerge()?;
     for ((path, layer, _), (_, w0)) in model.lora_layers().into_iter().zip(&before) {
-        let layer = lin(layer);
         ensure!(!layer.is_merged(), "{path} still merged");
         assert_bit_equal(
             &format!("{case}: {path}.weight after unmerge"),
-            layer.weight(),
+            &weight_of(layer),
             w0,
         )?;
         assert_bit_equal(
             &format!("{case}: {path}.weight after unmerge vs base"),
-            layer.weight(),
+            &weight_of(layer),
             &tensor(&base, &format!("{path}.weight"))?,
         )?;
     }
@@ -585,13 +728,29 @@ fn dora_gpt2_model() -> Result<()> {
     check_model::<Gpt2>("dora_gpt2")
 }
 
-/// The gradients of `sum(output * grad_output)` with respect to every `A`, `B` and magnitude
-/// against PEFT's (eval mode, DoRA's weight norm detached as PEFT does): the same variables,
-/// under the same names, with the same values.
-fn check_dora_gradients<M: LoraModel + Build>(case: &str) -> Result<()> {
-    let io = load(&case_dir(case).join("io.safetensors"))?;
+#[test]
+fn embedding_model() -> Result<()> {
+    check_model::<EmbedLm>("embedding")
+}
+
+#[test]
+fn conv1d_model() -> Result<()> {
+    check_model::<Conv1dNet>("conv1d")
+}
+
+#[test]
+fn conv2d_model() -> Result<()> {
+    check_model::<Conv2dNet>("conv2d")
+}
+
+/// The gradients of `sum(output * grad_output)` with respect to every trainable variable (`A`,
+/// `B` and DoRA's magnitude) against PEFT's (eval mode, DoRA's weight norm detached as PEFT
+/// does): the same variables, under the same names (the file keys), with the same values.
+fn check_gradients<M: LoraModel + Build>(case: &str) -> Result<()> {
+    let dir = case_dir(case);
+    let io = load(&dir.join("io.safetensors"))?;
     let mut model = M::build(&load_state(case, "base")?, "")?;
-    model.load_adapter(case_dir(case).join("adapter"))?;
+    model.load_adapter(dir.join("adapter"))?;
     let vars = model.named_trainable_vars();
     let expected: BTreeSet<String> = io
         .keys()
@@ -603,9 +762,12 @@ fn check_dora_gradients<M: LoraModel + Build>(case: &str) -> Result<()> {
         names == expected,
         "{case}: trainable variables {names:?}, PEFT's {expected:?}"
     );
+    let dora = lora::peft::AdapterFile::read(dir.join("adapter"))?
+        .config
+        .use_dora;
     ensure!(
-        names.iter().any(|n| n.ends_with(".lora_magnitude_vector")),
-        "{case}: no magnitude among the trainable variables"
+        dora == names.iter().any(|n| n.ends_with(".lora_magnitude_vector")),
+        "{case}: use_dora is {dora} but the magnitudes among the trainable variables disagree"
     );
     let y = model.forward(&tensor(&io, "input")?)?;
     let grads = (y * tensor(&io, "grad_output")?)?.sum_all()?.backward()?;
@@ -630,12 +792,64 @@ fn check_dora_gradients<M: LoraModel + Build>(case: &str) -> Result<()> {
 
 #[test]
 fn dora_llama_gradients_match_peft() -> Result<()> {
-    check_dora_gradients::<Llama<AttnAll, MlpDown>>("dora_llama")
+    check_gradients::<Llama<AttnAll, MlpDown>>("dora_llama")
 }
 
 #[test]
 fn dora_gpt2_gradients_match_peft() -> Result<()> {
-    check_dora_gradients::<Gpt2>("dora_gpt2")
+    check_gradients::<Gpt2>("dora_gpt2")
+}
+
+/// Saving the embedding and conv models writes exactly the keys, shapes and dtypes PEFT wrote
+/// for the same models (the Python reverse check then loads them, see the fixtures' README).
+#[test]
+fn saved_embedding_and_conv_adapters_have_peft_s_keys() -> Result<()> {
+    fn check<M: LoraModel + Build>(case: &str) -> Result<()> {
+        let mut model = M::build(&load_state(case, "base")?, "")?;
+        model.load_adapter(case_dir(case).join("adapter"))?;
+        let tmp = tempfile::tempdir()?;
+        model.save_adapter(tmp.path())?;
+        let shapes = |dir: &Path| -> Result<BTreeMap<String, (Vec<usize>, DType)>> {
+            Ok(load(&dir.join("adapter_model.safetensors"))?
+                .into_iter()
+                .map(|(k, t)| (k, (t.dims().to_vec(), t.dtype())))
+                .collect())
+        };
+        let (ours, peft) = (
+            shapes(tmp.path())?,
+            shapes(&case_dir(case).join("adapter"))?,
+        );
+        ensure!(ours == peft, "{case}: saved {ours:?}, PEFT has {peft:?}");
+        // Loading our file back reproduces PEFT's output.
+        let mut again = M::build(&load_state(case, "base")?, "")?;
+        again.load_adapter(tmp.path())?;
+        let io = load(&case_dir(case).join("io.safetensors"))?;
+        assert_close(
+            &format!("{case}: output after save + load"),
+            &again.forward(&tensor(&io, "input")?)?,
+            &tensor(&io, "unmerged_output")?,
+            OUTPUT_RTOL,
+        )?;
+        Ok(())
+    }
+    check::<EmbedLm>("embedding")?;
+    check::<Conv1dNet>("conv1d")?;
+    check::<Conv2dNet>("conv2d")
+}
+
+#[test]
+fn embedding_gradients() -> Result<()> {
+    check_gradients::<EmbedLm>("embedding")
+}
+
+#[test]
+fn conv1d_gradients() -> Result<()> {
+    check_gradients::<Conv1dNet>("conv1d")
+}
+
+#[test]
+fn conv2d_gradients() -> Result<()> {
+    check_gradients::<Conv2dNet>("conv2d")
 }
 
 /// The patterns case has ranks 2, 4 and 6 and alphas 5.5, 8 and 12: check they were read.
@@ -894,6 +1108,21 @@ fn merge_file_dora_gpt2() -> Result<()> {
 }
 
 #[test]
+fn merge_file_embedding() -> Result<()> {
+    check_merge_file("embedding", Some(WEIGHT_RTOL))
+}
+
+#[test]
+fn merge_file_conv1d() -> Result<()> {
+    check_merge_file("conv1d", Some(WEIGHT_RTOL))
+}
+
+#[test]
+fn merge_file_conv2d() -> Result<()> {
+    check_merge_file("conv2d", Some(WEIGHT_RTOL))
+}
+
+#[test]
 fn merge_file_half_bf16() -> Result<()> {
     check_merge_file("half", None)
 }
@@ -1007,6 +1236,46 @@ fn dora_config_and_tensors_must_agree() -> Result<()> {
     Ok(())
 }
 
+/// Embedding factors onto a layer of another kind are refused naming the key, and the model is
+/// unchanged: here `embed_tokens` is (wrongly) a linear layer of the same shape.
+#[test]
+fn embedding_factors_on_a_linear_layer_are_refused() -> Result<()> {
+    #[lora(rank = 4, alpha = 8, targets = ["embed_tokens", "proj"])]
+    struct Inner {
+        embed_tokens: Linear,
+        proj: Linear,
+    }
+    #[lora]
+    struct Model {
+        #[lora(nested)]
+        model: Inner,
+    }
+    let base = load_state("embedding", "base")?;
+    let mut model = Model {
+        model: Inner {
+            embed_tokens: linear(&base, "model", "embed_tokens")?,
+            proj: linear(&base, "model", "proj")?,
+        },
+    };
+    let err = model
+        .load_adapter(case_dir("embedding").join("adapter"))
+        .expect_err("lora_embedding_A on a linear layer");
+    let text = err.to_string();
+    ensure!(
+        text.contains("model.embed_tokens.lora_embedding_A")
+            && text.contains("only embedding layers take"),
+        "the error does not name the key and the reason: {text}"
+    );
+    ensure!(
+        model
+            .lora_layers()
+            .iter()
+            .all(|(_, l, _)| l.adapter().is_none()),
+        "the model changed"
+    );
+    Ok(())
+}
+
 /// An adapter for modules the model has no LoRA layer for is an error, not a silent skip.
 #[test]
 fn adapter_for_other_targets_is_refused() -> Result<()> {
@@ -1075,11 +1344,12 @@ fn write_rust_adapter<M: LoraModel + Build>(
                 3.0,
             )
         } else {
-            (
-                ad.a().as_tensor().clone(),
-                wave(ad.b().dims(), k)?,
-                ad.alpha(),
-            )
+            // An embedding's fresh A is zero (as in PEFT): give it values too.
+            let a = match layer.factor_layout(ad.rank()).names() {
+                lora::layout::FactorNames::Embedding => wave(ad.a().dims(), -k)?,
+                lora::layout::FactorNames::Lora => ad.a().as_tensor().clone(),
+            };
+            (a, wave(ad.b().dims(), k)?, ad.alpha())
         };
         let adapter = Adapter::new(
             candle_core::Var::from_tensor(&a)?,
@@ -1167,5 +1437,8 @@ fn write_rust_adapters() -> Result<()> {
         false,
         true,
     )?;
+    write_rust_adapter::<EmbedLm>("embedding", &out, Some("model.proj"), false, false)?;
+    write_rust_adapter::<Conv1dNet>("conv1d", &out, None, false, false)?;
+    write_rust_adapter::<Conv2dNet>("conv2d", &out, None, true, false)?;
     Ok(())
 }

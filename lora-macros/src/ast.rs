@@ -98,7 +98,7 @@ pub(crate) struct Args {
     pub alpha: Option<Arg<Number>>,
     /// `targets = ["q_proj", "v_proj"]`.
     pub targets: Option<Arg<Targets>>,
-    /// `adaptable = ["k_proj", "o_proj"]`: linear fields that can take adapters created at run
+    /// `adaptable = ["k_proj", "o_proj"]`: layer fields that can take adapters created at run
     /// time, with no default adapter.
     pub adaptable: Option<Arg<Targets>>,
     /// `dropout = 0.05`.
@@ -198,7 +198,7 @@ impl<'a> Field<'a> {
                         arg.key.span(),
                         format_args!(
                             "unknown field argument `{key}`: the only one is `nested`, for a field \
-                             that is itself a LoRA model; linear layers go in the struct's `targets`"
+                             that is itself a LoRA model; layers to adapt go in the struct's `targets`"
                         ),
                     ),
                 }

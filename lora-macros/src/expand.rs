@@ -1,4 +1,5 @@
-//! Expansion: a validated [`Model`] becomes the struct (targets retyped to `LoraLinear`) and a
+//! Expansion: a validated [`Model`] becomes the struct (each target retyped to its LoRA layer:
+//! `LoraLinear` for a `Linear`, `LoraEmbedding` for an `Embedding`, ..., see [`layer_for`]) and a
 //! `LoraModel` impl that visits the fields in declaration order. Nothing here can fail.
 
 use proc_macro2::{Literal, Span, TokenStream, TokenTree};
@@ -37,7 +38,8 @@ fn expand(model: &Model) -> TokenStream {
             for (field, checked) in fields.named.iter_mut().zip(&model.fields) {
                 if matches!(checked.role, Role::Target | Role::Adaptable) {
                     let span = field.ty.span();
-                    field.ty = syn::parse_quote_spanned!(span=> #private::LoraLinear);
+                    let layer = layer_for(&field.ty);
+                    field.ty = syn::parse_quote_spanned!(span=> #private::#layer);
                 }
             }
         }
@@ -95,7 +97,11 @@ fn expand(model: &Model) -> TokenStream {
                 } else {
                     quote!(::core::option::Option::None)
                 };
-                asserts.push(quote_spanned!(span=> #private::assert_lora_target::<#ty>();));
+                // Checks that the type is a target and that `layer_for` chose its layer.
+                let layer = layer_for(ty);
+                asserts.push(quote_spanned!(span=>
+                    #private::assert_lora_target::<#ty, #private::#layer>();
+                ));
                 visits.push(quote! {
                     #private::visit_layer(__path, #name, &self.#ident, #config, __f)?;
                 });
@@ -157,6 +163,26 @@ fn expand(model: &Model) -> TokenStream {
             }
         };
     }
+}
+
+/// The LoRA layer a target field of type `ty` becomes, by the last segment of its path:
+/// `LoraEmbedding` for `Embedding` (`candle_nn::Embedding`, ...) or `LoraEmbedding`, likewise
+/// for `Conv1d` and `Conv2d`, and `LoraLinear` for everything else. The choice is checked where
+/// the user wrote the type (`assert_lora_target::<T, Layer>` requires `T: LoraTarget<Layer =
+/// Layer>`), so an unsupported type is one error at the type, as it always was; a type alias of
+/// an `Embedding` or a convolution is an error too (write the type's own name).
+fn layer_for(ty: &syn::Type) -> syn::Ident {
+    let last = match ty {
+        syn::Type::Path(p) if p.qself.is_none() => p.path.segments.last(),
+        _ => None,
+    };
+    let name = match last.map(|s| s.ident.to_string()).as_deref() {
+        Some("Embedding" | "LoraEmbedding") => "LoraEmbedding",
+        Some("Conv1d" | "LoraConv1d") => "LoraConv1d",
+        Some("Conv2d" | "LoraConv2d") => "LoraConv2d",
+        _ => "LoraLinear",
+    };
+    syn::Ident::new(name, ty.span())
 }
 
 /// `tokens` moved over the tokens of `over`: the first onto its first token, the rest onto its

@@ -1,7 +1,7 @@
 //! Validation: every rule a parsed [`Input`] must follow, all checked in one pass.
 //!
 //! The result is a [`Model`] that [`expand`](crate::expand) turns into code without further
-//! checks. Type checks (is a target really a linear layer, is a nested field really a LoRA
+//! checks. Type checks (is a target really a layer LoRA can adapt, is a nested field really a LoRA
 //! model) are left to the compiler: the expansion asserts them at the field's type.
 
 use std::collections::HashSet;
@@ -14,9 +14,9 @@ use crate::ctxt::{did_you_mean, list, Ctxt};
 /// What a field is to LoRA.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Role {
-    /// Listed in `targets`: a linear layer that gets an adapter.
+    /// Listed in `targets`: a layer (linear, embedding, convolution) that gets an adapter.
     Target,
-    /// Listed in `adaptable`: a linear layer that can take an adapter created at run time.
+    /// Listed in `adaptable`: a layer that can take an adapter created at run time.
     Adaptable,
     /// `#[lora(nested)]`: a LoRA model (or a `Vec`, `Option`, `Box` or array of them).
     Nested,
@@ -135,7 +135,7 @@ pub(crate) fn check<'a>(input: &Input<'a>, cx: &mut Ctxt) -> Model<'a> {
         if adaptable.value.empty {
             cx.error_spanned(
                 &adaptable.value.list,
-                "`adaptable` is empty: list the linear fields that can take adapters at run \
+                "`adaptable` is empty: list the layer fields that can take adapters at run \
                  time, like `adaptable = [\"k_proj\", \"o_proj\"]`, or remove it",
             );
         }
@@ -181,7 +181,7 @@ fn config(input: &Input, cx: &mut Ctxt) -> Option<Config> {
             cx.error(
                 key.span(),
                 format_args!(
-                    "`{key}` has no effect without `targets`{adaptable}: list the linear fields \
+                    "`{key}` has no effect without `targets`{adaptable}: list the layer fields \
                      to adapt, like `targets = [\"q_proj\", \"v_proj\"]`, or remove `{key}`"
                 ),
             );
@@ -191,7 +191,7 @@ fn config(input: &Input, cx: &mut Ctxt) -> Option<Config> {
     if targets.value.empty {
         cx.error_spanned(
             &targets.value.list,
-            "`targets` is empty: list the linear fields to adapt, like \
+            "`targets` is empty: list the layer fields to adapt, like \
              `targets = [\"q_proj\", \"v_proj\"]`, or remove `targets` for a container",
         );
     }
@@ -328,7 +328,8 @@ fn assign(
             cx.error(
                 nested.span(),
                 format_args!(
-                    "`{target}` is both {} and `#[lora(nested)]`: {} is a linear layer, a \
+                    "`{target}` is both {} and `#[lora(nested)]`: {} is a layer (linear, \
+                     embedding or convolution), a \
                      nested field a LoRA model; remove `{target}` from `{arg}` or remove \
                      `#[lora(nested)]`",
                     if role == Role::Target {

@@ -31,6 +31,7 @@ use rand_distr::{Distribution, Normal};
 
 use crate::config::{scaling, LayerConfig, LoraInit};
 use crate::error::{Factor, LayerError, LayerResult};
+use crate::layout::FactorLayout;
 
 /// The name of the adapter that `init_adapter` and `load_adapter` create, as in PEFT.
 pub const DEFAULT_ADAPTER: &str = "default";
@@ -63,22 +64,27 @@ impl Adapter {
     /// [`LayerError::InvalidConfig`] for a rank of 0, a non-positive alpha or a dropout outside
     /// `[0, 1)`.
     pub fn new(a: Var, b: Var, alpha: f64, use_rslora: bool, dropout: f32) -> LayerResult<Self> {
-        let [r, _] = *a.dims() else {
+        // Matrices for linear and embedding layers; convolutions add kernel dimensions
+        // (`A [r, in, k...]`, `B [out, r, 1...]`, see `FactorLayout`).
+        let (&[r, _, ..], true) = (a.dims(), a.rank() <= 5) else {
             return Err(LayerError::FactorShape {
                 factor: Factor::A,
                 found: a.dims().to_vec(),
-                expected: "a matrix [r, in]".into(),
+                expected: "a matrix [r, in] (or a kernel [r, in, k...])".into(),
             });
         };
         let rank_of_b = match *b.dims() {
-            [_, rb] => Some(rb),
+            [_, rb, ..] if b.rank() == a.rank() => Some(rb),
             _ => None,
         };
         if rank_of_b != Some(r) {
             return Err(LayerError::FactorShape {
                 factor: Factor::B,
                 found: b.dims().to_vec(),
-                expected: format!("a matrix [out, {r}] (the rank of lora_A)"),
+                expected: format!(
+                    "[out, {r}] with as many dimensions as lora_A {:?} (the rank of lora_A)",
+                    a.dims()
+                ),
             });
         }
         LayerConfig::new(r, alpha).with_dropout(dropout).check()?;
@@ -137,14 +143,37 @@ impl Adapter {
         dtype: DType,
         device: &Device,
     ) -> LayerResult<Self> {
+        let layout = FactorLayout::matrix(inp, out, config.rank);
+        Self::fresh_for(&layout, config, seed, dtype, device)
+    }
+
+    /// [`fresh`](Self::fresh) for factors of any [`FactorLayout`] (whose rank must be
+    /// `config.rank`): `A` random with the fan-in of its layout, `B = 0`.
+    ///
+    /// # Errors
+    /// [`LayerError::InvalidConfig`] for invalid hyper-parameters or a layout of another rank.
+    pub fn fresh_for(
+        layout: &FactorLayout,
+        config: &LayerConfig,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+    ) -> LayerResult<Self> {
         config.check()?;
         let r = config.rank;
+        if layout.rank() != r {
+            return Err(LayerError::InvalidConfig {
+                field: "r".into(),
+                reason: format!("the factor layout has rank {}, not {r}", layout.rank()),
+            });
+        }
+        let fan_in = layout.fan_in();
         let mut rng = StdRng::seed_from_u64(seed);
         let values: Vec<f32> = match config.init {
             LoraInit::Kaiming => {
-                // kaiming_uniform(a = sqrt(5)) on a [r, in] weight: bound = 1 / sqrt(in).
-                let bound = 1.0 / (inp.max(1) as f32).sqrt();
-                (0..r * inp)
+                // kaiming_uniform(a = sqrt(5)) on a [r, in, k...] weight: bound = 1 / sqrt(fan_in).
+                let bound = 1.0 / (fan_in.max(1) as f32).sqrt();
+                (0..r * fan_in)
                     .map(|_| rng.random_range(-bound..bound))
                     .collect()
             }
@@ -154,11 +183,11 @@ impl Adapter {
                         field: "init".into(),
                         reason: format!("gaussian init: {e}"),
                     })?;
-                (0..r * inp).map(|_| normal.sample(&mut rng)).collect()
+                (0..r * fan_in).map(|_| normal.sample(&mut rng)).collect()
             }
         };
-        let a = Tensor::from_vec(values, (r, inp), device)?.to_dtype(dtype)?;
-        let b = Tensor::zeros((out, r), dtype, device)?;
+        let a = Tensor::from_vec(values, layout.a(), device)?.to_dtype(dtype)?;
+        let b = Tensor::zeros(layout.b(), dtype, device)?;
         Self::new(
             Var::from_tensor(&a)?,
             Var::from_tensor(&b)?,
@@ -219,18 +248,26 @@ impl Adapter {
         vars
     }
 
-    /// `s * B A` in f32, `[out, in]`, detached: no gradient flows through it.
+    /// `s * B A` in f32, `[out, in]`, detached: no gradient flows through it. Convolution
+    /// factors are flattened first (`B [out, r]`, `A [r, in * k...]`): the layer reshapes the
+    /// result to its kernel.
     ///
     /// # Errors
     /// A candle error.
     pub fn delta(&self) -> LayerResult<Tensor> {
-        let a = self.a.as_tensor().detach().to_dtype(DType::F32)?;
+        let a = self
+            .a
+            .as_tensor()
+            .detach()
+            .to_dtype(DType::F32)?
+            .flatten_from(1)?;
         // Scale the small factor B rather than the [out, in] product: one pass fewer.
         let b = self
             .b
             .as_tensor()
             .detach()
             .to_dtype(DType::F32)?
+            .flatten_from(1)?
             .affine(self.scaling(), 0.0)?;
         Ok(b.matmul(&a)?)
     }

@@ -291,6 +291,19 @@ pub enum LayerError {
     Refused(String),
 }
 
+impl LayerError {
+    /// The refusal of a DoRA adapter (`use_dora`) by a layer kind without DoRA (embeddings,
+    /// convolutions, custom kinds that do not override
+    /// [`supports_dora`](crate::LoraLayer::supports_dora)).
+    pub(crate) fn dora_unsupported() -> Self {
+        Self::Refused(
+            "DoRA (`use_dora`) is supported on linear layers only: this layer kind (an embedding, \
+             a convolution, ...) takes plain LoRA adapters"
+                .into(),
+        )
+    }
+}
+
 /// Which trainable tensor of an adapter: `A` (`[r, in]`), `B` (`[out, r]`) or DoRA's magnitude
 /// (`[out]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

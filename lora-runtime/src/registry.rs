@@ -205,8 +205,9 @@ pub(crate) fn init_adapter<M: LoraModel + ?Sized>(
         |layer, (path, adapter)| {
             // PEFT's state-dict names: the adapter name sits between the factor and `weight`,
             // except for the default adapter in files.
+            let names = layer.factor_layout(adapter.rank()).names();
             for (factor, var) in adapter.vars() {
-                vars.insert(named_key(&path, factor, name), var.clone());
+                vars.insert(named_key(&path, names, factor, name), var.clone());
             }
             match name {
                 None => install_default(layer, Some(adapter)),
@@ -319,11 +320,12 @@ pub(crate) fn trainable_vars<M: LoraModel + ?Sized>(model: &M) -> Vec<Var> {
 pub(crate) fn named_trainable_vars<M: LoraModel + ?Sized>(model: &M) -> Vec<(String, Var)> {
     layers(model)
         .iter()
-        .filter_map(|(p, l, _)| l.adapter().map(|ad| (p, ad)))
-        .flat_map(|(p, ad)| {
+        .filter_map(|(p, l, _)| l.adapter().map(|ad| (p, l, ad)))
+        .flat_map(|(p, l, ad)| {
+            let names = l.factor_layout(ad.rank()).names();
             ad.vars()
                 .into_iter()
-                .map(|(factor, v)| (peft_key(p, factor), v.clone()))
+                .map(|(factor, v)| (peft_key(p, names, factor), v.clone()))
                 .collect::<Vec<_>>()
         })
         .collect()

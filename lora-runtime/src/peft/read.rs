@@ -16,9 +16,10 @@ use crate::config::LoraConfig;
 use crate::error::{Error, Factor, Result};
 use crate::fingerprint::BaseFingerprint;
 use crate::kernels::all_finite;
+use crate::layout::FactorNames;
 
-/// A factor read from a file, with its key (`None` until seen).
-type KeyedTensor = Option<(String, Tensor)>;
+/// A factor read from a file, with its key and naming (`None` until seen).
+type KeyedTensor = Option<(String, Tensor, FactorNames)>;
 
 /// What a file holds for one module: `A`, `B` and DoRA's magnitude.
 #[derive(Default)]
@@ -238,7 +239,7 @@ impl AdapterFile {
                 path: file.to_path_buf(),
                 source,
             })?;
-            let (module, factor) = parse_key(key, file)?;
+            let (module, factor, names) = parse_key(key, file)?;
             let dtype = candle_of(view.dtype()).ok_or_else(|| {
                 Error::bad_tensor(
                     file,
@@ -249,25 +250,24 @@ impl AdapterFile {
                     ),
                 )
             })?;
-            match (factor, view.shape().len()) {
-                (Factor::Magnitude, 1) | (Factor::A | Factor::B, 2) => {}
+            // Matrices; convolutions add 1 or 2 kernel dimensions (`A [r, in, k...]`); DoRA's
+            // magnitude is a vector.
+            let expected = match (factor, names) {
                 (Factor::Magnitude, _) => {
-                    return Err(Error::bad_tensor(
-                        file,
-                        key,
-                        format!(
-                            "expected a vector [out_features], got shape {:?}",
-                            view.shape()
-                        ),
-                    ))
+                    (view.shape().len() != 1).then_some("a vector [out_features]")
                 }
-                _ => {
-                    return Err(Error::bad_tensor(
-                        file,
-                        key,
-                        format!("expected a matrix, got shape {:?}", view.shape()),
-                    ))
-                }
+                (_, FactorNames::Embedding) => (view.shape().len() != 2).then_some("a matrix"),
+                (_, FactorNames::Lora) => (!(2..=4).contains(&view.shape().len())).then_some(
+                    "a matrix (linear layers) or a kernel of 1 or 2 spatial dimensions \
+                     (Conv1d, Conv2d; Conv3d is not supported)",
+                ),
+            };
+            if let Some(expected) = expected {
+                return Err(Error::bad_tensor(
+                    file,
+                    key,
+                    format!("expected {expected}, got shape {:?}", view.shape()),
+                ));
             }
             let tensor = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)?;
             if !all_finite(&tensor)? {
@@ -283,27 +283,37 @@ impl AdapterFile {
                 Factor::B => &mut slot.b,
                 Factor::Magnitude => &mut slot.magnitude,
             };
-            if let Some((other, _)) = slot {
+            if let Some((other, _, _)) = slot {
                 return Err(Error::bad_tensor(
                     file,
                     key,
                     format!("the same factor is also stored as `{other}`"),
                 ));
             }
-            *slot = Some((key.to_string(), tensor));
+            *slot = Some((key.to_string(), tensor, names));
         }
 
         let mut factors = BTreeMap::new();
         for (module, ModuleTensors { a, b, magnitude }) in halves {
-            let ((a_key, a), (b_key, b)) = match (a, b, &magnitude) {
+            let ((a_key, a, names), (b_key, b, b_names)) = match (a, b, &magnitude) {
                 (Some(a), Some(b), _) => (a, b),
-                (Some((k, _)), None, _) => {
-                    return Err(Error::bad_tensor(file, k, "has no matching lora_B"))
+                (Some((k, _, names)), None, _) => {
+                    let other = names.factor_name(Factor::B);
+                    return Err(Error::bad_tensor(
+                        file,
+                        k,
+                        format!("has no matching {other}"),
+                    ));
                 }
-                (None, Some((k, _)), _) => {
-                    return Err(Error::bad_tensor(file, k, "has no matching lora_A"))
+                (None, Some((k, _, names)), _) => {
+                    let other = names.factor_name(Factor::A);
+                    return Err(Error::bad_tensor(
+                        file,
+                        k,
+                        format!("has no matching {other}"),
+                    ));
                 }
-                (None, None, Some((k, _))) => {
+                (None, None, Some((k, _, _))) => {
                     return Err(Error::bad_tensor(
                         file,
                         k,
@@ -312,6 +322,27 @@ impl AdapterFile {
                 }
                 (None, None, None) => continue,
             };
+            if names != b_names {
+                return Err(Error::bad_tensor(
+                    file,
+                    b_key,
+                    format!(
+                        "does not pair with `{a_key}`: one is an embedding factor, the other not"
+                    ),
+                ));
+            }
+            if a.rank() != b.rank() {
+                return Err(Error::bad_tensor(
+                    file,
+                    b_key,
+                    format!(
+                        "has shape {:?} but `{a_key}` has shape {:?}: the factors of a convolution \
+                         both have its kernel dimensions",
+                        b.dims(),
+                        a.dims()
+                    ),
+                ));
+            }
             let (ra, rb) = (a.dims()[0], b.dims()[1]);
             if ra == 0 {
                 return Err(Error::bad_tensor(file, a_key, "has rank 0"));
@@ -331,7 +362,23 @@ impl AdapterFile {
                     format!("has rank {ra} but {} says r = {expected} for `{module}` (field `r` / `rank_pattern`)", config_path.display()),
                 ));
             }
+            let magnitude = magnitude.map(|(k, m, _)| (k, m));
             match (&magnitude, config.use_dora) {
+                (Some((k, _)), true) if names == FactorNames::Embedding || a.rank() != 2 => {
+                    let kind = if names == FactorNames::Embedding {
+                        "embedding"
+                    } else {
+                        "convolution"
+                    };
+                    return Err(Error::Unsupported {
+                        path: Some(file.to_path_buf()),
+                        field: k.clone(),
+                        reason: format!(
+                            "DoRA on {kind} layers is not supported (`{module}`); only linear \
+                             layers take a `lora_magnitude_vector`"
+                        ),
+                    });
+                }
                 (Some((k, m)), true) => {
                     let out = b.dims()[0];
                     if m.dims() != [out] {
@@ -376,6 +423,7 @@ impl AdapterFile {
                     b_key,
                     magnitude,
                     rank: ra,
+                    names,
                 },
             );
         }

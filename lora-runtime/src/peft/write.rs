@@ -190,9 +190,10 @@ pub(crate) fn save_layers(
     let fingerprints = parallel_map(layers, |(path, layer, _)| {
         layer.base_fingerprint().map_err(|e| e.at(path))
     });
-    for (&(path, _, ad), fingerprint) in layers.iter().zip(fingerprints) {
+    for (&(path, layer, ad), fingerprint) in layers.iter().zip(fingerprints) {
+        let names = layer.factor_layout(ad.rank()).names();
         for (factor, var) in ad.vars() {
-            let key = peft_key(path, factor);
+            let key = peft_key(path, names, factor);
             let (dtype, bytes) = tensor_bytes(var.as_tensor(), &tensor_path, &key)?;
             tensors.push((
                 key,
