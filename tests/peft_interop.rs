@@ -1276,6 +1276,111 @@ fn embedding_factors_on_a_linear_layer_are_refused() -> Result<()> {
     Ok(())
 }
 
+/// DoRA is a linear layer's: on embedding and convolution layers it is refused, clearly, however
+/// it arrives (a PEFT file with magnitudes, `lora merge` of that file, a DoRA config at init, a
+/// DoRA adapter inserted by hand), and nothing changes.
+#[test]
+fn dora_on_embedding_and_conv_is_refused() -> Result<()> {
+    fn check<M: LoraModel + Build>(case: &str, kind: &str) -> Result<()> {
+        let unchanged = |model: &M| {
+            model
+                .lora_layers()
+                .iter()
+                .all(|(_, l, _)| l.adapter().is_none())
+        };
+        // A PEFT file with a magnitude beside every module's factors and `use_dora: true`.
+        let src = case_dir(case).join("adapter");
+        let tmp = tempfile::tempdir()?;
+        let mut tensors = load(&src.join("adapter_model.safetensors"))?;
+        let magnitudes: Vec<(String, Tensor)> = tensors
+            .iter()
+            .filter_map(|(k, b)| {
+                let module = k
+                    .strip_suffix(".lora_B.weight")
+                    .or_else(|| k.strip_suffix(".lora_embedding_B"))?;
+                Some((module.to_string(), b.dim(0).ok()?))
+            })
+            .map(|(module, out)| {
+                let m = Tensor::ones(out, DType::F32, &Device::Cpu)?;
+                Ok((format!("{module}.lora_magnitude_vector"), m))
+            })
+            .collect::<Result<_>>()?;
+        tensors.extend(magnitudes);
+        candle_core::safetensors::save(&tensors, tmp.path().join("adapter_model.safetensors"))?;
+        let mut config = read_json(&src.join("adapter_config.json"))?;
+        config["use_dora"] = serde_json::Value::Bool(true);
+        std::fs::write(
+            tmp.path().join("adapter_config.json"),
+            serde_json::to_string_pretty(&config)?,
+        )?;
+        let mut model = M::build(&load_state(case, "base")?, "")?;
+        let err = model
+            .load_adapter(tmp.path())
+            .expect_err("DoRA on an embedding/conv layer");
+        let text = err.to_string();
+        ensure!(
+            text.contains(&format!("DoRA on {kind} layers is not supported"))
+                && text.contains("lora_magnitude_vector"),
+            "{case}: the error does not name the key and the reason: {text}"
+        );
+        ensure!(unchanged(&model), "{case}: the model changed");
+        let out = tmp.path().join("merged.safetensors");
+        let err = merge_safetensors(
+            &case_dir(case).join("base.safetensors"),
+            tmp.path(),
+            &out,
+            &mut |_, _| {},
+        )
+        .expect_err("lora merge must refuse it too");
+        ensure!(
+            err.to_string().contains("DoRA"),
+            "{case}: merge error without DoRA: {err}"
+        );
+        ensure!(!out.exists(), "{case}: a refused merge left an output file");
+
+        // A DoRA config at init.
+        let dora = lora::LayerConfig::new(4, 8.0).with_dora(true);
+        let err = model
+            .init_adapter_with(&VarMap::new(), &InitOptions::default().with_config(dora))
+            .expect_err("a DoRA config on an embedding/conv layer");
+        ensure!(
+            err.to_string().contains("supported on linear layers only"),
+            "{case}: {err}"
+        );
+        ensure!(unchanged(&model), "{case}: the model changed");
+
+        // A DoRA adapter inserted by hand into every embedding/conv layer.
+        let mut refused = 0;
+        model.visit_lora_layers_mut(&mut ModulePath::new(), &mut |p, layer, _| {
+            if layer.factor_layout(2).a().len() == 2
+                && layer.factor_layout(2).names() == lora::layout::FactorNames::Lora
+            {
+                return Ok(()); // a linear layer
+            }
+            let plain = layer
+                .fresh_adapter(&lora::LayerConfig::new(2, 4.0), 0)
+                .map_err(|e| e.at(p.as_str()))?;
+            let m = candle_core::Var::ones(layer.out_features(), DType::F32, &Device::Cpu)?;
+            let adapter = plain.with_magnitude(m).map_err(|e| e.at(p.as_str()))?;
+            let err = layer
+                .insert_adapter(lora::DEFAULT_ADAPTER, adapter)
+                .expect_err("a DoRA adapter on an embedding/conv layer");
+            assert!(
+                err.to_string().contains("supported on linear layers only"),
+                "{p}: {err}"
+            );
+            refused += 1;
+            Ok(())
+        })?;
+        ensure!(refused > 0, "{case}: no embedding or conv layer");
+        ensure!(unchanged(&model), "{case}: the model changed");
+        Ok(())
+    }
+    check::<EmbedLm>("embedding", "embedding")?;
+    check::<Conv1dNet>("conv1d", "convolution")?;
+    check::<Conv2dNet>("conv2d", "convolution")
+}
+
 /// An adapter for modules the model has no LoRA layer for is an error, not a silent skip.
 #[test]
 fn adapter_for_other_targets_is_refused() -> Result<()> {

@@ -1,6 +1,7 @@
 //! Expansion: a validated [`Model`] becomes the struct (each target retyped to its LoRA layer:
-//! `LoraLinear` for a `Linear`, `LoraEmbedding` for an `Embedding`, ..., see [`layer_for`]) and a
-//! `LoraModel` impl that visits the fields in declaration order. Nothing here can fail.
+//! `LoraLinear` for a `Linear`, `LoraEmbedding` for an `Embedding`, ..., see
+//! [`Layer`](crate::valid::Layer)) and a `LoraModel` impl that visits the fields in declaration
+//! order. Nothing here can fail.
 
 use proc_macro2::{Literal, Span, TokenStream, TokenTree};
 use quote::{quote, quote_spanned, ToTokens};
@@ -38,7 +39,7 @@ fn expand(model: &Model) -> TokenStream {
             for (field, checked) in fields.named.iter_mut().zip(&model.fields) {
                 if matches!(checked.role, Role::Target | Role::Adaptable) {
                     let span = field.ty.span();
-                    let layer = layer_for(&field.ty);
+                    let layer = syn::Ident::new(checked.layer.runtime_type(), span);
                     field.ty = syn::parse_quote_spanned!(span=> #private::#layer);
                 }
             }
@@ -97,8 +98,8 @@ fn expand(model: &Model) -> TokenStream {
                 } else {
                     quote!(::core::option::Option::None)
                 };
-                // Checks that the type is a target and that `layer_for` chose its layer.
-                let layer = layer_for(ty);
+                // Checks that the type is a target and that `Layer::of` chose its layer.
+                let layer = syn::Ident::new(field.layer.runtime_type(), ty.span());
                 asserts.push(quote_spanned!(span=>
                     #private::assert_lora_target::<#ty, #private::#layer>();
                 ));
@@ -163,26 +164,6 @@ fn expand(model: &Model) -> TokenStream {
             }
         };
     }
-}
-
-/// The LoRA layer a target field of type `ty` becomes, by the last segment of its path:
-/// `LoraEmbedding` for `Embedding` (`candle_nn::Embedding`, ...) or `LoraEmbedding`, likewise
-/// for `Conv1d` and `Conv2d`, and `LoraLinear` for everything else. The choice is checked where
-/// the user wrote the type (`assert_lora_target::<T, Layer>` requires `T: LoraTarget<Layer =
-/// Layer>`), so an unsupported type is one error at the type, as it always was; a type alias of
-/// an `Embedding` or a convolution is an error too (write the type's own name).
-fn layer_for(ty: &syn::Type) -> syn::Ident {
-    let last = match ty {
-        syn::Type::Path(p) if p.qself.is_none() => p.path.segments.last(),
-        _ => None,
-    };
-    let name = match last.map(|s| s.ident.to_string()).as_deref() {
-        Some("Embedding" | "LoraEmbedding") => "LoraEmbedding",
-        Some("Conv1d" | "LoraConv1d") => "LoraConv1d",
-        Some("Conv2d" | "LoraConv2d") => "LoraConv2d",
-        _ => "LoraLinear",
-    };
-    syn::Ident::new(name, ty.span())
 }
 
 /// `tokens` moved over the tokens of `over`: the first onto its first token, the rest onto its

@@ -134,6 +134,7 @@ fn layer_kinds() {
                     dropout: 0.0,
                     use_rslora: false,
                     init: ::lora::__private::LoraInit::Kaiming,
+                    use_dora: false,
                 };
                 #[automatically_derived]
                 impl ::lora::__private::LoraModel for Model {

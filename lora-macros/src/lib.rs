@@ -33,7 +33,7 @@
 //! | `alpha` | integer or float literal `> 0`: the adapter is scaled by `alpha / rank` | `8`, as in PEFT |
 //! | `dropout` | float literal in `[0, 1)`: dropout on the adapter's input while training | `0` |
 //! | `rslora` | `true` or `false` (`rslora` alone means `true`): scale by `alpha / sqrt(rank)` | `false` |
-//! | `dora` | `true` or `false` (`dora` alone means `true`): DoRA adapters, with a trained magnitude per output feature (PEFT's `use_dora`) | `false` |
+//! | `dora` | `true` or `false` (`dora` alone means `true`): DoRA adapters, with a trained magnitude per output feature (PEFT's `use_dora`); linear targets only (an `Embedding` or convolution target with `dora` is an error) | `false` |
 //! | `init` | `"kaiming"` or `"gaussian"`: how `A` is initialised (`B` starts at zero) | `"kaiming"` |
 //! | `crate` | a path in a string, e.g. `"lora_runtime"` when depending on the runtime directly | `"::lora"` |
 //!

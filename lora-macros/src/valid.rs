@@ -24,6 +24,56 @@ pub(crate) enum Role {
     Plain,
 }
 
+/// The LoRA layer a target (or adaptable) field becomes, by the last segment of its type's path:
+/// `LoraEmbedding` for `Embedding` (`candle_nn::Embedding`, ...) or `LoraEmbedding`, likewise for
+/// `Conv1d` and `Conv2d`, and `LoraLinear` for everything else. The expansion checks the choice
+/// where the user wrote the type (`assert_lora_target::<T, Layer>` requires `T: LoraTarget<Layer =
+/// Layer>`), so an unsupported type is one error at the type; a type alias of an `Embedding` or a
+/// convolution is an error too (write the type's own name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Layer {
+    Linear,
+    Embedding,
+    Conv1d,
+    Conv2d,
+}
+
+impl Layer {
+    /// The layer for a field of type `ty`.
+    pub(crate) fn of(ty: &Type) -> Self {
+        let last = match ty {
+            Type::Path(p) if p.qself.is_none() => p.path.segments.last(),
+            _ => None,
+        };
+        match last.map(|s| s.ident.to_string()).as_deref() {
+            Some("Embedding" | "LoraEmbedding") => Self::Embedding,
+            Some("Conv1d" | "LoraConv1d") => Self::Conv1d,
+            Some("Conv2d" | "LoraConv2d") => Self::Conv2d,
+            _ => Self::Linear,
+        }
+    }
+
+    /// The runtime's layer type: `LoraLinear`, `LoraEmbedding`, `LoraConv1d` or `LoraConv2d`.
+    pub(crate) fn runtime_type(self) -> &'static str {
+        match self {
+            Self::Linear => "LoraLinear",
+            Self::Embedding => "LoraEmbedding",
+            Self::Conv1d => "LoraConv1d",
+            Self::Conv2d => "LoraConv2d",
+        }
+    }
+
+    /// The candle layer, for messages: ``an `Embedding` ``, ...
+    fn described(self) -> &'static str {
+        match self {
+            Self::Linear => "a `Linear`",
+            Self::Embedding => "an `Embedding`",
+            Self::Conv1d => "a `Conv1d`",
+            Self::Conv2d => "a `Conv2d`",
+        }
+    }
+}
+
 /// The initialisation of `A`, as `lora_runtime::LoraInit` names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Init {
@@ -46,11 +96,12 @@ pub(crate) struct Config {
     pub init: Init,
 }
 
-/// A named field and its role.
+/// A named field, its role and, for a target or adaptable field, the layer it becomes.
 pub(crate) struct Field<'a> {
     pub ident: &'a Ident,
     pub ty: &'a Type,
     pub role: Role,
+    pub layer: Layer,
 }
 
 /// A struct that can be expanded.
@@ -141,6 +192,30 @@ pub(crate) fn check<'a>(input: &Input<'a>, cx: &mut Ctxt) -> Model<'a> {
         }
     }
 
+    // DoRA is a linear layer's: the runtime refuses it on the other kinds, so say so here.
+    if config.as_ref().is_some_and(|c| c.dora) {
+        for (f, _) in fields
+            .iter()
+            .zip(&roles)
+            .filter(|(_, r)| **r == Role::Target)
+        {
+            let layer = Layer::of(&f.original.ty);
+            if layer != Layer::Linear {
+                cx.error_spanned(
+                    &f.original.ty,
+                    format_args!(
+                        "`dora` applies to linear targets only: `{}` is {} (DoRA on embedding \
+                         and convolution layers is not supported); remove `dora`, or remove \
+                         `{}` from `targets`",
+                        f.ident,
+                        layer.described(),
+                        f.ident
+                    ),
+                );
+            }
+        }
+    }
+
     Model {
         original: input.original,
         krate: input.args.krate(),
@@ -152,6 +227,7 @@ pub(crate) fn check<'a>(input: &Input<'a>, cx: &mut Ctxt) -> Model<'a> {
                 ident: f.ident,
                 ty: &f.original.ty,
                 role,
+                layer: Layer::of(&f.original.ty),
             })
             .collect(),
     }
