@@ -78,3 +78,60 @@ pub(crate) fn parse_key(key: &str, file: &Path) -> Result<(String, Factor, Facto
     }
     Ok((parts[..pos].join("."), factor, names))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every factor under every naming, default adapter and named: built and parsed back by the
+    /// same table.
+    #[test]
+    fn keys_round_trip_for_every_factor_and_naming() {
+        let file = Path::new("adapter_model.safetensors");
+        let cases = [
+            (FactorNames::Lora, Factor::A, None, "m.lora_A.weight"),
+            (FactorNames::Lora, Factor::B, Some("x"), "m.lora_B.x.weight"),
+            (
+                FactorNames::Lora,
+                Factor::Magnitude,
+                None,
+                "m.lora_magnitude_vector",
+            ),
+            (
+                FactorNames::Lora,
+                Factor::Magnitude,
+                Some("x"),
+                "m.lora_magnitude_vector.x.weight",
+            ),
+            (
+                FactorNames::Embedding,
+                Factor::A,
+                None,
+                "m.lora_embedding_A",
+            ),
+            (
+                FactorNames::Embedding,
+                Factor::B,
+                Some("x"),
+                "m.lora_embedding_B.x",
+            ),
+        ];
+        for (names, factor, name, tail) in cases {
+            let key = named_key("m", names, factor, name);
+            assert_eq!(key, format!("base_model.model.{tail}"));
+            let (module, f, n) = parse_key(&key, file).unwrap();
+            assert_eq!((module.as_str(), f, n), ("m", factor, names), "{key}");
+        }
+        // The older DoRA form with `.weight` and no adapter name is read too.
+        let (_, f, _) = parse_key("m.lora_magnitude_vector.weight", file).unwrap();
+        assert_eq!(f, Factor::Magnitude);
+        for bad in [
+            "m.lora_embedding_A.weight",
+            "m.lora_A",
+            "m.lora_magnitude_vector.x",
+            "lora_A.weight",
+        ] {
+            assert!(parse_key(bad, file).is_err(), "{bad} was accepted");
+        }
+    }
+}
