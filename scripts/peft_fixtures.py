@@ -28,6 +28,8 @@ unexpected LoRA keys and gives the output the Rust side computed (DIR/io.safeten
     PEFT_INTEROP_OUT=target/rust_adapter cargo test --test peft_interop -- --ignored write_rust_adapters
     /tmp/peftvenv/bin/python scripts/peft_fixtures.py --check-rust-adapter target/rust_adapter/llama_qv llama_qv
     /tmp/peftvenv/bin/python scripts/peft_fixtures.py --check-rust-adapter target/rust_adapter/gpt2_conv1d gpt2_conv1d
+    /tmp/peftvenv/bin/python scripts/peft_fixtures.py --check-rust-adapter target/rust_adapter/dora_llama dora_llama
+    (likewise for rslora, biased, dora_gpt2, embedding, conv1d, conv2d)
 """
 
 from __future__ import annotations
@@ -193,8 +195,69 @@ class Gpt2Like(nn.Module):
         return x
 
 
+VOCAB = 20  # embedding rows
+
+
+class EmbedInner(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(VOCAB, HIDDEN)
+        self.proj = nn.Linear(HIDDEN, INNER)
+
+
+class EmbedLm(nn.Module):
+    """model.embed_tokens (nn.Embedding) and model.proj (nn.Linear): embedding and linear LoRA in one adapter."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = EmbedInner()
+
+    def forward(self, ids):
+        return self.model.proj(self.model.embed_tokens(ids))
+
+
+class Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv1d(6, 10, 3, padding=1)
+        self.conv2 = nn.Conv1d(10, 4, 5, stride=2, padding=2)
+
+
+class Conv1dNet(nn.Module):
+    """encoder.conv1 (k=3, padding 1), encoder.conv2 (k=5, stride 2, padding 2): nn.Conv1d."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = Encoder()
+
+    def forward(self, x):
+        return self.encoder.conv2(F.silu(self.encoder.conv1(x)))
+
+
+class Backbone(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.mix = nn.Conv2d(8, 6, (3, 2), padding=1)  # a non-square kernel
+        self.head = nn.Conv2d(6, 5, 1)  # 1x1: PEFT's other get_delta_weight branch
+
+
+class Conv2dNet(nn.Module):
+    """backbone.stem (3x3, stride 2), backbone.mix (3x2), backbone.head (1x1): nn.Conv2d."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = Backbone()
+
+    def forward(self, x):
+        b = self.backbone
+        return b.head(F.silu(b.mix(F.silu(b.stem(x)))))
+
+
 # ---------------------------------------------------------------------------------------------
-# Cases: (seed, model constructor, dtype, LoraConfig kwargs).
+# Cases: (seed, model constructor, dtype, LoraConfig kwargs; `input`: the input from a generator
+# when it is not INPUT_SHAPE normal; `grads`: also store PEFT's gradients of every trainable
+# parameter, A, B and DoRA's magnitude).
 
 CASES = {
     "llama_qv": dict(
@@ -245,6 +308,49 @@ CASES = {
             ("model-00003-of-00003.safetensors", ""),
         ],
     ),
+    # DoRA (use_dora): PEFT's magnitudes start at the row norms of W + s B A; they are perturbed
+    # afterwards (as training would) so that the magnitude matters. io.safetensors also holds
+    # PEFT's gradients of a fixed loss with respect to every A, B and magnitude.
+    "dora_llama": dict(
+        seed=8,
+        model=lambda: LlamaLike(bias=True),
+        lora=dict(
+            r=4,
+            lora_alpha=8,
+            use_dora=True,
+            target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
+            lora_dropout=0.05,
+        ),
+        grads=True,
+    ),
+    "dora_gpt2": dict(
+        seed=9,
+        model=lambda: Gpt2Like(),
+        lora=dict(r=4, lora_alpha=8, use_dora=True, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True),
+        grads=True,
+    ),
+    # Embedding and convolution LoRA; io.safetensors also holds PEFT's factor gradients.
+    "embedding": dict(
+        seed=8,
+        model=lambda: EmbedLm(),
+        lora=dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "proj"]),
+        input=lambda gen: torch.randint(0, VOCAB, (2, 3), generator=gen),
+        grads=True,
+    ),
+    "conv1d": dict(
+        seed=9,
+        model=lambda: Conv1dNet(),
+        lora=dict(r=4, lora_alpha=8, target_modules=["conv1", "conv2"]),
+        input=lambda gen: torch.randn((2, 6, 11), generator=gen),
+        grads=True,
+    ),
+    "conv2d": dict(
+        seed=10,
+        model=lambda: Conv2dNet(),
+        lora=dict(r=3, lora_alpha=6, target_modules=["stem", "mix", "head"]),
+        input=lambda gen: torch.randn((2, 3, 9, 9), generator=gen),
+        grads=True,
+    ),
     "half": dict(
         seed=7,
         model=lambda: LlamaLike(),
@@ -263,6 +369,8 @@ def build_model(case: str) -> nn.Module:
 
 def make_input(case: str) -> torch.Tensor:
     gen = torch.Generator().manual_seed(1000 + CASES[case]["seed"])
+    if "input" in CASES[case]:
+        return CASES[case]["input"](gen)
     return torch.randn(INPUT_SHAPE, generator=gen)
 
 
@@ -309,6 +417,13 @@ def generate(case: str, root: Path) -> None:
                     bound = param.shape[1] ** -0.5
                     param.copy_(torch.empty_like(param).uniform_(-bound, bound))
 
+    if spec["lora"].get("use_dora"):
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if ".lora_magnitude_vector." in name:
+                    param.mul_(1.0 + 0.3 * torch.randn_like(param))
+    grads = factor_grads(peft_model, x, spec["seed"]) if spec.get("grads") else {}
+
     with tempfile.TemporaryDirectory() as tmp:
         peft_model.save_pretrained(tmp)
         (out / "adapter").mkdir()
@@ -337,10 +452,38 @@ def generate(case: str, root: Path) -> None:
     if not half:
         rel = ((unmerged_output - merged_output).abs().max() / merged_output.abs().max()).item()
         assert rel < OUTPUT_RTOL, f"{case}: PEFT's own merged and unmerged outputs differ by {rel}"
-        io = {"input": x, "unmerged_output": unmerged_output, "merged_output": merged_output}
+        io = {"input": x, "unmerged_output": unmerged_output, "merged_output": merged_output, **grads}
         save_file({k: v.contiguous() for k, v in io.items()}, out / "io.safetensors", metadata=META)
     changed = sorted(k for k in base if not torch.equal(base[k], merged[k]))
     print(f"{case}: {len(base)} tensors, {len(changed)} merged")
+
+
+def file_key(param_name: str) -> str:
+    """PEFT's parameter name -> the adapter file's key (no adapter name; no `.weight` on DoRA's
+    magnitude, as PEFT 0.21 saves it; embedding factors end in the adapter name)."""
+    key = param_name.replace(".default.", ".").removesuffix(".default")
+    if key.endswith(".lora_magnitude_vector.weight"):
+        key = key[: -len(".weight")]
+    return key
+
+
+def factor_grads(peft_model: nn.Module, x: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+    """`grad_output` (a fixed cotangent of the output's shape) and `grad.<file key>` =
+    d(sum(output * grad_output))/d param for every trainable parameter (A, B and DoRA's
+    magnitude), in eval mode (no dropout), as PEFT computes them: the weight norm of DoRA
+    detached."""
+    with torch.no_grad():
+        shape = peft_model(x).shape
+    grad_output = torch.randn(shape, generator=torch.Generator().manual_seed(2000 + seed))
+    peft_model.zero_grad()
+    (peft_model(x) * grad_output).sum().backward()
+    out = {"grad_output": grad_output}
+    for name, param in peft_model.named_parameters():
+        if param.requires_grad:
+            assert param.grad is not None, f"{name} got no gradient"
+            out[f"grad.{file_key(name)}"] = param.grad.detach().clone().contiguous()
+    peft_model.zero_grad()
+    return out
 
 
 def write_versions(root: Path) -> None:
@@ -396,8 +539,9 @@ def check_rust_adapter(adapter_dir: Path, case: str, fixtures: Path) -> None:
     state = peft.get_peft_model_state_dict(peft_model)
     for k, v in file_tensors.items():
         assert torch.equal(state[k], v), f"{k} was not loaded as stored"
-    n_layers = sum(1 for n, _ in peft_model.named_modules() if n.endswith(".lora_A.default"))
-    assert 2 * n_layers == len(file_tensors), f"{n_layers} LoRA layers but {len(file_tensors)} tensors"
+    n_layers = sum(1 for m in peft_model.modules() if isinstance(m, peft.tuners.lora.LoraLayer))
+    per_layer = 3 if peft_model.peft_config["default"].use_dora else 2  # A, B (, magnitude)
+    assert per_layer * n_layers == len(file_tensors), f"{n_layers} LoRA layers but {len(file_tensors)} tensors"
 
     io = load_file(adapter_dir / "io.safetensors")
     with torch.no_grad():

@@ -45,7 +45,7 @@ pub use lora_models as models;
 pub mod prelude {
     pub use lora_macros::lora;
     pub use lora_runtime::{
-        Combination, InitOptions, LayerConfig, LoadOptions, LoraConfig, LoraInit, LoraLinear,
-        LoraModel, LoraModelExt, TrainableParameters,
+        Combination, InitOptions, LayerConfig, LoadOptions, LoraConfig, LoraConv1d, LoraConv2d,
+        LoraEmbedding, LoraInit, LoraLinear, LoraModel, LoraModelExt, TrainableParameters,
     };
 }

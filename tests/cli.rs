@@ -319,7 +319,7 @@ fn refuses_broken_foreign_or_mismatched_adapters_leaving_no_output() {
         },
         "model.layers.0.self_attn.q_proj.lora_A.weight",
     );
-    // DoRA.
+    // `use_dora` over a file without DoRA magnitudes.
     assert_refused(
         |dir| {
             write_adapter(dir, r#", "use_dora": true"#);

@@ -544,3 +544,49 @@ fn unloading_an_adapter_in_use_ends_its_requests_cleanly() {
     let (s, _) = server.post("/v1/completions", &completion("tiny-chat", "hi", 2));
     assert_eq!(s, 200);
 }
+
+/// A DoRA adapter cannot join mixed-adapter batches: loading one is refused with a 400 naming
+/// `lora_path` and DoRA, and the server keeps serving without it.
+#[test]
+fn a_dora_adapter_is_refused_by_name_and_the_server_keeps_serving() {
+    let dir =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("serve-dora-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = dir.join("d.jsonl");
+    std::fs::write(&data, DATA).unwrap();
+    let dora = dir.join("dora");
+    let o = Command::new(LORA)
+        .args(["train", "--model", model_dir().to_str().unwrap()])
+        .args([
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            dora.to_str().unwrap(),
+        ])
+        .args(["--steps", "1", "--batch-size", "3", "--use-dora", "--quiet"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let server = Server::start(&["--allow-runtime-lora"]);
+    let (s, e) = server.post(
+        "/v1/load_lora_adapter",
+        &json!({"lora_name": "d", "lora_path": dora.to_str().unwrap()}),
+    );
+    assert_eq!(
+        (s, e["error"]["param"].as_str()),
+        (400, Some("lora_path")),
+        "{e}"
+    );
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("DoRA"),
+        "{e}"
+    );
+    let (_, body) = server.request("GET", "/v1/models", "");
+    let list: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(list["data"].as_array().unwrap().len(), 1, "{list}");
+    let (s, e) = server.post("/v1/completions", &completion("d", "hi", 2));
+    assert_eq!(s, 404, "{e}");
+    let base = list["data"][0]["id"].as_str().unwrap().to_string();
+    let (s, out) = server.post("/v1/completions", &completion(&base, "The sky is", 4));
+    assert_eq!(s, 200, "{out}");
+}

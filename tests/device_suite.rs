@@ -199,3 +199,96 @@ test_device!(
     save_load_round_trip_and_mixed_batches_cpu,
     save_load_round_trip_and_mixed_batches_cuda
 );
+
+/// Embedding and convolution layers: the merged forward equals the unmerged one, the unmerge
+/// restores the base bit for bit, and training gives `A` and `B` (and only them) gradients.
+fn embedding_and_conv_layers_merge_unmerge_and_train(dev: &Device) {
+    use candle_nn::{Conv1d, Conv1dConfig, Conv2d, Conv2dConfig, Embedding};
+    use lora::{Adapter, LoraLayer};
+
+    /// Gives `layer` an adapter with non-zero `A` and `B`, then checks it on input `x`.
+    fn check<L: LoraLayer + Module + LoraModelExt>(mut layer: L, x: &Tensor, what: &str) {
+        let options = InitOptions::default()
+            .with_config(LayerConfig::new(3, 6.0))
+            .with_seed(7);
+        layer.init_adapter_with(&VarMap::new(), &options).unwrap();
+        let ad: Adapter = layer.adapter().unwrap().clone();
+        let dev = x.device();
+        for (i, var) in [ad.a(), ad.b()].into_iter().enumerate() {
+            let values = on(dev, tensor(10 + i as u64, var.dims(), 0.5));
+            var.set(&values).unwrap();
+        }
+        let unmerged = layer.forward(x).unwrap();
+        let grads = unmerged
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for var in [ad.a(), ad.b()] {
+            let g = grads.get(var.as_tensor()).expect("a gradient for A and B");
+            let finite = g
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                finite.is_finite() && finite > 0.0,
+                "{what}: gradient {finite}"
+            );
+        }
+        let before = layer.lora_layers()[0].1.base_fingerprint().unwrap();
+        layer.merge().unwrap();
+        let merged = layer.forward(x).unwrap();
+        let d = common::max_abs_diff(&merged, &unmerged);
+        let scale = unmerged
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d <= 1e-5 * scale.max(1.0), "{what}: merged vs unmerged {d}");
+        layer.unmerge().unwrap();
+        assert_eq!(bits(&layer.forward(x).unwrap()), bits(&unmerged), "{what}");
+        assert_eq!(layer.lora_layers()[0].1.base_fingerprint().unwrap(), before);
+    }
+
+    let table = on(dev, tensor(1, &[30, 12], 1.0));
+    let ids = Tensor::new(&[[3u32, 29, 0, 3], [7, 7, 12, 1]], dev).unwrap();
+    check(
+        LoraEmbedding::from(Embedding::new(table, 12)),
+        &ids,
+        "embedding",
+    );
+
+    let config = Conv1dConfig {
+        padding: 1,
+        stride: 2,
+        ..Default::default()
+    };
+    let w = on(dev, tensor(2, &[8, 5, 3], 0.5));
+    let b = on(dev, tensor(3, &[8], 0.5));
+    let x = on(dev, tensor(4, &[2, 5, 13], 1.0));
+    check(
+        LoraConv1d::from(Conv1d::new(w, Some(b), config)),
+        &x,
+        "conv1d",
+    );
+
+    let config = Conv2dConfig {
+        padding: 1,
+        ..Default::default()
+    };
+    let w = on(dev, tensor(5, &[6, 4, 3, 2], 0.5));
+    let x = on(dev, tensor(6, &[2, 4, 7, 5], 1.0));
+    check(LoraConv2d::from(Conv2d::new(w, None, config)), &x, "conv2d");
+}
+test_device!(
+    embedding_and_conv_layers_merge_unmerge_and_train,
+    embedding_and_conv_layers_merge_unmerge_and_train_cpu,
+    embedding_and_conv_layers_merge_unmerge_and_train_cuda
+);

@@ -303,3 +303,48 @@ fn recursive_struct() -> TestResult {
     assert_eq!(paths(&chain), ["proj", "next.proj"]);
     Ok(())
 }
+
+#[lora(rank = 2, alpha = 4, dora, targets = ["proj"])]
+struct DoraBlock {
+    proj: Linear,
+}
+
+/// `dora` on the attribute: `init_adapter` gives DoRA adapters (magnitude = the weight's row
+/// norms, so the output is unchanged), whose magnitude trains and is named as in PEFT.
+#[test]
+fn dora_argument_makes_dora_adapters() -> TestResult {
+    let dev = Device::Cpu;
+    let w = Tensor::randn(0f32, 1.0, (6, 4), &dev)?;
+    let mut block = DoraBlock {
+        proj: Linear::new(w, None).into(),
+    };
+    let x = Tensor::randn(0f32, 1.0, (3, 4), &dev)?;
+    let y0 = block.proj.forward(&x)?;
+    block.init_adapter(&VarMap::new())?;
+    let configs: Vec<LayerConfig> = block
+        .lora_layers()
+        .into_iter()
+        .filter_map(|(_, _, c)| c)
+        .collect();
+    assert_eq!(configs, [LayerConfig::new(2, 4.0).with_dora(true)]);
+    assert!(block.proj.adapter().is_some_and(|a| a.is_dora()));
+    let names: Vec<String> = block
+        .named_trainable_vars()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "base_model.model.proj.lora_A.weight",
+            "base_model.model.proj.lora_B.weight",
+            "base_model.model.proj.lora_magnitude_vector"
+        ]
+    );
+    let diff = (block.proj.forward(&x)? - y0)?
+        .abs()?
+        .max_all()?
+        .to_scalar::<f32>()?;
+    assert!(diff < 1e-5, "{diff}");
+    Ok(())
+}

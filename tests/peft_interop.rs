@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{Linear, VarMap};
+use candle_nn::{Conv1d, Conv1dConfig, Conv2d, Conv2dConfig, Embedding, Linear, VarMap};
 use lora::merge_file::merge_safetensors;
 use lora::prelude::*;
 use lora::{Adapter, LoraLayer, ModulePath};
@@ -32,6 +32,21 @@ use lora::{Adapter, LoraLayer, ModulePath};
 /// The linear layer behind a visited layer.
 fn lin(layer: &dyn LoraLayer) -> &LoraLinear {
     layer.downcast_ref().expect("a LoraLinear")
+}
+
+/// The weight of a visited layer of any kind (merged when merged).
+fn weight_of(layer: &dyn LoraLayer) -> Tensor {
+    if let Some(l) = layer.downcast_ref::<LoraLinear>() {
+        l.weight().clone()
+    } else if let Some(l) = layer.downcast_ref::<LoraEmbedding>() {
+        l.weight().clone()
+    } else if let Some(l) = layer.downcast_ref::<LoraConv1d>() {
+        l.weight().clone()
+    } else if let Some(l) = layer.downcast_ref::<LoraConv2d>() {
+        l.weight().clone()
+    } else {
+        panic!("an unknown layer kind: {layer:?}")
+    }
 }
 
 /// Relative tolerance for merged f32 weights (see the module docs).
@@ -294,6 +309,131 @@ impl Build for Gpt2 {
     }
 }
 
+/// `model.embed_tokens` (`nn.Embedding`) and `model.proj`: embedding and linear LoRA together.
+#[lora(rank = 4, alpha = 8, targets = ["embed_tokens", "proj"])]
+struct EmbedInner {
+    embed_tokens: Embedding,
+    proj: Linear,
+}
+
+#[lora]
+struct EmbedLm {
+    #[lora(nested)]
+    model: EmbedInner,
+}
+
+/// `encoder.conv1` (k = 3, padding 1) and `encoder.conv2` (k = 5, stride 2, padding 2).
+#[lora(rank = 4, alpha = 8, targets = ["conv1", "conv2"])]
+struct Encoder {
+    conv1: Conv1d,
+    conv2: Conv1d,
+}
+
+#[lora]
+struct Conv1dNet {
+    #[lora(nested)]
+    encoder: Encoder,
+}
+
+/// `backbone.stem` (3x3, stride 2, padding 1), `backbone.mix` (3x2, padding 1), `backbone.head`
+/// (1x1).
+#[lora(rank = 3, alpha = 6, targets = ["stem", "mix", "head"])]
+struct Backbone {
+    stem: Conv2d,
+    mix: Conv2d,
+    head: Conv2d,
+}
+
+#[lora]
+struct Conv2dNet {
+    #[lora(nested)]
+    backbone: Backbone,
+}
+
+impl Build for EmbedLm {
+    fn build(w: &Weights, p: &str) -> Result<Self> {
+        let table = tensor(w, &join(p, "model.embed_tokens.weight"))?;
+        let dim = table.dim(1)?;
+        Ok(Self {
+            model: EmbedInner {
+                embed_tokens: Embedding::new(table, dim).into(),
+                proj: linear(w, &join(p, "model"), "proj")?,
+            },
+        })
+    }
+    /// `proj(embed_tokens(ids))`
+    fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        self.model
+            .proj
+            .forward(&self.model.embed_tokens.forward(ids)?)
+    }
+}
+
+/// A `torch.nn.Conv1d` with bias.
+fn conv1d_layer(w: &Weights, p: &str, padding: usize, stride: usize) -> Result<Conv1d> {
+    let config = Conv1dConfig {
+        padding,
+        stride,
+        ..Default::default()
+    };
+    Ok(Conv1d::new(
+        tensor(w, &format!("{p}.weight"))?,
+        Some(tensor(w, &format!("{p}.bias"))?),
+        config,
+    ))
+}
+
+/// A `torch.nn.Conv2d` with bias.
+fn conv2d_layer(w: &Weights, p: &str, padding: usize, stride: usize) -> Result<Conv2d> {
+    let config = Conv2dConfig {
+        padding,
+        stride,
+        ..Default::default()
+    };
+    Ok(Conv2d::new(
+        tensor(w, &format!("{p}.weight"))?,
+        Some(tensor(w, &format!("{p}.bias"))?),
+        config,
+    ))
+}
+
+impl Build for Conv1dNet {
+    fn build(w: &Weights, p: &str) -> Result<Self> {
+        let e = join(p, "encoder");
+        Ok(Self {
+            encoder: Encoder {
+                conv1: conv1d_layer(w, &join(&e, "conv1"), 1, 1)?.into(),
+                conv2: conv1d_layer(w, &join(&e, "conv2"), 2, 2)?.into(),
+            },
+        })
+    }
+    /// `conv2(silu(conv1(x)))`
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let h = self.encoder.conv1.forward(x)?.silu()?;
+        self.encoder.conv2.forward(&h)
+    }
+}
+
+impl Build for Conv2dNet {
+    fn build(w: &Weights, p: &str) -> Result<Self> {
+        let b = join(p, "backbone");
+        Ok(Self {
+            backbone: Backbone {
+                stem: conv2d_layer(w, &join(&b, "stem"), 1, 2)?.into(),
+                mix: conv2d_layer(w, &join(&b, "mix"), 1, 1)?.into(),
+                head: conv2d_layer(w, &join(&b, "head"), 0, 1)?.into(),
+            },
+        })
+    }
+    /// `head(silu(mix(silu(stem(x)))))`
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let b = &self.backbone;
+        let h = b.stem.forward(x)?.silu()?;
+        let h = b.mix.forward(&h)?.silu()?;
+        b.head.forward(&h)
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Fixture access and comparisons.
 
@@ -361,6 +501,14 @@ fn rel_err(ours: &Tensor, reference: &Tensor) -> Result<f32> {
     Ok(diff / scale)
 }
 
+/// `max |ours - reference|`.
+fn max_abs(ours: &Tensor, reference: &Tensor) -> Result<f32> {
+    let (o, r) = (f32s(ours)?, f32s(reference)?);
+    Ok(o.iter()
+        .zip(&r)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs())))
+}
+
 fn assert_close(what: &str, ours: &Tensor, reference: &Tensor, rtol: f32) -> Result<f32> {
     let err = rel_err(ours, reference).with_context(|| what.to_string())?;
     ensure!(err <= rtol, "{what}: relative error {err:e} > {rtol:e}");
@@ -424,8 +572,9 @@ fn adapter_modules(dir: &Path) -> Result<BTreeSet<String>> {
     let w = load(&dir.join("adapter_model.safetensors"))?;
     Ok(w.keys()
         .filter_map(|k| {
-            k.strip_prefix("base_model.model.")?
-                .strip_suffix(".lora_A.weight")
+            let k = k.strip_prefix("base_model.model.")?;
+            k.strip_suffix(".lora_A.weight")
+                .or_else(|| k.strip_suffix(".lora_embedding_A"))
         })
         .map(str::to_string)
         .collect())
@@ -445,7 +594,7 @@ fn check_model<M: LoraModel + Build>(case: &str) -> Result<()> {
     let before: Vec<(String, Tensor)> = model
         .lora_layers()
         .into_iter()
-        .map(|(p, l, _)| (p, lin(l).weight().clone()))
+        .map(|(p, l, _)| (p, weight_of(l)))
         .collect();
     ensure!(!before.is_empty(), "{case}: the model has no LoRA layers");
 
@@ -479,19 +628,22 @@ fn check_model<M: LoraModel + Build>(case: &str) -> Result<()> {
     )?;
     let mut e_weight = 0f32;
     for ((path, layer, _), (_, w0)) in model.lora_layers().into_iter().zip(&before) {
-        let layer = lin(layer);
         let name = format!("{path}.weight");
         let reference = tensor(&merged_ref, &name)?;
         if layer.adapter().is_some() {
             ensure!(layer.is_merged(), "{name} has an adapter but is not merged");
             e_weight = e_weight.max(assert_close(
                 &format!("{case}: merged {name}"),
-                layer.weight(),
+                &weight_of(layer),
                 &reference,
                 WEIGHT_RTOL,
             )?);
         } else {
-            assert_bit_equal(&format!("{case}: {name} (no adapter)"), layer.weight(), w0)?;
+            assert_bit_equal(
+                &format!("{case}: {name} (no adapter)"),
+                &weight_of(layer),
+                w0,
+            )?;
             assert_bit_equal(
                 &format!("{case}: PEFT's {name} (not targeted)"),
                 &reference,
@@ -502,16 +654,15 @@ fn check_model<M: LoraModel + Build>(case: &str) -> Result<()> {
 
     model.unmerge()?;
     for ((path, layer, _), (_, w0)) in model.lora_layers().into_iter().zip(&before) {
-        let layer = lin(layer);
         ensure!(!layer.is_merged(), "{path} still merged");
         assert_bit_equal(
             &format!("{case}: {path}.weight after unmerge"),
-            layer.weight(),
+            &weight_of(layer),
             w0,
         )?;
         assert_bit_equal(
             &format!("{case}: {path}.weight after unmerge vs base"),
-            layer.weight(),
+            &weight_of(layer),
             &tensor(&base, &format!("{path}.weight"))?,
         )?;
     }
@@ -521,8 +672,11 @@ fn check_model<M: LoraModel + Build>(case: &str) -> Result<()> {
         &unmerged,
     )?;
     println!(
-        "{case}: {} adapters; rel. error unmerged output {e_unmerged:.2e}, merged output {e_merged:.2e}, merged weights {e_weight:.2e}",
-        with_adapter.len()
+        "{case}: {} adapters; rel. error unmerged output {e_unmerged:.2e}, merged output {e_merged:.2e}, merged weights {e_weight:.2e}; max abs diff unmerged {:.2e}, merged {:.2e} (outputs up to {:.2})",
+        with_adapter.len(),
+        max_abs(&unmerged, &tensor(&io, "unmerged_output")?)?,
+        max_abs(&merged, &tensor(&io, "merged_output")?)?,
+        max_abs(&unmerged, &unmerged.zeros_like()?)?,
     );
     Ok(())
 }
@@ -558,6 +712,144 @@ fn gpt2_conv1d_model() -> Result<()> {
 #[test]
 fn sharded_model() -> Result<()> {
     check_model::<Llama<AttnQv, MlpDown>>("sharded")
+}
+
+/// DoRA on biased Llama projections (q, v, o, down; k_proj is a LoRA layer without adapter),
+/// magnitudes perturbed away from their initial norms.
+#[test]
+fn dora_llama_model() -> Result<()> {
+    check_model::<Llama<AttnAll, MlpDown>>("dora_llama")
+}
+
+/// DoRA on GPT-2 `Conv1D` layers (`fan_in_fan_out`: the norm of each output feature is a column
+/// of the stored weight).
+#[test]
+fn dora_gpt2_model() -> Result<()> {
+    check_model::<Gpt2>("dora_gpt2")
+}
+
+#[test]
+fn embedding_model() -> Result<()> {
+    check_model::<EmbedLm>("embedding")
+}
+
+#[test]
+fn conv1d_model() -> Result<()> {
+    check_model::<Conv1dNet>("conv1d")
+}
+
+#[test]
+fn conv2d_model() -> Result<()> {
+    check_model::<Conv2dNet>("conv2d")
+}
+
+/// The gradients of `sum(output * grad_output)` with respect to every trainable variable (`A`,
+/// `B` and DoRA's magnitude) against PEFT's (eval mode, DoRA's weight norm detached as PEFT
+/// does): the same variables, under the same names (the file keys), with the same values.
+fn check_gradients<M: LoraModel + Build>(case: &str) -> Result<()> {
+    let dir = case_dir(case);
+    let io = load(&dir.join("io.safetensors"))?;
+    let mut model = M::build(&load_state(case, "base")?, "")?;
+    model.load_adapter(dir.join("adapter"))?;
+    let vars = model.named_trainable_vars();
+    let expected: BTreeSet<String> = io
+        .keys()
+        .filter_map(|k| k.strip_prefix("grad."))
+        .map(str::to_string)
+        .collect();
+    let names: BTreeSet<String> = vars.iter().map(|(n, _)| n.clone()).collect();
+    ensure!(
+        names == expected,
+        "{case}: trainable variables {names:?}, PEFT's {expected:?}"
+    );
+    let dora = lora::peft::AdapterFile::read(dir.join("adapter"))?
+        .config
+        .use_dora;
+    ensure!(
+        dora == names.iter().any(|n| n.ends_with(".lora_magnitude_vector")),
+        "{case}: use_dora is {dora} but the magnitudes among the trainable variables disagree"
+    );
+    let y = model.forward(&tensor(&io, "input")?)?;
+    let grads = (y * tensor(&io, "grad_output")?)?.sum_all()?.backward()?;
+    let mut worst = 0f32;
+    for (name, var) in &vars {
+        let ours = grads
+            .get(var.as_tensor())
+            .with_context(|| format!("{case}: no gradient for {name}"))?;
+        worst = worst.max(assert_close(
+            &format!("{case}: gradient of {name}"),
+            ours,
+            &tensor(&io, &format!("grad.{name}"))?,
+            OUTPUT_RTOL,
+        )?);
+    }
+    println!(
+        "{case}: gradients of {} variables, worst relative error {worst:.2e}",
+        vars.len()
+    );
+    Ok(())
+}
+
+#[test]
+fn dora_llama_gradients_match_peft() -> Result<()> {
+    check_gradients::<Llama<AttnAll, MlpDown>>("dora_llama")
+}
+
+#[test]
+fn dora_gpt2_gradients_match_peft() -> Result<()> {
+    check_gradients::<Gpt2>("dora_gpt2")
+}
+
+/// Saving the embedding and conv models writes exactly the keys, shapes and dtypes PEFT wrote
+/// for the same models (the Python reverse check then loads them, see the fixtures' README).
+#[test]
+fn saved_embedding_and_conv_adapters_have_peft_s_keys() -> Result<()> {
+    fn check<M: LoraModel + Build>(case: &str) -> Result<()> {
+        let mut model = M::build(&load_state(case, "base")?, "")?;
+        model.load_adapter(case_dir(case).join("adapter"))?;
+        let tmp = tempfile::tempdir()?;
+        model.save_adapter(tmp.path())?;
+        let shapes = |dir: &Path| -> Result<BTreeMap<String, (Vec<usize>, DType)>> {
+            Ok(load(&dir.join("adapter_model.safetensors"))?
+                .into_iter()
+                .map(|(k, t)| (k, (t.dims().to_vec(), t.dtype())))
+                .collect())
+        };
+        let (ours, peft) = (
+            shapes(tmp.path())?,
+            shapes(&case_dir(case).join("adapter"))?,
+        );
+        ensure!(ours == peft, "{case}: saved {ours:?}, PEFT has {peft:?}");
+        // Loading our file back reproduces PEFT's output.
+        let mut again = M::build(&load_state(case, "base")?, "")?;
+        again.load_adapter(tmp.path())?;
+        let io = load(&case_dir(case).join("io.safetensors"))?;
+        assert_close(
+            &format!("{case}: output after save + load"),
+            &again.forward(&tensor(&io, "input")?)?,
+            &tensor(&io, "unmerged_output")?,
+            OUTPUT_RTOL,
+        )?;
+        Ok(())
+    }
+    check::<EmbedLm>("embedding")?;
+    check::<Conv1dNet>("conv1d")?;
+    check::<Conv2dNet>("conv2d")
+}
+
+#[test]
+fn embedding_gradients() -> Result<()> {
+    check_gradients::<EmbedLm>("embedding")
+}
+
+#[test]
+fn conv1d_gradients() -> Result<()> {
+    check_gradients::<Conv1dNet>("conv1d")
+}
+
+#[test]
+fn conv2d_gradients() -> Result<()> {
+    check_gradients::<Conv2dNet>("conv2d")
 }
 
 /// The patterns case has ranks 2, 4 and 6 and alphas 5.5, 8 and 12: check they were read.
@@ -806,6 +1098,31 @@ fn merge_file_gpt2_conv1d() -> Result<()> {
 }
 
 #[test]
+fn merge_file_dora_llama() -> Result<()> {
+    check_merge_file("dora_llama", Some(WEIGHT_RTOL))
+}
+
+#[test]
+fn merge_file_dora_gpt2() -> Result<()> {
+    check_merge_file("dora_gpt2", Some(WEIGHT_RTOL))
+}
+
+#[test]
+fn merge_file_embedding() -> Result<()> {
+    check_merge_file("embedding", Some(WEIGHT_RTOL))
+}
+
+#[test]
+fn merge_file_conv1d() -> Result<()> {
+    check_merge_file("conv1d", Some(WEIGHT_RTOL))
+}
+
+#[test]
+fn merge_file_conv2d() -> Result<()> {
+    check_merge_file("conv2d", Some(WEIGHT_RTOL))
+}
+
+#[test]
 fn merge_file_half_bf16() -> Result<()> {
     check_merge_file("half", None)
 }
@@ -867,29 +1184,87 @@ fn merge_file_sharded() -> Result<()> {
 // ---------------------------------------------------------------------------------------------
 // Refusals.
 
-/// A PEFT feature the runtime does not implement is refused by name, and the model is unchanged.
+/// A config that says `use_dora` over a file without magnitudes (and the other way round) is
+/// refused by name, and the model is unchanged.
 #[test]
-fn dora_adapter_is_refused() -> Result<()> {
-    let src = case_dir("llama_qv").join("adapter");
-    let tmp = tempfile::tempdir()?;
-    std::fs::copy(
-        src.join("adapter_model.safetensors"),
-        tmp.path().join("adapter_model.safetensors"),
-    )?;
-    let mut config = read_json(&src.join("adapter_config.json"))?;
-    config["use_dora"] = serde_json::Value::Bool(true);
-    std::fs::write(
-        tmp.path().join("adapter_config.json"),
-        serde_json::to_string_pretty(&config)?,
-    )?;
+fn dora_config_and_tensors_must_agree() -> Result<()> {
+    for (src_case, use_dora) in [("llama_qv", true), ("dora_llama", false)] {
+        let src = case_dir(src_case).join("adapter");
+        let tmp = tempfile::tempdir()?;
+        std::fs::copy(
+            src.join("adapter_model.safetensors"),
+            tmp.path().join("adapter_model.safetensors"),
+        )?;
+        let mut config = read_json(&src.join("adapter_config.json"))?;
+        config["use_dora"] = serde_json::Value::Bool(use_dora);
+        std::fs::write(
+            tmp.path().join("adapter_config.json"),
+            serde_json::to_string_pretty(&config)?,
+        )?;
 
-    let mut model = Llama::<AttnQv, MlpPlain>::build(&load_state("llama_qv", "base")?, "")?;
+        let mut model = Llama::<AttnAll, MlpDown>::build(&load_state(src_case, "base")?, "")?;
+        let err = model
+            .load_adapter(tmp.path())
+            .expect_err("config and tensors disagree");
+        ensure!(
+            err.to_string().contains("use_dora")
+                && err.to_string().contains("lora_magnitude_vector"),
+            "the error names neither `use_dora` nor the magnitude: {err}"
+        );
+        ensure!(
+            model
+                .lora_layers()
+                .iter()
+                .all(|(_, l, _)| l.adapter().is_none()),
+            "the model changed"
+        );
+
+        let out = tmp.path().join("merged.safetensors");
+        let err = merge_safetensors(
+            &case_dir(src_case).join("base.safetensors"),
+            tmp.path(),
+            &out,
+            &mut |_, _| {},
+        )
+        .expect_err("merge_safetensors must refuse it too");
+        ensure!(
+            err.to_string().contains("use_dora"),
+            "the error does not name `use_dora`: {err}"
+        );
+        ensure!(!out.exists(), "a refused merge left an output file");
+    }
+    Ok(())
+}
+
+/// Embedding factors onto a layer of another kind are refused naming the key, and the model is
+/// unchanged: here `embed_tokens` is (wrongly) a linear layer of the same shape.
+#[test]
+fn embedding_factors_on_a_linear_layer_are_refused() -> Result<()> {
+    #[lora(rank = 4, alpha = 8, targets = ["embed_tokens", "proj"])]
+    struct Inner {
+        embed_tokens: Linear,
+        proj: Linear,
+    }
+    #[lora]
+    struct Model {
+        #[lora(nested)]
+        model: Inner,
+    }
+    let base = load_state("embedding", "base")?;
+    let mut model = Model {
+        model: Inner {
+            embed_tokens: linear(&base, "model", "embed_tokens")?,
+            proj: linear(&base, "model", "proj")?,
+        },
+    };
     let err = model
-        .load_adapter(tmp.path())
-        .expect_err("a DoRA adapter must be refused");
+        .load_adapter(case_dir("embedding").join("adapter"))
+        .expect_err("lora_embedding_A on a linear layer");
+    let text = err.to_string();
     ensure!(
-        err.to_string().contains("use_dora"),
-        "the error does not name `use_dora`: {err}"
+        text.contains("model.embed_tokens.lora_embedding_A")
+            && text.contains("only embedding layers take"),
+        "the error does not name the key and the reason: {text}"
     );
     ensure!(
         model
@@ -898,21 +1273,112 @@ fn dora_adapter_is_refused() -> Result<()> {
             .all(|(_, l, _)| l.adapter().is_none()),
         "the model changed"
     );
-
-    let out = tmp.path().join("merged.safetensors");
-    let err = merge_safetensors(
-        &case_dir("llama_qv").join("base.safetensors"),
-        tmp.path(),
-        &out,
-        &mut |_, _| {},
-    )
-    .expect_err("merge_safetensors must refuse DoRA too");
-    ensure!(
-        err.to_string().contains("use_dora"),
-        "the error does not name `use_dora`: {err}"
-    );
-    ensure!(!out.exists(), "a refused merge left an output file");
     Ok(())
+}
+
+/// DoRA is a linear layer's: on embedding and convolution layers it is refused, clearly, however
+/// it arrives (a PEFT file with magnitudes, `lora merge` of that file, a DoRA config at init, a
+/// DoRA adapter inserted by hand), and nothing changes.
+#[test]
+fn dora_on_embedding_and_conv_is_refused() -> Result<()> {
+    fn check<M: LoraModel + Build>(case: &str, kind: &str) -> Result<()> {
+        let unchanged = |model: &M| {
+            model
+                .lora_layers()
+                .iter()
+                .all(|(_, l, _)| l.adapter().is_none())
+        };
+        // A PEFT file with a magnitude beside every module's factors and `use_dora: true`.
+        let src = case_dir(case).join("adapter");
+        let tmp = tempfile::tempdir()?;
+        let mut tensors = load(&src.join("adapter_model.safetensors"))?;
+        let magnitudes: Vec<(String, Tensor)> = tensors
+            .iter()
+            .filter_map(|(k, b)| {
+                let module = k
+                    .strip_suffix(".lora_B.weight")
+                    .or_else(|| k.strip_suffix(".lora_embedding_B"))?;
+                Some((module.to_string(), b.dim(0).ok()?))
+            })
+            .map(|(module, out)| {
+                let m = Tensor::ones(out, DType::F32, &Device::Cpu)?;
+                Ok((format!("{module}.lora_magnitude_vector"), m))
+            })
+            .collect::<Result<_>>()?;
+        tensors.extend(magnitudes);
+        candle_core::safetensors::save(&tensors, tmp.path().join("adapter_model.safetensors"))?;
+        let mut config = read_json(&src.join("adapter_config.json"))?;
+        config["use_dora"] = serde_json::Value::Bool(true);
+        std::fs::write(
+            tmp.path().join("adapter_config.json"),
+            serde_json::to_string_pretty(&config)?,
+        )?;
+        let mut model = M::build(&load_state(case, "base")?, "")?;
+        let err = model
+            .load_adapter(tmp.path())
+            .expect_err("DoRA on an embedding/conv layer");
+        let text = err.to_string();
+        ensure!(
+            text.contains(&format!("DoRA on {kind} layers is not supported"))
+                && text.contains("lora_magnitude_vector"),
+            "{case}: the error does not name the key and the reason: {text}"
+        );
+        ensure!(unchanged(&model), "{case}: the model changed");
+        let out = tmp.path().join("merged.safetensors");
+        let err = merge_safetensors(
+            &case_dir(case).join("base.safetensors"),
+            tmp.path(),
+            &out,
+            &mut |_, _| {},
+        )
+        .expect_err("lora merge must refuse it too");
+        ensure!(
+            err.to_string().contains("DoRA"),
+            "{case}: merge error without DoRA: {err}"
+        );
+        ensure!(!out.exists(), "{case}: a refused merge left an output file");
+
+        // A DoRA config at init.
+        let dora = lora::LayerConfig::new(4, 8.0).with_dora(true);
+        let err = model
+            .init_adapter_with(&VarMap::new(), &InitOptions::default().with_config(dora))
+            .expect_err("a DoRA config on an embedding/conv layer");
+        ensure!(
+            err.to_string().contains("supported on linear layers only"),
+            "{case}: {err}"
+        );
+        ensure!(unchanged(&model), "{case}: the model changed");
+
+        // A DoRA adapter inserted by hand into every embedding/conv layer.
+        let mut refused = 0;
+        model.visit_lora_layers_mut(&mut ModulePath::new(), &mut |p, layer, _| {
+            if layer.factor_layout(2).a().len() == 2
+                && layer.factor_layout(2).names() == lora::layout::FactorNames::Lora
+            {
+                return Ok(()); // a linear layer
+            }
+            let plain = layer
+                .fresh_adapter(&lora::LayerConfig::new(2, 4.0), 0)
+                .map_err(|e| e.at(p.as_str()))?;
+            let m = candle_core::Var::ones(layer.out_features(), DType::F32, &Device::Cpu)?;
+            let adapter = plain.with_magnitude(m).map_err(|e| e.at(p.as_str()))?;
+            let err = layer
+                .insert_adapter(lora::DEFAULT_ADAPTER, adapter)
+                .expect_err("a DoRA adapter on an embedding/conv layer");
+            assert!(
+                err.to_string().contains("supported on linear layers only"),
+                "{p}: {err}"
+            );
+            refused += 1;
+            Ok(())
+        })?;
+        ensure!(refused > 0, "{case}: no embedding or conv layer");
+        ensure!(unchanged(&model), "{case}: the model changed");
+        Ok(())
+    }
+    check::<EmbedLm>("embedding", "embedding")?;
+    check::<Conv1dNet>("conv1d", "convolution")?;
+    check::<Conv2dNet>("conv2d", "convolution")
 }
 
 /// An adapter for modules the model has no LoRA layer for is an error, not a silent skip.
@@ -951,16 +1417,23 @@ fn wave(shape: &[usize], phase: f32) -> candle_core::Result<Tensor> {
 
 /// Gives the model adapters as a user would (`init_adapter`), then overwrites `B` (zero after
 /// init) with non-zero values, and replaces the adapter of `special` (if any) by one with another
-/// rank and alpha; `rslora` switches every adapter to rsLoRA scaling. Saves the adapter and
-/// `io.safetensors` (`input` from the case's fixture, `output` of the unmerged model).
+/// rank and alpha; `rslora` switches every adapter to rsLoRA scaling; `dora` makes DoRA adapters
+/// (rank 4, alpha 8) and moves their magnitudes away from the initial norms. Saves the adapter
+/// and `io.safetensors` (`input` from the case's fixture, `output` of the unmerged model).
 fn write_rust_adapter<M: LoraModel + Build>(
     case: &str,
     out: &Path,
     special: Option<&str>,
     rslora: bool,
+    dora: bool,
 ) -> Result<()> {
     let mut model = M::build(&load_state(case, "base")?, "")?;
-    model.init_adapter(&VarMap::new())?;
+    if dora {
+        let config = lora::LayerConfig::new(4, 8.0).with_dora(true);
+        model.init_adapter_with(&VarMap::new(), &InitOptions::default().with_config(config))?;
+    } else {
+        model.init_adapter(&VarMap::new())?;
+    }
     let mut k = 0f32;
     model.visit_lora_layers_mut(&mut ModulePath::new(), &mut |p, layer, _| {
         let ad = layer
@@ -976,11 +1449,12 @@ fn write_rust_adapter<M: LoraModel + Build>(
                 3.0,
             )
         } else {
-            (
-                ad.a().as_tensor().clone(),
-                wave(ad.b().dims(), k)?,
-                ad.alpha(),
-            )
+            // An embedding's fresh A is zero (as in PEFT): give it values too.
+            let a = match layer.factor_layout(ad.rank()).names() {
+                lora::layout::FactorNames::Embedding => wave(ad.a().dims(), -k)?,
+                lora::layout::FactorNames::Lora => ad.a().as_tensor().clone(),
+            };
+            (a, wave(ad.b().dims(), k)?, ad.alpha())
         };
         let adapter = Adapter::new(
             candle_core::Var::from_tensor(&a)?,
@@ -990,6 +1464,15 @@ fn write_rust_adapter<M: LoraModel + Build>(
             0.0,
         )
         .map_err(|e| e.at(p.as_str()))?;
+        let adapter = match ad.magnitude() {
+            None => adapter,
+            Some(m) => {
+                let moved = (m.as_tensor() * wave(m.dims(), k)?.affine(0.4, 1.0)?)?;
+                adapter
+                    .with_magnitude(candle_core::Var::from_tensor(&moved)?)
+                    .map_err(|e| e.at(p.as_str()))?
+            }
+        };
         layer
             .insert_adapter(lora::DEFAULT_ADAPTER, adapter)
             .map_err(|e| e.at(p.as_str()))
@@ -1028,12 +1511,14 @@ fn write_rust_adapters() -> Result<()> {
         &out,
         Some("model.layers.1.self_attn.v_proj"),
         false,
+        false,
     )?;
-    write_rust_adapter::<Llama<AttnAll, MlpPlain>>("rslora", &out, None, true)?;
+    write_rust_adapter::<Llama<AttnAll, MlpPlain>>("rslora", &out, None, true, false)?;
     write_rust_adapter::<Llama<AttnAll, MlpAll>>(
         "biased",
         &out,
         Some("model.layers.0.mlp.up_proj"),
+        false,
         false,
     )?;
     write_rust_adapter::<Gpt2>(
@@ -1041,6 +1526,24 @@ fn write_rust_adapters() -> Result<()> {
         &out,
         Some("transformer.h.0.mlp.c_proj"),
         false,
+        false,
     )?;
+    write_rust_adapter::<Llama<AttnAll, MlpDown>>(
+        "dora_llama",
+        &out,
+        Some("model.layers.1.self_attn.o_proj"),
+        false,
+        true,
+    )?;
+    write_rust_adapter::<Gpt2>(
+        "dora_gpt2",
+        &out,
+        Some("transformer.h.1.attn.c_attn"),
+        false,
+        true,
+    )?;
+    write_rust_adapter::<EmbedLm>("embedding", &out, Some("model.proj"), false, false)?;
+    write_rust_adapter::<Conv1dNet>("conv1d", &out, None, false, false)?;
+    write_rust_adapter::<Conv2dNet>("conv2d", &out, None, true, false)?;
     Ok(())
 }

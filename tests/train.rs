@@ -597,3 +597,98 @@ fn the_command_trains_an_adapter_that_generate_loads_and_refuses_bad_input() {
     assert!(!o.status.success() && err.contains("nothing_here"), "{err}");
     assert!(!none.exists());
 }
+
+/// `lora train --use-dora` trains a DoRA adapter (its magnitudes move away from the base
+/// weight's row norms, where they start), saves it in PEFT's form, and `lora merge` folds it into
+/// the safetensors base with PEFT's DoRA formula: the merged model's logits equal the unmerged
+/// adapter's.
+#[test]
+fn the_command_trains_a_dora_adapter_that_lora_merge_folds_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = write(dir.path(), "d.jsonl", DATA);
+    let model = model_dir();
+    let out = dir.path().join("adapter");
+    let o = lora_train(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--lr",
+        "1e-2",
+        "--targets",
+        "q_proj,v_proj",
+        "--use-dora",
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["use_dora"], true);
+    let saved =
+        lora::candle::safetensors::load(out.join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap();
+    let base =
+        lora::candle::safetensors::load(model.join("model.safetensors"), &Device::Cpu).unwrap();
+    let magnitudes: Vec<&String> = saved
+        .keys()
+        .filter(|k| k.ends_with(".lora_magnitude_vector"))
+        .collect();
+    let factors = saved
+        .keys()
+        .filter(|k| k.ends_with(".lora_A.weight"))
+        .count();
+    assert_eq!(magnitudes.len(), factors, "{:?}", saved.keys());
+    let moved = magnitudes.iter().any(|k| {
+        let module = k
+            .strip_prefix("base_model.model.")
+            .and_then(|k| k.strip_suffix(".lora_magnitude_vector"))
+            .unwrap();
+        let w = &base[&format!("{module}.weight")];
+        let norms = w.sqr().unwrap().sum(1).unwrap().sqrt().unwrap();
+        common::max_abs_diff(&saved[*k], &norms) > 1e-4
+    });
+    assert!(moved, "training left every magnitude at its initial value");
+
+    let merged_dir = dir.path().join("merged-model");
+    std::fs::create_dir_all(&merged_dir).unwrap();
+    for f in [
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(model.join(f), merged_dir.join(f)).unwrap();
+    }
+    let m = Command::new(LORA)
+        .args(["merge", "--base"])
+        .arg(model.join("model.safetensors"))
+        .arg("--adapter")
+        .arg(&out)
+        .arg("--out")
+        .arg(merged_dir.join("model.safetensors"))
+        .arg("--quiet")
+        .output()
+        .unwrap();
+    assert!(m.status.success(), "{}", String::from_utf8_lossy(&m.stderr));
+    let mut unmerged = load();
+    unmerged.model.load_adapter(&out).unwrap();
+    let folded = Pretrained::load(&merged_dir, DType::F32, &Device::Cpu).unwrap();
+    let ids = Tensor::new(&[[1u32, 40, 41, 42, 3]], &Device::Cpu).unwrap();
+    let a = unmerged
+        .model
+        .forward(&ids, &mut unmerged.model.new_cache())
+        .unwrap();
+    let b = folded
+        .model
+        .forward(&ids, &mut folded.model.new_cache())
+        .unwrap();
+    let diff = common::max_abs_diff(&a, &b);
+    assert!(diff < 1e-4, "merged vs unmerged logits: {diff}");
+}

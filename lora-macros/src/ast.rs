@@ -21,6 +21,7 @@ pub(crate) const ARGS: &[&str] = &[
     "adaptable",
     "dropout",
     "rslora",
+    "dora",
     "init",
     "crate",
 ];
@@ -97,13 +98,15 @@ pub(crate) struct Args {
     pub alpha: Option<Arg<Number>>,
     /// `targets = ["q_proj", "v_proj"]`.
     pub targets: Option<Arg<Targets>>,
-    /// `adaptable = ["k_proj", "o_proj"]`: linear fields that can take adapters created at run
+    /// `adaptable = ["k_proj", "o_proj"]`: layer fields that can take adapters created at run
     /// time, with no default adapter.
     pub adaptable: Option<Arg<Targets>>,
     /// `dropout = 0.05`.
     pub dropout: Option<Arg<Number>>,
     /// `rslora = true`, or `rslora` alone.
     pub rslora: Option<Arg<bool>>,
+    /// `dora = true`, or `dora` alone: DoRA adapters (PEFT's `use_dora`).
+    pub dora: Option<Arg<bool>>,
     /// `init = "gaussian"`.
     pub init: Option<Arg<LitStr>>,
     /// `crate = "lora_runtime"`.
@@ -195,7 +198,7 @@ impl<'a> Field<'a> {
                         arg.key.span(),
                         format_args!(
                             "unknown field argument `{key}`: the only one is `nested`, for a field \
-                             that is itself a LoRA model; linear layers go in the struct's `targets`"
+                             that is itself a LoRA model; layers to adapt go in the struct's `targets`"
                         ),
                     ),
                 }
@@ -275,6 +278,7 @@ fn parse_args(attr: TokenStream, cx: &mut Ctxt) -> Args {
             "adaptable" => args.adaptable.is_some(),
             "dropout" => args.dropout.is_some(),
             "rslora" => args.rslora.is_some(),
+            "dora" => args.dora.is_some(),
             "init" => args.init.is_some(),
             "crate" => args.krate.is_some(),
             "nested" => {
@@ -307,9 +311,14 @@ fn parse_args(attr: TokenStream, cx: &mut Ctxt) -> Args {
         if let Some(known) = ARGS.iter().find(|a| **a == name) {
             args.seen.push(known);
         }
-        // `rslora` alone means `rslora = true`; every other argument needs a value.
+        // `rslora` alone means `rslora = true`, `dora` alone `dora = true`; every other
+        // argument needs a value.
         if name == "rslora" && value.is_none() {
             args.rslora = Some(Arg { key, value: true });
+            continue;
+        }
+        if name == "dora" && value.is_none() {
+            args.dora = Some(Arg { key, value: true });
             continue;
         }
         let Some(value) = value else {
@@ -359,6 +368,18 @@ fn parse_args(attr: TokenStream, cx: &mut Ctxt) -> Args {
                 _ => cx.error_spanned(
                     value,
                     "`rslora` must be `true` or `false`, like `rslora = true`",
+                ),
+            },
+            "dora" => match lit(&value) {
+                Some(Lit::Bool(b)) => {
+                    args.dora = Some(Arg {
+                        key,
+                        value: b.value,
+                    })
+                }
+                _ => cx.error_spanned(
+                    value,
+                    "`dora` must be `true` or `false`, like `dora = true`",
                 ),
             },
             "init" => match lit(&value) {

@@ -1,5 +1,7 @@
-//! Expansion: a validated [`Model`] becomes the struct (targets retyped to `LoraLinear`) and a
-//! `LoraModel` impl that visits the fields in declaration order. Nothing here can fail.
+//! Expansion: a validated [`Model`] becomes the struct (each target retyped to its LoRA layer:
+//! `LoraLinear` for a `Linear`, `LoraEmbedding` for an `Embedding`, ..., see
+//! [`Layer`](crate::valid::Layer)) and a `LoraModel` impl that visits the fields in declaration
+//! order. Nothing here can fail.
 
 use proc_macro2::{Literal, Span, TokenStream, TokenTree};
 use quote::{quote, quote_spanned, ToTokens};
@@ -37,7 +39,8 @@ fn expand(model: &Model) -> TokenStream {
             for (field, checked) in fields.named.iter_mut().zip(&model.fields) {
                 if matches!(checked.role, Role::Target | Role::Adaptable) {
                     let span = field.ty.span();
-                    field.ty = syn::parse_quote_spanned!(span=> #private::LoraLinear);
+                    let layer = syn::Ident::new(checked.layer.runtime_type(), span);
+                    field.ty = syn::parse_quote_spanned!(span=> #private::#layer);
                 }
             }
         }
@@ -48,6 +51,7 @@ fn expand(model: &Model) -> TokenStream {
         let alpha = Literal::f64_unsuffixed(c.alpha);
         let dropout = Literal::f32_unsuffixed(c.dropout);
         let rslora = c.rslora;
+        let dora = c.dora;
         let init = match c.init {
             Init::Kaiming => quote!(Kaiming),
             Init::Gaussian => quote!(Gaussian),
@@ -59,6 +63,7 @@ fn expand(model: &Model) -> TokenStream {
                 dropout: #dropout,
                 use_rslora: #rslora,
                 init: #private::LoraInit::#init,
+                use_dora: #dora,
             };
         }
     });
@@ -93,7 +98,11 @@ fn expand(model: &Model) -> TokenStream {
                 } else {
                     quote!(::core::option::Option::None)
                 };
-                asserts.push(quote_spanned!(span=> #private::assert_lora_target::<#ty>();));
+                // Checks that the type is a target and that `Layer::of` chose its layer.
+                let layer = syn::Ident::new(field.layer.runtime_type(), ty.span());
+                asserts.push(quote_spanned!(span=>
+                    #private::assert_lora_target::<#ty, #private::#layer>();
+                ));
                 visits.push(quote! {
                     #private::visit_layer(__path, #name, &self.#ident, #config, __f)?;
                 });

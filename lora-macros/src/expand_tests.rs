@@ -39,6 +39,7 @@ fn targets() {
                     dropout: 0.0,
                     use_rslora: false,
                     init: ::lora::__private::LoraInit::Kaiming,
+                    use_dora: false,
                 };
                 #[automatically_derived]
                 impl ::lora::__private::LoraModel for Attention {
@@ -47,8 +48,14 @@ fn targets() {
                         __path: &mut ::lora::__private::ModulePath,
                         __f: &mut ::lora::__private::VisitFn<'__a, '_>,
                     ) -> ::lora::__private::Result<()> {
-                        ::lora::__private::assert_lora_target::<Linear>();
-                        ::lora::__private::assert_lora_target::<candle_nn::Linear>();
+                        ::lora::__private::assert_lora_target::<
+                            Linear,
+                            ::lora::__private::LoraLinear,
+                        >();
+                        ::lora::__private::assert_lora_target::<
+                            candle_nn::Linear,
+                            ::lora::__private::LoraLinear,
+                        >();
                         ::lora::__private::visit_layer(
                             __path,
                             "q_proj",
@@ -70,8 +77,14 @@ fn targets() {
                         __path: &mut ::lora::__private::ModulePath,
                         __f: &mut ::lora::__private::VisitMutFn<'_>,
                     ) -> ::lora::__private::Result<()> {
-                        ::lora::__private::assert_lora_target::<Linear>();
-                        ::lora::__private::assert_lora_target::<candle_nn::Linear>();
+                        ::lora::__private::assert_lora_target::<
+                            Linear,
+                            ::lora::__private::LoraLinear,
+                        >();
+                        ::lora::__private::assert_lora_target::<
+                            candle_nn::Linear,
+                            ::lora::__private::LoraLinear,
+                        >();
                         ::lora::__private::visit_layer_mut(
                             __path,
                             "q_proj",
@@ -94,6 +107,145 @@ fn targets() {
     );
 }
 
+/// Each supported layer type becomes its LoRA layer; the assertion checks the choice.
+#[test]
+fn layer_kinds() {
+    check(
+        quote!(rank = 4, targets = ["embed", "conv", "image", "head"]),
+        quote! {
+            struct Model {
+                embed: candle_nn::Embedding,
+                conv: Conv1d,
+                image: candle_nn::Conv2d,
+                head: LoraLinear,
+            }
+        },
+        expect![[r#"
+            struct Model {
+                embed: ::lora::__private::LoraEmbedding,
+                conv: ::lora::__private::LoraConv1d,
+                image: ::lora::__private::LoraConv2d,
+                head: ::lora::__private::LoraLinear,
+            }
+            const _: () = {
+                const __CONFIG: ::lora::__private::LayerConfig = ::lora::__private::LayerConfig {
+                    rank: 4,
+                    alpha: 8.0,
+                    dropout: 0.0,
+                    use_rslora: false,
+                    init: ::lora::__private::LoraInit::Kaiming,
+                    use_dora: false,
+                };
+                #[automatically_derived]
+                impl ::lora::__private::LoraModel for Model {
+                    fn visit_lora_layers<'__a>(
+                        &'__a self,
+                        __path: &mut ::lora::__private::ModulePath,
+                        __f: &mut ::lora::__private::VisitFn<'__a, '_>,
+                    ) -> ::lora::__private::Result<()> {
+                        ::lora::__private::assert_lora_target::<
+                            candle_nn::Embedding,
+                            ::lora::__private::LoraEmbedding,
+                        >();
+                        ::lora::__private::assert_lora_target::<
+                            Conv1d,
+                            ::lora::__private::LoraConv1d,
+                        >();
+                        ::lora::__private::assert_lora_target::<
+                            candle_nn::Conv2d,
+                            ::lora::__private::LoraConv2d,
+                        >();
+                        ::lora::__private::assert_lora_target::<
+                            LoraLinear,
+                            ::lora::__private::LoraLinear,
+                        >();
+                        ::lora::__private::visit_layer(
+                            __path,
+                            "embed",
+                            &self.embed,
+                            ::core::option::Option::Some(&__CONFIG),
+                            __f,
+                        )?;
+                        ::lora::__private::visit_layer(
+                            __path,
+                            "conv",
+                            &self.conv,
+                            ::core::option::Option::Some(&__CONFIG),
+                            __f,
+                        )?;
+                        ::lora::__private::visit_layer(
+                            __path,
+                            "image",
+                            &self.image,
+                            ::core::option::Option::Some(&__CONFIG),
+                            __f,
+                        )?;
+                        ::lora::__private::visit_layer(
+                            __path,
+                            "head",
+                            &self.head,
+                            ::core::option::Option::Some(&__CONFIG),
+                            __f,
+                        )?;
+                        ::core::result::Result::Ok(())
+                    }
+                    fn visit_lora_layers_mut(
+                        &mut self,
+                        __path: &mut ::lora::__private::ModulePath,
+                        __f: &mut ::lora::__private::VisitMutFn<'_>,
+                    ) -> ::lora::__private::Result<()> {
+                        ::lora::__private::assert_lora_target::<
+                            candle_nn::Embedding,
+                            ::lora::__private::LoraEmbedding,
+                        >();
+                        ::lora::__private::assert_lora_target::<
+                            Conv1d,
+                            ::lora::__private::LoraConv1d,
+                        >();
+                        ::lora::__private::assert_lora_target::<
+                            candle_nn::Conv2d,
+                            ::lora::__private::LoraConv2d,
+                        >();
+                        ::lora::__private::assert_lora_target::<
+                            LoraLinear,
+                            ::lora::__private::LoraLinear,
+                        >();
+                        ::lora::__private::visit_layer_mut(
+                            __path,
+                            "embed",
+                            &mut self.embed,
+                            ::core::option::Option::Some(&__CONFIG),
+                            __f,
+                        )?;
+                        ::lora::__private::visit_layer_mut(
+                            __path,
+                            "conv",
+                            &mut self.conv,
+                            ::core::option::Option::Some(&__CONFIG),
+                            __f,
+                        )?;
+                        ::lora::__private::visit_layer_mut(
+                            __path,
+                            "image",
+                            &mut self.image,
+                            ::core::option::Option::Some(&__CONFIG),
+                            __f,
+                        )?;
+                        ::lora::__private::visit_layer_mut(
+                            __path,
+                            "head",
+                            &mut self.head,
+                            ::core::option::Option::Some(&__CONFIG),
+                            __f,
+                        )?;
+                        ::core::result::Result::Ok(())
+                    }
+                }
+            };
+        "#]],
+    );
+}
+
 #[test]
 fn every_argument() {
     check(
@@ -102,6 +254,7 @@ fn every_argument() {
             alpha = 0.5,
             dropout = 0.1,
             rslora,
+            dora,
             init = "gaussian",
             crate = "lora_runtime",
             targets = ["fc"]
@@ -122,6 +275,7 @@ fn every_argument() {
                     dropout: 0.1,
                     use_rslora: true,
                     init: lora_runtime::__private::LoraInit::Gaussian,
+                    use_dora: true,
                 };
                 #[automatically_derived]
                 impl lora_runtime::__private::LoraModel for Mlp {
@@ -130,7 +284,10 @@ fn every_argument() {
                         __path: &mut lora_runtime::__private::ModulePath,
                         __f: &mut lora_runtime::__private::VisitFn<'__a, '_>,
                     ) -> lora_runtime::__private::Result<()> {
-                        lora_runtime::__private::assert_lora_target::<Linear>();
+                        lora_runtime::__private::assert_lora_target::<
+                            Linear,
+                            lora_runtime::__private::LoraLinear,
+                        >();
                         lora_runtime::__private::visit_layer(
                             __path,
                             "fc",
@@ -145,7 +302,10 @@ fn every_argument() {
                         __path: &mut lora_runtime::__private::ModulePath,
                         __f: &mut lora_runtime::__private::VisitMutFn<'_>,
                     ) -> lora_runtime::__private::Result<()> {
-                        lora_runtime::__private::assert_lora_target::<Linear>();
+                        lora_runtime::__private::assert_lora_target::<
+                            Linear,
+                            lora_runtime::__private::LoraLinear,
+                        >();
                         lora_runtime::__private::visit_layer_mut(
                             __path,
                             "fc",
@@ -250,6 +410,7 @@ fn generic() {
                     dropout: 0.0,
                     use_rslora: false,
                     init: ::lora::__private::LoraInit::Kaiming,
+                    use_dora: false,
                 };
                 #[automatically_derived]
                 impl<'a, L: Clone, const N: usize> ::lora::__private::LoraModel for Model<'a, L, N>
@@ -263,7 +424,10 @@ fn generic() {
                         __f: &mut ::lora::__private::VisitFn<'__a, '_>,
                     ) -> ::lora::__private::Result<()> {
                         ::lora::__private::assert_lora_model::<Vec<Block>>();
-                        ::lora::__private::assert_lora_target::<Linear>();
+                        ::lora::__private::assert_lora_target::<
+                            Linear,
+                            ::lora::__private::LoraLinear,
+                        >();
                         ::lora::__private::visit_nested::<
                             [L; N],
                         >(__path, "layers", &self.layers, __f)?;
@@ -285,7 +449,10 @@ fn generic() {
                         __f: &mut ::lora::__private::VisitMutFn<'_>,
                     ) -> ::lora::__private::Result<()> {
                         ::lora::__private::assert_lora_model::<Vec<Block>>();
-                        ::lora::__private::assert_lora_target::<Linear>();
+                        ::lora::__private::assert_lora_target::<
+                            Linear,
+                            ::lora::__private::LoraLinear,
+                        >();
                         ::lora::__private::visit_nested_mut::<
                             [L; N],
                         >(__path, "layers", &mut self.layers, __f)?;
@@ -406,10 +573,10 @@ fn mistakes_of_form() {
         `crate` must name a crate path, like `crate = "lora"`, not `not a path`
         `crate` must be a string literal, like `crate = "lora_runtime"`
         `nested` is a field argument: write `#[lora(nested)]` on the field that is itself a LoRA model
-        `dropout` has no effect without `targets`: list the linear fields to adapt, like `targets = ["q_proj", "v_proj"]`, or remove `dropout`
+        `dropout` has no effect without `targets`: list the layer fields to adapt, like `targets = ["q_proj", "v_proj"]`, or remove `dropout`
         `alpha` is too large: write a finite number
         `dropout` must be at least 0 and below 1: it is the probability of zeroing an input of the adapter, like `dropout = 0.05`
-        `inner` is both a target and `#[lora(nested)]`: a target is a linear layer, a nested field a LoRA model; remove `inner` from `targets` or remove `#[lora(nested)]`
+        `inner` is both a target and `#[lora(nested)]`: a target is a layer (linear, embedding or convolution), a nested field a LoRA model; remove `inner` from `targets` or remove `#[lora(nested)]`
         unknown target `mlp`: `Attention` has no field named `mlp`; its fields are `q_proj` and `inner`
     "#]]
     .assert_eq(&all);

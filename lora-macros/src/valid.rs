@@ -1,7 +1,7 @@
 //! Validation: every rule a parsed [`Input`] must follow, all checked in one pass.
 //!
 //! The result is a [`Model`] that [`expand`](crate::expand) turns into code without further
-//! checks. Type checks (is a target really a linear layer, is a nested field really a LoRA
+//! checks. Type checks (is a target really a layer LoRA can adapt, is a nested field really a LoRA
 //! model) are left to the compiler: the expansion asserts them at the field's type.
 
 use std::collections::HashSet;
@@ -14,14 +14,64 @@ use crate::ctxt::{did_you_mean, list, Ctxt};
 /// What a field is to LoRA.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Role {
-    /// Listed in `targets`: a linear layer that gets an adapter.
+    /// Listed in `targets`: a layer (linear, embedding, convolution) that gets an adapter.
     Target,
-    /// Listed in `adaptable`: a linear layer that can take an adapter created at run time.
+    /// Listed in `adaptable`: a layer that can take an adapter created at run time.
     Adaptable,
     /// `#[lora(nested)]`: a LoRA model (or a `Vec`, `Option`, `Box` or array of them).
     Nested,
     /// Anything else: left alone.
     Plain,
+}
+
+/// The LoRA layer a target (or adaptable) field becomes, by the last segment of its type's path:
+/// `LoraEmbedding` for `Embedding` (`candle_nn::Embedding`, ...) or `LoraEmbedding`, likewise for
+/// `Conv1d` and `Conv2d`, and `LoraLinear` for everything else. The expansion checks the choice
+/// where the user wrote the type (`assert_lora_target::<T, Layer>` requires `T: LoraTarget<Layer =
+/// Layer>`), so an unsupported type is one error at the type; a type alias of an `Embedding` or a
+/// convolution is an error too (write the type's own name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Layer {
+    Linear,
+    Embedding,
+    Conv1d,
+    Conv2d,
+}
+
+impl Layer {
+    /// The layer for a field of type `ty`.
+    pub(crate) fn of(ty: &Type) -> Self {
+        let last = match ty {
+            Type::Path(p) if p.qself.is_none() => p.path.segments.last(),
+            _ => None,
+        };
+        match last.map(|s| s.ident.to_string()).as_deref() {
+            Some("Embedding" | "LoraEmbedding") => Self::Embedding,
+            Some("Conv1d" | "LoraConv1d") => Self::Conv1d,
+            Some("Conv2d" | "LoraConv2d") => Self::Conv2d,
+            _ => Self::Linear,
+        }
+    }
+
+    /// The runtime's layer type: `LoraLinear`, `LoraEmbedding`, `LoraConv1d` or `LoraConv2d`.
+    pub(crate) fn runtime_type(self) -> &'static str {
+        match self {
+            Self::Linear => "LoraLinear",
+            Self::Embedding => "LoraEmbedding",
+            Self::Conv1d => "LoraConv1d",
+            Self::Conv2d => "LoraConv2d",
+        }
+    }
+
+    /// The candle layer, for messages: ``an `Embedding` ``, ...
+    fn described(self) -> &'static str {
+        match self {
+            Self::Linear => "a `Linear`",
+            Self::Embedding => "an `Embedding`",
+            Self::Conv1d => "a `Conv1d`",
+            Self::Conv2d => "a `Conv2d`",
+        }
+    }
 }
 
 /// The initialisation of `A`, as `lora_runtime::LoraInit` names it.
@@ -42,14 +92,16 @@ pub(crate) struct Config {
     /// In `[0, 1)`.
     pub dropout: f32,
     pub rslora: bool,
+    pub dora: bool,
     pub init: Init,
 }
 
-/// A named field and its role.
+/// A named field, its role and, for a target or adaptable field, the layer it becomes.
 pub(crate) struct Field<'a> {
     pub ident: &'a Ident,
     pub ty: &'a Type,
     pub role: Role,
+    pub layer: Layer,
 }
 
 /// A struct that can be expanded.
@@ -134,9 +186,33 @@ pub(crate) fn check<'a>(input: &Input<'a>, cx: &mut Ctxt) -> Model<'a> {
         if adaptable.value.empty {
             cx.error_spanned(
                 &adaptable.value.list,
-                "`adaptable` is empty: list the linear fields that can take adapters at run \
+                "`adaptable` is empty: list the layer fields that can take adapters at run \
                  time, like `adaptable = [\"k_proj\", \"o_proj\"]`, or remove it",
             );
+        }
+    }
+
+    // DoRA is a linear layer's: the runtime refuses it on the other kinds, so say so here.
+    if config.as_ref().is_some_and(|c| c.dora) {
+        for (f, _) in fields
+            .iter()
+            .zip(&roles)
+            .filter(|(_, r)| **r == Role::Target)
+        {
+            let layer = Layer::of(&f.original.ty);
+            if layer != Layer::Linear {
+                cx.error_spanned(
+                    &f.original.ty,
+                    format_args!(
+                        "`dora` applies to linear targets only: `{}` is {} (DoRA on embedding \
+                         and convolution layers is not supported); remove `dora`, or remove \
+                         `{}` from `targets`",
+                        f.ident,
+                        layer.described(),
+                        f.ident
+                    ),
+                );
+            }
         }
     }
 
@@ -151,6 +227,7 @@ pub(crate) fn check<'a>(input: &Input<'a>, cx: &mut Ctxt) -> Model<'a> {
                 ident: f.ident,
                 ty: &f.original.ty,
                 role,
+                layer: Layer::of(&f.original.ty),
             })
             .collect(),
     }
@@ -168,6 +245,7 @@ fn config(input: &Input, cx: &mut Ctxt) -> Option<Config> {
             args.alpha.as_ref().map(|a| &a.key),
             args.dropout.as_ref().map(|a| &a.key),
             args.rslora.as_ref().map(|a| &a.key),
+            args.dora.as_ref().map(|a| &a.key),
             args.init.as_ref().map(|a| &a.key),
         ];
         for key in keys.into_iter().flatten() {
@@ -179,7 +257,7 @@ fn config(input: &Input, cx: &mut Ctxt) -> Option<Config> {
             cx.error(
                 key.span(),
                 format_args!(
-                    "`{key}` has no effect without `targets`{adaptable}: list the linear fields \
+                    "`{key}` has no effect without `targets`{adaptable}: list the layer fields \
                      to adapt, like `targets = [\"q_proj\", \"v_proj\"]`, or remove `{key}`"
                 ),
             );
@@ -189,7 +267,7 @@ fn config(input: &Input, cx: &mut Ctxt) -> Option<Config> {
     if targets.value.empty {
         cx.error_spanned(
             &targets.value.list,
-            "`targets` is empty: list the linear fields to adapt, like \
+            "`targets` is empty: list the layer fields to adapt, like \
              `targets = [\"q_proj\", \"v_proj\"]`, or remove `targets` for a container",
         );
     }
@@ -276,6 +354,7 @@ fn config(input: &Input, cx: &mut Ctxt) -> Option<Config> {
         alpha,
         dropout,
         rslora: args.rslora.as_ref().is_some_and(|a| a.value),
+        dora: args.dora.as_ref().is_some_and(|a| a.value),
         init,
     })
 }
@@ -325,7 +404,8 @@ fn assign(
             cx.error(
                 nested.span(),
                 format_args!(
-                    "`{target}` is both {} and `#[lora(nested)]`: {} is a linear layer, a \
+                    "`{target}` is both {} and `#[lora(nested)]`: {} is a layer (linear, \
+                     embedding or convolution), a \
                      nested field a LoRA model; remove `{target}` from `{arg}` or remove \
                      `#[lora(nested)]`",
                     if role == Role::Target {

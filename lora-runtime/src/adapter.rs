@@ -1,5 +1,6 @@
-//! [`Adapter`]: one trainable low-rank update (`A`, `B` and their scaling), and [`AdapterSet`]:
-//! the named adapters a layer holds, as PEFT keeps them (a map by name plus the active name).
+//! [`Adapter`]: one trainable low-rank update (`A`, `B` and their scaling, and for DoRA a
+//! magnitude vector), and [`AdapterSet`]: the named adapters a layer holds, as PEFT keeps them (a
+//! map by name plus the active name).
 //!
 //! Both sit below every layer kind: a layer owns an `AdapterSet` and says how its factors are
 //! shaped; everything about names, activation and initialisation lives here once.
@@ -30,15 +31,25 @@ use rand_distr::{Distribution, Normal};
 
 use crate::config::{scaling, LayerConfig, LoraInit};
 use crate::error::{Factor, LayerError, LayerResult};
+use crate::layout::FactorLayout;
 
 /// The name of the adapter that `init_adapter` and `load_adapter` create, as in PEFT.
 pub const DEFAULT_ADAPTER: &str = "default";
 
-/// A trainable low-rank adapter: `A [r, in]`, `B [out, r]` and the scaling of `B A`.
+/// A trainable low-rank adapter: `A [r, in]`, `B [out, r]` and the scaling of `B A`; for DoRA
+/// also a magnitude `m [out]`.
+///
+/// DoRA (Liu et al. 2024, PEFT's `use_dora`) decomposes the adapted weight into a direction and a
+/// magnitude: `W' = (m / ||W + s B A||) * (W + s B A)`, row by row (one norm per output feature).
+/// The magnitude lives here, beside the factors it rescales, and trains with them; the norm
+/// needs the base weight, so the layer computes it (see
+/// [`LoraLayer::dora_weight_norm`](crate::LoraLayer::dora_weight_norm)).
 #[derive(Debug, Clone)]
 pub struct Adapter {
     a: Var,
     b: Var,
+    /// DoRA's `lora_magnitude_vector`, `[out]`; `None` for a plain LoRA adapter.
+    magnitude: Option<Var>,
     rank: usize,
     alpha: f64,
     use_rslora: bool,
@@ -53,28 +64,34 @@ impl Adapter {
     /// [`LayerError::InvalidConfig`] for a rank of 0, a non-positive alpha or a dropout outside
     /// `[0, 1)`.
     pub fn new(a: Var, b: Var, alpha: f64, use_rslora: bool, dropout: f32) -> LayerResult<Self> {
-        let [r, _] = *a.dims() else {
+        // Matrices for linear and embedding layers; convolutions add kernel dimensions
+        // (`A [r, in, k...]`, `B [out, r, 1...]`, see `FactorLayout`).
+        let (&[r, _, ..], true) = (a.dims(), a.rank() <= 5) else {
             return Err(LayerError::FactorShape {
                 factor: Factor::A,
                 found: a.dims().to_vec(),
-                expected: "a matrix [r, in]".into(),
+                expected: "a matrix [r, in] (or a kernel [r, in, k...])".into(),
             });
         };
         let rank_of_b = match *b.dims() {
-            [_, rb] => Some(rb),
+            [_, rb, ..] if b.rank() == a.rank() => Some(rb),
             _ => None,
         };
         if rank_of_b != Some(r) {
             return Err(LayerError::FactorShape {
                 factor: Factor::B,
                 found: b.dims().to_vec(),
-                expected: format!("a matrix [out, {r}] (the rank of lora_A)"),
+                expected: format!(
+                    "[out, {r}] with as many dimensions as lora_A {:?} (the rank of lora_A)",
+                    a.dims()
+                ),
             });
         }
         LayerConfig::new(r, alpha).with_dropout(dropout).check()?;
         Ok(Self {
             a,
             b,
+            magnitude: None,
             rank: r,
             alpha,
             use_rslora,
@@ -82,8 +99,39 @@ impl Adapter {
         })
     }
 
+    /// Makes this a DoRA adapter with the magnitude `m [out]` (PEFT's `lora_magnitude_vector`).
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor, Var};
+    /// use lora_runtime::{Adapter, LayerConfig};
+    ///
+    /// let ad = Adapter::fresh(16, 32, &LayerConfig::new(4, 8.0), 0, DType::F32, &Device::Cpu)?;
+    /// let m = Var::from_tensor(&Tensor::ones(32, DType::F32, &Device::Cpu)?)?;
+    /// let dora = ad.with_magnitude(m)?;
+    /// assert!(dora.is_dora());
+    /// assert_eq!(dora.num_parameters(), 4 * (16 + 32) + 32);
+    /// # Ok::<(), lora_runtime::LayerError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`LayerError::FactorShape`] when `m` is not a vector as long as `B` is high.
+    pub fn with_magnitude(mut self, magnitude: Var) -> LayerResult<Self> {
+        let out = self.b.dims().first().copied().unwrap_or(0);
+        if magnitude.dims() != [out] {
+            return Err(LayerError::FactorShape {
+                factor: Factor::Magnitude,
+                found: magnitude.dims().to_vec(),
+                expected: format!("[{out}] (the height of lora_B)"),
+            });
+        }
+        self.magnitude = Some(magnitude);
+        Ok(self)
+    }
+
     /// A fresh adapter for a layer `[out, in]`: `A` random as `config.init` says (from a
     /// generator seeded with `seed`), `B = 0`, so it does not change the layer's output yet.
+    /// `config.use_dora` is not looked at here: the magnitude needs the base weight, which the
+    /// layer has (see [`LoraLayer::fresh_adapter`](crate::LoraLayer::fresh_adapter)).
     ///
     /// # Errors
     /// [`LayerError::InvalidConfig`] for invalid hyper-parameters.
@@ -95,14 +143,37 @@ impl Adapter {
         dtype: DType,
         device: &Device,
     ) -> LayerResult<Self> {
+        let layout = FactorLayout::matrix(inp, out, config.rank);
+        Self::fresh_for(&layout, config, seed, dtype, device)
+    }
+
+    /// [`fresh`](Self::fresh) for factors of any [`FactorLayout`] (whose rank must be
+    /// `config.rank`): `A` random with the fan-in of its layout, `B = 0`.
+    ///
+    /// # Errors
+    /// [`LayerError::InvalidConfig`] for invalid hyper-parameters or a layout of another rank.
+    pub fn fresh_for(
+        layout: &FactorLayout,
+        config: &LayerConfig,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+    ) -> LayerResult<Self> {
         config.check()?;
         let r = config.rank;
+        if layout.rank() != r {
+            return Err(LayerError::InvalidConfig {
+                field: "r".into(),
+                reason: format!("the factor layout has rank {}, not {r}", layout.rank()),
+            });
+        }
+        let fan_in = layout.fan_in();
         let mut rng = StdRng::seed_from_u64(seed);
         let values: Vec<f32> = match config.init {
             LoraInit::Kaiming => {
-                // kaiming_uniform(a = sqrt(5)) on a [r, in] weight: bound = 1 / sqrt(in).
-                let bound = 1.0 / (inp.max(1) as f32).sqrt();
-                (0..r * inp)
+                // kaiming_uniform(a = sqrt(5)) on a [r, in, k...] weight: bound = 1 / sqrt(fan_in).
+                let bound = 1.0 / (fan_in.max(1) as f32).sqrt();
+                (0..r * fan_in)
                     .map(|_| rng.random_range(-bound..bound))
                     .collect()
             }
@@ -112,11 +183,11 @@ impl Adapter {
                         field: "init".into(),
                         reason: format!("gaussian init: {e}"),
                     })?;
-                (0..r * inp).map(|_| normal.sample(&mut rng)).collect()
+                (0..r * fan_in).map(|_| normal.sample(&mut rng)).collect()
             }
         };
-        let a = Tensor::from_vec(values, (r, inp), device)?.to_dtype(dtype)?;
-        let b = Tensor::zeros((out, r), dtype, device)?;
+        let a = Tensor::from_vec(values, layout.a(), device)?.to_dtype(dtype)?;
+        let b = Tensor::zeros(layout.b(), dtype, device)?;
         Self::new(
             Var::from_tensor(&a)?,
             Var::from_tensor(&b)?,
@@ -154,23 +225,49 @@ impl Adapter {
     pub fn scaling(&self) -> f64 {
         scaling(self.rank, self.alpha, self.use_rslora)
     }
-    /// Number of trainable parameters: `r * (in + out)`.
+    /// DoRA's magnitude `m [out]`, for a DoRA adapter.
+    pub fn magnitude(&self) -> Option<&Var> {
+        self.magnitude.as_ref()
+    }
+    /// Whether this is a DoRA adapter (it has a magnitude).
+    pub fn is_dora(&self) -> bool {
+        self.magnitude.is_some()
+    }
+    /// Number of trainable parameters: `r * (in + out)`, plus `out` for DoRA.
     pub fn num_parameters(&self) -> usize {
-        self.a.elem_count() + self.b.elem_count()
+        self.a.elem_count()
+            + self.b.elem_count()
+            + self.magnitude.as_ref().map_or(0, |m| m.elem_count())
+    }
+    /// The trainable variables: `A`, `B` and, for DoRA, the magnitude, with which each is.
+    pub fn vars(&self) -> Vec<(Factor, &Var)> {
+        let mut vars = vec![(Factor::A, &self.a), (Factor::B, &self.b)];
+        if let Some(m) = &self.magnitude {
+            vars.push((Factor::Magnitude, m));
+        }
+        vars
     }
 
-    /// `s * B A` in f32, `[out, in]`, detached: no gradient flows through it.
+    /// `s * B A` in f32, `[out, in]`, detached: no gradient flows through it. Convolution
+    /// factors are flattened first (`B [out, r]`, `A [r, in * k...]`): the layer reshapes the
+    /// result to its kernel.
     ///
     /// # Errors
     /// A candle error.
     pub fn delta(&self) -> LayerResult<Tensor> {
-        let a = self.a.as_tensor().detach().to_dtype(DType::F32)?;
+        let a = self
+            .a
+            .as_tensor()
+            .detach()
+            .to_dtype(DType::F32)?
+            .flatten_from(1)?;
         // Scale the small factor B rather than the [out, in] product: one pass fewer.
         let b = self
             .b
             .as_tensor()
             .detach()
             .to_dtype(DType::F32)?
+            .flatten_from(1)?
             .affine(self.scaling(), 0.0)?;
         Ok(b.matmul(&a)?)
     }

@@ -58,6 +58,13 @@ fn combine(parts: &[(&Adapter, f64)], how: Combination) -> LayerResult<(Tensor, 
     let Some((first, _)) = parts.first() else {
         return Err(LayerError::Refused("no adapters to combine".into()));
     };
+    if parts.iter().any(|(ad, _)| ad.is_dora()) {
+        // A DoRA adapter's update is not `s B A` alone (its magnitude rescales the whole
+        // weight): no weighted sum of deltas represents it.
+        return Err(LayerError::Refused(
+            "DoRA adapters cannot be combined: their updates are not low-rank deltas".into(),
+        ));
+    }
     let device = first.a().device().clone();
     let f32_of = |t: &Tensor| -> LayerResult<Tensor> { Ok(t.to_dtype(DType::F32)?) };
     match how {
@@ -94,7 +101,12 @@ fn combine(parts: &[(&Adapter, f64)], how: Combination) -> LayerResult<(Tensor, 
                 ));
             }
             let (a_cat, b_cat) = combine(parts, Combination::Cat)?;
-            let (a, b) = (to_matrix(&a_cat)?, to_matrix(&b_cat)?);
+            // Convolution factors as matrices, `[r, in * k...]` and `[out, r]`: their product is
+            // the delta either way (the caller reshapes the result to the layer's layout).
+            let (a, b) = (
+                to_matrix(&a_cat.flatten_from(1)?)?,
+                to_matrix(&b_cat.flatten_from(1)?)?,
+            );
             // delta = B A with B = Qb Rb and A^T = Qa Ra: delta = Qb (Rb Ra^T) Qa^T, so the SVD of
             // the small middle matrix gives the SVD of delta.
             let qr_b = b.clone().qr();
@@ -168,6 +180,9 @@ pub(crate) fn add_weighted_adapter<M: LoraModel + ?Sized>(
             let (a, b) = combine(&present, how)?;
             let dtype = layer.adapter_dtype();
             let rank = a.dim(0)?;
+            // `Svd` gives matrices; a convolution's factors are kernels (`FactorLayout`).
+            let layout = layer.factor_layout(rank);
+            let (a, b) = (a.reshape(layout.a())?, b.reshape(layout.b())?);
             let dropout = present
                 .iter()
                 .map(|(ad, _)| ad.dropout())

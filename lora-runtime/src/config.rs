@@ -42,7 +42,7 @@ pub enum LoraInit {
 /// the targets of a struct.
 ///
 /// Defaults are PEFT's: `rank = 8`, `alpha = 8`, `dropout = 0`, `use_rslora = false`,
-/// `init = Kaiming`.
+/// `init = Kaiming`, `use_dora = false`.
 ///
 /// ```
 /// use lora_runtime::{LayerConfig, LoraInit};
@@ -63,6 +63,9 @@ pub struct LayerConfig {
     pub use_rslora: bool,
     /// How `A` is initialised.
     pub init: LoraInit,
+    /// DoRA (weight-decomposed LoRA, PEFT's `use_dora`): a trainable magnitude per output
+    /// feature rescales `W + s B A` row by row (see [`Adapter`](crate::Adapter)).
+    pub use_dora: bool,
 }
 
 impl Default for LayerConfig {
@@ -72,7 +75,8 @@ impl Default for LayerConfig {
 }
 
 impl LayerConfig {
-    /// A config with the given rank and alpha, no dropout, standard scaling, Kaiming init.
+    /// A config with the given rank and alpha, no dropout, standard scaling, Kaiming init, no
+    /// DoRA.
     pub const fn new(rank: usize, alpha: f64) -> Self {
         Self {
             rank,
@@ -80,7 +84,20 @@ impl LayerConfig {
             dropout: 0.0,
             use_rslora: false,
             init: LoraInit::Kaiming,
+            use_dora: false,
         }
+    }
+
+    /// Switches DoRA on or off: fresh adapters then carry a magnitude vector initialised to the
+    /// row norms of the base weight, as PEFT's `use_dora = true` does.
+    ///
+    /// ```
+    /// use lora_runtime::LayerConfig;
+    /// assert!(LayerConfig::new(4, 8.0).with_dora(true).use_dora);
+    /// ```
+    pub const fn with_dora(mut self, use_dora: bool) -> Self {
+        self.use_dora = use_dora;
+        self
     }
 
     /// Sets the dropout probability of the LoRA branch.
@@ -257,7 +274,7 @@ pub struct LoraConfig {
     /// `bias`: only `"none"` is supported.
     #[serde(default = "default_bias")]
     pub bias: String,
-    /// `use_dora`: DoRA is not supported.
+    /// `use_dora`: DoRA adapters (a `lora_magnitude_vector` per targeted module).
     #[serde(default)]
     pub use_dora: bool,
     /// `fan_in_fan_out`: targets store their weight `[in, out]` (GPT-2 `Conv1D`).
@@ -419,12 +436,6 @@ impl LoraConfig {
                 ),
             ));
         }
-        if self.use_dora {
-            return Err(unsupported(
-                "use_dora",
-                "DoRA adapters are not supported".into(),
-            ));
-        }
         if self.bias != "none" {
             return Err(unsupported(
                 "bias",
@@ -496,7 +507,7 @@ impl LoraConfig {
     }
 
     /// The hyper-parameters of the adapter this config gives the module at `module_path`: rank
-    /// and alpha with their patterns, rsLoRA, dropout and init. Whether the module is targeted
+    /// and alpha with their patterns, rsLoRA, DoRA, dropout and init. Whether the module is targeted
     /// at all is [`targets_module`](Self::targets_module).
     ///
     /// # Errors
@@ -513,6 +524,7 @@ impl LoraConfig {
             dropout: self.dropout as f32,
             use_rslora: self.use_rslora,
             init,
+            use_dora: self.use_dora,
         })
     }
 
@@ -649,7 +661,6 @@ mod tests {
     fn unsupported_features_are_named() {
         let p = Path::new("a/adapter_config.json");
         for (json, field) in [
-            (r#"{"use_dora": true}"#, "use_dora"),
             (r#"{"bias": "all"}"#, "bias"),
             (r#"{"modules_to_save": ["lm_head"]}"#, "modules_to_save"),
             (r#"{"layers_to_transform": [0, 1]}"#, "layers_to_transform"),
@@ -667,6 +678,9 @@ mod tests {
         }
         let ok = LoraConfig::from_json(r#"{"modules_to_save": null, "lora_bias": false}"#).unwrap();
         ok.check_supported(p).unwrap();
+        let dora = LoraConfig::from_json(r#"{"use_dora": true}"#).unwrap();
+        dora.check_supported(p).unwrap();
+        assert!(dora.layer_config("q_proj").unwrap().use_dora);
         let err = LoraConfig::from_json(r#"{"r": 0}"#)
             .unwrap()
             .check_supported(p)

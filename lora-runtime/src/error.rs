@@ -291,13 +291,29 @@ pub enum LayerError {
     Refused(String),
 }
 
-/// Which LoRA factor: `A` (`[r, in]`) or `B` (`[out, r]`).
+impl LayerError {
+    /// The refusal of a DoRA adapter (`use_dora`) by a layer kind without DoRA (embeddings,
+    /// convolutions, custom kinds that do not override
+    /// [`supports_dora`](crate::LoraLayer::supports_dora)).
+    pub(crate) fn dora_unsupported() -> Self {
+        Self::Refused(
+            "DoRA (`use_dora`) is supported on linear layers only: this layer kind (an embedding, \
+             a convolution, ...) takes plain LoRA adapters"
+                .into(),
+        )
+    }
+}
+
+/// Which trainable tensor of an adapter: `A` (`[r, in]`), `B` (`[out, r]`) or DoRA's magnitude
+/// (`[out]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Factor {
     /// `lora_A`, `[r, in]`.
     A,
     /// `lora_B`, `[out, r]`.
     B,
+    /// `lora_magnitude_vector`, `[out]`: DoRA's magnitude per output feature.
+    Magnitude,
 }
 
 impl std::fmt::Display for Factor {
@@ -305,6 +321,7 @@ impl std::fmt::Display for Factor {
         f.write_str(match self {
             Factor::A => "lora_A",
             Factor::B => "lora_B",
+            Factor::Magnitude => "lora_magnitude_vector",
         })
     }
 }

@@ -142,8 +142,8 @@ pub trait LoraModelExt: LoraModel {
         batched::set_batch_adapters(self, rows)
     }
 
-    /// The variables to hand to the optimizer: `A` and `B` of every active adapter, nothing
-    /// else.
+    /// The variables to hand to the optimizer: `A` and `B` of every active adapter (and the
+    /// magnitude of a DoRA adapter), nothing else.
     fn trainable_vars(&self) -> Vec<Var> {
         registry::trainable_vars(self)
     }
@@ -155,8 +155,8 @@ pub trait LoraModelExt: LoraModel {
         TrainableParameters::of(self)
     }
 
-    /// `A` and `B` of every active adapter with the names PEFT's file gives them
-    /// (`<module path>.lora_A.weight`): what [`Trainer`](crate::train::Trainer) saves its
+    /// `A` and `B` (and DoRA's magnitude) of every active adapter with the names PEFT's file
+    /// gives them (`<module path>.lora_A.weight`, `<module path>.lora_magnitude_vector`): what [`Trainer`](crate::train::Trainer) saves its
     /// optimizer state under.
     fn named_trainable_vars(&self) -> Vec<(String, Var)> {
         registry::named_trainable_vars(self)

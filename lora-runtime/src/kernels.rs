@@ -12,7 +12,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Shape, Storage, Tensor,
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Storage, Tensor,
 };
 use gemm::{gemm, Parallelism};
 
@@ -389,6 +389,240 @@ pub(crate) fn frozen_linear(
     }
 }
 
+/// `y * g + bias` per column for `y [n, out]`, `g [out]` and a frozen `bias [out]`: DoRA's
+/// rescaling of a fused LoRA output, one pass instead of candle's two broadcast ops. The
+/// backward gives `y` (`grad * g`) and `g` (the column sums of `grad * y`) their gradients.
+struct ScaleColumns {
+    bias: Option<Tensor>,
+}
+
+impl CustomOp2 for ScaleColumns {
+    fn name(&self) -> &'static str {
+        "lora-scale-columns"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ys: &CpuStorage,
+        yl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, out) = yl.shape().dims2()?;
+        let (Some((y0, y1)), Some((g0, g1))) = (yl.contiguous_offsets(), gl.contiguous_offsets())
+        else {
+            return Err(candle_core::Error::msg(
+                "lora scale columns: the inputs must be contiguous",
+            ));
+        };
+        let (y, g) = (
+            &ys.as_slice::<f32>()?[y0..y1],
+            &gs.as_slice::<f32>()?[g0..g1],
+        );
+        let bias = match &self.bias {
+            Some(b) => b.to_vec1::<f32>()?,
+            None => vec![0f32; out],
+        };
+        if g.len() != out || bias.len() != out {
+            return Err(candle_core::Error::msg(format!(
+                "lora scale columns: y [{n}, {out}], g [{}] and bias [{}] do not fit",
+                g.len(),
+                bias.len()
+            )));
+        }
+        let mut dst = vec![0f32; n * out];
+        for (d_row, y_row) in dst
+            .chunks_exact_mut(out.max(1))
+            .zip(y.chunks_exact(out.max(1)))
+        {
+            for (((d, y), g), b) in d_row.iter_mut().zip(y_row).zip(g).zip(&bias) {
+                *d = y * g + b;
+            }
+        }
+        Ok((CpuStorage::F32(dst), Shape::from((n, out))))
+    }
+
+    fn bwd(
+        &self,
+        y: &Tensor,
+        g: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad_y = if y.track_op() {
+            Some(grad.broadcast_mul(g)?)
+        } else {
+            None
+        };
+        let grad_g = if g.track_op() {
+            Some((grad * y)?.sum(0)?)
+        } else {
+            None
+        };
+        Ok((grad_y, grad_g))
+    }
+}
+
+/// `y * g + bias` per column (see [`ScaleColumns`]) for `y [n, out]`, f32 on the CPU, with a
+/// frozen bias; `None` when that does not apply (then use candle's broadcast ops).
+///
+/// # Errors
+/// Shape errors.
+pub(crate) fn scale_columns(
+    y: &Tensor,
+    g: &Tensor,
+    bias: Option<&Tensor>,
+) -> candle_core::Result<Option<Tensor>> {
+    let cpu_f32 = |t: &Tensor| t.dtype() == DType::F32 && matches!(t.device(), Device::Cpu);
+    if !(cpu_f32(y) && cpu_f32(g) && bias.is_none_or(|b| cpu_f32(b) && !b.track_op())) {
+        return Ok(None);
+    }
+    let op = ScaleColumns {
+        bias: bias.cloned(),
+    };
+    Ok(Some(y.contiguous()?.apply_op2(&g.contiguous()?, op)?))
+}
+
+/// DoRA's weight norms without forming `W + L R`: for row-major `w [rows, cols]`, `l [rows,
+/// rank]`, `rt [rank, cols]`, the Euclidean norm of each row of `W + L R` (`per_column`: of each
+/// column). One row of the sum at a time in a small buffer (the rank-`r` update as `r` axpys over
+/// it, vectorised), squares summed in f64; rows split over candle's thread count. Reads `W` once
+/// and allocates nothing of its size: what DoRA's forward needs every call.
+///
+/// # Errors
+/// When the slices' lengths do not fit `[rows, cols]`, `[rows, rank]` and `[rank, cols]`.
+pub(crate) fn low_rank_norms(
+    w: &[f32],
+    l: &[f32],
+    rt: &[f32],
+    rank: usize,
+    cols: usize,
+    per_column: bool,
+) -> candle_core::Result<Vec<f32>> {
+    let rows = w.len().checked_div(cols).unwrap_or(0);
+    if rows * cols != w.len() || l.len() != rows * rank || rt.len() != rank * cols {
+        return Err(candle_core::Error::msg(format!(
+            "low_rank_norms: W has {} values, L {}, R^T {}: not [{rows}, {cols}], [{rows}, {rank}], [{rank}, {cols}]",
+            w.len(),
+            l.len(),
+            rt.len()
+        )));
+    }
+    let width = if per_column { cols } else { rows };
+    // One worker's rows: the sums of squares of its rows (or its part of every column's).
+    let work = |w: &[f32], l: &[f32]| -> Vec<f64> {
+        let mut row = vec![0f32; cols];
+        let mut sums = vec![
+            0f64;
+            if per_column {
+                cols
+            } else {
+                w.len() / cols.max(1)
+            }
+        ];
+        for (i, w_row) in w.chunks_exact(cols.max(1)).enumerate() {
+            row.copy_from_slice(w_row);
+            for (k, r_row) in rt.chunks_exact(cols.max(1)).enumerate() {
+                let coef = l.get(i * rank + k).copied().unwrap_or(0.0);
+                for (v, r) in row.iter_mut().zip(r_row) {
+                    *v += coef * r;
+                }
+            }
+            if per_column {
+                for (s, v) in sums.iter_mut().zip(&row) {
+                    *s += f64::from(*v) * f64::from(*v);
+                }
+            } else if let Some(s) = sums.get_mut(i) {
+                *s = row.iter().map(|v| f64::from(*v) * f64::from(*v)).sum();
+            }
+        }
+        sums
+    };
+    let threads = candle_core::utils::get_num_threads().max(1);
+    let parts: Vec<Vec<f64>> = if threads == 1 || w.len() < PARALLEL_MIN || rows == 0 {
+        vec![work(w, l)]
+    } else {
+        let per = rows.div_ceil(threads);
+        std::thread::scope(|s| {
+            let handles: Vec<_> = w
+                .chunks(per * cols)
+                .zip(l.chunks(per * rank.max(1)))
+                .map(|(w, l)| s.spawn(move || work(w, l)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| vec![f64::NAN; width]))
+                .collect()
+        })
+    };
+    let sums: Vec<f64> = if per_column {
+        parts.iter().fold(vec![0f64; width], |mut acc, part| {
+            for (a, p) in acc.iter_mut().zip(part) {
+                *a += p;
+            }
+            acc
+        })
+    } else {
+        parts.into_iter().flatten().collect()
+    };
+    Ok(sums.iter().map(|s| s.sqrt() as f32).collect())
+}
+
+/// DoRA's rescaling in place: each output feature of `values` (row-major `[rows, cols]`: a row,
+/// or with `fan_in_fan_out` a column of the stored `[in, out]`) is multiplied by
+/// `magnitude[j] / ||feature j||`, the norm accumulated in f64. Returns whether every result is
+/// finite (a zero norm gives infinities or NaN).
+///
+/// # Errors
+/// When `values` is not `[rows, cols]` or `magnitude` not as long as the output features.
+pub(crate) fn dora_rescale(
+    values: &mut [f32],
+    cols: usize,
+    magnitude: &[f32],
+    fan_in_fan_out: bool,
+) -> candle_core::Result<bool> {
+    let rows = values.len().checked_div(cols).unwrap_or(0);
+    let features = if fan_in_fan_out { cols } else { rows };
+    if rows * cols != values.len() || magnitude.len() != features {
+        return Err(candle_core::Error::msg(format!(
+            "dora_rescale: {} values in rows of {cols}, {} magnitudes: not [{rows}, {cols}] with {features} output features",
+            values.len(),
+            magnitude.len()
+        )));
+    }
+    let square = |v: &f32| f64::from(*v) * f64::from(*v);
+    let mut sums = vec![0f64; features];
+    if fan_in_fan_out {
+        for row in values.chunks_exact(cols.max(1)) {
+            for (s, v) in sums.iter_mut().zip(row) {
+                *s += square(v);
+            }
+        }
+    } else {
+        for (s, row) in sums.iter_mut().zip(values.chunks_exact(cols.max(1))) {
+            *s = row.iter().map(square).sum();
+        }
+    }
+    let scale: Vec<f32> = sums
+        .iter()
+        .zip(magnitude)
+        .map(|(s, m)| (f64::from(*m) / s.sqrt()) as f32)
+        .collect();
+    let mut finite = true;
+    for (i, row) in values.chunks_exact_mut(cols.max(1)).enumerate() {
+        for (j, v) in row.iter_mut().enumerate() {
+            let g = if fan_in_fan_out {
+                scale.get(j)
+            } else {
+                scale.get(i)
+            };
+            *v *= g.copied().unwrap_or(f32::NAN);
+            finite &= v.is_finite();
+        }
+    }
+    Ok(finite)
+}
+
 /// The number of values below which [`add_low_rank`] stays on one thread.
 const PARALLEL_MIN: usize = 1 << 18;
 
@@ -512,6 +746,47 @@ fn add_low_rank_rows(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dora_norms_and_rescale_match_the_formed_sum_on_several_threads() {
+        // Above PARALLEL_MIN, so the rows are split over threads when candle has several.
+        let (rows, cols, rank) = (700, 600, 3);
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i % 13) as f32 - 6.0) * 0.1)
+            .collect();
+        let l: Vec<f32> = (0..rows * rank)
+            .map(|i| (i % 7) as f32 * 0.1 - 0.3)
+            .collect();
+        let rt: Vec<f32> = (0..rank * cols).map(|i| (i % 5) as f32 * 0.25).collect();
+        let mut sum = vec![0f32; rows * cols];
+        assert!(add_low_rank(&w, &l, &rt, rank, cols, &mut sum).unwrap());
+        let dev = Device::Cpu;
+        let formed = Tensor::from_vec(sum.clone(), (rows, cols), &dev).unwrap();
+        for per_column in [false, true] {
+            let norms = low_rank_norms(&w, &l, &rt, rank, cols, per_column).unwrap();
+            let axis = usize::from(!per_column);
+            let expected = formed.sqr().unwrap().sum(axis).unwrap().sqrt().unwrap();
+            let expected = expected.to_vec1::<f32>().unwrap();
+            assert_eq!(norms.len(), expected.len());
+            for (n, e) in norms.iter().zip(&expected) {
+                assert!((n - e).abs() <= 1e-5 * e.max(1.0), "{n} vs {e}");
+            }
+            // Rescaling by m = 2 * norm doubles every value.
+            let m: Vec<f32> = norms.iter().map(|n| 2.0 * n).collect();
+            let mut scaled = sum.clone();
+            assert!(dora_rescale(&mut scaled, cols, &m, per_column).unwrap());
+            for (s, v) in scaled.iter().zip(&sum) {
+                assert!(
+                    (s - 2.0 * v).abs() <= 1e-5 * v.abs().max(1.0),
+                    "{s} vs 2 * {v}"
+                );
+            }
+        }
+        // A zero norm gives a non-finite result, reported.
+        let mut zeros = vec![0f32; 6];
+        assert!(!dora_rescale(&mut zeros, 3, &[1.0, 1.0], false).unwrap());
+        assert!(low_rank_norms(&w, &l, &rt, rank, cols + 1, false).is_err());
+    }
 
     #[test]
     fn add_low_rank_matches_a_matmul_and_finds_non_finite_values() {

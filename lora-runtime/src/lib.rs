@@ -32,7 +32,7 @@
 //!   command-line tool).
 //!
 //! Modules depend on each other in one direction, each only on those before it:
-//! `error` -> `config` -> `rng` -> `fingerprint` -> `adapter` -> `kernels`, `ops` -> `routing` -> `layer` ->
+//! `error` -> `layout` -> `config` -> `rng` -> `fingerprint` -> `adapter` -> `kernels`, `ops` -> `routing` -> `layer` ->
 //! `model` -> `fs` -> `peft` -> `registry` -> `merge`, `combine`, `batched` -> `ext` ->
 //! `train`, `merge_file`.
 #![warn(missing_docs)]
@@ -50,6 +50,7 @@ pub mod fingerprint;
 mod fs;
 mod kernels;
 pub mod layer;
+pub mod layout;
 pub mod merge;
 pub mod merge_file;
 pub mod model;
@@ -67,7 +68,9 @@ pub use config::{LayerConfig, LoraConfig, LoraInit, TargetModules};
 pub use error::{Error, Factor, LayerError, LayerResult, Result};
 pub use ext::LoraModelExt;
 pub use fingerprint::BaseFingerprint;
-pub use layer::{FrozenLinear, LoraLayer, LoraLinear, MergedWeight};
+pub use layer::{
+    FrozenLinear, LoraConv1d, LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear, MergedWeight,
+};
 pub use model::{LoraModel, ModulePath, VisitFn, VisitMutFn};
 pub use peft::{LoadOptions, SaveOptions};
 pub use registry::{InitOptions, TrainableParameters, DEFAULT_SEED};
@@ -77,22 +80,41 @@ pub use registry::{InitOptions, TrainableParameters, DEFAULT_SEED};
 pub mod __private {
     pub use crate::config::{LayerConfig, LoraInit};
     pub use crate::error::Result;
-    pub use crate::layer::{LoraLayer, LoraLinear};
+    pub use crate::layer::{LoraConv1d, LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear};
     pub use crate::model::{LoraModel, ModulePath, VisitFn, VisitMutFn};
 
-    /// The layer types a `#[lora]` target field may have.
+    /// The layer types a `#[lora]` target field may have, and the LoRA layer each becomes.
     #[diagnostic::on_unimplemented(
         message = "`{Self}` cannot be a LoRA target",
-        label = "not a linear layer",
-        note = "LoRA layers must be `candle_nn::Linear` (or `lora::LoraLinear`); Embedding and Conv LoRA are not supported yet: remove this field from `targets` / `adaptable`"
+        label = "not a layer LoRA can adapt",
+        note = "LoRA layers must be `candle_nn::Linear`, `Embedding`, `Conv1d` or `Conv2d` (or `lora::LoraLinear`, `LoraEmbedding`, `LoraConv1d`, `LoraConv2d`): remove this field from `targets` / `adaptable`"
     )]
-    pub trait LoraTarget {}
-    impl LoraTarget for candle_nn::Linear {}
-    impl LoraTarget for LoraLinear {}
+    pub trait LoraTarget {
+        /// The LoRA layer a field of this type becomes.
+        type Layer: LoraLayer;
+    }
+    macro_rules! targets {
+        ($($base:ty => $layer:ty),* $(,)?) => {$(
+            impl LoraTarget for $base {
+                type Layer = $layer;
+            }
+        )*};
+    }
+    targets! {
+        candle_nn::Linear => LoraLinear,
+        LoraLinear => LoraLinear,
+        candle_nn::Embedding => LoraEmbedding,
+        LoraEmbedding => LoraEmbedding,
+        candle_nn::Conv1d => LoraConv1d,
+        LoraConv1d => LoraConv1d,
+        candle_nn::Conv2d => LoraConv2d,
+        LoraConv2d => LoraConv2d,
+    }
 
-    /// Fails to compile, at the field's type, when it is not a supported target layer.
+    /// Fails to compile, at the field's type, when it is not a supported target layer or does
+    /// not become the layer `L` the macro chose for it.
     #[inline(always)]
-    pub const fn assert_lora_target<T: LoraTarget + ?Sized>() {}
+    pub const fn assert_lora_target<T: LoraTarget<Layer = L> + ?Sized, L>() {}
 
     /// Fails to compile, at the field's type, when a `#[lora(nested)]` field is not a LoRA model.
     #[inline(always)]

@@ -1,7 +1,10 @@
 //! Merging a PEFT adapter into a safetensors model with no model code: what `lora merge` runs.
 //!
 //! Each targeted tensor `<module>.weight` becomes `W + s * B A` (computed in f32, stored in `W`'s
-//! dtype, transposed for `fan_in_fan_out`); every other tensor is copied byte for byte. The base is
+//! dtype, transposed for `fan_in_fan_out` and for embedding tables, reshaped to the kernel for
+//! convolutions, as PEFT's `get_delta_weight`), or for a DoRA adapter PEFT's
+//! `(m / ||W + s B A||) * (W + s B A)` per output feature; every other tensor is copied byte for
+//! byte. The base is
 //! memory-mapped and the output is written tensor by tensor, so memory stays near the largest
 //! tensor, not the model's size. Everything is validated before the first byte is written, and the
 //! output appears only when complete (temporary files, then rename): a failed merge leaves no
@@ -27,7 +30,8 @@ use safetensors::{Dtype, View};
 use crate::error::{Error, Result};
 use crate::fingerprint::BaseFingerprint;
 use crate::fs::{RealFs, Staging};
-use crate::kernels::{add_low_rank, all_finite};
+use crate::kernels::{add_low_rank, all_finite, dora_rescale};
+use crate::layout::FactorNames;
 use crate::peft::{candle_of, parse_safetensors, tensor_bytes, AdapterFile, Factors, LoadOptions};
 
 /// The index file of a sharded model.
@@ -111,11 +115,15 @@ fn plan(base: &Path, out: &Path) -> Result<Plan> {
 
 /// The delta to add to one base tensor.
 struct Delta {
-    /// `s * B`, f32 `[out, r]`.
+    /// `s * B`, f32 `[out, r]` (a convolution's `B [out, r, 1...]` flattened).
     b: Tensor,
-    /// `A`, f32 `[r, in]`.
+    /// `A`, f32 `[r, in]` (a convolution's `A [r, in, k...]` flattened to `[r, in * k...]`).
     a: Tensor,
-    fan_in_fan_out: bool,
+    /// DoRA's magnitude, f32 `[out]`, for a DoRA adapter (linear layers only: refused on
+    /// embeddings and convolutions when the adapter is read).
+    magnitude: Option<Tensor>,
+    /// Whether the weight stores `(B A)^T`: `fan_in_fan_out` linear layers and embeddings.
+    transposed: bool,
 }
 
 impl Delta {
@@ -129,8 +137,10 @@ impl Delta {
         dtype: DType,
         shape: &[usize],
     ) -> Result<Vec<u8>> {
-        if let (DType::F32, [_, cols], true) = (dtype, shape, cfg!(target_endian = "little")) {
-            let (l, rt) = if self.fan_in_fan_out {
+        // A kernel `[out, in, k...]` is the matrix `[out, in * k...]` in memory.
+        let cols: usize = shape.iter().skip(1).product();
+        if let (DType::F32, 2.., true) = (dtype, shape.len(), cfg!(target_endian = "little")) {
+            let (l, rt) = if self.transposed {
                 (self.a.t()?, self.b.t()?)
             } else {
                 (self.b.clone(), self.a.clone())
@@ -138,6 +148,10 @@ impl Delta {
             let l = l.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
             let rt = rt.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
             let rank = self.a.dim(0)?;
+            let magnitude = match &self.magnitude {
+                Some(m) => Some(m.to_vec1::<f32>()?),
+                None => None,
+            };
             let copied: Vec<f32>;
             // The mapping is unaligned only after tensors of odd byte counts: then copy the row data.
             let w: &[f32] = match bytemuck::try_cast_slice(bytes) {
@@ -151,11 +165,18 @@ impl Delta {
                 }
             };
             let mut out = vec![0u8; bytes.len()];
+            let merge = |out32: &mut [f32]| -> candle_core::Result<bool> {
+                let finite = add_low_rank(w, &l, &rt, rank, cols, out32)?;
+                match &magnitude {
+                    Some(m) => Ok(finite && dora_rescale(out32, cols, m, self.transposed)?),
+                    None => Ok(finite),
+                }
+            };
             let finite = match bytemuck::try_cast_slice_mut::<u8, f32>(&mut out) {
-                Ok(out32) => add_low_rank(w, &l, &rt, rank, *cols, out32)?,
+                Ok(out32) => merge(out32)?,
                 Err(_) => {
                     let mut out32 = vec![0f32; w.len()];
-                    let finite = add_low_rank(w, &l, &rt, rank, *cols, &mut out32)?;
+                    let finite = merge(&mut out32)?;
                     out = out32.iter().flat_map(|v| v.to_le_bytes()).collect();
                     finite
                 }
@@ -179,12 +200,20 @@ impl Delta {
     fn apply(&self, bytes: &[u8], dtype: DType, shape: &[usize]) -> candle_core::Result<Tensor> {
         let w = Tensor::from_raw_buffer(bytes, dtype, shape, &Device::Cpu)?;
         let d = self.b.matmul(&self.a)?;
-        let d = if self.fan_in_fan_out { d.t()? } else { d };
-        if dtype == DType::F32 {
-            w + d
-        } else {
-            (w.to_dtype(DType::F32)? + d)?.to_dtype(dtype)
-        }
+        let d = if self.transposed { d.t()? } else { d };
+        let d = d.reshape(shape)?;
+        let Some(m) = &self.magnitude else {
+            return if dtype == DType::F32 {
+                w + d
+            } else {
+                (w.to_dtype(DType::F32)? + d)?.to_dtype(dtype)
+            };
+        };
+        // DoRA: the norm of each output feature (a row of `[out, in]`, a column of `[in, out]`).
+        let plain = (w.to_dtype(DType::F32)? + d)?;
+        let axis = usize::from(!self.transposed);
+        let g = (m / plain.sqr()?.sum(axis)?.sqrt()?)?.unsqueeze(axis)?;
+        plain.broadcast_mul(&g)?.to_dtype(dtype)
     }
 }
 
@@ -364,9 +393,16 @@ pub fn merge_safetensors_with(
         }
         let scale = adapter.config.scaling_for(module);
         let delta = Delta {
-            b: f.b.to_dtype(DType::F32)?.affine(scale, 0.0)?,
-            a: f.a.to_dtype(DType::F32)?,
-            fan_in_fan_out,
+            b: f.b
+                .to_dtype(DType::F32)?
+                .flatten_from(1)?
+                .affine(scale, 0.0)?,
+            a: f.a.to_dtype(DType::F32)?.flatten_from(1)?,
+            magnitude: match &f.magnitude {
+                Some((_, m)) => Some(m.to_dtype(DType::F32)?),
+                None => None,
+            },
+            transposed: stored_transposed(f, fan_in_fan_out),
         };
         deltas.insert(weight, (module.clone(), delta));
     }
@@ -478,6 +514,16 @@ fn st_metadata(map: &[u8], path: &Path) -> Result<Option<HashMap<String, String>
     Ok(Some(metadata))
 }
 
+/// Whether the base weight of these factors stores `(B A)^T`: an embedding table
+/// (`[num_embeddings, dim]`, PEFT's `transpose(B @ A, True)`), or a linear layer with
+/// `fan_in_fan_out`; PEFT ignores `fan_in_fan_out` for convolutions.
+fn stored_transposed(f: &Factors, fan_in_fan_out: bool) -> bool {
+    match f.names() {
+        FactorNames::Embedding => true,
+        FactorNames::Lora => fan_in_fan_out && f.a.rank() == 2,
+    }
+}
+
 fn check_fits(
     adapter: &AdapterFile,
     module: &str,
@@ -489,18 +535,40 @@ fn check_fits(
 ) -> Result<()> {
     let (r, inp) = (f.a.dims()[0], f.a.dims()[1]);
     let out = f.b.dims()[0];
-    let expected = if fan_in_fan_out {
-        [inp, out]
+    let kernel = &f.a.dims()[2..];
+    let transposed = stored_transposed(f, fan_in_fan_out);
+    let expected: Vec<usize> = if transposed {
+        vec![inp, out]
     } else {
-        [out, inp]
+        [out, inp].iter().chain(kernel).copied().collect()
     };
+    let (a_name, b_name) = (
+        f.names().factor_name(crate::error::Factor::A),
+        f.names().factor_name(crate::error::Factor::B),
+    );
+    if f.b.dims()[2..].iter().any(|&k| k != 1) {
+        return Err(Error::bad_tensor(
+            &adapter.path,
+            &f.b_key,
+            format!(
+                "has shape {:?}: a convolution's {b_name} is a 1x1 kernel [{out}, {r}, 1...]",
+                f.b.dims()
+            ),
+        ));
+    }
     if shape != expected {
+        let why = match (f.names(), transposed) {
+            (FactorNames::Embedding, _) => " (an embedding table)",
+            (FactorNames::Lora, true) => " (fan_in_fan_out)",
+            (FactorNames::Lora, false) => "",
+        };
         return Err(Error::bad_tensor(
             &adapter.path,
             &f.a_key,
             format!(
-                "lora_A [{r}, {inp}] and lora_B [{out}, {r}] need `{module}.weight` of shape {expected:?}{}, but {} has {shape:?}",
-                if fan_in_fan_out { " (fan_in_fan_out)" } else { "" },
+                "{a_name} {:?} and {b_name} {:?} need `{module}.weight` of shape {expected:?}{why}, but {} has {shape:?}",
+                f.a.dims(),
+                f.b.dims(),
                 base.display()
             ),
         ));

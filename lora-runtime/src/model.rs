@@ -46,7 +46,7 @@ use std::fmt;
 
 use crate::config::LayerConfig;
 use crate::error::{LayerResult, Result};
-use crate::layer::{LoraLayer, LoraLinear};
+use crate::layer::{LoraConv1d, LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear};
 
 /// The dotted module path of a layer, e.g. `model.layers.0.self_attn.q_proj`, as PyTorch names it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -245,7 +245,7 @@ macro_rules! layer_is_a_model {
     )*};
 }
 
-layer_is_a_model!(LoraLinear);
+layer_is_a_model!(LoraLinear, LoraEmbedding, LoraConv1d, LoraConv2d);
 
 impl<T: LoraModel> LoraModel for Option<T> {
     fn visit_lora_layers<'a>(

@@ -11,7 +11,7 @@ use candle_nn::VarMap;
 
 use crate::adapter::Adapter;
 use crate::config::{LayerConfig, LoraConfig};
-use crate::error::{Error, Factor, Result};
+use crate::error::{Error, Result};
 use crate::layer::install_default;
 use crate::model::{adapter_names, layers, prepare_then_commit, LoraModel, ModulePath};
 use crate::peft::{named_key, peft_key};
@@ -205,8 +205,10 @@ pub(crate) fn init_adapter<M: LoraModel + ?Sized>(
         |layer, (path, adapter)| {
             // PEFT's state-dict names: the adapter name sits between the factor and `weight`,
             // except for the default adapter in files.
-            vars.insert(named_key(&path, Factor::A, name), adapter.a().clone());
-            vars.insert(named_key(&path, Factor::B, name), adapter.b().clone());
+            let names = layer.factor_layout(adapter.rank()).names();
+            for (factor, var) in adapter.vars() {
+                vars.insert(named_key(&path, names, factor, name), var.clone());
+            }
             match name {
                 None => install_default(layer, Some(adapter)),
                 Some(n) => {
@@ -298,26 +300,33 @@ pub(crate) fn active_adapter<M: LoraModel + ?Sized>(model: &M) -> Option<String>
         .and_then(|(_, l, _)| l.active_adapter_name().map(str::to_string))
 }
 
-/// `A` and `B` of every active adapter.
+/// `A`, `B` (and DoRA's magnitude) of every active adapter.
 pub(crate) fn trainable_vars<M: LoraModel + ?Sized>(model: &M) -> Vec<Var> {
     layers(model)
         .iter()
         .filter_map(|(_, l, _)| l.adapter())
-        .flat_map(|ad| [ad.a().clone(), ad.b().clone()])
+        .flat_map(|ad| {
+            ad.vars()
+                .into_iter()
+                .map(|(_, v)| v.clone())
+                .collect::<Vec<_>>()
+        })
         .collect()
 }
 
-/// `(name, variable)` of `A` and `B` of every active adapter, named as PEFT's file keys
-/// (`<path>.lora_A.weight`): what an optimizer state is saved under.
+/// `(name, variable)` of `A`, `B` (and DoRA's magnitude) of every active adapter, named as
+/// PEFT's file keys (`<path>.lora_A.weight`, `<path>.lora_magnitude_vector`): what an optimizer
+/// state is saved under.
 pub(crate) fn named_trainable_vars<M: LoraModel + ?Sized>(model: &M) -> Vec<(String, Var)> {
     layers(model)
         .iter()
-        .filter_map(|(p, l, _)| l.adapter().map(|ad| (p, ad)))
-        .flat_map(|(p, ad)| {
-            [
-                (peft_key(p, Factor::A), ad.a().clone()),
-                (peft_key(p, Factor::B), ad.b().clone()),
-            ]
+        .filter_map(|(p, l, _)| l.adapter().map(|ad| (p, l, ad)))
+        .flat_map(|(p, l, ad)| {
+            let names = l.factor_layout(ad.rank()).names();
+            ad.vars()
+                .into_iter()
+                .map(|(factor, v)| (peft_key(p, names, factor), v.clone()))
+                .collect::<Vec<_>>()
         })
         .collect()
 }

@@ -60,8 +60,12 @@ impl Routing {
     /// Stacks every adapter of `set` for a layer of `target`'s shape and routes `rows`: row `i`
     /// uses the adapter `rows[i]`, `None` the base alone.
     ///
+    /// DoRA adapters are refused for the rows (a DoRA adapter rescales its rows' base output,
+    /// which the stacks do not); DoRA adapters no row uses may sit in the set.
+    ///
     /// # Errors
-    /// [`LayerError::UnknownAdapter`] for a name `set` lacks; a candle error.
+    /// [`LayerError::UnknownAdapter`] for a name `set` lacks, [`LayerError::Refused`] for a row
+    /// of a DoRA adapter; a candle error.
     pub fn new(
         set: &AdapterSet,
         rows: &[Option<&str>],
@@ -134,8 +138,20 @@ impl Routing {
     /// the mask off the CPU, are built).
     ///
     /// # Errors
-    /// [`LayerError::UnknownAdapter`] for a name the stacks lack; a candle error.
+    /// [`LayerError::UnknownAdapter`] for a name the stacks lack, [`LayerError::Refused`] for a
+    /// row of a DoRA adapter; a candle error.
     pub fn with_rows(&self, set: &AdapterSet, rows: &[Option<&str>]) -> LayerResult<Self> {
+        // A DoRA adapter rescales the base output of its rows as well: not a term the stacks
+        // can add. Refused rather than run as plain LoRA.
+        if let Some(name) = rows
+            .iter()
+            .flatten()
+            .find(|name| set.get(name).is_some_and(Adapter::is_dora))
+        {
+            return Err(LayerError::Refused(format!(
+                "adapter `{name}` is a DoRA adapter: mixed-adapter batches support plain LoRA adapters only; run its rows in a batch of their own with the adapter active (or merge it)"
+            )));
+        }
         let slots = rows
             .iter()
             .map(|row| match row {

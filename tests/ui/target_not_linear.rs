@@ -1,9 +1,9 @@
-use candle_nn::{Embedding, Linear};
+use candle_nn::{LayerNorm, Linear};
 use lora::prelude::*;
 
-#[lora(rank = 8, targets = ["embed", "q_proj"])]
+#[lora(rank = 8, targets = ["norm", "q_proj"])]
 struct Model {
-    embed: Embedding,
+    norm: LayerNorm,
     q_proj: Linear,
 }
 

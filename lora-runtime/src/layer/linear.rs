@@ -34,7 +34,9 @@ use crate::routing::{Routing, RoutingTarget};
 /// A linear layer with a frozen base weight and named LoRA adapters.
 ///
 /// The forward pass is `x W^T + b + s * ((dropout(x) A^T) B^T)` with the active adapter; `B A` is
-/// never formed. Built from a [`candle_nn::Linear`] with `.into()`; without an adapter its output
+/// never formed. A DoRA adapter (one with a magnitude `m`) runs PEFT's DoRA forward instead:
+/// `m / ||W + s B A||` (per output feature, the norm detached) times `x W^T + s (x A^T) B^T`,
+/// plus the bias; that needs `B A` once per forward, for the norm, as in PEFT. Built from a [`candle_nn::Linear`] with `.into()`; without an adapter its output
 /// is bit-identical to the base layer's.
 ///
 /// The base weight and bias are detached plain tensors: no gradient flows into them. (For a
@@ -193,7 +195,8 @@ impl LoraLinear {
     }
 
     /// `s * B A` of the active adapter in f32, in the layout of the stored weight (transposed
-    /// for `fan_in_fan_out`). Detached: no gradient flows through it.
+    /// for `fan_in_fan_out`). Detached: no gradient flows through it. (For a DoRA adapter the
+    /// merge also rescales `W + s B A` by its magnitude: see [`LoraLayer::prepare_merge`].)
     ///
     /// # Errors
     /// [`LayerError::NoAdapter`] when the layer has no active adapter.
@@ -239,6 +242,38 @@ impl LoraLinear {
         }
         let merged = Tensor::from_vec(out, (rows, cols), self.weight.device())?;
         Ok(CpuMerge::Merged(merged))
+    }
+
+    /// The CPU fast path of [`LoraLayer::dora_weight_norm`] for an f32 layer (`None`: it does
+    /// not apply).
+    fn dora_weight_norm_on_cpu(&self, ad: &Adapter) -> LayerResult<Option<Tensor>> {
+        let w = self.base_weight();
+        let (a, b) = (ad.a().as_tensor(), ad.b().as_tensor());
+        let on_cpu_f32 = |t: &Tensor| t.dtype() == DType::F32 && matches!(t.device(), Device::Cpu);
+        if !(on_cpu_f32(w) && on_cpu_f32(a) && on_cpu_f32(b)) {
+            return Ok(None);
+        }
+        let (_, cols) = w.dims2()?;
+        let sb = b.detach().affine(ad.scaling(), 0.0)?;
+        // W [out, in] + sB A, norms of rows; stored [in, out]: + A^T (sB)^T, norms of columns.
+        let (l, rt) = if self.fan_in_fan_out {
+            (a.t()?, sb.t()?)
+        } else {
+            (sb, a.detach())
+        };
+        let l = l.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let rt = rt.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let (guard, layout) = w.storage_and_layout();
+        let (candle_core::Storage::Cpu(storage), Some((start, end))) =
+            (&*guard, layout.contiguous_offsets())
+        else {
+            return Ok(None);
+        };
+        let values = &storage.as_slice::<f32>()?[start..end];
+        let norms = kernels::low_rank_norms(values, &l, &rt, ad.rank(), cols, self.fan_in_fan_out)?;
+        drop(guard);
+        let n = norms.len();
+        Ok(Some(Tensor::from_vec(norms, n, w.device())?))
     }
 
     /// A forward in which row `i` of `x [b, .., in]` uses the adapter `rows[i]` (`None`: the
@@ -338,8 +373,9 @@ impl LoraLinear {
             }
             return self.base_forward(&base, x);
         }
+        let dropout = train && ad.dropout() > 0.0;
         let dropped;
-        let x_lora = if train && ad.dropout() > 0.0 {
+        let x_lora = if dropout {
             dropped = match &self.dropout_rng {
                 Some(rng) => rng.dropout(x, ad.dropout())?,
                 None => candle_nn::ops::dropout(x, ad.dropout())?,
@@ -348,6 +384,9 @@ impl LoraLinear {
         } else {
             x
         };
+        if let Some(magnitude) = ad.magnitude() {
+            return self.dora_forward(&base, ad, magnitude, x, dropout.then_some(x_lora));
+        }
         let (weight, bias) = (base.weight(), base.bias());
         if kernels::fused_applies(x, ad.a().as_tensor(), ad.b().as_tensor(), weight, bias) {
             // One output buffer, no `[n, out]` temporary, no extra add pass (see `kernels`).
@@ -365,6 +404,82 @@ impl LoraLinear {
         }
         let y = self.base_forward(&base, x)?;
         y + self.lora_term(ad, x_lora)?
+    }
+
+    /// DoRA's forward, as PEFT's `DoraLinearLayer.forward`: with `g = m / ||W + s B A||` per
+    /// output feature (the norm detached),
+    /// `y = g * (x W^T + s (x A^T) B^T) + b` without dropout, and with dropout (`dropped` is the
+    /// dropped input `x_d`) `y = x W^T + b + (g - 1) * (x_d W^T) + g * s (x_d A^T) B^T`. The
+    /// gradient reaches `A`, `B` and `m`, and the input; never `W`.
+    fn dora_forward(
+        &self,
+        base: &Linear,
+        ad: &Adapter,
+        magnitude: &candle_core::Var,
+        x: &Tensor,
+        dropped: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let norm = self.dora_weight_norm(ad).map_err(|e| match e {
+            LayerError::Candle(e) => e,
+            other => candle_core::Error::msg(other.to_string()),
+        })?;
+        let g = (magnitude.as_tensor().to_dtype(norm.dtype())? / norm)?.to_dtype(x.dtype())?;
+        let unbiased = Linear::new(base.weight().clone(), None);
+        if let Some(x_d) = dropped {
+            let y = self.base_forward(base, x)?;
+            let dropped_base = self.base_forward(&unbiased, x_d)?;
+            let lora = self.lora_term(ad, x_d)?;
+            let extra =
+                (dropped_base.broadcast_mul(&g.affine(1.0, -1.0)?)? + lora.broadcast_mul(&g)?)?;
+            return y + extra;
+        }
+        let (a, b) = (ad.a().as_tensor(), ad.b().as_tensor());
+        let y = if kernels::fused_applies(x, a, b, base.weight(), None) {
+            let (inp, out_dims) = self.flat_dims(x)?;
+            let n = x.elem_count() / inp.max(1);
+            let x2 = x.reshape((n, inp))?;
+            let h = Self::lora_hidden(ad, &x2)?;
+            let y = kernels::fused_forward(&x2, &h, b, base.weight(), None)?;
+            // The scale and the bias in one pass over the output.
+            if let Some(y) = kernels::scale_columns(&y, &g, base.bias())? {
+                return y.reshape(out_dims);
+            }
+            y.reshape(out_dims)?
+        } else {
+            (self.base_forward(&unbiased, x)? + self.lora_term(ad, x)?)?
+        };
+        let y = y.broadcast_mul(&g)?;
+        match base.bias() {
+            Some(bias) => y.broadcast_add(bias),
+            None => Ok(y),
+        }
+    }
+
+    /// DoRA's merge, as PEFT's: `(m / ||W + s B A||) * (W + s B A)` row by row of `[out, in]`
+    /// (column by column of a stored `[in, out]`), in f32, cast to the weight's dtype.
+    fn prepare_dora_merge(
+        &self,
+        ad: &Adapter,
+        magnitude: &candle_core::Var,
+    ) -> LayerResult<MergedWeight> {
+        let plain = match self.merge_on_cpu(ad)? {
+            CpuMerge::Merged(w) => w,
+            CpuMerge::NonFinite => return Err(LayerError::NonFinite),
+            CpuMerge::NotApplicable => {
+                (self.weight.detach().to_dtype(DType::F32)? + self.delta_weight()?)?
+            }
+        };
+        // The norm of each output feature: a row of `[out, in]`, a column of `[in, out]`.
+        let (reduce, expand) = if self.fan_in_fan_out { (0, 0) } else { (1, 1) };
+        let norm = plain.sqr()?.sum(reduce)?.sqrt()?;
+        let g = (magnitude.as_tensor().detach().to_dtype(DType::F32)? / norm)?;
+        let merged = plain
+            .broadcast_mul(&g.unsqueeze(expand)?)?
+            .to_dtype(self.weight.dtype())?;
+        if !kernels::all_finite(&merged)? {
+            return Err(LayerError::NonFinite);
+        }
+        Ok(MergedWeight(merged))
     }
 
     /// The base layer's output: in a graph that trains (the input tracks a gradient), a frozen
@@ -445,6 +560,9 @@ impl LoraLayer for LoraLinear {
             return Err(LayerError::Merged);
         }
         let ad = self.adapter().ok_or(LayerError::NoAdapter)?;
+        if let Some(magnitude) = ad.magnitude() {
+            return self.prepare_dora_merge(ad, magnitude);
+        }
         match self.merge_on_cpu(ad)? {
             CpuMerge::Merged(w) => return Ok(MergedWeight(w)),
             CpuMerge::NonFinite => return Err(LayerError::NonFinite),
@@ -488,6 +606,30 @@ impl LoraLayer for LoraLinear {
 
     fn set_routing(&mut self, routing: Option<Routing>) {
         self.routing = routing;
+    }
+
+    fn supports_dora(&self) -> bool {
+        true
+    }
+
+    /// `||W + s B A||` per output feature from the unmerged weight, detached; in f32 (f64 for
+    /// an f64 layer). An f32 layer on the CPU takes `kernels::low_rank_norms`: one pass over `W`
+    /// and no `[out, in]` temporary (in PEFT, and on the general path, `B A` and `W + s B A` are
+    /// formed every forward).
+    fn dora_weight_norm(&self, adapter: &Adapter) -> LayerResult<Tensor> {
+        if let Some(norms) = self.dora_weight_norm_on_cpu(adapter)? {
+            return Ok(norms);
+        }
+        let dtype = match self.weight.dtype() {
+            DType::F64 => DType::F64,
+            _ => DType::F32,
+        };
+        let w = self.base_weight().detach().to_dtype(dtype)?;
+        let w = if self.fan_in_fan_out { w.t()? } else { w };
+        let a = adapter.a().as_tensor().detach().to_dtype(dtype)?;
+        let sb = adapter.b().as_tensor().detach().to_dtype(dtype)?;
+        let delta = sb.affine(adapter.scaling(), 0.0)?.matmul(&a)?;
+        Ok((w + delta)?.sqr()?.sum(1)?.sqrt()?)
     }
 
     fn prepare_routing(&self, rows: &[Option<&str>]) -> LayerResult<Routing> {
@@ -538,6 +680,7 @@ mod tests {
     use super::*;
     use crate::adapter::DEFAULT_ADAPTER;
     use crate::config::LayerConfig;
+    use crate::rng::DropoutRng;
     use candle_core::{Device, Var};
 
     fn layer(fan_in_fan_out: bool) -> LoraLinear {
@@ -715,5 +858,313 @@ mod tests {
             g_ours.get(w.as_tensor()).is_none(),
             "no gradient for the frozen weight"
         );
+    }
+
+    /// A layer `[6, 5]` (stored transposed with `fan_in_fan_out`) of `dtype` with a DoRA
+    /// adapter: non-zero `B` and magnitudes moved away from their initial norms.
+    fn dora_layer(fan_in_fan_out: bool, dtype: DType, dropout: f32) -> LoraLinear {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (6, 5), &dev).unwrap();
+        let bias = Tensor::randn(0f32, 1.0, 6, &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let mut l = if fan_in_fan_out {
+            let w = w
+                .t()
+                .unwrap()
+                .contiguous()
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            LoraLinear::from_conv1d(w, Some(bias)).unwrap()
+        } else {
+            LoraLinear::new(w.to_dtype(dtype).unwrap(), Some(bias))
+        };
+        let config = LayerConfig::new(2, 3.0)
+            .with_dora(true)
+            .with_dropout(dropout);
+        let ad = l.fresh_adapter(&config, 1).unwrap();
+        // f16/bf16 layers keep f32 factors.
+        let ad_dtype = l.adapter_dtype();
+        let b = Tensor::randn(0f32, 0.5, (6, 2), &dev).unwrap();
+        ad.b().set(&b.to_dtype(ad_dtype).unwrap()).unwrap();
+        let m = ad.magnitude().unwrap();
+        let moved = Tensor::rand(0.7f32, 1.3, 6, &dev)
+            .unwrap()
+            .to_dtype(ad_dtype)
+            .unwrap();
+        m.set(&(m.as_tensor() * moved).unwrap()).unwrap();
+        l.insert_adapter(DEFAULT_ADAPTER, ad).unwrap();
+        l
+    }
+
+    fn max_abs_diff(p: &Tensor, q: &Tensor) -> f64 {
+        (p.to_dtype(DType::F64).unwrap() - q.to_dtype(DType::F64).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    /// The weight as `[out, in]`.
+    fn out_in(l: &LoraLinear, w: &Tensor) -> Tensor {
+        if l.fan_in_fan_out {
+            w.t().unwrap()
+        } else {
+            w.clone()
+        }
+    }
+
+    /// DoRA's forward written out in PEFT's form,
+    /// `x W^T + b + (g - 1) * (x_d W^T) + g * s (x_d A^T) B^T` with `g = m / norm`.
+    fn dora_reference(l: &LoraLinear, x: &Tensor, x_d: &Tensor, norm: &Tensor) -> Tensor {
+        let ad = l.adapter().unwrap();
+        let w = out_in(l, l.weight());
+        let g = (ad.magnitude().unwrap().as_tensor() / norm).unwrap();
+        let base = x.broadcast_matmul(&w.t().unwrap()).unwrap();
+        let y = base.broadcast_add(l.bias().unwrap()).unwrap();
+        let dropped_base = x_d.broadcast_matmul(&w.t().unwrap()).unwrap();
+        let lora = x_d
+            .broadcast_matmul(&ad.a().as_tensor().t().unwrap())
+            .unwrap()
+            .affine(ad.scaling(), 0.0)
+            .unwrap()
+            .broadcast_matmul(&ad.b().as_tensor().t().unwrap())
+            .unwrap();
+        let extra = (dropped_base
+            .broadcast_mul(&g.affine(1.0, -1.0).unwrap())
+            .unwrap()
+            + lora.broadcast_mul(&g).unwrap())
+        .unwrap();
+        (y + extra).unwrap()
+    }
+
+    /// `||W + s B A||` per output feature, in f64 from scratch.
+    fn reference_norm(l: &LoraLinear) -> Tensor {
+        let ad = l.adapter().unwrap();
+        let w = out_in(l, l.base_weight()).to_dtype(DType::F64).unwrap();
+        let ba = ad
+            .b()
+            .as_tensor()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .matmul(&ad.a().as_tensor().to_dtype(DType::F64).unwrap())
+            .unwrap()
+            .affine(ad.scaling(), 0.0)
+            .unwrap();
+        (w + ba)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum(1)
+            .unwrap()
+            .sqrt()
+            .unwrap()
+    }
+
+    #[test]
+    fn dora_fresh_adapter_starts_at_the_weight_norms_and_changes_nothing() {
+        let dev = Device::Cpu;
+        for fan_in_fan_out in [false, true] {
+            let mut l = layer(fan_in_fan_out);
+            let x = Tensor::randn(0f32, 1.0, (2, 3, 5), &dev).unwrap();
+            let y0 = l.forward(&x).unwrap();
+            let config = LayerConfig::new(2, 3.0).with_dora(true);
+            let ad = l.fresh_adapter(&config, 1).unwrap();
+            assert!(ad.is_dora());
+            assert_eq!(ad.num_parameters(), 2 * (5 + 6) + 6);
+            let norms = out_in(&l, l.weight())
+                .sqr()
+                .unwrap()
+                .sum(1)
+                .unwrap()
+                .sqrt()
+                .unwrap();
+            assert!(max_abs_diff(ad.magnitude().unwrap().as_tensor(), &norms) < 1e-6);
+            l.insert_adapter(DEFAULT_ADAPTER, ad).unwrap();
+            assert!(max_abs_diff(&l.forward(&x).unwrap(), &y0) < 1e-5);
+        }
+    }
+
+    #[test]
+    fn dora_forward_follows_peft_with_and_without_dropout() {
+        let dev = Device::Cpu;
+        for fan_in_fan_out in [false, true] {
+            // f32 takes the fused kernel, f64 the general path.
+            for dtype in [DType::F32, DType::F64] {
+                let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
+                let mut l = dora_layer(fan_in_fan_out, dtype, 0.5);
+                let x = Tensor::randn(0f32, 1.0, (2, 3, 5), &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let norm = reference_norm(&l).to_dtype(dtype).unwrap();
+                let expected = dora_reference(&l, &x, &x, &norm);
+                let d = max_abs_diff(&l.forward(&x).unwrap(), &expected);
+                assert!(d < tol, "{fan_in_fan_out} {dtype:?}: {d}");
+                // Training mode: the dropped input goes through the LoRA branch and the base
+                // term that DoRA rescales, as in PEFT; the same seed gives the same mask.
+                l.set_training(true);
+                LoraLayer::set_dropout_rng(&mut l, Some(DropoutRng::new(9)));
+                let y = l.forward(&x).unwrap();
+                let x_d = DropoutRng::new(9).dropout(&x, 0.5).unwrap();
+                let expected = dora_reference(&l, &x, &x_d, &norm);
+                assert!(
+                    max_abs_diff(&y, &expected) < tol,
+                    "{fan_in_fan_out} {dtype:?}"
+                );
+                let no_dropout = dora_reference(&l, &x, &x, &norm);
+                assert!(
+                    max_abs_diff(&y, &no_dropout) > 1e-3,
+                    "dropout had no effect"
+                );
+            }
+        }
+    }
+
+    /// The gradients of `A`, `B` and `m` against central finite differences of the forward
+    /// with the weight norm held at its value (DoRA detaches it), in f64; the frozen weight gets
+    /// none.
+    #[test]
+    fn dora_gradients_match_finite_differences_with_the_norm_detached() {
+        let dev = Device::Cpu;
+        for fan_in_fan_out in [false, true] {
+            let l = dora_layer(fan_in_fan_out, DType::F64, 0.0);
+            let ad = l.adapter().unwrap().clone();
+            // The weight as a variable: the layer must not hand it a gradient.
+            let w = Var::from_tensor(l.weight()).unwrap();
+            let bias = l.bias().cloned();
+            let mut l = if fan_in_fan_out {
+                LoraLinear::from_conv1d(w.as_tensor().clone(), bias).unwrap()
+            } else {
+                LoraLinear::new(w.as_tensor().clone(), bias)
+            };
+            l.insert_adapter(DEFAULT_ADAPTER, ad.clone()).unwrap();
+            let x = Tensor::randn(0f64, 1.0, (4, 5), &dev).unwrap();
+            let c = Tensor::randn(0f64, 1.0, (4, 6), &dev).unwrap();
+            let loss = |y: &Tensor| (y * &c).unwrap().sum_all().unwrap();
+            let grads = loss(&l.forward(&x).unwrap()).backward().unwrap();
+            assert!(grads.get(w.as_tensor()).is_none(), "no gradient for W");
+            let norm = reference_norm(&l);
+            for (factor, var) in ad.vars() {
+                let analytic = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap();
+                let analytic = analytic.to_vec1::<f64>().unwrap();
+                let original = var.as_tensor().copy().unwrap();
+                let flat = original.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+                let h = 1e-6;
+                for (i, g) in analytic.iter().enumerate() {
+                    let at = |delta: f64| {
+                        let mut v = flat.clone();
+                        v[i] += delta;
+                        var.set(&Tensor::from_vec(v, original.shape(), &dev).unwrap())
+                            .unwrap();
+                        let y = dora_reference(&l, &x, &x, &norm);
+                        loss(&y).to_scalar::<f64>().unwrap()
+                    };
+                    let numeric = (at(h) - at(-h)) / (2.0 * h);
+                    assert!(
+                        (numeric - g).abs() <= 1e-6 * (1.0 + g.abs()),
+                        "{factor} [{i}]: analytic {g}, numeric {numeric}"
+                    );
+                }
+                var.set(&original).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn dora_merge_rescales_each_output_feature_and_unmerges_exactly() {
+        let dev = Device::Cpu;
+        for fan_in_fan_out in [false, true] {
+            for dtype in [DType::F32, DType::F64] {
+                let mut l = dora_layer(fan_in_fan_out, dtype, 0.0);
+                let w0 = l.weight().copy().unwrap();
+                let x = Tensor::randn(0f32, 1.0, (3, 5), &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let y0 = l.forward(&x).unwrap();
+                // (m / ||W + s B A||) * (W + s B A), row by row of [out, in].
+                let ad = l.adapter().unwrap();
+                let plain = (out_in(&l, &w0).to_dtype(DType::F64).unwrap()
+                    + ad.delta().unwrap().to_dtype(DType::F64).unwrap())
+                .unwrap();
+                let g = (ad
+                    .magnitude()
+                    .unwrap()
+                    .as_tensor()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    / reference_norm(&l))
+                .unwrap();
+                let expected = plain.broadcast_mul(&g.unsqueeze(1).unwrap()).unwrap();
+                let merged = l.prepare_merge().unwrap();
+                l.commit_merge(merged);
+                assert!(max_abs_diff(&out_in(&l, l.weight()), &expected) < 1e-5);
+                assert!(max_abs_diff(&l.forward(&x).unwrap(), &y0) < 1e-4);
+                l.revert_merge().unwrap();
+                // Bit for bit: the conversion to f64 is exact.
+                let (a, b) = (
+                    l.weight().to_dtype(DType::F64).unwrap(),
+                    w0.to_dtype(DType::F64).unwrap(),
+                );
+                assert_eq!(max_abs_diff(&a, &b), 0.0);
+            }
+        }
+    }
+
+    /// A bf16 layer (f32 factors and magnitude): the forward runs the LoRA branch and the norm
+    /// in f32 and stays within bf16 rounding of the same layer in f32; the merge rounds the f32
+    /// result once, and the unmerge restores the bf16 weight bit for bit.
+    #[test]
+    fn dora_on_a_bf16_layer_merges_through_f32_and_unmerges_exactly() {
+        let dev = Device::Cpu;
+        for fan_in_fan_out in [false, true] {
+            let mut half = dora_layer(fan_in_fan_out, DType::BF16, 0.0);
+            let ad = half.adapter().unwrap().clone();
+            assert_eq!(ad.magnitude().unwrap().dtype(), DType::F32);
+            let to_f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            let mut full = if fan_in_fan_out {
+                LoraLinear::from_conv1d(to_f32(half.weight()), half.bias().map(to_f32)).unwrap()
+            } else {
+                LoraLinear::new(to_f32(half.weight()), half.bias().map(to_f32))
+            };
+            full.insert_adapter(DEFAULT_ADAPTER, ad).unwrap();
+            let x = Tensor::randn(0f32, 1.0, (3, 5), &dev).unwrap();
+            let y_half = half.forward(&x.to_dtype(DType::BF16).unwrap()).unwrap();
+            let y_full = full.forward(&x).unwrap();
+            let scale = max_abs_diff(&y_full, &y_full.zeros_like().unwrap());
+            assert!(max_abs_diff(&y_half, &y_full) <= 0.02 * scale.max(1.0));
+            let w0 = half.weight().copy().unwrap();
+            let merged = half.prepare_merge().unwrap();
+            half.commit_merge(merged);
+            assert_eq!(half.weight().dtype(), DType::BF16);
+            let merged_full = full.prepare_merge().unwrap().into_tensor();
+            let expected = merged_full.to_dtype(DType::BF16).unwrap();
+            // At most one bf16 ulp (2^-7 relative) where the two f32 sums round differently.
+            let w_scale = max_abs_diff(&expected, &expected.zeros_like().unwrap());
+            assert!(max_abs_diff(half.weight(), &expected) <= w_scale / 128.0);
+            half.revert_merge().unwrap();
+            assert_eq!(max_abs_diff(half.weight(), &w0), 0.0);
+        }
+    }
+
+    #[test]
+    fn dora_is_refused_in_mixed_adapter_batches() {
+        let mut l = dora_layer(false, DType::F32, 0.0);
+        let plain = l.fresh_adapter(&LayerConfig::new(2, 4.0), 2).unwrap();
+        l.insert_adapter("plain", plain).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 5), &Device::Cpu).unwrap();
+        let err = l
+            .forward_with_adapters(&x, &[Some(DEFAULT_ADAPTER), None])
+            .unwrap_err();
+        assert!(matches!(err, LayerError::Refused(_)), "{err:?}");
+        assert!(err.to_string().contains("DoRA"), "{err}");
+        // Rows of the plain adapter only: the DoRA adapter is in the stacks, never selected.
+        l.forward_with_adapters(&x, &[Some("plain"), None]).unwrap();
     }
 }

@@ -1,8 +1,11 @@
 //! The layer kinds that carry adapters, behind one trait: [`LoraLayer`].
 //!
 //! Everything above the layers (the model visitor, PEFT files, merge, combinations, batching)
-//! sees a layer only as `&dyn LoraLayer`. A new kind (an embedding or a convolution) is a new
-//! file here with a struct that implements the trait, and nothing else changes.
+//! sees a layer only as `&dyn LoraLayer`. A new kind is a new file here with a struct that
+//! implements the trait, as [`LoraEmbedding`] (`embedding.rs`) and [`LoraConv1d`] /
+//! [`LoraConv2d`] (`conv.rs`) do; a kind whose factors are not the matrices `A [r, in]`,
+//! `B [out, r]` says so through [`LoraLayer::factor_layout`] (a [`FactorLayout`]: shapes and
+//! PEFT's names), which adapter creation, the shape checks and the PEFT files follow.
 //!
 //! Why a trait and not an enum of kinds: the set of layer kinds is open (users can write their
 //! own, and each kind brings its own forward and its own factor layout), while what the runtime
@@ -15,20 +18,25 @@
 //! Methods report a [`LayerError`] without a module path: the model visitor knows the path and
 //! attaches it once ([`LayerError::at`]).
 
+mod conv;
+mod embedding;
 mod frozen;
 mod linear;
 
+pub use conv::{LoraConv1d, LoraConv2d};
+pub use embedding::LoraEmbedding;
 pub use frozen::FrozenLinear;
 pub use linear::LoraLinear;
 
 use std::any::Any;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 
 use crate::adapter::{Adapter, AdapterSet, DEFAULT_ADAPTER};
 use crate::config::LayerConfig;
-use crate::error::{Factor, LayerError, LayerResult};
+use crate::error::{LayerError, LayerResult};
 use crate::fingerprint::BaseFingerprint;
+use crate::layout::FactorLayout;
 use crate::rng::DropoutRng;
 use crate::routing::Routing;
 
@@ -53,9 +61,11 @@ impl MergedWeight {
 /// methods do the rest. Changing methods are called by the runtime only after it checked the
 /// whole model (no layer merged, every factor fits), so installing never fails half-way.
 pub trait LoraLayer: Send + Sync + std::fmt::Debug + Any {
-    /// Input features: the width of `A` (`[r, in]`).
+    /// Input features: the width of `A` (`[r, in]`); a convolution's input channels, an
+    /// embedding's number of embeddings.
     fn in_features(&self) -> usize;
-    /// Output features: the height of `B` (`[out, r]`).
+    /// Output features: the height of `B` (`[out, r]`); a convolution's output channels, an
+    /// embedding's dimension.
     fn out_features(&self) -> usize;
     /// Whether the stored weight is `[in, out]` (PEFT's `fan_in_fan_out`, GPT-2's `Conv1D`).
     fn fan_in_fan_out(&self) -> bool {
@@ -117,6 +127,23 @@ pub trait LoraLayer: Send + Sync + std::fmt::Debug + Any {
         let _ = rng;
     }
 
+    /// Whether this layer kind implements DoRA (its forward and merge apply an adapter's
+    /// magnitude). Kinds that do not are refused DoRA adapters rather than silently running them
+    /// as plain LoRA.
+    fn supports_dora(&self) -> bool {
+        false
+    }
+    /// DoRA's weight norm for `adapter` on this layer: `||W + s B A||` per output feature, f32
+    /// `[out]`, computed from the unmerged base weight and detached (no gradient flows through
+    /// it, as in PEFT and the DoRA paper, section 4.3).
+    ///
+    /// # Errors
+    /// [`LayerError::Refused`] for a layer kind without DoRA; a candle error.
+    fn dora_weight_norm(&self, adapter: &Adapter) -> LayerResult<Tensor> {
+        let _ = adapter;
+        Err(LayerError::dora_unsupported())
+    }
+
     /// The layer as [`Any`], to reach its concrete type (see `downcast_ref` on `dyn LoraLayer`).
     fn as_any(&self) -> &dyn Any;
     /// The layer as mutable [`Any`], e.g. for a loader that sets up layers of a kind it knows.
@@ -139,54 +166,61 @@ pub trait LoraLayer: Send + Sync + std::fmt::Debug + Any {
         self.adapter_set().active_name()
     }
 
-    /// Checks that `A` and `B` of these shapes fit the layer: `A [r, in]`, `B [out, r]`.
+    /// The shapes of this layer's factors for rank `rank`, and PEFT's names for them: by
+    /// default a linear layer's, `A [r, in]` and `B [out, r]` as `lora_A` / `lora_B`. Kinds
+    /// with other factors (convolutions, embeddings) override this; adapters, checks and files
+    /// follow it.
+    fn factor_layout(&self, rank: usize) -> FactorLayout {
+        FactorLayout::matrix(self.in_features(), self.out_features(), rank)
+    }
+
+    /// Checks that `A` and `B` of these shapes fit the layer's
+    /// [`factor_layout`](Self::factor_layout): `A [r, in]`, `B [out, r]` for a linear layer.
     ///
     /// # Errors
     /// [`LayerError::FactorShape`] naming the factor that does not fit.
     fn check_factors(&self, a: &[usize], b: &[usize]) -> LayerResult<()> {
-        let (inp, out) = (self.in_features(), self.out_features());
-        match *a {
-            [r, i] if i == inp && r > 0 => match *b {
-                [o, rb] if o == out && rb == r => Ok(()),
-                _ => Err(LayerError::FactorShape {
-                    factor: Factor::B,
-                    found: b.to_vec(),
-                    expected: format!("[{out}, {r}]"),
-                }),
-            },
-            _ => Err(LayerError::FactorShape {
-                factor: Factor::A,
-                found: a.to_vec(),
-                expected: format!("[r, {inp}]"),
-            }),
-        }
+        let rank = a.first().copied().unwrap_or(0);
+        self.factor_layout(rank).check(a, b)
     }
 
-    /// A fresh adapter for this layer (see [`Adapter::fresh`]).
+    /// A fresh adapter for this layer (see [`Adapter::fresh_for`]): `A` random in the
+    /// layer's [`factor_layout`](Self::factor_layout), `B = 0`; with `config.use_dora`, its
+    /// magnitude starts at the [weight norm](Self::dora_weight_norm), `||W||` per output feature
+    /// since `B = 0`, as PEFT initialises it: the fresh adapter changes nothing.
     ///
     /// # Errors
-    /// [`LayerError::InvalidConfig`] for invalid hyper-parameters.
+    /// [`LayerError::InvalidConfig`] for invalid hyper-parameters, [`LayerError::Refused`] for
+    /// DoRA on a layer kind without it.
     fn fresh_adapter(&self, config: &LayerConfig, seed: u64) -> LayerResult<Adapter> {
-        Adapter::fresh(
-            self.in_features(),
-            self.out_features(),
+        let adapter = Adapter::fresh_for(
+            &self.factor_layout(config.rank),
             config,
             seed,
             self.adapter_dtype(),
             self.device(),
-        )
+        )?;
+        if !config.use_dora {
+            return Ok(adapter);
+        }
+        let norm = self.dora_weight_norm(&adapter)?;
+        adapter.with_magnitude(Var::from_tensor(&norm.to_dtype(self.adapter_dtype())?)?)
     }
 
-    /// Adds or replaces the adapter `name` after checking that the layer is not merged and that
-    /// the factors fit. A mixed-adapter routing is cleared (it holds a snapshot of the factors).
+    /// Adds or replaces the adapter `name` after checking that the layer is not merged, that
+    /// the factors fit and that a DoRA adapter goes to a layer kind with DoRA. A mixed-adapter
+    /// routing is cleared (it holds a snapshot of the factors).
     ///
     /// # Errors
-    /// [`LayerError::Merged`], [`LayerError::FactorShape`].
+    /// [`LayerError::Merged`], [`LayerError::FactorShape`], [`LayerError::Refused`].
     fn insert_adapter(&mut self, name: &str, adapter: Adapter) -> LayerResult<()> {
         if self.is_merged() {
             return Err(LayerError::Merged);
         }
         self.check_factors(adapter.a().dims(), adapter.b().dims())?;
+        if adapter.is_dora() && !self.supports_dora() {
+            return Err(LayerError::dora_unsupported());
+        }
         self.set_routing(None);
         self.adapter_set_mut().insert(name, adapter);
         Ok(())

@@ -74,6 +74,18 @@ impl AdapterFile {
                     module,
                 });
             };
+            let names = layer.factor_layout(f.rank()).names();
+            if names != f.names() {
+                let expected = match names {
+                    crate::layout::FactorNames::Embedding => "an embedding layer takes `lora_embedding_A` / `lora_embedding_B`",
+                    crate::layout::FactorNames::Lora => "only embedding layers take `lora_embedding_A` / `lora_embedding_B`; this layer takes `lora_A` / `lora_B`",
+                };
+                return Err(Error::bad_tensor(
+                    &self.path,
+                    f.a_key.clone(),
+                    format!("does not fit layer `{module}`: {expected}"),
+                ));
+            }
             if let Err(reason) = layer.check_factors(f.a.dims(), f.b.dims()) {
                 let key = match reason {
                     LayerError::FactorShape {
@@ -102,6 +114,25 @@ impl AdapterFile {
                 self.config.dropout as f32,
             )
             .map_err(|e| e.at(&module))?;
+            let adapter = match f.magnitude {
+                None => adapter,
+                Some((key, m)) => {
+                    if !layer.supports_dora() {
+                        return Err(Error::bad_tensor(
+                            &self.path,
+                            key,
+                            format!(
+                                "does not fit layer `{module}`: {}",
+                                LayerError::dora_unsupported()
+                            ),
+                        ));
+                    }
+                    let m = Var::from_tensor(&m.to_dtype(dtype)?.to_device(device)?)?;
+                    adapter.with_magnitude(m).map_err(|e| {
+                        Error::bad_tensor(&self.path, key, format!("does not fit: {e}"))
+                    })?
+                }
+            };
             out.insert(module, adapter);
         }
         Ok(out)

@@ -1,8 +1,11 @@
 //! Adapter directories in Hugging Face PEFT's format.
 //!
 //! A directory holds `adapter_model.safetensors` (tensors
-//! `base_model.model.<module path>.lora_A.weight` `[r, in]` and `...lora_B.weight` `[out, r]`,
-//! metadata `format: pt`) and `adapter_config.json`. [`AdapterFile::read`] parses and validates
+//! `base_model.model.<module path>.lora_A.weight` `[r, in]` and `...lora_B.weight` `[out, r]`;
+//! a convolution's `[r, in, k...]` and `[out, r, 1...]`; an embedding's
+//! `...lora_embedding_A` `[r, num_embeddings]` and `...lora_embedding_B` `[dim, r]`; for DoRA
+//! also `...lora_magnitude_vector` `[out]`; metadata `format: pt`) and `adapter_config.json`.
+//! [`AdapterFile::read`] parses and validates
 //! one without a model; [`load_adapter`](crate::LoraModelExt::load_adapter) and
 //! [`save_adapter`](crate::LoraModelExt::save_adapter) use this module.
 //!
@@ -40,31 +43,43 @@ pub use write::SaveOptions;
 pub(crate) use write::{adapter_config, save_adapter, serialize_tensors, tensor_bytes};
 
 use crate::config::LoraConfig;
+use crate::layout::FactorNames;
 
 /// The tensor file of an adapter directory.
 pub const ADAPTER_FILE: &str = "adapter_model.safetensors";
 /// The config file of an adapter directory.
 pub const CONFIG_FILE: &str = "adapter_config.json";
 
-/// The `A` and `B` factors of one module, as read from a file (on the CPU, in the file's dtype).
+/// The `A` and `B` factors of one module (and DoRA's magnitude), as read from a file (on the
+/// CPU, in the file's dtype).
 #[derive(Debug, Clone)]
 pub struct Factors {
-    /// `A`, `[r, in]`.
+    /// `A`, `[r, in]` (a convolution's `[r, in, k...]`).
     pub a: Tensor,
-    /// `B`, `[out, r]`.
+    /// `B`, `[out, r]` (a convolution's `[out, r, 1...]`).
     pub b: Tensor,
     /// The key `A` was stored under.
     pub a_key: String,
     /// The key `B` was stored under.
     pub b_key: String,
+    /// DoRA's magnitude `[out]` and the key it was stored under, for a DoRA adapter
+    /// (`use_dora`; checked to be present exactly then).
+    pub magnitude: Option<(String, Tensor)>,
     /// The rank, checked to agree between `A`, `B` and the config when read.
     pub(crate) rank: usize,
+    /// How the keys name the factors: `lora_A`/`lora_B` or `lora_embedding_A`/`_B`.
+    pub(crate) names: FactorNames,
 }
 
 impl Factors {
     /// The rank `r`.
     pub fn rank(&self) -> usize {
         self.rank
+    }
+    /// How the file names these factors: [`FactorNames::Embedding`] for
+    /// `lora_embedding_A` / `lora_embedding_B` (an embedding layer), else [`FactorNames::Lora`].
+    pub fn names(&self) -> FactorNames {
+        self.names
     }
 }
 

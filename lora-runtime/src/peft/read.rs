@@ -16,9 +16,18 @@ use crate::config::LoraConfig;
 use crate::error::{Error, Factor, Result};
 use crate::fingerprint::BaseFingerprint;
 use crate::kernels::all_finite;
+use crate::layout::FactorNames;
 
-/// A factor read from a file, with its key (`None` until seen).
-type KeyedTensor = Option<(String, Tensor)>;
+/// A factor read from a file, with its key and naming (`None` until seen).
+type KeyedTensor = Option<(String, Tensor, FactorNames)>;
+
+/// What a file holds for one module: `A`, `B` and DoRA's magnitude.
+#[derive(Default)]
+struct ModuleTensors {
+    a: KeyedTensor,
+    b: KeyedTensor,
+    magnitude: KeyedTensor,
+}
 
 pub(crate) fn candle_of(dtype: Dtype) -> Option<DType> {
     match dtype {
@@ -156,7 +165,8 @@ impl AdapterFile {
     /// Reads and validates an adapter directory (or its `adapter_model.safetensors`): the config
     /// uses only supported features, every key is a LoRA factor, every factor is a finite
     /// floating-point matrix, each module has both `A` and `B` with agreeing ranks, and the ranks
-    /// agree with the config's `r` and `rank_pattern`.
+    /// agree with the config's `r` and `rank_pattern`; with `use_dora`, each module has a
+    /// magnitude vector as long as `B` is high (and without it, none).
     ///
     /// Sizes are checked before anything is allocated: the files against
     /// [`MAX_ADAPTER_BYTES`] and [`MAX_CONFIG_BYTES`], the declared header length against the
@@ -221,7 +231,7 @@ impl AdapterFile {
             .1;
 
         // Per module: `A` and `B` with the keys they were stored under.
-        let mut halves: BTreeMap<String, (KeyedTensor, KeyedTensor)> = BTreeMap::new();
+        let mut halves: BTreeMap<String, ModuleTensors> = BTreeMap::new();
         let mut names: Vec<&str> = st.names();
         names.sort_unstable();
         for key in names {
@@ -229,7 +239,7 @@ impl AdapterFile {
                 path: file.to_path_buf(),
                 source,
             })?;
-            let (module, factor) = parse_key(key, file)?;
+            let (module, factor, names) = parse_key(key, file)?;
             let dtype = candle_of(view.dtype()).ok_or_else(|| {
                 Error::bad_tensor(
                     file,
@@ -240,11 +250,23 @@ impl AdapterFile {
                     ),
                 )
             })?;
-            if view.shape().len() != 2 {
+            // Matrices; convolutions add 1 or 2 kernel dimensions (`A [r, in, k...]`); DoRA's
+            // magnitude is a vector.
+            let expected = match (factor, names) {
+                (Factor::Magnitude, _) => {
+                    (view.shape().len() != 1).then_some("a vector [out_features]")
+                }
+                (_, FactorNames::Embedding) => (view.shape().len() != 2).then_some("a matrix"),
+                (_, FactorNames::Lora) => (!(2..=4).contains(&view.shape().len())).then_some(
+                    "a matrix (linear layers) or a kernel of 1 or 2 spatial dimensions \
+                     (Conv1d, Conv2d; Conv3d is not supported)",
+                ),
+            };
+            if let Some(expected) = expected {
                 return Err(Error::bad_tensor(
                     file,
                     key,
-                    format!("expected a matrix, got shape {:?}", view.shape()),
+                    format!("expected {expected}, got shape {:?}", view.shape()),
                 ));
             }
             let tensor = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)?;
@@ -257,31 +279,70 @@ impl AdapterFile {
             }
             let slot = halves.entry(module).or_default();
             let slot = match factor {
-                Factor::A => &mut slot.0,
-                Factor::B => &mut slot.1,
+                Factor::A => &mut slot.a,
+                Factor::B => &mut slot.b,
+                Factor::Magnitude => &mut slot.magnitude,
             };
-            if let Some((other, _)) = slot {
+            if let Some((other, _, _)) = slot {
                 return Err(Error::bad_tensor(
                     file,
                     key,
                     format!("the same factor is also stored as `{other}`"),
                 ));
             }
-            *slot = Some((key.to_string(), tensor));
+            *slot = Some((key.to_string(), tensor, names));
         }
 
         let mut factors = BTreeMap::new();
-        for (module, (a, b)) in halves {
-            let ((a_key, a), (b_key, b)) = match (a, b) {
-                (Some(a), Some(b)) => (a, b),
-                (Some((k, _)), None) => {
-                    return Err(Error::bad_tensor(file, k, "has no matching lora_B"))
+        for (module, ModuleTensors { a, b, magnitude }) in halves {
+            let ((a_key, a, names), (b_key, b, b_names)) = match (a, b, &magnitude) {
+                (Some(a), Some(b), _) => (a, b),
+                (Some((k, _, names)), None, _) => {
+                    let other = names.factor_name(Factor::B);
+                    return Err(Error::bad_tensor(
+                        file,
+                        k,
+                        format!("has no matching {other}"),
+                    ));
                 }
-                (None, Some((k, _))) => {
-                    return Err(Error::bad_tensor(file, k, "has no matching lora_A"))
+                (None, Some((k, _, names)), _) => {
+                    let other = names.factor_name(Factor::A);
+                    return Err(Error::bad_tensor(
+                        file,
+                        k,
+                        format!("has no matching {other}"),
+                    ));
                 }
-                (None, None) => continue,
+                (None, None, Some((k, _, _))) => {
+                    return Err(Error::bad_tensor(
+                        file,
+                        k,
+                        "has no matching lora_A and lora_B",
+                    ))
+                }
+                (None, None, None) => continue,
             };
+            if names != b_names {
+                return Err(Error::bad_tensor(
+                    file,
+                    b_key,
+                    format!(
+                        "does not pair with `{a_key}`: one is an embedding factor, the other not"
+                    ),
+                ));
+            }
+            if a.rank() != b.rank() {
+                return Err(Error::bad_tensor(
+                    file,
+                    b_key,
+                    format!(
+                        "has shape {:?} but `{a_key}` has shape {:?}: the factors of a convolution \
+                         both have its kernel dimensions",
+                        b.dims(),
+                        a.dims()
+                    ),
+                ));
+            }
             let (ra, rb) = (a.dims()[0], b.dims()[1]);
             if ra == 0 {
                 return Err(Error::bad_tensor(file, a_key, "has rank 0"));
@@ -301,6 +362,58 @@ impl AdapterFile {
                     format!("has rank {ra} but {} says r = {expected} for `{module}` (field `r` / `rank_pattern`)", config_path.display()),
                 ));
             }
+            let magnitude = magnitude.map(|(k, m, _)| (k, m));
+            match (&magnitude, config.use_dora) {
+                (Some((k, _)), true) if names == FactorNames::Embedding || a.rank() != 2 => {
+                    let kind = if names == FactorNames::Embedding {
+                        "embedding"
+                    } else {
+                        "convolution"
+                    };
+                    return Err(Error::Unsupported {
+                        path: Some(file.to_path_buf()),
+                        field: k.clone(),
+                        reason: format!(
+                            "DoRA on {kind} layers is not supported (`{module}`); only linear \
+                             layers take a `lora_magnitude_vector`"
+                        ),
+                    });
+                }
+                (Some((k, m)), true) => {
+                    let out = b.dims()[0];
+                    if m.dims() != [out] {
+                        return Err(Error::bad_tensor(
+                            file,
+                            k,
+                            format!(
+                                "has shape {:?} but `{b_key}` has {out} rows: expected [{out}]",
+                                m.dims()
+                            ),
+                        ));
+                    }
+                }
+                (Some((k, _)), false) => {
+                    return Err(Error::bad_tensor(
+                        file,
+                        k,
+                        format!(
+                            "is a DoRA magnitude but {} does not set `use_dora: true`",
+                            config_path.display()
+                        ),
+                    ))
+                }
+                (None, true) => {
+                    return Err(Error::bad_tensor(
+                        file,
+                        a_key,
+                        format!(
+                        "{} sets `use_dora: true` but `{module}` has no `lora_magnitude_vector`",
+                        config_path.display()
+                    ),
+                    ))
+                }
+                (None, false) => {}
+            }
             factors.insert(
                 module,
                 Factors {
@@ -308,7 +421,9 @@ impl AdapterFile {
                     b,
                     a_key,
                     b_key,
+                    magnitude,
                     rank: ra,
+                    names,
                 },
             );
         }

@@ -12,7 +12,7 @@ use super::keys::peft_key;
 use super::{ADAPTER_FILE, CONFIG_FILE, FINGERPRINT_PREFIX};
 use crate::adapter::{Adapter, DEFAULT_ADAPTER};
 use crate::config::{LoraConfig, TargetModules};
-use crate::error::{Error, Factor, Result};
+use crate::error::{Error, Result};
 use crate::fs::{RealFs, SaveFs, Staging};
 use crate::layer::LoraLayer;
 use crate::model::{adapter_names, layers, parallel_map, LoraModel};
@@ -190,9 +190,10 @@ pub(crate) fn save_layers(
     let fingerprints = parallel_map(layers, |(path, layer, _)| {
         layer.base_fingerprint().map_err(|e| e.at(path))
     });
-    for (&(path, _, ad), fingerprint) in layers.iter().zip(fingerprints) {
-        for (factor, var) in [(Factor::A, ad.a()), (Factor::B, ad.b())] {
-            let key = peft_key(path, factor);
+    for (&(path, layer, ad), fingerprint) in layers.iter().zip(fingerprints) {
+        let names = layer.factor_layout(ad.rank()).names();
+        for (factor, var) in ad.vars() {
+            let key = peft_key(path, names, factor);
             let (dtype, bytes) = tensor_bytes(var.as_tensor(), &tensor_path, &key)?;
             tensors.push((
                 key,
@@ -250,6 +251,16 @@ fn config_for(layers: &[SavedLayer<'_>], all: &[&str]) -> Result<LoraConfig> {
         .iter()
         .map(|&(p, l, a)| (p, a, l.fan_in_fan_out()))
         .collect();
+    let use_dora = adapters.iter().any(|(_, a, _)| a.is_dora());
+    if let Some((path, _, _)) = adapters.iter().find(|(_, a, _)| a.is_dora() != use_dora) {
+        return Err(Error::InvalidConfig {
+            file: None,
+            field: "use_dora".into(),
+            reason: format!(
+                "layer `{path}` has a plain LoRA adapter while others use DoRA: PEFT's config has one `use_dora` for the whole adapter"
+            ),
+        });
+    }
     let rank = mode(adapters.iter().map(|(_, a, _)| a.rank())).unwrap_or(8);
     let use_rslora = mode(adapters.iter().map(|(_, a, _)| a.use_rslora())).unwrap_or(false);
     // PEFT has one `use_rslora` for the whole adapter: a layer with the other scaling is saved
@@ -284,6 +295,7 @@ fn config_for(layers: &[SavedLayer<'_>], all: &[&str]) -> Result<LoraConfig> {
     }
     let mut config = LoraConfig::new(rank, alpha, names);
     config.use_rslora = use_rslora;
+    config.use_dora = use_dora;
     config.dropout = adapters
         .iter()
         .map(|(_, a, _)| f64::from(a.dropout()))

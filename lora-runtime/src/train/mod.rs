@@ -307,16 +307,24 @@ impl Trainer {
 }
 
 /// LoRA+ (Hayou et al. 2024), as PEFT's `create_loraplus_optimizer` sets it up: the `B` factors
-/// (`lora_B` in the name) learn `ratio` times faster than everything else. Hand it to
+/// (`lora_B` in the name) learn `ratio` times faster than everything else, and so do DoRA's
+/// magnitudes (PEFT puts every 1-d parameter in `B`'s group). Hand it to
 /// [`Trainer::set_lr_scales`].
 ///
 /// ```
 /// let scale = lora_runtime::train::loraplus(16.0);
 /// assert_eq!(scale("base_model.model.q_proj.lora_B.weight"), 16.0);
+/// assert_eq!(scale("base_model.model.q_proj.lora_magnitude_vector"), 16.0);
 /// assert_eq!(scale("base_model.model.q_proj.lora_A.weight"), 1.0);
 /// ```
 pub fn loraplus(ratio: f64) -> impl Fn(&str) -> f64 {
-    move |name: &str| if name.contains("lora_B") { ratio } else { 1.0 }
+    move |name: &str| {
+        if name.contains("lora_B") || name.contains("lora_magnitude_vector") {
+            ratio
+        } else {
+            1.0
+        }
+    }
 }
 
 /// Writes `tensors` to the safetensors file `path` with `metadata`, atomically (a temporary file

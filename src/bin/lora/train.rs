@@ -115,6 +115,10 @@ pub struct TrainArgs {
     /// rsLoRA: scale by alpha / sqrt(rank) instead of alpha / rank.
     #[arg(long)]
     rslora: bool,
+    /// DoRA (weight-decomposed LoRA, PEFT's use_dora): a trainable magnitude per output feature
+    /// of each adapted layer, saved as PEFT's lora_magnitude_vector.
+    #[arg(long)]
+    use_dora: bool,
     /// How A is initialized (B starts at zero): PEFT's kaiming-uniform default, or gaussian.
     #[arg(long, value_enum, default_value = "kaiming")]
     init: InitArg,
@@ -208,6 +212,7 @@ pub fn run(args: TrainArgs) -> Result<(), Box<dyn std::error::Error>> {
                 "lora_alpha": args.alpha,
                 "lora_dropout": args.dropout,
                 "use_rslora": args.rslora,
+                "use_dora": args.use_dora,
                 "init_lora_weights": match args.init {
                     InitArg::Kaiming => serde_json::json!(true),
                     InitArg::Gaussian => serde_json::json!("gaussian"),

@@ -309,6 +309,24 @@ pub fn load(
     model
         .load_adapter_with(path, &LoadOptions::default().with_name(name))
         .map_err(|e| ApiError::bad_field("lora_path", format!("cannot load `{path}`: {e}")))?;
+    // Sequences of different adapters share each decoding step, and a DoRA adapter rescales
+    // its rows' base output, which mixed-adapter batches do not do: refused here, by name,
+    // rather than failing every request for it.
+    let dora = model
+        .lora_layers()
+        .iter()
+        .any(|(_, l, _)| l.adapter_named(name).is_some_and(lora::Adapter::is_dora));
+    if dora {
+        model
+            .delete_adapter(name)
+            .map_err(|e| ApiError::server(e.to_string()))?;
+        return Err(ApiError::bad_field(
+            "lora_path",
+            format!(
+                "cannot serve `{path}`: it is a DoRA adapter (`use_dora`), and mixed-adapter batches support plain LoRA adapters only; fold it into the base with `lora merge` and serve the merged model"
+            ),
+        ));
+    }
     // Requests choose their adapter per row; none is active by default.
     model
         .set_active_adapter(None)
