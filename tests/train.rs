@@ -692,3 +692,83 @@ fn the_command_trains_a_dora_adapter_that_lora_merge_folds_in() {
     let diff = common::max_abs_diff(&a, &b);
     assert!(diff < 1e-4, "merged vs unmerged logits: {diff}");
 }
+
+/// `--init pissa_niter_2`: OUT holds the trained adapter converted to plain LoRA for the original
+/// base (rank doubled), which gives the logits of the residual base with the trained adapter.
+#[test]
+fn the_command_trains_a_pissa_adapter_converted_for_the_original_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = write(dir.path(), "d.jsonl", DATA);
+    let model = model_dir();
+    let out = dir.path().join("adapter");
+    let o = lora_train(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--lr",
+        "1e-3",
+        "--targets",
+        "q_proj,v_proj",
+        "--init",
+        "pissa_niter_2",
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let config = |d: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(d.join("adapter_config.json")).unwrap())
+            .unwrap()
+    };
+    let residual_dir = out.join("residual-adapter");
+    assert_eq!(config(&out)["r"], 16);
+    assert_eq!(config(&out)["init_lora_weights"], true);
+    assert_eq!(config(&residual_dir)["init_lora_weights"], "pissa_niter_2");
+    assert_eq!(config(&out.join("initial-adapter"))["r"], 8);
+
+    let ids = Tensor::new(&[[1u32, 40, 41, 42, 3]], &Device::Cpu).unwrap();
+    let mut plain = load();
+    plain.model.load_adapter(&out).unwrap();
+    let a = plain
+        .model
+        .forward(&ids, &mut plain.model.new_cache())
+        .unwrap();
+    // The run's own initialisation again (same config and seed), then the trained adapter.
+    let mut residual = load();
+    let peft = LoraConfig::from_json(
+        r#"{"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"],
+            "init_lora_weights": "pissa_niter_2"}"#,
+    )
+    .unwrap();
+    residual
+        .model
+        .init_adapter_with(
+            &lora::candle_nn::VarMap::new(),
+            &lora::InitOptions::default()
+                .with_peft_config(peft)
+                .with_seed(0),
+        )
+        .unwrap();
+    residual.model.load_adapter(&residual_dir).unwrap();
+    let b = residual
+        .model
+        .forward(&ids, &mut residual.model.new_cache())
+        .unwrap();
+    let diff = common::max_abs_diff(&a, &b);
+    assert!(
+        diff < 1e-4,
+        "converted on the original base vs residual: {diff}"
+    );
+    // And it changed the model: the converted adapter is not a no-op.
+    let base = load();
+    let c = base
+        .model
+        .forward(&ids, &mut base.model.new_cache())
+        .unwrap();
+    assert!(common::max_abs_diff(&a, &c) > 1e-4);
+}

@@ -54,6 +54,8 @@ pub struct Adapter {
     alpha: f64,
     use_rslora: bool,
     dropout: f32,
+    /// How it was initialised (PEFT's `init_lora_weights`, which files record).
+    init: LoraInit,
 }
 
 impl Adapter {
@@ -96,7 +98,21 @@ impl Adapter {
             alpha,
             use_rslora,
             dropout,
+            init: LoraInit::Kaiming,
         })
+    }
+
+    /// Records how the adapter was initialised (saved as PEFT's `init_lora_weights`; for PiSSA
+    /// and OLoRA it tells PEFT that the adapter belongs to a residual base).
+    #[must_use]
+    pub fn with_init(mut self, init: LoraInit) -> Self {
+        self.init = init;
+        self
+    }
+
+    /// How the adapter was initialised (see [`with_init`](Self::with_init)).
+    pub fn init(&self) -> LoraInit {
+        self.init
     }
 
     /// Makes this a DoRA adapter with the magnitude `m [out]` (PEFT's `lora_magnitude_vector`).
@@ -185,16 +201,25 @@ impl Adapter {
                     })?;
                 (0..r * fan_in).map(|_| normal.sample(&mut rng)).collect()
             }
+            LoraInit::Pissa { .. } | LoraInit::Olora => {
+                return Err(LayerError::InvalidConfig {
+                    field: "init".into(),
+                    reason: "PiSSA and OLoRA take the adapter out of a layer's weight: \
+                             `init_adapter` does it on linear layers (`LoraLayer::fresh_decomposed`)"
+                        .into(),
+                })
+            }
         };
         let a = Tensor::from_vec(values, layout.a(), device)?.to_dtype(dtype)?;
         let b = Tensor::zeros(layout.b(), dtype, device)?;
-        Self::new(
+        Ok(Self::new(
             Var::from_tensor(&a)?,
             Var::from_tensor(&b)?,
             config.alpha,
             config.use_rslora,
             config.dropout,
-        )
+        )?
+        .with_init(config.init))
     }
 
     /// `A`, shape `[r, in]`.

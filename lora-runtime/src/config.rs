@@ -26,8 +26,10 @@ use serde_json::Value;
 
 use crate::error::{Error, LayerError, LayerResult, Result};
 
-/// How a fresh adapter's `A` is initialised (`B` always starts at zero, so a fresh adapter is an
-/// exact no-op).
+/// How a fresh adapter is initialised. With `Kaiming` and `Gaussian`, `A` is random and `B`
+/// starts at zero, so a fresh adapter is an exact no-op; `Pissa` and `Olora` instead take
+/// `s B A` out of the layer's weight (see [`decompose`](crate::decompose)), which leaves the
+/// output unchanged too but changes the base weight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
 pub enum LoraInit {
     /// PEFT's default (`init_lora_weights = true`): `A ~ kaiming_uniform(a = sqrt(5))`, which is
@@ -36,6 +38,46 @@ pub enum LoraInit {
     Kaiming,
     /// PEFT's `init_lora_weights = "gaussian"`: `A ~ N(0, std = 1/r)`.
     Gaussian,
+    /// PEFT's `"pissa"` (`niter: None`, exact SVD) and `"pissa_niter_K"` (randomised SVD with `K`
+    /// subspace iterations): the top singular directions of the weight.
+    Pissa {
+        /// Subspace iterations of the randomised SVD (`None`: exact).
+        niter: Option<usize>,
+    },
+    /// PEFT's `"olora"`: the leading factors of the weight's QR decomposition.
+    Olora,
+}
+
+impl LoraInit {
+    /// The scheme PEFT's `init_lora_weights` name gives: `"gaussian"`, `"pissa"`,
+    /// `"pissa_niter_K"`, `"olora"` (`true` is [`Kaiming`](Self::Kaiming)).
+    ///
+    /// ```
+    /// use lora_runtime::LoraInit;
+    /// assert_eq!(LoraInit::from_peft_name("pissa_niter_4"), Some(LoraInit::Pissa { niter: Some(4) }));
+    /// assert_eq!(LoraInit::from_peft_name("loftq"), None);
+    /// ```
+    pub fn from_peft_name(name: &str) -> Option<Self> {
+        match name {
+            "gaussian" => Some(Self::Gaussian),
+            "pissa" => Some(Self::Pissa { niter: None }),
+            "olora" => Some(Self::Olora),
+            _ => {
+                let k = name.strip_prefix("pissa_niter_")?.parse().ok()?;
+                Some(Self::Pissa { niter: Some(k) })
+            }
+        }
+    }
+
+    /// The decomposition this scheme takes out of the weight, if it is one.
+    pub fn decomposition(self) -> Option<crate::decompose::Decomposition> {
+        use crate::decompose::Decomposition;
+        match self {
+            Self::Pissa { niter } => Some(Decomposition::Pissa { niter }),
+            Self::Olora => Some(Decomposition::Olora),
+            Self::Kaiming | Self::Gaussian => None,
+        }
+    }
 }
 
 /// The LoRA hyper-parameters of one layer: what `#[lora(rank = .., alpha = .., ..)]` declares for
@@ -226,6 +268,9 @@ impl From<LoraInit> for InitLoraWeights {
         match init {
             LoraInit::Kaiming => InitLoraWeights::Bool(true),
             LoraInit::Gaussian => InitLoraWeights::Name("gaussian".into()),
+            LoraInit::Pissa { niter: None } => InitLoraWeights::Name("pissa".into()),
+            LoraInit::Pissa { niter: Some(k) } => InitLoraWeights::Name(format!("pissa_niter_{k}")),
+            LoraInit::Olora => InitLoraWeights::Name("olora".into()),
         }
     }
 }
@@ -492,17 +537,19 @@ impl LoraConfig {
     }
 
     /// The initialisation `init_lora_weights` asks for.
-    fn init_scheme(&self) -> std::result::Result<LoraInit, String> {
+    pub(crate) fn init_scheme(&self) -> std::result::Result<LoraInit, String> {
         match &self.init {
             InitLoraWeights::Bool(true) => Ok(LoraInit::Kaiming),
-            InitLoraWeights::Name(n) if n == "gaussian" => Ok(LoraInit::Gaussian),
+            InitLoraWeights::Name(n) => LoraInit::from_peft_name(n).ok_or_else(|| {
+                format!(
+                    "`{n}` is not supported: use `true` (kaiming), `\"gaussian\"`, `\"pissa\"`, \
+                     `\"pissa_niter_K\"` or `\"olora\"`"
+                )
+            }),
             InitLoraWeights::Bool(false) => Err(
                 "`false` (random B, for PEFT's tests) is not supported: use `true` or `\"gaussian\"`"
                     .into(),
             ),
-            InitLoraWeights::Name(n) => Err(format!(
-                "`{n}` is not supported: use `true` (kaiming) or `\"gaussian\"`"
-            )),
         }
     }
 

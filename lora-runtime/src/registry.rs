@@ -199,10 +199,20 @@ pub(crate) fn init_adapter<M: LoraModel + ?Sized>(
             let Some(config) = configs.get(path) else {
                 return Ok(None);
             };
-            let adapter = layer.fresh_adapter(config, mix_seed(seed, path))?;
-            Ok(Some((path.to_string(), adapter)))
+            let layer_seed = mix_seed(seed, path);
+            // PiSSA / OLoRA take the adapter out of the weight: the residual replaces the base.
+            let (adapter, residual) = if config.init.decomposition().is_some() {
+                let (adapter, residual) = layer.fresh_decomposed(config, layer_seed)?;
+                (adapter, Some(residual))
+            } else {
+                (layer.fresh_adapter(config, layer_seed)?, None)
+            };
+            Ok(Some((path.to_string(), adapter, residual)))
         },
-        |layer, (path, adapter)| {
+        |layer, (path, adapter, residual)| {
+            if let Some(residual) = residual {
+                layer.install_residual(residual);
+            }
             // PEFT's state-dict names: the adapter name sits between the factor and `weight`,
             // except for the default adapter in files.
             let names = layer.factor_layout(adapter.rank()).names();

@@ -20,10 +20,12 @@
 
 use std::any::Any;
 
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor, Var, D};
 use candle_nn::Linear;
 
 use crate::adapter::{Adapter, AdapterSet};
+use crate::config::LayerConfig;
+use crate::decompose::decompose;
 use crate::error::{LayerError, LayerResult};
 use crate::fingerprint::BaseFingerprint;
 use crate::kernels;
@@ -584,6 +586,67 @@ impl LoraLayer for LoraLinear {
     /// The weight from before the merge is kept (a reference to the same memory, no copy), so
     /// the unmerge restores it bit for bit; the price is that the merged and the original
     /// weight both live in memory while merged (`merge_and_unload` drops the original).
+    fn fresh_decomposed(
+        &self,
+        config: &LayerConfig,
+        seed: u64,
+    ) -> LayerResult<(Adapter, MergedWeight)> {
+        let Some(how) = config.init.decomposition() else {
+            return Err(LayerError::InvalidConfig {
+                field: "init".into(),
+                reason: format!("{:?} is not a decomposition (PiSSA or OLoRA)", config.init),
+            });
+        };
+        if self.is_merged() {
+            return Err(LayerError::Merged);
+        }
+        if config.use_dora {
+            return Err(LayerError::InvalidConfig {
+                field: "use_dora".into(),
+                reason: "DoRA with PiSSA or OLoRA initialisation is not supported".into(),
+            });
+        }
+        config.check()?;
+        let (out, inp) = self.shape;
+        let w: Vec<f32> = self
+            .base()?
+            .weight()
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
+        let d = decompose(&w, out, inp, config.rank, config.scaling(), how, seed)?;
+        let (dev, dtype) = (self.device().clone(), self.adapter_dtype());
+        let factor = |v: Vec<f32>, shape: (usize, usize)| -> LayerResult<Var> {
+            Ok(Var::from_tensor(
+                &Tensor::from_vec(v, shape, &dev)?.to_dtype(dtype)?,
+            )?)
+        };
+        let adapter = Adapter::new(
+            factor(d.a, (config.rank, inp))?,
+            factor(d.b, (out, config.rank))?,
+            config.alpha,
+            config.use_rslora,
+            config.dropout,
+        )?
+        .with_init(config.init);
+        let residual =
+            Tensor::from_vec(d.residual, (out, inp), &dev)?.to_dtype(self.weight.dtype())?;
+        let residual = if self.fan_in_fan_out {
+            residual.t()?.contiguous()?
+        } else {
+            residual
+        };
+        Ok((adapter, MergedWeight(residual)))
+    }
+
+    fn install_residual(&mut self, residual: MergedWeight) {
+        self.routing = None;
+        self.weight = residual.0;
+        // No longer the weight a file stores: hashed afresh when saved.
+        self.stored_fingerprint = None;
+        self.fingerprint_cache = std::sync::OnceLock::new();
+    }
+
     fn commit_merge(&mut self, merged: MergedWeight) {
         // A mixed-adapter routing would add its deltas on top of the merged weight.
         self.routing = None;

@@ -207,6 +207,32 @@ pub trait LoraLayer: Send + Sync + std::fmt::Debug + Any {
         adapter.with_magnitude(Var::from_tensor(&norm.to_dtype(self.adapter_dtype())?)?)
     }
 
+    /// A fresh adapter taken out of the layer's weight (PiSSA / OLoRA, when
+    /// `config.init` is one: see [`decompose`](crate::decompose)) and the residual weight
+    /// `W - s B A` that must replace the base for the output to stay the same; computed without
+    /// changing the layer ([`install_residual`](Self::install_residual) installs it). Layer kinds
+    /// without it refuse.
+    ///
+    /// # Errors
+    /// [`LayerError::Refused`] on kinds without it, [`LayerError::InvalidConfig`] for another
+    /// init or invalid hyper-parameters, [`LayerError::Merged`], [`LayerError::NonFinite`].
+    fn fresh_decomposed(
+        &self,
+        config: &LayerConfig,
+        seed: u64,
+    ) -> LayerResult<(Adapter, MergedWeight)> {
+        let _ = (config, seed);
+        Err(LayerError::Refused(
+            "PiSSA and OLoRA initialisation is supported on linear layers only".into(),
+        ))
+    }
+    /// Makes a residual weight from [`fresh_decomposed`](Self::fresh_decomposed) the layer's
+    /// frozen base from now on (its fingerprint changes with it: adapters saved afterwards apply
+    /// to the residual base). Kinds that refuse `fresh_decomposed` are never asked.
+    fn install_residual(&mut self, residual: MergedWeight) {
+        let _ = residual;
+    }
+
     /// Adds or replaces the adapter `name` after checking that the layer is not merged, that
     /// the factors fit and that a DoRA adapter goes to a layer kind with DoRA. A mixed-adapter
     /// routing is cleared (it holds a snapshot of the factors).

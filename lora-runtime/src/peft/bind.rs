@@ -113,7 +113,8 @@ impl AdapterFile {
                 self.config.use_rslora,
                 self.config.dropout as f32,
             )
-            .map_err(|e| e.at(&module))?;
+            .map_err(|e| e.at(&module))?
+            .with_init(self.config.init_scheme().unwrap_or_default());
             let adapter = match f.magnitude {
                 None => adapter,
                 Some((key, m)) => {

@@ -301,6 +301,11 @@ fn config_for(layers: &[SavedLayer<'_>], all: &[&str]) -> Result<LoraConfig> {
         .map(|(_, a, _)| f64::from(a.dropout()))
         .fold(0.0, f64::max);
     config.fan_in_fan_out = adapters.iter().any(|(_, _, f)| *f);
+    // PEFT has one `init_lora_weights`: the most common (a PiSSA / OLoRA adapter says so, which
+    // is how PEFT knows it belongs to a residual base).
+    config.init = mode(adapters.iter().map(|(_, a, _)| a.init()))
+        .unwrap_or_default()
+        .into();
     for (path, ad, _) in adapters {
         if ad.rank() != rank {
             config.rank_pattern.insert((*path).to_string(), ad.rank());

@@ -9,10 +9,12 @@ use std::time::Instant;
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use lora::candle::Device;
+use lora::config::InitLoraWeights;
 use lora::models::sft::{self, DataOptions, Dataset, Duration, Event, LossOn, SftConfig, Tuning};
 use lora::models::Pretrained;
+use lora::peft::convert_to_lora;
 use lora::train::{AdamWConfig, TrainerConfig};
-use lora::{InitOptions, LoraConfig, LoraModelExt, SaveOptions};
+use lora::{InitOptions, LoraConfig, LoraInit, LoraModelExt, SaveOptions};
 
 use crate::generate::WeightDtype;
 
@@ -25,14 +27,23 @@ pub enum LossOnArg {
     All,
 }
 
-/// The initialization of `A`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum InitArg {
-    /// Kaiming-uniform (PEFT's `init_lora_weights = true`).
-    Kaiming,
-    /// Gaussian with std 1/r (PEFT's `"gaussian"`).
-    Gaussian,
+/// `--init`: `kaiming`, or a PEFT `init_lora_weights` name (`gaussian`, `pissa`,
+/// `pissa_niter_K`, `olora`).
+fn parse_init(s: &str) -> Result<LoraInit, String> {
+    match s {
+        "kaiming" => Ok(LoraInit::Kaiming),
+        _ => LoraInit::from_peft_name(s).ok_or_else(|| {
+            format!(
+                "`{s}` is not one of kaiming, gaussian, pissa, pissa_niter_K (K a number), olora"
+            )
+        }),
+    }
 }
+
+/// Where a PiSSA / OLoRA run keeps the adapter right after initialisation, inside `--out`.
+const INITIAL_ADAPTER: &str = "initial-adapter";
+/// Where a PiSSA / OLoRA run keeps the trained adapter for the residual base, inside `--out`.
+const RESIDUAL_ADAPTER: &str = "residual-adapter";
 
 /// The arguments of `lora train`.
 #[derive(Debug, Args)]
@@ -119,9 +130,13 @@ pub struct TrainArgs {
     /// of each adapted layer, saved as PEFT's lora_magnitude_vector.
     #[arg(long)]
     use_dora: bool,
-    /// How A is initialized (B starts at zero): PEFT's kaiming-uniform default, or gaussian.
-    #[arg(long, value_enum, default_value = "kaiming")]
-    init: InitArg,
+    /// How the adapter is initialized: `kaiming` (PEFT's default) or `gaussian` (random A, zero
+    /// B), or `pissa`, `pissa_niter_K` (randomized SVD, K iterations), `olora`, which take the
+    /// adapter out of the weights. With those, OUT holds the adapter converted to plain LoRA for
+    /// the original base (rank and alpha doubled, as PEFT converts them), OUT/residual-adapter
+    /// the trained adapter for the residual base, OUT/initial-adapter the initial one.
+    #[arg(long, default_value = "kaiming", value_parser = parse_init)]
+    init: LoraInit,
     /// Recompute each decoder layer's activations in the backward pass instead of keeping them:
     /// much less memory for long sequences, about one more forward per step.
     #[arg(long)]
@@ -213,10 +228,7 @@ pub fn run(args: TrainArgs) -> Result<(), Box<dyn std::error::Error>> {
                 "lora_dropout": args.dropout,
                 "use_rslora": args.rslora,
                 "use_dora": args.use_dora,
-                "init_lora_weights": match args.init {
-                    InitArg::Kaiming => serde_json::json!(true),
-                    InitArg::Gaussian => serde_json::json!("gaussian"),
-                },
+                "init_lora_weights": InitLoraWeights::from(args.init),
                 "target_modules": targets_json(&args.targets),
             })
             .to_string(),
@@ -264,6 +276,14 @@ pub fn run(args: TrainArgs) -> Result<(), Box<dyn std::error::Error>> {
         loraplus_ratio: args.loraplus_ratio,
         gradient_checkpointing: args.gradient_checkpointing,
     };
+
+    // PiSSA / OLoRA: the adapter came out of the weights. Keep it as initialised: the end of the
+    // run turns the trained one into a plain adapter for the original base (as PEFT's
+    // `path_initial_model_for_weight_conversion`).
+    let decomposed = tuning == Tuning::Lora && args.init.decomposition().is_some();
+    if decomposed {
+        model.save_adapter_with(args.out.join(INITIAL_ADAPTER), &config.save)?;
+    }
 
     let stop = Arc::new(AtomicBool::new(false));
     {
@@ -337,6 +357,19 @@ pub fn run(args: TrainArgs) -> Result<(), Box<dyn std::error::Error>> {
         eprintln!(
             "stopped: resume with --resume {}",
             args.out.join(sft::checkpoint_name(outcome.steps)).display()
+        );
+    } else if decomposed {
+        let residual = args.out.join(RESIDUAL_ADAPTER);
+        std::fs::create_dir_all(&residual)?;
+        for file in [lora::peft::ADAPTER_FILE, lora::peft::CONFIG_FILE] {
+            std::fs::rename(args.out.join(file), residual.join(file))?;
+        }
+        convert_to_lora(&residual, args.out.join(INITIAL_ADAPTER), &args.out)?;
+        eprintln!(
+            "wrote the adapter, converted to plain LoRA for the original base, to {} \
+             (for the residual base: {})",
+            args.out.display(),
+            residual.display()
         );
     } else {
         eprintln!(
