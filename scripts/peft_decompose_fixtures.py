@@ -18,6 +18,14 @@ in the Rust test) gets a PEFT adapter with `init_lora_weights = <case>` (r = 4, 
 Setup and run (CPU only; CI reads the committed fixtures):
 
     /tmp/llmvenv/bin/python scripts/peft_decompose_fixtures.py
+
+Reverse direction: adapters made here (PiSSA and OLoRA, exact) load in PEFT. PEFT loads a config
+whose `init_lora_weights` is "pissa" / "olora" onto the ORIGINAL base by decomposing it again, so
+our trained adapter on the original base must give our trained model's output; the converted
+adapter too, as plain LoRA:
+
+    PEFT_DECOMPOSE_OUT=target/rust_decompose cargo test --test peft_decompose -- --ignored write_rust_adapters
+    /tmp/llmvenv/bin/python scripts/peft_decompose_fixtures.py --check-rust target/rust_decompose
 """
 
 import json
@@ -56,7 +64,29 @@ def base_state(model):
     return out
 
 
+def check_rust(root):
+    for case in ["pissa", "olora"]:
+        d = Path(root) / case
+        io = load_file(d / "io.safetensors")
+        for adapter in ["trained", "converted"]:
+            net = Net()
+            net.load_state_dict(load_file(OUT / case / "base.safetensors"))
+            model = PeftModel.from_pretrained(net, d / adapter)
+            keys = set(load_file(d / adapter / "adapter_model.safetensors"))
+            state = {k for k in model.state_dict() if "lora_" in k}
+            assert len(keys) == len(state), (keys, state)
+            with torch.no_grad():
+                y = model(io["input"])
+            err = (y - io["output"]).abs().max().item() / io["output"].abs().max().item()
+            print(f"{case} {adapter}: {len(keys)} tensors, relative output error {err:.1e}")
+            assert err < 1e-4
+
+
 def main():
+    import sys
+    if len(sys.argv) == 3 and sys.argv[1] == "--check-rust":
+        check_rust(sys.argv[2])
+        return
     torch.manual_seed(0)
     for case in CASES:
         d = OUT / case

@@ -293,3 +293,38 @@ fn bad_decompositions_are_refused_and_change_nothing() {
     }
     let _ = net.q_proj.adapter_set();
 }
+
+/// For the reverse check (`scripts/peft_decompose_fixtures.py --check-rust DIR`): writes, per
+/// exact decomposition, the adapter trained here for the residual base, its conversion, and the
+/// trained model's output, to `$PEFT_DECOMPOSE_OUT/<case>/`.
+#[test]
+#[ignore = "writes files for the PEFT-side check"]
+fn write_rust_adapters() {
+    let root = PathBuf::from(std::env::var("PEFT_DECOMPOSE_OUT").expect("PEFT_DECOMPOSE_OUT"));
+    for (name, how) in [
+        ("pissa", LoraInit::Pissa { niter: None }),
+        ("olora", LoraInit::Olora),
+    ] {
+        let dir = case(name);
+        let out = root.join(name);
+        let mut net = Net::load(&dir.join("base.safetensors"));
+        init(&mut net, how);
+        net.save_adapter(out.join("initial")).unwrap();
+        for var in net.trainable_vars() {
+            let moved = (var.as_tensor() + var.as_tensor().randn_like(0.0, 0.05).unwrap()).unwrap();
+            var.set(&moved).unwrap();
+        }
+        net.save_adapter(out.join("trained")).unwrap();
+        convert_to_lora(
+            out.join("trained"),
+            out.join("initial"),
+            out.join("converted"),
+        )
+        .unwrap();
+        let (x, _) = io(&dir);
+        let y = net.forward(&x);
+        let io: HashMap<String, Tensor> =
+            HashMap::from([("input".to_string(), x), ("output".to_string(), y)]);
+        candle_core::safetensors::save(&io, out.join("io.safetensors")).unwrap();
+    }
+}
