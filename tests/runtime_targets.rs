@@ -267,7 +267,7 @@ fn a_config_that_matches_nothing_is_an_error_and_changes_nothing() {
         .init_adapter_with(
             &varmap,
             &InitOptions::default().with_peft_config(peft(
-                r#"{"target_modules": ["q_proj"], "init_lora_weights": "pissa"}"#,
+                r#"{"target_modules": ["q_proj"], "init_lora_weights": "loftq"}"#,
             )),
         )
         .unwrap_err();
