@@ -24,7 +24,6 @@
 //! ```
 
 use std::any::Any;
-use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Module, Tensor};
 
@@ -32,7 +31,7 @@ use crate::adapter::{Adapter, AdapterSet};
 use crate::config::LayerConfig;
 use crate::error::{LayerError, LayerResult};
 use crate::fingerprint::BaseFingerprint;
-use crate::kernels;
+use crate::layer::weight::BaseWeight;
 use crate::layer::{LoraLayer, MergedWeight};
 use crate::layout::FactorLayout;
 use crate::rng::DropoutRng;
@@ -52,7 +51,7 @@ struct Geometry {
 #[derive(Debug, Clone)]
 struct ConvCore {
     /// The kernel `[out, in / groups, k...]`; merged while merged.
-    weight: Tensor,
+    weight: BaseWeight,
     bias: Option<Tensor>,
     geometry: Geometry,
     /// 1 or 2 spatial dimensions.
@@ -60,27 +59,23 @@ struct ConvCore {
     adapters: AdapterSet,
     training: bool,
     dropout_rng: Option<DropoutRng>,
-    unmerged_weight: Option<Tensor>,
-    fingerprint_cache: OnceLock<BaseFingerprint>,
 }
 
 impl ConvCore {
     fn new(weight: Tensor, bias: Option<Tensor>, geometry: Geometry, spatial: usize) -> Self {
         Self {
-            weight,
+            weight: BaseWeight::new(weight),
             bias,
             geometry,
             spatial,
             adapters: AdapterSet::default(),
             training: false,
             dropout_rng: None,
-            unmerged_weight: None,
-            fingerprint_cache: OnceLock::new(),
         }
     }
 
     fn dim(&self, i: usize) -> usize {
-        self.weight.dims().get(i).copied().unwrap_or(0)
+        self.weight.current().dims().get(i).copied().unwrap_or(0)
     }
     fn out_channels(&self) -> usize {
         self.dim(0)
@@ -90,10 +85,10 @@ impl ConvCore {
         self.dim(1) * self.geometry.groups
     }
     fn kernel(&self) -> &[usize] {
-        self.weight.dims().get(2..).unwrap_or(&[])
+        self.weight.current().dims().get(2..).unwrap_or(&[])
     }
     fn is_merged(&self) -> bool {
-        self.unmerged_weight.is_some()
+        self.weight.is_merged()
     }
 
     /// `x` convolved with `kernel` by this layer's op.
@@ -107,7 +102,7 @@ impl ConvCore {
 
     /// The base convolution plus its bias.
     fn base_forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = self.conv(x, &self.weight, self.geometry)?;
+        let y = self.conv(x, self.weight.current(), self.geometry)?;
         match &self.bias {
             None => Ok(y),
             Some(bias) => {
@@ -141,7 +136,7 @@ impl ConvCore {
             .active()
             .ok_or(LayerError::NoAdapter)?
             .delta()?;
-        Ok(delta.reshape(self.weight.dims())?)
+        Ok(delta.reshape(self.weight.current().dims())?)
     }
 
     /// `conv(x) + s * B(A(dropout(x)))`: `A` with the layer's kernel, padding, stride and
@@ -187,19 +182,14 @@ impl ConvCore {
     }
 
     fn adapter_dtype(&self) -> DType {
-        match self.weight.dtype() {
+        match self.weight.current().dtype() {
             DType::F16 | DType::BF16 => DType::F32,
             other => other,
         }
     }
 
     fn base_fingerprint(&self) -> LayerResult<BaseFingerprint> {
-        if let Some(fp) = self.fingerprint_cache.get() {
-            return Ok(fp.clone());
-        }
-        let fp = BaseFingerprint::of(self.unmerged_weight.as_ref().unwrap_or(&self.weight))?;
-        let _ = self.fingerprint_cache.set(fp.clone());
-        Ok(fp)
+        self.weight.fingerprint()
     }
 
     fn prepare_merge(&self) -> LayerResult<MergedWeight> {
@@ -207,28 +197,19 @@ impl ConvCore {
             return Err(LayerError::Merged);
         }
         self.check_groups()?;
-        let delta = self.delta_weight()?;
-        let dtype = self.weight.dtype();
-        let merged = (self.weight.to_dtype(DType::F32)? + delta)?.to_dtype(dtype)?;
-        if !kernels::all_finite(&merged)? {
-            return Err(LayerError::NonFinite);
-        }
-        Ok(MergedWeight(merged))
+        self.weight.plus(&self.delta_weight()?)
     }
 
     fn commit_merge(&mut self, merged: MergedWeight) {
-        let original = std::mem::replace(&mut self.weight, merged.0);
-        self.unmerged_weight = Some(original);
+        self.weight.commit(merged);
     }
 
     fn revert_merge(&mut self) -> LayerResult<()> {
-        self.weight = self.unmerged_weight.take().ok_or(LayerError::NotMerged)?;
-        Ok(())
+        self.weight.revert()
     }
 
     fn unload(&mut self) {
-        self.fingerprint_cache = OnceLock::new();
-        self.unmerged_weight = None;
+        self.weight.unload();
         self.adapters.clear();
     }
 }
@@ -334,7 +315,7 @@ macro_rules! lora_conv {
             }
             /// The kernel `[out, in / groups, k...]`; merged when merged.
             pub fn weight(&self) -> &Tensor {
-                &self.0.weight
+                self.0.weight.current()
             }
             /// The bias, if any.
             pub fn bias(&self) -> Option<&Tensor> {
@@ -383,10 +364,10 @@ macro_rules! lora_conv {
                 self.0.adapter_dtype()
             }
             fn device(&self) -> &Device {
-                self.0.weight.device()
+                self.0.weight.current().device()
             }
             fn base_parameters(&self) -> usize {
-                self.0.weight.elem_count() + self.0.bias.as_ref().map_or(0, Tensor::elem_count)
+                self.0.weight.current().elem_count() + self.0.bias.as_ref().map_or(0, Tensor::elem_count)
             }
             fn base_fingerprint(&self) -> LayerResult<BaseFingerprint> {
                 self.0.base_fingerprint()
@@ -419,7 +400,7 @@ macro_rules! lora_conv {
                     config,
                     seed,
                     self.0.adapter_dtype(),
-                    self.0.weight.device(),
+                    self.0.weight.current().device(),
                 )
             }
             fn prepare_merge(&self) -> LayerResult<MergedWeight> {

@@ -19,7 +19,6 @@
 //! ```
 
 use std::any::Any;
-use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Module, Tensor, Var};
 use rand::rngs::StdRng;
@@ -30,7 +29,7 @@ use crate::adapter::{Adapter, AdapterSet};
 use crate::config::LayerConfig;
 use crate::error::{LayerError, LayerResult};
 use crate::fingerprint::BaseFingerprint;
-use crate::kernels;
+use crate::layer::weight::BaseWeight;
 use crate::layer::{LoraLayer, MergedWeight};
 use crate::layout::{FactorLayout, FactorNames};
 use crate::routing::Routing;
@@ -49,16 +48,12 @@ use crate::routing::Routing;
 #[derive(Debug, Clone)]
 pub struct LoraEmbedding {
     /// The table `[num_embeddings, embedding_dim]`; merged while merged.
-    weight: Tensor,
+    weight: BaseWeight,
     /// `(num_embeddings, embedding_dim)`.
     shape: (usize, usize),
     adapters: AdapterSet,
     /// Training mode: merged layers refused.
     training: bool,
-    /// While merged: the table before the merge, kept for a bit-exact unmerge.
-    unmerged_weight: Option<Tensor>,
-    /// The fingerprint of the base table once computed (see `LoraLinear`).
-    fingerprint_cache: OnceLock<BaseFingerprint>,
 }
 
 impl From<candle_nn::Embedding> for LoraEmbedding {
@@ -90,18 +85,16 @@ impl LoraEmbedding {
             }
         };
         Self {
-            weight,
+            weight: BaseWeight::new(weight),
             shape,
             adapters: AdapterSet::default(),
             training: false,
-            unmerged_weight: None,
-            fingerprint_cache: OnceLock::new(),
         }
     }
 
     /// The table `[num_embeddings, embedding_dim]`; merged when merged.
     pub fn weight(&self) -> &Tensor {
-        &self.weight
+        self.weight.current()
     }
     /// The number of embeddings (rows of the table; the width of `A`).
     pub fn num_embeddings(&self) -> usize {
@@ -117,7 +110,7 @@ impl LoraEmbedding {
     }
     /// Whether an adapter is folded into the table.
     pub fn is_merged(&self) -> bool {
-        self.unmerged_weight.is_some()
+        self.weight.is_merged()
     }
     /// Whether the layer is in training mode.
     pub fn is_training(&self) -> bool {
@@ -131,7 +124,7 @@ impl LoraEmbedding {
     /// The table without the adapter: [`weight`](Self::weight), or while merged the table from
     /// before the merge.
     pub fn base_weight(&self) -> &Tensor {
-        self.unmerged_weight.as_ref().unwrap_or(&self.weight)
+        self.weight.original()
     }
 
     /// `s * (B A)^T` of the active adapter in f32, `[num_embeddings, embedding_dim]` like the
@@ -164,7 +157,8 @@ impl LoraEmbedding {
     /// # Errors
     /// Shape and index errors from candle; training a merged layer.
     pub fn forward_t(&self, ids: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let base = candle_nn::Embedding::new(self.weight.clone(), self.shape.1).forward(ids)?;
+        let base =
+            candle_nn::Embedding::new(self.weight.current().clone(), self.shape.1).forward(ids)?;
         let Some(ad) = self.adapter() else {
             return Ok(base);
         };
@@ -190,24 +184,19 @@ impl LoraLayer for LoraEmbedding {
     }
     /// The table's dtype, except f32 factors for f16 and bf16 tables (as `LoraLinear`).
     fn adapter_dtype(&self) -> DType {
-        match self.weight.dtype() {
+        match self.weight.current().dtype() {
             DType::F16 | DType::BF16 => DType::F32,
             other => other,
         }
     }
     fn device(&self) -> &Device {
-        self.weight.device()
+        self.weight.current().device()
     }
     fn base_parameters(&self) -> usize {
-        self.weight.elem_count()
+        self.weight.current().elem_count()
     }
     fn base_fingerprint(&self) -> LayerResult<BaseFingerprint> {
-        if let Some(fp) = self.fingerprint_cache.get() {
-            return Ok(fp.clone());
-        }
-        let fp = BaseFingerprint::of(self.base_weight())?;
-        let _ = self.fingerprint_cache.set(fp.clone());
-        Ok(fp)
+        self.weight.fingerprint()
     }
     fn adapter_set(&self) -> &AdapterSet {
         &self.adapters
@@ -253,28 +242,19 @@ impl LoraLayer for LoraEmbedding {
         if self.is_merged() {
             return Err(LayerError::Merged);
         }
-        let delta = self.delta_weight()?;
-        let dtype = self.weight.dtype();
-        let merged = (self.weight.to_dtype(DType::F32)? + delta)?.to_dtype(dtype)?;
-        if !kernels::all_finite(&merged)? {
-            return Err(LayerError::NonFinite);
-        }
-        Ok(MergedWeight(merged))
+        self.weight.plus(&self.delta_weight()?)
     }
 
     fn commit_merge(&mut self, merged: MergedWeight) {
-        let original = std::mem::replace(&mut self.weight, merged.0);
-        self.unmerged_weight = Some(original);
+        self.weight.commit(merged);
     }
 
     fn revert_merge(&mut self) -> LayerResult<()> {
-        self.weight = self.unmerged_weight.take().ok_or(LayerError::NotMerged)?;
-        Ok(())
+        self.weight.revert()
     }
 
     fn unload(&mut self) {
-        self.fingerprint_cache = OnceLock::new();
-        self.unmerged_weight = None;
+        self.weight.unload();
         self.adapters.clear();
     }
 

@@ -29,6 +29,7 @@ use crate::decompose::decompose;
 use crate::error::{LayerError, LayerResult};
 use crate::fingerprint::BaseFingerprint;
 use crate::kernels;
+use crate::layer::weight::BaseWeight;
 use crate::layer::{LoraLayer, MergedWeight};
 use crate::rng::DropoutRng;
 use crate::routing::{Routing, RoutingTarget};
@@ -47,7 +48,7 @@ use crate::routing::{Routing, RoutingTarget};
 pub struct LoraLinear {
     /// The weight as stored: `[out, in]`, or `[in, out]` when `fan_in_fan_out`; merged while
     /// merged. The only copy: the `[out, in]` view for the matmul is made per forward.
-    weight: Tensor,
+    weight: BaseWeight,
     bias: Option<Tensor>,
     /// `(out, in)`.
     shape: (usize, usize),
@@ -59,14 +60,6 @@ pub struct LoraLinear {
     training: bool,
     /// Where training-mode dropout draws its masks (`None`: candle's unseeded generator).
     dropout_rng: Option<DropoutRng>,
-    /// While merged: the weight before the merge, kept for a bit-exact unmerge.
-    unmerged_weight: Option<Tensor>,
-    /// The fingerprint of the weight as its file stores it, when that is not the weight in
-    /// memory (a GGUF tensor dequantized on load).
-    stored_fingerprint: Option<BaseFingerprint>,
-    /// The fingerprint of the base weight once computed: the base is frozen, so it is hashed
-    /// once, not on every save and load. Reset when `unload` replaces the base.
-    fingerprint_cache: std::sync::OnceLock<BaseFingerprint>,
 }
 
 impl From<Linear> for LoraLinear {
@@ -119,23 +112,20 @@ impl LoraLinear {
             } else {
                 (rows, cols)
             },
-            weight,
+            weight: BaseWeight::new(weight),
             bias,
             fan_in_fan_out,
             adapters: AdapterSet::default(),
             routing: None,
             training: false,
             dropout_rng: None,
-            unmerged_weight: None,
-            stored_fingerprint: None,
-            fingerprint_cache: std::sync::OnceLock::new(),
         }
     }
 
     /// The weight as stored (`[out, in]`, or `[in, out]` with `fan_in_fan_out`); merged when
     /// merged.
     pub fn weight(&self) -> &Tensor {
-        &self.weight
+        self.weight.current()
     }
     /// The bias, if any.
     pub fn bias(&self) -> Option<&Tensor> {
@@ -161,7 +151,7 @@ impl LoraLinear {
     /// [`LoraLayer::is_merged`] and `LoraModelExt::is_merged`, so calls on a `LoraLinear` are
     /// never ambiguous.)
     pub fn is_merged(&self) -> bool {
-        self.unmerged_weight.is_some()
+        self.weight.is_merged()
     }
     /// Whether the layer is in training mode (dropout on the LoRA branch).
     pub fn is_training(&self) -> bool {
@@ -177,21 +167,21 @@ impl LoraLinear {
     /// hash of the weight in memory, and adapters loaded onto it are checked against it. For
     /// loaders whose files are not the weights in memory (GGUF, quantized).
     pub fn set_stored_fingerprint(&mut self, fingerprint: BaseFingerprint) {
-        self.stored_fingerprint = Some(fingerprint);
+        self.weight.set_stored_fingerprint(fingerprint);
     }
     /// The weight without the adapter: [`weight`](Self::weight), or while merged the weight
     /// from before the merge. This is what adapter files fingerprint.
     pub fn base_weight(&self) -> &Tensor {
-        self.unmerged_weight.as_ref().unwrap_or(&self.weight)
+        self.weight.original()
     }
 
     /// The base layer as candle's `Linear` over the weight as `[out, in]` (a transposed view for
     /// `fan_in_fan_out`, no copy).
     fn base(&self) -> candle_core::Result<Linear> {
         let out_in = if self.fan_in_fan_out {
-            self.weight.t()?
+            self.weight.current().t()?
         } else {
-            self.weight.clone()
+            self.weight.current().clone()
         };
         Ok(Linear::new(out_in, self.bias.clone()))
     }
@@ -216,11 +206,11 @@ impl LoraLinear {
     fn merge_on_cpu(&self, ad: &Adapter) -> LayerResult<CpuMerge> {
         let (a, b) = (ad.a().as_tensor(), ad.b().as_tensor());
         let on_cpu_f32 = |t: &Tensor| t.dtype() == DType::F32 && matches!(t.device(), Device::Cpu);
-        if !(on_cpu_f32(&self.weight) && on_cpu_f32(a) && on_cpu_f32(b)) {
+        if !(on_cpu_f32(self.weight.current()) && on_cpu_f32(a) && on_cpu_f32(b)) {
             return Ok(CpuMerge::NotApplicable);
         }
-        let (rows, cols) = self.weight.dims2()?;
-        let (guard, layout) = self.weight.storage_and_layout();
+        let (rows, cols) = self.weight.current().dims2()?;
+        let (guard, layout) = self.weight.current().storage_and_layout();
         let (candle_core::Storage::Cpu(storage), Some((start, end))) =
             (&*guard, layout.contiguous_offsets())
         else {
@@ -242,7 +232,7 @@ impl LoraLinear {
         if !finite {
             return Ok(CpuMerge::NonFinite);
         }
-        let merged = Tensor::from_vec(out, (rows, cols), self.weight.device())?;
+        let merged = Tensor::from_vec(out, (rows, cols), self.weight.current().device())?;
         Ok(CpuMerge::Merged(merged))
     }
 
@@ -468,7 +458,7 @@ impl LoraLinear {
             CpuMerge::Merged(w) => w,
             CpuMerge::NonFinite => return Err(LayerError::NonFinite),
             CpuMerge::NotApplicable => {
-                (self.weight.detach().to_dtype(DType::F32)? + self.delta_weight()?)?
+                (self.weight.current().detach().to_dtype(DType::F32)? + self.delta_weight()?)?
             }
         };
         // The norm of each output feature: a row of `[out, in]`, a column of `[in, out]`.
@@ -477,7 +467,7 @@ impl LoraLinear {
         let g = (magnitude.as_tensor().detach().to_dtype(DType::F32)? / norm)?;
         let merged = plain
             .broadcast_mul(&g.unsqueeze(expand)?)?
-            .to_dtype(self.weight.dtype())?;
+            .to_dtype(self.weight.current().dtype())?;
         if !kernels::all_finite(&merged)? {
             return Err(LayerError::NonFinite);
         }
@@ -521,29 +511,19 @@ impl LoraLayer for LoraLinear {
     /// `autocast_adapter_dtype` does), so small updates are not lost to rounding; the LoRA
     /// branch then runs in f32 and its result is cast back.
     fn adapter_dtype(&self) -> DType {
-        match self.weight.dtype() {
+        match self.weight.current().dtype() {
             DType::F16 | DType::BF16 => DType::F32,
             other => other,
         }
     }
     fn device(&self) -> &Device {
-        self.weight.device()
+        self.weight.current().device()
     }
     fn base_parameters(&self) -> usize {
-        self.weight.elem_count() + self.bias.as_ref().map_or(0, Tensor::elem_count)
+        self.weight.current().elem_count() + self.bias.as_ref().map_or(0, Tensor::elem_count)
     }
     fn base_fingerprint(&self) -> LayerResult<BaseFingerprint> {
-        if let Some(fp) = self
-            .stored_fingerprint
-            .as_ref()
-            .or(self.fingerprint_cache.get())
-        {
-            return Ok(fp.clone());
-        }
-        let fp = BaseFingerprint::of(self.base_weight())?;
-        // Another thread may have set it meanwhile, to the same value.
-        let _ = self.fingerprint_cache.set(fp.clone());
-        Ok(fp)
+        self.weight.fingerprint()
     }
     fn adapter_set(&self) -> &AdapterSet {
         &self.adapters
@@ -570,17 +550,7 @@ impl LoraLayer for LoraLinear {
             CpuMerge::NonFinite => return Err(LayerError::NonFinite),
             CpuMerge::NotApplicable => {}
         }
-        let delta = self.delta_weight()?;
-        let dtype = self.weight.dtype();
-        let merged = if dtype == DType::F32 {
-            (&self.weight + delta)?
-        } else {
-            (self.weight.to_dtype(DType::F32)? + delta)?.to_dtype(dtype)?
-        };
-        if !kernels::all_finite(&merged)? {
-            return Err(LayerError::NonFinite);
-        }
-        Ok(MergedWeight(merged))
+        self.weight.plus(&self.delta_weight()?)
     }
 
     /// The weight from before the merge is kept (a reference to the same memory, no copy), so
@@ -629,8 +599,8 @@ impl LoraLayer for LoraLinear {
             config.dropout,
         )?
         .with_init(config.init);
-        let residual =
-            Tensor::from_vec(d.residual, (out, inp), &dev)?.to_dtype(self.weight.dtype())?;
+        let residual = Tensor::from_vec(d.residual, (out, inp), &dev)?
+            .to_dtype(self.weight.current().dtype())?;
         let residual = if self.fan_in_fan_out {
             residual.t()?.contiguous()?
         } else {
@@ -641,28 +611,22 @@ impl LoraLayer for LoraLinear {
 
     fn install_residual(&mut self, residual: MergedWeight) {
         self.routing = None;
-        self.weight = residual.0;
-        // No longer the weight a file stores: hashed afresh when saved.
-        self.stored_fingerprint = None;
-        self.fingerprint_cache = std::sync::OnceLock::new();
+        self.weight.replace(residual.0);
     }
 
     fn commit_merge(&mut self, merged: MergedWeight) {
         // A mixed-adapter routing would add its deltas on top of the merged weight.
         self.routing = None;
-        let original = std::mem::replace(&mut self.weight, merged.0);
-        self.unmerged_weight = Some(original);
+        self.weight.commit(merged);
     }
 
     fn revert_merge(&mut self) -> LayerResult<()> {
-        self.weight = self.unmerged_weight.take().ok_or(LayerError::NotMerged)?;
-        Ok(())
+        self.weight.revert()
     }
 
     fn unload(&mut self) {
         // The merged weight becomes the base: its fingerprint is another.
-        self.fingerprint_cache = std::sync::OnceLock::new();
-        self.unmerged_weight = None;
+        self.weight.unload();
         self.adapters.clear();
         self.routing = None;
     }
@@ -683,7 +647,7 @@ impl LoraLayer for LoraLinear {
         if let Some(norms) = self.dora_weight_norm_on_cpu(adapter)? {
             return Ok(norms);
         }
-        let dtype = match self.weight.dtype() {
+        let dtype = match self.weight.current().dtype() {
             DType::F64 => DType::F64,
             _ => DType::F32,
         };
@@ -703,7 +667,7 @@ impl LoraLayer for LoraLinear {
             inp: self.shape.1,
             out: self.shape.0,
             dtype: self.adapter_dtype(),
-            device: self.weight.device(),
+            device: self.weight.current().device(),
         };
         // Only the assignment changed: keep the stacks (see `Routing::with_rows`).
         if let Some(current) = &self.routing {

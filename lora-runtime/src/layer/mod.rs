@@ -22,6 +22,7 @@ mod conv;
 mod embedding;
 mod frozen;
 mod linear;
+mod weight;
 
 pub use conv::{LoraConv1d, LoraConv2d};
 pub use embedding::LoraEmbedding;
