@@ -22,6 +22,8 @@ use std::time::Instant;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use lora::merge_file::merge_safetensors_with;
+use lora::models::gguf::{merge_gguf, type_name, GgufMergeOptions, TargetType};
+use lora::models::llama::Checkpoint;
 use lora::peft::AdapterFile;
 use lora::TargetModules;
 
@@ -39,9 +41,10 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Merge an adapter into a safetensors model (a file, or a directory of shards with
-    /// model.safetensors.index.json). The output has the same form; dtypes are kept.
+    /// model.safetensors.index.json; the output has the same form, dtypes are kept) or into a
+    /// GGUF model (adapted tensors dequantized, merged and quantized again, see --type).
     Merge {
-        /// The base model: a .safetensors file or a sharded model directory.
+        /// The base model: a .safetensors file, a sharded model directory or a .gguf file.
         #[arg(long)]
         base: PathBuf,
         /// The PEFT adapter directory (adapter_model.safetensors + adapter_config.json).
@@ -56,6 +59,11 @@ enum Command {
         /// Merge even if the adapter records a fingerprint of a different base weight.
         #[arg(long)]
         no_verify_base: bool,
+        /// GGUF only: the type adapted tensors are written in (`same`: each tensor's own; f32,
+        /// f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k). K-quants fall
+        /// back per tensor as llama.cpp's quantizer does when rows are not multiples of 256.
+        #[arg(long = "type", value_name = "TYPE")]
+        target: Option<TargetType>,
     },
     /// Print an adapter's ranks, alphas, scalings, targets, parameter count, dtype and size.
     Inspect {
@@ -91,7 +99,8 @@ fn main() -> ExitCode {
             out,
             quiet,
             no_verify_base,
-        } => merge(base, adapter, out, quiet, !no_verify_base).map_err(Into::into),
+            target,
+        } => merge(base, adapter, out, quiet, !no_verify_base, target),
         Command::Inspect { adapter } => inspect(adapter).map_err(Into::into),
         Command::Generate(args) => generate::run(args),
         Command::Train(args) => train::run(*args),
@@ -101,12 +110,16 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
-            if merging
-                && matches!(
-                    e.downcast_ref::<lora::Error>(),
-                    Some(lora::Error::BaseMismatch { .. })
-                )
-            {
+            let mismatch = matches!(
+                e.downcast_ref::<lora::Error>(),
+                Some(lora::Error::BaseMismatch { .. })
+            ) || matches!(
+                e.downcast_ref::<lora::models::ModelError>(),
+                Some(lora::models::ModelError::Lora(
+                    lora::Error::BaseMismatch { .. }
+                ))
+            );
+            if merging && mismatch {
                 eprintln!("hint: pass --no-verify-base to merge anyway");
             }
             ExitCode::FAILURE
@@ -114,14 +127,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn merge(
-    base: PathBuf,
-    adapter: PathBuf,
-    out: PathBuf,
-    quiet: bool,
-    verify_base: bool,
-) -> Result<(), lora::Error> {
-    let start = Instant::now();
+fn merge_bar(quiet: bool) -> ProgressBar {
     let bar = if quiet {
         ProgressBar::hidden()
     } else {
@@ -134,6 +140,29 @@ fn merge(
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> "),
     );
+    bar
+}
+
+fn merge(
+    base: PathBuf,
+    adapter: PathBuf,
+    out: PathBuf,
+    quiet: bool,
+    verify_base: bool,
+    target: Option<TargetType>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    if matches!(Checkpoint::of(&base), Ok(Checkpoint::Gguf(_))) {
+        return merge_gguf_cli(base, adapter, out, quiet, verify_base, target);
+    }
+    if target.is_some() {
+        return Err(format!(
+            "--type applies to GGUF bases only: {} is not a GGUF file (safetensors merges keep each tensor's dtype)",
+            base.display()
+        )
+        .into());
+    }
+    let start = Instant::now();
+    let bar = merge_bar(quiet);
     let options = lora::LoadOptions::default().with_verify_base(verify_base);
     let report = merge_safetensors_with(&base, &adapter, &out, &options, &mut |done, total| {
         bar.set_length(total);
@@ -150,6 +179,61 @@ fn merge(
             report.files,
             out.display(),
             start.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+fn merge_gguf_cli(
+    base: PathBuf,
+    adapter: PathBuf,
+    out: PathBuf,
+    quiet: bool,
+    verify_base: bool,
+    target: Option<TargetType>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let start = Instant::now();
+    let bar = merge_bar(quiet);
+    let options = GgufMergeOptions {
+        target: target.unwrap_or_default(),
+        verify_base,
+    };
+    let report = merge_gguf(&base, &adapter, &out, &options, &mut |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    });
+    bar.finish_and_clear();
+    let report = report?;
+    if !quiet {
+        println!(
+            "tensor                         stored -> written   max rel. error  mean rel. error"
+        );
+        for t in &report.merged {
+            println!(
+                "{:<30} {:>6} -> {:<7}{} {:>14.3e}  {:>15.3e}",
+                t.name,
+                type_name(t.stored),
+                t.written_name(),
+                if t.fell_back() {
+                    format!(" (fallback for {})", type_name(t.requested))
+                } else {
+                    String::new()
+                },
+                t.max_rel_error,
+                t.mean_rel_error
+            );
+        }
+        let fallbacks = report.merged.iter().filter(|t| t.fell_back()).count();
+        println!(
+            "merged {} of {} tensors ({} fell back) into {} ({:.1} MB) in {:.2} s; requantization error: max rel. {:.3e}, mean rel. {:.3e}",
+            report.merged.len(),
+            report.tensors,
+            fallbacks,
+            out.display(),
+            report.bytes as f64 / 1e6,
+            start.elapsed().as_secs_f64(),
+            report.max_rel_error(),
+            report.mean_rel_error()
         );
     }
     Ok(())
