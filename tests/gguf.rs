@@ -235,3 +235,263 @@ fn dora_adapters_merge_into_gguf_like_the_unmerged_model() {
     // DoRA changes the logits beyond what the plain LoRA merge gives.
     assert!(common::max_abs_diff(&got, &io["logits_merged"]) > 100.0 * d);
 }
+
+/// A copy of the tiny GGUF whose `general.architecture` is `arch` (tensors as stored).
+fn tiny_as_arch(arch: &str, dst: &Path) {
+    use candle_core::quantized::gguf_file::{write, Value};
+    let (mut f, c) = read_gguf(&tiny());
+    let mut meta: Vec<(String, Value)> = c
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    for (k, v) in meta.iter_mut() {
+        if k == "general.architecture" {
+            *v = Value::String(arch.to_string());
+        }
+    }
+    let tensors: Vec<(String, candle_core::quantized::QTensor)> = c
+        .tensor_infos
+        .keys()
+        .map(|n| (n.clone(), c.tensor(&mut f, n, &Device::Cpu).unwrap()))
+        .collect();
+    let mut out = std::fs::File::create(dst).unwrap();
+    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensor_refs: Vec<(&str, &candle_core::quantized::QTensor)> =
+        tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    write(&mut out, &meta_refs, &tensor_refs).unwrap();
+}
+
+/// The files in `dir`, sorted.
+fn listing(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn bad_input_is_a_named_error_and_leaves_no_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let adapter = fixtures().join("llm/tiny-llama-gguf/adapter");
+    let out = dir.path().join("out.gguf");
+    let fail = |base: &Path, adapter: &Path| -> String {
+        let before = listing(dir.path());
+        let err = merge_gguf(
+            base,
+            adapter,
+            &out,
+            &GgufMergeOptions::default(),
+            &mut |_, _| {},
+        )
+        .unwrap_err();
+        assert!(!out.exists());
+        assert_eq!(
+            listing(dir.path()),
+            before,
+            "a temporary file was left behind"
+        );
+        err.to_string()
+    };
+
+    // An unsupported type name lists the supported ones, in the library and in the CLI.
+    let err = "q7_k".parse::<TargetType>().unwrap_err();
+    assert!(
+        err.contains("`q7_k`") && err.contains("q4_k") && err.contains("same"),
+        "{err}"
+    );
+    let o = Command::new(LORA)
+        .args(["merge", "--base"])
+        .arg(tiny())
+        .arg("--adapter")
+        .arg(&adapter)
+        .arg("--out")
+        .arg(&out)
+        .args(["--type", "iq4_nl"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && stderr.contains("`iq4_nl`"),
+        "{stderr}"
+    );
+    assert!(!out.exists());
+
+    // Another architecture.
+    let gpt2 = dir.path().join("gpt2.gguf");
+    tiny_as_arch("gpt2", &gpt2);
+    let err = fail(&gpt2, &adapter);
+    assert!(
+        err.contains("gpt2.gguf") && err.contains("general.architecture") && err.contains("`gpt2`"),
+        "{err}"
+    );
+
+    // An adapter made for another model: the shapes do not fit.
+    let err = fail(&tiny(), &fixtures().join("llm/smollm2-adapter"));
+    assert!(
+        err.contains("adapter_model.safetensors")
+            && err.contains("model.layers.0.self_attn.q_proj")
+            && err.contains("tiny-llama.gguf"),
+        "{err}"
+    );
+
+    // A truncated file names the tensor cut off.
+    let cut = dir.path().join("cut.gguf");
+    let bytes = std::fs::read(tiny()).unwrap();
+    std::fs::write(&cut, &bytes[..bytes.len() - 1000]).unwrap();
+    let err = fail(&cut, &adapter);
+    assert!(
+        err.contains("cut.gguf") && err.contains("tensor `") && err.contains("truncated"),
+        "{err}"
+    );
+
+    // An existing output is left as it was when a merge fails.
+    std::fs::write(&out, b"previous").unwrap();
+    let err = merge_gguf(
+        &cut,
+        &adapter,
+        &out,
+        &GgufMergeOptions::default(),
+        &mut |_, _| {},
+    )
+    .unwrap_err();
+    assert!(matches!(err, ModelError::Tensor { .. }), "{err}");
+    assert_eq!(std::fs::read(&out).unwrap(), b"previous");
+}
+
+/// A random LoRA adapter on all 7 projections of every SmolLM2 layer (r 8, alpha 16).
+fn smollm2_adapter(dir: &Path) -> PathBuf {
+    let modules = [
+        ("self_attn.q_proj", 576, 576),
+        ("self_attn.k_proj", 192, 576),
+        ("self_attn.v_proj", 192, 576),
+        ("self_attn.o_proj", 576, 576),
+        ("mlp.gate_proj", 1536, 576),
+        ("mlp.up_proj", 1536, 576),
+        ("mlp.down_proj", 576, 1536),
+    ];
+    let mut tensors = HashMap::new();
+    let mut seed = 1;
+    for layer in 0..30 {
+        for (m, out, inp) in modules {
+            let key = format!("base_model.model.model.layers.{layer}.{m}");
+            tensors.insert(
+                format!("{key}.lora_A.weight"),
+                common::tensor(seed, &[8, inp], 0.05),
+            );
+            tensors.insert(
+                format!("{key}.lora_B.weight"),
+                common::tensor(seed + 1, &[out, 8], 0.05),
+            );
+            seed += 2;
+        }
+    }
+    let out = dir.join("adapter");
+    std::fs::create_dir_all(&out).unwrap();
+    candle_core::safetensors::save(&tensors, out.join("adapter_model.safetensors")).unwrap();
+    std::fs::write(
+        out.join("adapter_config.json"),
+        r#"{"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}"#,
+    )
+    .unwrap();
+    out
+}
+
+fn cli_merge(base: &Path, adapter: &Path, out: &Path, target: &str) -> String {
+    let o = Command::new(LORA)
+        .args(["merge", "--base"])
+        .arg(base)
+        .arg("--adapter")
+        .arg(adapter)
+        .arg("--out")
+        .arg(out)
+        .args(["--type", target])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8(o.stdout).unwrap()
+}
+
+#[test]
+fn smollm2_merged_into_its_q4_1_gguf_gives_the_logits_of_base_plus_adapter() {
+    let Some(model) = lora::models::cache::smollm2_or_skip("GGUF merge").unwrap() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let adapter = smollm2_adapter(dir.path());
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("llm/smollm2-adapter/reference.json")).unwrap(),
+    )
+    .unwrap();
+    let ids: Vec<u32> = reference["prompt_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    let ids = Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+
+    let mut unmerged = load_llama(&model, DType::F32, &Device::Cpu).unwrap();
+    let base_logits = logits(&unmerged, &ids);
+    unmerged.load_adapter(&adapter).unwrap();
+    let want = logits(&unmerged, &ids);
+    drop(unmerged);
+    let effect = norm(&(&want - &base_logits).unwrap());
+    let scale = max_abs(&want);
+
+    // f32: float rounding only ((W + s B A) x against W x + s B (A x)).
+    let f32_out = dir.path().join("merged-f32.gguf");
+    let stdout = cli_merge(&model, &adapter, &f32_out, "f32");
+    assert!(
+        stdout.contains("merged 210 of 272 tensors (0 fell back)"),
+        "{stdout}"
+    );
+    let got = logits(
+        &load_llama(&f32_out, DType::F32, &Device::Cpu).unwrap(),
+        &ids,
+    );
+    let d = common::max_abs_diff(&got, &want);
+    println!("SmolLM2 f32 merge vs base + adapter: max |diff| {d:.3e} (max |logit| {scale:.2}, adapter effect ||dlogits|| {effect:.3e})");
+    assert!(d <= 1e-4 * scale, "{d} vs {scale}");
+
+    // `same` (Q4_1 again) and `q4_k` (180 tensors of rows of 576 fall back to q5_0, the 30
+    // down projections with rows of 1536 take q4_k): within the requantization bound.
+    for target in ["same", "q4_k"] {
+        let out = dir.path().join(format!("merged-{target}.gguf"));
+        let options = GgufMergeOptions {
+            target: target.parse().unwrap(),
+            ..Default::default()
+        };
+        let report = merge_gguf(&model, &adapter, &out, &options, &mut |_, _| {}).unwrap();
+        let fallbacks = report.merged.iter().filter(|t| t.fell_back()).count();
+        if target == "q4_k" {
+            assert_eq!(fallbacks, 180);
+            for t in &report.merged {
+                let want = if t.name.contains("ffn_down") {
+                    "q4_k"
+                } else {
+                    "q5_0"
+                };
+                assert_eq!(t.written_name(), want, "{}", t.name);
+            }
+        } else {
+            assert_eq!(fallbacks, 0);
+        }
+        let got = logits(&load_llama(&out, DType::F32, &Device::Cpu).unwrap(), &ids);
+        let diff = norm(&(&got - &want).unwrap());
+        let bound = requant_bound(&report, &adapter, effect);
+        let argmax_same = got.argmax(2).unwrap().to_vec2::<u32>().unwrap()
+            == want.argmax(2).unwrap().to_vec2::<u32>().unwrap();
+        println!(
+            "SmolLM2 {target} merge: requant error max rel. {:.3e}, mean rel. {:.3e}; ||dlogits|| {diff:.3e}, bound {bound:.3e}; same argmax at every position: {argmax_same}",
+            report.max_rel_error(),
+            report.mean_rel_error()
+        );
+        assert!(diff <= bound, "{target}: {diff} > {bound}");
+    }
+}
