@@ -495,3 +495,139 @@ fn smollm2_merged_into_its_q4_1_gguf_gives_the_logits_of_base_plus_adapter() {
         assert!(diff <= bound, "{target}: {diff} > {bound}");
     }
 }
+
+fn gguf_fixture() -> PathBuf {
+    fixtures().join("gguf/quant.gguf")
+}
+
+fn expected() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixtures().join("gguf/expected.safetensors"), &Device::Cpu)
+        .unwrap()
+}
+
+fn dequantized(path: &Path, name: &str) -> Tensor {
+    let (mut f, c) = read_gguf(path);
+    c.tensor(&mut f, name, &Device::Cpu)
+        .unwrap()
+        .dequantize(&Device::Cpu)
+        .unwrap()
+}
+
+#[test]
+fn quant_blocks_read_and_write_as_the_gguf_package_does() {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    let path = gguf_fixture();
+    let want = expected();
+    // K-quant blocks of random bytes: candle reads them as gguf-py does, so the blocks candle
+    // writes read the same in llama.cpp's tools.
+    for t in ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"] {
+        let name = format!("random.{t}");
+        let got = dequantized(&path, &name);
+        let want = &want[&format!("deq.{name}")];
+        let d = common::max_abs_diff(&got, want);
+        println!(
+            "{name}: max |candle - gguf-py| {d:.3e} (max {:.3e})",
+            max_abs(want)
+        );
+        assert!(d <= 1e-6 * max_abs(want), "{name}: {d}");
+    }
+    // The legacy types gguf-py quantizes: candle reads its blocks, and its own quantization of
+    // the same values gives the same values (both are ggml's reference quantizer; measured
+    // equal, asserted within one quantization step).
+    let x = dequantized(&path, "x");
+    for (t, dtype) in [
+        ("q4_0", GgmlDType::Q4_0),
+        ("q4_1", GgmlDType::Q4_1),
+        ("q5_0", GgmlDType::Q5_0),
+        ("q5_1", GgmlDType::Q5_1),
+        ("q8_0", GgmlDType::Q8_0),
+    ] {
+        let name = format!("x.{t}");
+        let theirs = &want[&format!("deq.{name}")];
+        let read = dequantized(&path, &name);
+        assert!(common::max_abs_diff(&read, theirs) <= 1e-7, "{name}");
+        let ours = QTensor::quantize(&x, dtype)
+            .unwrap()
+            .dequantize(&Device::Cpu)
+            .unwrap();
+        let levels = match dtype {
+            GgmlDType::Q8_0 => 255.0,
+            GgmlDType::Q5_0 | GgmlDType::Q5_1 => 31.0,
+            _ => 15.0,
+        };
+        let step = 2.0 * max_abs(&x) / levels;
+        let d = common::max_abs_diff(&ours, theirs);
+        println!("{name}: max |candle quantize - gguf-py quantize| {d:.3e} (step {step:.3e})");
+        assert!(d <= step, "{name}: {d} > {step}");
+    }
+    // candle's K-quant quantizer on the same values: dequantized (as gguf-py would) within the
+    // usual error of each type.
+    for (dtype, limit) in [
+        (GgmlDType::Q2K, 0.40),
+        (GgmlDType::Q3K, 0.20),
+        (GgmlDType::Q4K, 0.10),
+        (GgmlDType::Q5K, 0.05),
+        (GgmlDType::Q6K, 0.025),
+    ] {
+        let back = QTensor::quantize(&x, dtype)
+            .unwrap()
+            .dequantize(&Device::Cpu)
+            .unwrap();
+        let rel = norm(&(&back - &x).unwrap()) / norm(&x);
+        println!("{dtype:?}: ||q(x) - x|| / ||x|| = {rel:.3e}");
+        assert!(rel <= limit, "{dtype:?}: {rel}");
+    }
+}
+
+#[test]
+fn k_quant_tensors_merge_with_the_permuted_delta_and_keep_their_type() {
+    let dir = tempfile::tempdir().unwrap();
+    let adapter = fixtures().join("gguf/adapter");
+    let want = expected();
+    let f32_out = dir.path().join("f32.gguf");
+    let report = merge(&gguf_fixture(), &adapter, &f32_out, "f32");
+    assert_eq!(report.merged.len(), 2);
+    for name in ["blk.0.attn_q.weight", "blk.0.attn_k.weight"] {
+        // gguf-py's dequantization + llama.cpp's permutation of the delta, computed in numpy.
+        let expected = &want[&format!("merged.{name}")];
+        let got = dequantized(&f32_out, name);
+        let d = common::max_abs_diff(&got, expected);
+        println!("{name}: max |merged - gguf-py reference| {d:.3e}");
+        assert!(d <= 1e-6 * max_abs(expected), "{name}: {d}");
+    }
+    // `same` keeps Q4_K and Q6_K (rows of 256), and the error the report gives is the error of
+    // the written blocks against the reference.
+    let same_out = dir.path().join("same.gguf");
+    let same = merge(&gguf_fixture(), &adapter, &same_out, "same");
+    for t in &same.merged {
+        assert!(!t.fell_back());
+        let stored = if t.name.contains("attn_q") {
+            "q4_k"
+        } else {
+            "q6_k"
+        };
+        assert_eq!(t.written_name(), stored, "{}", t.name);
+        let expected = &want[&format!("merged.{}", t.name)];
+        let got = dequantized(&same_out, &t.name);
+        let max_rel = f64::from(common::max_abs_diff(&got, expected) / max_abs(expected));
+        println!(
+            "{}: {} requantization error max rel. {:.3e} (report {:.3e}), mean rel. {:.3e}",
+            t.name,
+            t.written_name(),
+            max_rel,
+            t.max_rel_error,
+            t.mean_rel_error
+        );
+        assert!((max_rel - t.max_rel_error).abs() <= 1e-6, "{}", t.name);
+        assert!(t.max_rel_error > 0.0 && t.max_rel_error < 0.1);
+    }
+    // Every K-quant can be asked for: rows of 256 need no fallback.
+    for target in ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"] {
+        let out = dir.path().join(format!("{target}.gguf"));
+        let r = merge(&gguf_fixture(), &adapter, &out, target);
+        assert!(r
+            .merged
+            .iter()
+            .all(|t| t.written_name() == target && !t.fell_back()));
+    }
+}

@@ -1,0 +1,179 @@
+#!/usr/bin/env python3
+"""GGUF quantization and adapter fixtures, from the `gguf` Python package (gguf-py, llama.cpp's
+own reader and writer). Writes tests/fixtures/gguf/:
+
+    quant.gguf          (GGUFWriter) a small `llama` GGUF (4 heads, 2 KV heads, head dim 64):
+        x                   f32 [4, 512], seeded normal values
+        x.<t>               x quantized by gguf-py, t in q4_0 q4_1 q5_0 q5_1 q8_0
+        random.<t>          [2, 512] random K-quant blocks (random bytes, finite f16 scales),
+                            t in q2_k q3_k q4_k q5_k q6_k: gguf-py cannot quantize K-quants, so
+                            these check that candle reads K-quant bytes as gguf-py does, and
+                            therefore that what candle writes reads the same in llama.cpp's tools
+        blk.0.attn_q.weight [256, 256] random Q4_K blocks; blk.0.attn_k.weight [128, 256] random
+                            Q6_K blocks (rows as llama.cpp stores them: permuted)
+    adapter/            PEFT-format LoRA (r 4, alpha 8) on model.layers.0.self_attn.{q,k}_proj,
+                        random A and B, B rows in transformers' order
+    expected.safetensors
+        deq.<name>          gguf-py's dequantization of x.<t> and random.<t>
+        merged.<name>       blk.0.attn_{q,k}.weight: dequantized + llama.cpp's row permutation
+                            (convert_hf_to_gguf.py's LlamaModel.permute) of (alpha/r) B A
+        export.<name>.lora_{a,b}  what convert_lora_to_gguf.py writes for the adapter (B permuted)
+
+    python scripts/gguf_fixtures.py                 # regenerate the fixtures
+    python scripts/gguf_fixtures.py --check-merged merged.gguf base.gguf adapter_dir
+        dequantizes every tensor of a `lora merge` output with gguf-py and checks the untouched
+        ones are byte for byte the base's (what was run is in the README)
+    python scripts/gguf_fixtures.py --check-export adapter.gguf
+        reads a `lora export --format gguf` file with gguf-py and prints its metadata and tensors
+
+Versions: gguf 0.19.0, numpy 2.4.6 (transformers 5.24 / torch 2.15 for the optional checks).
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import gguf
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import quantize, dequantize
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "tests/fixtures/gguf"
+
+LEGACY = {"q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "q5_0": Q.Q5_0, "q5_1": Q.Q5_1, "q8_0": Q.Q8_0}
+# (type, bytes per 256-value block, byte offsets of its f16 scales)
+KQUANTS = {
+    "q2_k": (Q.Q2_K, 84, [80, 82]),
+    "q3_k": (Q.Q3_K, 110, [108]),
+    "q4_k": (Q.Q4_K, 144, [0, 2]),
+    "q5_k": (Q.Q5_K, 176, [0, 2]),
+    "q6_k": (Q.Q6_K, 210, [208]),
+}
+
+
+def random_kquant(rng, name, rows, cols):
+    """Random bytes for `rows` rows of `cols` values of a K-quant, with sane f16 scales."""
+    qtype, size, scales = KQUANTS[name]
+    blocks = rows * cols // 256
+    raw = rng.integers(0, 256, size=(blocks, size), dtype=np.uint8)
+    for off in scales:
+        d = rng.uniform(0.001, 0.01, size=blocks).astype(np.float16)
+        raw[:, off:off + 2] = d.view(np.uint8).reshape(blocks, 2)
+    return raw.reshape(rows, cols // 256 * size), qtype
+
+
+def permute(w, heads):
+    """convert_hf_to_gguf.py's LlamaModel.permute."""
+    return (w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def write():
+    from safetensors.numpy import save_file
+    rng = np.random.default_rng(15)
+    OUT.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(str(OUT / "quant.gguf"), "llama")
+    w.add_name("gguf-fixture")
+    w.add_block_count(1)
+    w.add_embedding_length(256)
+    w.add_feed_forward_length(512)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_context_length(256)
+    w.add_layer_norm_rms_eps(1e-5)
+    expected = {}
+    x = rng.normal(0, 0.05, size=(4, 512)).astype(np.float32)
+    w.add_tensor("x", x)
+    for name, qtype in LEGACY.items():
+        q = quantize(x, qtype)
+        w.add_tensor(f"x.{name}", q, raw_dtype=qtype)
+        expected[f"deq.x.{name}"] = dequantize(q, qtype).astype(np.float32)
+    for name in KQUANTS:
+        raw, qtype = random_kquant(rng, name, 2, 512)
+        w.add_tensor(f"random.{name}", raw, raw_dtype=qtype)
+        expected[f"deq.random.{name}"] = dequantize(raw, qtype).astype(np.float32)
+    # The adapted tensors and the adapter.
+    r, alpha, heads, kv_heads = 4, 8, 4, 2
+    tensors = {}
+    adapter = {}
+    for proj, gname, rows, qname, h in [("q_proj", "attn_q", 256, "q4_k", heads),
+                                        ("k_proj", "attn_k", 128, "q6_k", kv_heads)]:
+        raw, qtype = random_kquant(rng, qname, rows, 256)
+        full = f"blk.0.{gname}.weight"
+        w.add_tensor(full, raw, raw_dtype=qtype)
+        deq = dequantize(raw, qtype).astype(np.float32)
+        a = rng.normal(0, 0.1, size=(r, 256)).astype(np.float32)
+        b = rng.normal(0, 0.05, size=(rows, r)).astype(np.float32)
+        key = f"base_model.model.model.layers.0.self_attn.{proj}"
+        adapter[f"{key}.lora_A.weight"] = a
+        adapter[f"{key}.lora_B.weight"] = b
+        delta = (alpha / r) * (b.astype(np.float64) @ a.astype(np.float64))
+        expected[f"merged.{full}"] = (deq + permute(delta, h)).astype(np.float32)
+        # convert_lora_to_gguf.py: A as is, B permuted (LoraTorchTensor.permute acts on B).
+        expected[f"export.{full}.lora_a"] = a
+        expected[f"export.{full}.lora_b"] = permute(b, h)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    save_file(expected, str(OUT / "expected.safetensors"))
+    (OUT / "adapter").mkdir(exist_ok=True)
+    save_file(adapter, str(OUT / "adapter/adapter_model.safetensors"))
+    (OUT / "adapter/adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": r, "lora_alpha": alpha,
+        "target_modules": ["k_proj", "q_proj"], "fan_in_fan_out": False,
+        "use_dora": False, "use_rslora": False,
+    }, indent=2) + "\n")
+    print(f"wrote {OUT}")
+
+
+def check_merged(merged, base, adapter):
+    """Reads a `lora merge` output with gguf-py: every tensor dequantizes, the metadata and the
+    tensors the adapter does not touch equal the base's."""
+    m, b = gguf.GGUFReader(merged), gguf.GGUFReader(base)
+    bt = {t.name: t for t in b.tensors}
+    cfg = json.loads((Path(adapter) / "adapter_config.json").read_text())
+    mk = {f.name: (f.types, [bytes(p) for p in f.parts]) for f in m.fields.values()}
+    bk = {f.name: (f.types, [bytes(p) for p in f.parts]) for f in b.fields.values()}
+    assert mk.keys() == bk.keys(), set(mk) ^ set(bk)
+    same_meta = sum(mk[k] == bk[k] for k in mk if not k.startswith("GGUF."))
+    changed, copied = 0, 0
+    for t in m.tensors:
+        values = dequantize(t.data, t.tensor_type)
+        assert np.isfinite(values).all(), t.name
+        src = bt[t.name]
+        if t.tensor_type == src.tensor_type and np.array_equal(np.asarray(t.data), np.asarray(src.data)):
+            copied += 1
+        else:
+            changed += 1
+            rel = np.abs(values - dequantize(src.data, src.tensor_type)).max() / np.abs(values).max()
+            print(f"  {t.name}: {src.tensor_type.name} -> {t.tensor_type.name}, max |merged - base| / max |merged| {rel:.3e}")
+    print(f"{merged}: {len(m.tensors)} tensors ({changed} changed, {copied} byte for byte), "
+          f"{same_meta}/{len([k for k in mk if not k.startswith('GGUF.')])} metadata keys equal; "
+          f"adapter targets {cfg.get('target_modules')}")
+
+
+def check_export(path):
+    r = gguf.GGUFReader(path)
+    for f in r.fields.values():
+        if f.name.startswith("GGUF."):
+            continue
+        v = f.contents() if hasattr(f, "contents") else f.parts[-1]
+        print(f"  {f.name} = {v}")
+    for t in r.tensors:
+        print(f"  {t.name} {t.tensor_type.name} {list(t.shape)[::-1]}")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--check-merged", nargs=3, metavar=("MERGED", "BASE", "ADAPTER"))
+    ap.add_argument("--check-export", metavar="ADAPTER_GGUF")
+    args = ap.parse_args()
+    if args.check_merged:
+        check_merged(*args.check_merged)
+    elif args.check_export:
+        check_export(args.check_export)
+    else:
+        write()
