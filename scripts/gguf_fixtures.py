@@ -17,14 +17,20 @@ own reader and writer). Writes tests/fixtures/gguf/:
         deq.<name>          gguf-py's dequantization of x.<t> and random.<t>
         merged.<name>       blk.0.attn_{q,k}.weight: dequantized + llama.cpp's row permutation
                             (convert_hf_to_gguf.py's LlamaModel.permute) of (alpha/r) B A
-        export.<name>.lora_{a,b}  what convert_lora_to_gguf.py writes for the adapter (B permuted)
+        export.<name>.lora_{a,b}  what convert_lora_to_gguf.py writes for adapter/ (B permuted)
+        patterns.<name>.delta     for adapter-patterns/: the delta PEFT applies (its own scaling
+                            per module), rows permuted: llama.cpp's alpha / r * lora_b @ lora_a
+                            of an export must equal it
+    adapter-patterns/   the same modules with use_rslora, rank_pattern {"k_proj": 2} and
+                        alpha_pattern {"q_proj": 32} (r 4, alpha 8): scalings 16 and 8/sqrt(2)
 
     python scripts/gguf_fixtures.py                 # regenerate the fixtures
     python scripts/gguf_fixtures.py --check-merged merged.gguf base.gguf adapter_dir
         dequantizes every tensor of a `lora merge` output with gguf-py and checks the untouched
         ones are byte for byte the base's (what was run is in the README)
-    python scripts/gguf_fixtures.py --check-export adapter.gguf
-        reads a `lora export --format gguf` file with gguf-py and prints its metadata and tensors
+    python scripts/gguf_fixtures.py --check-export adapter.gguf ADAPTER_DIR BASE.gguf
+        reads a `lora export --format gguf` file with gguf-py, prints its metadata and tensors and
+        checks that llama.cpp's scaling (alpha / rank of lora_b) of every pair gives PEFT's delta
 
 Versions: gguf 0.19.0, numpy 2.4.6 (transformers 5.24 / torch 2.15 for the optional checks).
 """
@@ -68,6 +74,21 @@ def permute(w, heads):
     """convert_hf_to_gguf.py's LlamaModel.permute."""
     return (w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:])
             .swapaxes(1, 2).reshape(w.shape))
+
+
+def peft_scaling(cfg, module):
+    """PEFT's scaling of `module`: alpha_pattern / rank_pattern keys match a path suffix."""
+    import re
+
+    def pick(pattern, default):
+        for key, value in (pattern or {}).items():
+            if re.match(rf"(.*\.)?{key}$", module):
+                return value
+        return default
+
+    r = pick(cfg.get("rank_pattern"), cfg["r"])
+    alpha = pick(cfg.get("alpha_pattern"), cfg["lora_alpha"])
+    return alpha / (r ** 0.5) if cfg.get("use_rslora") else alpha / r
 
 
 def write():
@@ -114,6 +135,23 @@ def write():
         # convert_lora_to_gguf.py: A as is, B permuted (LoraTorchTensor.permute acts on B).
         expected[f"export.{full}.lora_a"] = a
         expected[f"export.{full}.lora_b"] = permute(b, h)
+    # rsLoRA with rank and alpha patterns on the same modules.
+    pcfg = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_rslora": True,
+            "rank_pattern": {"k_proj": 2}, "alpha_pattern": {"q_proj": 32},
+            "target_modules": ["k_proj", "q_proj"], "fan_in_fan_out": False, "use_dora": False}
+    patterns = {}
+    for proj, gname, rows, h in [("q_proj", "attn_q", 256, heads), ("k_proj", "attn_k", 128, kv_heads)]:
+        module = f"model.layers.0.self_attn.{proj}"
+        rank = 2 if proj == "k_proj" else 4
+        a = rng.normal(0, 0.1, size=(rank, 256)).astype(np.float32)
+        b = rng.normal(0, 0.05, size=(rows, rank)).astype(np.float32)
+        patterns[f"base_model.model.{module}.lora_A.weight"] = a
+        patterns[f"base_model.model.{module}.lora_B.weight"] = b
+        delta = peft_scaling(pcfg, module) * (b.astype(np.float64) @ a.astype(np.float64))
+        expected[f"patterns.blk.0.{gname}.weight.delta"] = permute(delta, h).astype(np.float32)
+    (OUT / "adapter-patterns").mkdir(exist_ok=True)
+    save_file(patterns, str(OUT / "adapter-patterns/adapter_model.safetensors"))
+    (OUT / "adapter-patterns/adapter_config.json").write_text(json.dumps(pcfg, indent=2) + "\n")
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -155,25 +193,58 @@ def check_merged(merged, base, adapter):
           f"adapter targets {cfg.get('target_modules')}")
 
 
-def check_export(path):
+def check_export(path, adapter, base):
+    """Reads an exported adapter with gguf-py and checks llama.cpp's scaling of each pair against
+    PEFT's own scaling of the adapter (rows permuted for attn_q / attn_k as in the base)."""
+    from safetensors.numpy import load_file
     r = gguf.GGUFReader(path)
+    meta = {}
     for f in r.fields.values():
         if f.name.startswith("GGUF."):
             continue
-        v = f.contents() if hasattr(f, "contents") else f.parts[-1]
-        print(f"  {f.name} = {v}")
-    for t in r.tensors:
-        print(f"  {t.name} {t.tensor_type.name} {list(t.shape)[::-1]}")
+        meta[f.name] = f.contents()
+        print(f"  {f.name} = {meta[f.name]}")
+    assert meta["general.type"] == "adapter" and meta["adapter.type"] == "lora", meta
+    alpha = float(meta["adapter.lora.alpha"])
+    t = {x.name: dequantize(x.data, x.tensor_type).astype(np.float64) for x in r.tensors}
+    for x in r.tensors:
+        print(f"  {x.name} {x.tensor_type.name} {[int(d) for d in x.shape][::-1]}")
+    cfg = json.loads((Path(adapter) / "adapter_config.json").read_text())
+    factors = load_file(str(Path(adapter) / "adapter_model.safetensors"))
+    b = gguf.GGUFReader(base)
+    arch = bytes(b.fields["general.architecture"].parts[-1]).decode()
+    heads = int(b.fields[f"{arch}.attention.head_count"].parts[-1][0])
+    kv = int(b.fields[f"{arch}.attention.head_count_kv"].parts[-1][0])
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"}
+    worst = 0.0
+    for key in factors:
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+        layer, sub = module.removeprefix("model.layers.").split(".", 1)
+        gname = f"blk.{layer}.{names[sub]}.weight"
+        want = peft_scaling(cfg, module) * (
+            factors[key.replace("lora_A", "lora_B")].astype(np.float64) @ factors[key].astype(np.float64))
+        if arch == "llama" and names[sub] in ("attn_q", "attn_k"):
+            want = permute(want, heads if names[sub] == "attn_q" else kv)
+        lb, la = t[f"{gname}.lora_b"], t[f"{gname}.lora_a"]
+        got = alpha / lb.shape[1] * (lb @ la)
+        rel = np.abs(got - want).max() / np.abs(want).max()
+        worst = max(worst, rel)
+    print(f"{path}: {len(t) // 2} pairs, alpha {alpha}; max |llama.cpp delta - PEFT delta| / max |PEFT delta| = {worst:.3e}")
+    assert worst < 1e-5 or any(x.tensor_type != Q.F32 for x in r.tensors), worst
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--check-merged", nargs=3, metavar=("MERGED", "BASE", "ADAPTER"))
-    ap.add_argument("--check-export", metavar="ADAPTER_GGUF")
+    ap.add_argument("--check-export", nargs=3, metavar=("ADAPTER_GGUF", "ADAPTER", "BASE"))
     args = ap.parse_args()
     if args.check_merged:
         check_merged(*args.check_merged)
     elif args.check_export:
-        check_export(args.check_export)
+        check_export(*args.check_export)
     else:
         write()

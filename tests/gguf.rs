@@ -631,3 +631,125 @@ fn k_quant_tensors_merge_with_the_permuted_delta_and_keep_their_type() {
             .all(|t| t.written_name() == target && !t.fell_back()));
     }
 }
+
+fn export(adapter: &Path, out: &Path, outtype: &str) -> lora::models::gguf::ExportReport {
+    use lora::models::gguf::{export_lora_gguf, ExportOptions};
+    let options = ExportOptions {
+        outtype: outtype.parse().unwrap(),
+    };
+    export_lora_gguf(adapter, &gguf_fixture(), out, &options).unwrap()
+}
+
+#[test]
+fn exported_adapters_have_llama_cpp_s_layout_and_peft_s_scaling() {
+    use candle_core::quantized::gguf_file::Value;
+    use candle_core::quantized::GgmlDType;
+    let dir = tempfile::tempdir().unwrap();
+    let want = expected();
+
+    // The layout of convert_lora_to_gguf.py: names, [r, in] / [out, r], B rows permuted.
+    let out = dir.path().join("adapter.gguf");
+    let report = export(&fixtures().join("gguf/adapter"), &out, "f32");
+    assert_eq!((report.modules, report.alpha), (2, 8.0));
+    assert!(report.folded.is_empty());
+    let (_, c) = read_gguf(&out);
+    let text = |k: &str| match &c.metadata[k] {
+        Value::String(s) => s.clone(),
+        other => panic!("{k}: {other:?}"),
+    };
+    assert_eq!(text("general.type"), "adapter");
+    assert_eq!(text("adapter.type"), "lora");
+    assert_eq!(text("general.architecture"), "llama");
+    assert!(matches!(c.metadata["adapter.lora.alpha"], Value::F32(a) if a == 8.0));
+    assert_eq!(c.tensor_infos.len(), 4);
+    for name in ["blk.0.attn_q.weight", "blk.0.attn_k.weight"] {
+        for side in ["lora_a", "lora_b"] {
+            let key = format!("{name}.{side}");
+            let got = dequantized(&out, &key);
+            let expected = &want[&format!("export.{key}")];
+            assert_eq!(got.dims(), expected.dims(), "{key}");
+            assert_eq!(common::max_abs_diff(&got, expected), 0.0, "{key}");
+        }
+    }
+
+    // rsLoRA, rank_pattern and alpha_pattern: one alpha for the file, the rest folded into B, so
+    // llama.cpp's alpha / r * B A is PEFT's delta for every module.
+    let out = dir.path().join("patterns.gguf");
+    let report = export(&fixtures().join("gguf/adapter-patterns"), &out, "f32");
+    // q: 32 / sqrt(4) = 16 needs alpha 64; k: 8 / sqrt(2) needs 8 sqrt(2): folded into B.
+    assert_eq!(report.alpha, 64.0);
+    assert_eq!(report.folded.len(), 1);
+    assert!((report.folded[0].1 - 8.0 * 2f64.sqrt() / 64.0).abs() < 1e-12);
+    let (_, c) = read_gguf(&out);
+    let alpha = match c.metadata["adapter.lora.alpha"] {
+        Value::F32(a) => f64::from(a),
+        ref other => panic!("{other:?}"),
+    };
+    for name in ["blk.0.attn_q.weight", "blk.0.attn_k.weight"] {
+        let b = dequantized(&out, &format!("{name}.lora_b"));
+        let a = dequantized(&out, &format!("{name}.lora_a"));
+        let r = b.dim(1).unwrap() as f64;
+        let delta = (b.matmul(&a).unwrap() * (alpha / r)).unwrap();
+        let expected = &want[&format!("patterns.{name}.delta")];
+        let d = common::max_abs_diff(&delta, expected);
+        println!("{name}: llama.cpp's scaled delta vs PEFT's: max |diff| {d:.3e}");
+        assert!(d <= 1e-6 * max_abs(expected), "{name}: {d}");
+    }
+
+    // q8_0: A (rows of 256) is q8_0, B (rows of r = 4) falls back to f16 as llama.cpp's
+    // converter does.
+    let out = dir.path().join("q8.gguf");
+    let report = export(&fixtures().join("gguf/adapter"), &out, "q8_0");
+    assert_eq!(report.fallbacks.len(), 2);
+    let (_, c) = read_gguf(&out);
+    assert_eq!(
+        c.tensor_infos["blk.0.attn_q.weight.lora_a"].ggml_dtype,
+        GgmlDType::Q8_0
+    );
+    assert_eq!(
+        c.tensor_infos["blk.0.attn_q.weight.lora_b"].ggml_dtype,
+        GgmlDType::F16
+    );
+}
+
+#[test]
+fn dora_and_unfit_adapters_are_not_exported() {
+    use lora::models::gguf::{export_lora_gguf, ExportOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.gguf");
+    let dora = tiny_dora(dir.path());
+    let err = export_lora_gguf(&dora, &tiny(), &out, &ExportOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("use_dora") && err.contains("adapter_model.safetensors"),
+        "{err}"
+    );
+    let err = export_lora_gguf(
+        &fixtures().join("llm/smollm2-adapter"),
+        &tiny(),
+        &out,
+        &ExportOptions::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("tiny-llama.gguf") && err.contains("q_proj"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    // The CLI names a bad --outtype.
+    let o = Command::new(LORA)
+        .args(["export", "--format", "gguf", "--adapter"])
+        .arg(fixtures().join("gguf/adapter"))
+        .arg("--base")
+        .arg(gguf_fixture())
+        .arg("--out")
+        .arg(&out)
+        .args(["--outtype", "q4_0"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && stderr.contains("`q4_0`"), "{stderr}");
+    assert!(!out.exists());
+}

@@ -18,9 +18,11 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod export;
 mod file;
 mod merge;
 
+pub use export::{export_lora_gguf, ExportOptions, ExportReport, ExportType};
 pub use file::type_name;
 pub use merge::{
     fallback_type, merge_gguf, GgufMergeOptions, GgufMergeReport, MergedTensor, TargetType,

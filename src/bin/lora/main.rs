@@ -4,6 +4,8 @@
 //! ```text
 //! lora merge --base model.safetensors --adapter my-adapter --out merged.safetensors
 //! lora merge --base sharded-model-dir --adapter my-adapter --out merged-dir
+//! lora merge --base model.gguf --adapter my-adapter --out merged.gguf --type q8_0
+//! lora export --format gguf --adapter my-adapter --base model.gguf --out adapter.gguf
 //! lora inspect my-adapter
 //! lora generate --model SmolLM2-135M-Instruct.Q4_1.gguf --prompt "What is the capital of France?"
 //! lora train --model SmolLM2-135M-Instruct.Q4_1.gguf --data train.jsonl --out my-adapter
@@ -22,7 +24,10 @@ use std::time::Instant;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use lora::merge_file::merge_safetensors_with;
-use lora::models::gguf::{merge_gguf, type_name, GgufMergeOptions, TargetType};
+use lora::models::gguf::{
+    export_lora_gguf, merge_gguf, type_name, ExportOptions, ExportType, GgufMergeOptions,
+    TargetType,
+};
 use lora::models::llama::Checkpoint;
 use lora::peft::AdapterFile;
 use lora::TargetModules;
@@ -65,6 +70,26 @@ enum Command {
         #[arg(long = "type", value_name = "TYPE")]
         target: Option<TargetType>,
     },
+    /// Export an adapter for another runtime: `--format gguf` writes llama.cpp's LoRA adapter
+    /// GGUF (`llama-cli --lora adapter.gguf`), each module's PEFT scaling folded into one alpha.
+    Export {
+        /// The output format.
+        #[arg(long, value_enum)]
+        format: ExportFormat,
+        /// The PEFT adapter directory.
+        #[arg(long)]
+        adapter: PathBuf,
+        /// The GGUF model the adapter belongs to (tensor names, shapes, head counts).
+        #[arg(long)]
+        base: PathBuf,
+        /// Where to write the adapter GGUF.
+        #[arg(long)]
+        out: PathBuf,
+        /// The type of the factors: f32, f16, bf16 or q8_0 (factors whose rows are not
+        /// multiples of 32 fall back to f16).
+        #[arg(long, default_value = "f32")]
+        outtype: ExportType,
+    },
     /// Print an adapter's ranks, alphas, scalings, targets, parameter count, dtype and size.
     Inspect {
         /// The PEFT adapter directory.
@@ -101,6 +126,13 @@ fn main() -> ExitCode {
             no_verify_base,
             target,
         } => merge(base, adapter, out, quiet, !no_verify_base, target),
+        Command::Export {
+            format: ExportFormat::Gguf,
+            adapter,
+            base,
+            out,
+            outtype,
+        } => export_gguf(adapter, base, out, outtype).map_err(Into::into),
         Command::Inspect { adapter } => inspect(adapter).map_err(Into::into),
         Command::Generate(args) => generate::run(args),
         Command::Train(args) => train::run(*args),
@@ -235,6 +267,35 @@ fn merge_gguf_cli(
             report.max_rel_error(),
             report.mean_rel_error()
         );
+    }
+    Ok(())
+}
+
+/// The formats `lora export` writes.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ExportFormat {
+    /// llama.cpp's LoRA adapter GGUF.
+    Gguf,
+}
+
+fn export_gguf(
+    adapter: PathBuf,
+    base: PathBuf,
+    out: PathBuf,
+    outtype: ExportType,
+) -> Result<(), lora::models::ModelError> {
+    let report = export_lora_gguf(&adapter, &base, &out, &ExportOptions { outtype })?;
+    println!(
+        "exported {} modules to {} (adapter.lora.alpha = {})",
+        report.modules,
+        out.display(),
+        report.alpha
+    );
+    for (module, factor) in &report.folded {
+        println!("  {module}: scaling folded into lora_b (x {factor})");
+    }
+    for t in &report.fallbacks {
+        println!("  {t}: f16 (rows not a multiple of 32 for q8_0)");
     }
     Ok(())
 }
