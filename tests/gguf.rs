@@ -1,8 +1,9 @@
-//! `lora merge` into GGUF files: the merged file loads and gives the logits of the unmerged base
-//! + adapter (exactly up to float rounding for `--type f32`, within what the measured
-//! requantization error explains for quantized types), every other tensor and all metadata are
-//! copied byte for byte, DoRA adapters merge, K-quant blocks read as the `gguf` Python package
-//! reads them, and bad input is a named error that leaves no output behind.
+//! `lora merge` into GGUF files and `lora export --format gguf`: the merged file loads and gives
+//! the logits of the unmerged base with its adapter (exactly up to float rounding for `--type
+//! f32`, within what the measured requantization error explains for quantized types), every
+//! other tensor and all metadata are copied byte for byte, DoRA adapters merge, K-quant blocks read as the `gguf` Python package
+//! reads them, bad input is a named error that leaves no output behind, and exported adapters
+//! have llama.cpp's layout with PEFT's scaling of every module.
 //!
 //! References: PEFT's merged logits for the tiny GGUF (`tests/fixtures/llm/tiny-llama-gguf`,
 //! `scripts/llm_fixtures.py`), the `gguf` package's quantizer and dequantizer

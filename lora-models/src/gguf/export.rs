@@ -69,7 +69,7 @@ impl ExportType {
             ExportType::F32 => GgmlDType::F32,
             ExportType::F16 => GgmlDType::F16,
             ExportType::BF16 => GgmlDType::BF16,
-            ExportType::Q8_0 if row_len % 32 == 0 => GgmlDType::Q8_0,
+            ExportType::Q8_0 if row_len.is_multiple_of(32) => GgmlDType::Q8_0,
             ExportType::Q8_0 => GgmlDType::F16,
         }
     }

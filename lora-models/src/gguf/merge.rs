@@ -77,7 +77,7 @@ pub fn fallback_type(wanted: GgmlDType, row_len: usize) -> GgmlDType {
         wanted,
         GgmlDType::Q2K | GgmlDType::Q3K | GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K
     );
-    let t = if k_quant && row_len % 256 != 0 {
+    let t = if k_quant && !row_len.is_multiple_of(256) {
         match wanted {
             GgmlDType::Q4K => GgmlDType::Q5_0,
             GgmlDType::Q5K => GgmlDType::Q5_1,
@@ -87,7 +87,7 @@ pub fn fallback_type(wanted: GgmlDType, row_len: usize) -> GgmlDType {
     } else {
         wanted
     };
-    if row_len % t.block_size() != 0 {
+    if !row_len.is_multiple_of(t.block_size()) {
         GgmlDType::F16
     } else {
         t
@@ -444,7 +444,7 @@ fn check_extents(file: &File, content: &Content, path: &Path) -> Result<()> {
     infos.sort_by_key(|(_, i)| i.offset);
     for (name, info) in infos {
         let elems = info.shape.elem_count();
-        if elems % info.ggml_dtype.block_size().max(1) != 0 {
+        if !elems.is_multiple_of(info.ggml_dtype.block_size().max(1)) {
             return Err(ModelError::Tensor {
                 path: path.to_path_buf(),
                 name: name.clone(),
