@@ -32,6 +32,11 @@ own reader and writer). Writes tests/fixtures/gguf/:
         reads a `lora export --format gguf` file with gguf-py, prints its metadata and tensors and
         checks that llama.cpp's scaling (alpha / rank of lora_b) of every pair gives PEFT's delta
 
+    python scripts/gguf_fixtures.py --check-transformers merged.gguf
+        loads a `lora merge` of tests/fixtures/llm/smollm2-adapter into SmolLM2's GGUF with
+        transformers (`gguf_file=`) and compares its last-position logits with PEFT's unmerged
+        base + adapter (tests/fixtures/llm/smollm2-adapter/reference.json)
+
 Versions: gguf 0.19.0, numpy 2.4.6 (transformers 5.24 / torch 2.15 for the optional checks).
 """
 
@@ -237,13 +242,32 @@ def check_export(path, adapter, base):
     assert worst < 1e-5 or any(x.tensor_type != Q.F32 for x in r.tensors), worst
 
 
+def check_transformers(merged):
+    import torch
+    from transformers import AutoModelForCausalLM
+    ref = json.loads((ROOT / "tests/fixtures/llm/smollm2-adapter/reference.json").read_text())
+    path = Path(merged).resolve()
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                 dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(torch.tensor([ref["prompt_ids"]])).logits[0, -1]
+    want = ref["adapter_last_topk"]
+    diff = max(abs(float(logits[i]) - v) for i, v in want)
+    top = int(torch.argmax(logits))
+    print(f"{merged}: transformers loads it; top-20 logits of PEFT's base + adapter: max |diff| "
+          f"{diff:.3e} (largest {want[0][1]:.2f}); argmax {top} (PEFT {want[0][0]})")
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--check-merged", nargs=3, metavar=("MERGED", "BASE", "ADAPTER"))
+    ap.add_argument("--check-transformers", metavar="MERGED")
     ap.add_argument("--check-export", nargs=3, metavar=("ADAPTER_GGUF", "ADAPTER", "BASE"))
     args = ap.parse_args()
     if args.check_merged:
         check_merged(*args.check_merged)
+    elif args.check_transformers:
+        check_transformers(args.check_transformers)
     elif args.check_export:
         check_export(*args.check_export)
     else:
