@@ -19,7 +19,8 @@ use super::file::{
 };
 use crate::error::{ModelError, Result};
 use crate::llama::{
-    gguf_name, open_gguf, permute, read_raw, stored_fingerprint, tensor_error, GgufArch,
+    gguf_name, open_gguf, permute, qtensor_of, read_raw, stored_fingerprint, tensor_error,
+    tensor_info, GgufArch,
 };
 
 /// The GGML type an adapted tensor is written in.
@@ -261,14 +262,7 @@ pub fn merge_gguf(
         .tensor_order
         .iter()
         .map(|name| {
-            let info = content
-                .tensor_infos
-                .get(name)
-                .ok_or_else(|| ModelError::Tensor {
-                    path: base.to_path_buf(),
-                    name: name.clone(),
-                    reason: "listed twice in the header".into(),
-                })?;
+            let info = tensor_info(&content, name, base)?;
             Ok(TensorEntry {
                 name: name.clone(),
                 dims: info.shape.dims().to_vec(),
@@ -331,25 +325,13 @@ fn merge_one(
     plan: &Planned,
 ) -> Result<(Vec<u8>, MergedTensor)> {
     let err = |e: candle_core::Error| tensor_error(path, name, e);
-    let info = content
-        .tensor_infos
-        .get(name)
-        .ok_or_else(|| ModelError::Tensor {
-            path: path.to_path_buf(),
-            name: name.to_string(),
-            reason: "missing from the file".into(),
-        })?;
+    let info = tensor_info(content, name, path)?;
     let dims = info.shape.dims().to_vec();
     let cols = dims.iter().skip(1).product::<usize>().max(1);
-    let w = candle_core::quantized::ggml_file::qtensor_from_ggml(
-        info.ggml_dtype,
-        raw,
-        dims.clone(),
-        &Device::Cpu,
-    )
-    .and_then(|q| q.dequantize(&Device::Cpu))
-    .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
-    .map_err(err)?;
+    let w = qtensor_of(info, raw, name, path)?
+        .dequantize(&Device::Cpu)
+        .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+        .map_err(err)?;
     let merged = plan.delta.merge_f32(name, &w, cols)?;
     let t = Tensor::from_vec(merged, dims.as_slice(), &Device::Cpu).map_err(err)?;
     let q = QTensor::quantize(&t, plan.written).map_err(err)?;

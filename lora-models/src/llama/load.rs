@@ -16,7 +16,8 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
+use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use lora_runtime::{BaseFingerprint, LoraModel, ModulePath};
@@ -539,31 +540,55 @@ fn read_tensor(
     content: &Content,
     name: &str,
     path: &Path,
-) -> Result<(candle_core::quantized::QTensor, BaseFingerprint)> {
+) -> Result<(QTensor, BaseFingerprint)> {
     let raw = read_raw(file, content, name, path)?;
-    let info = content
+    let info = tensor_info(content, name, path)?;
+    Ok((
+        qtensor_of(info, &raw, name, path)?,
+        stored_fingerprint(info, &raw),
+    ))
+}
+
+/// The index entry of the tensor `name` of the GGUF file `path`.
+///
+/// # Errors
+/// [`ModelError::Tensor`] when the file has no such tensor.
+pub(crate) fn tensor_info<'a>(
+    content: &'a Content,
+    name: &str,
+    path: &Path,
+) -> Result<&'a TensorInfo> {
+    content
         .tensor_infos
         .get(name)
         .ok_or_else(|| ModelError::Tensor {
             path: path.to_path_buf(),
             name: name.to_string(),
             reason: "missing from the file".into(),
-        })?;
-    let qtensor = candle_core::quantized::ggml_file::qtensor_from_ggml(
+        })
+}
+
+/// The tensor `name` (index entry `info`) from its stored bytes `raw`, on the CPU.
+///
+/// # Errors
+/// [`ModelError::Tensor`] when the bytes do not hold the tensor.
+pub(crate) fn qtensor_of(
+    info: &TensorInfo,
+    raw: &[u8],
+    name: &str,
+    path: &Path,
+) -> Result<QTensor> {
+    candle_core::quantized::ggml_file::qtensor_from_ggml(
         info.ggml_dtype,
-        &raw,
+        raw,
         info.shape.dims().to_vec(),
         &Device::Cpu,
     )
-    .map_err(|e| tensor_error(path, name, e))?;
-    Ok((qtensor, stored_fingerprint(info, &raw)))
+    .map_err(|e| tensor_error(path, name, e))
 }
 
 /// The fingerprint of a GGUF tensor as stored: its GGML type and the XXH3 of its bytes.
-pub(crate) fn stored_fingerprint(
-    info: &candle_core::quantized::gguf_file::TensorInfo,
-    raw: &[u8],
-) -> BaseFingerprint {
+pub(crate) fn stored_fingerprint(info: &TensorInfo, raw: &[u8]) -> BaseFingerprint {
     BaseFingerprint::of_stored(
         info.shape.dims(),
         &format!("{:?}", info.ggml_dtype).to_lowercase(),
@@ -581,14 +606,7 @@ pub(crate) fn read_raw(
     name: &str,
     path: &Path,
 ) -> Result<Vec<u8>> {
-    let info = content
-        .tensor_infos
-        .get(name)
-        .ok_or_else(|| ModelError::Tensor {
-            path: path.to_path_buf(),
-            name: name.to_string(),
-            reason: "missing from the file".into(),
-        })?;
+    let info = tensor_info(content, name, path)?;
     let elems = info.shape.elem_count();
     let block = info.ggml_dtype.block_size().max(1);
     let bytes = elems / block * info.ggml_dtype.type_size();

@@ -17,7 +17,7 @@ mod serve;
 mod train;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -175,6 +175,14 @@ fn merge_bar(quiet: bool) -> ProgressBar {
     bar
 }
 
+/// A progress callback that moves `bar`.
+fn track(bar: &ProgressBar) -> impl FnMut(u64, u64) + '_ {
+    |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    }
+}
+
 fn merge(
     base: PathBuf,
     adapter: PathBuf,
@@ -184,7 +192,11 @@ fn merge(
     target: Option<TargetType>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     if matches!(Checkpoint::of(&base), Ok(Checkpoint::Gguf(_))) {
-        return merge_gguf_cli(base, adapter, out, quiet, verify_base, target);
+        let options = GgufMergeOptions {
+            target: target.unwrap_or_default(),
+            verify_base,
+        };
+        return merge_gguf_cli(&base, &adapter, &out, quiet, &options);
     }
     if target.is_some() {
         return Err(format!(
@@ -196,10 +208,7 @@ fn merge(
     let start = Instant::now();
     let bar = merge_bar(quiet);
     let options = lora::LoadOptions::default().with_verify_base(verify_base);
-    let report = merge_safetensors_with(&base, &adapter, &out, &options, &mut |done, total| {
-        bar.set_length(total);
-        bar.set_position(done);
-    });
+    let report = merge_safetensors_with(&base, &adapter, &out, &options, &mut track(&bar));
     bar.finish_and_clear();
     let report = report?;
     if !quiet {
@@ -217,23 +226,15 @@ fn merge(
 }
 
 fn merge_gguf_cli(
-    base: PathBuf,
-    adapter: PathBuf,
-    out: PathBuf,
+    base: &Path,
+    adapter: &Path,
+    out: &Path,
     quiet: bool,
-    verify_base: bool,
-    target: Option<TargetType>,
+    options: &GgufMergeOptions,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let start = Instant::now();
     let bar = merge_bar(quiet);
-    let options = GgufMergeOptions {
-        target: target.unwrap_or_default(),
-        verify_base,
-    };
-    let report = merge_gguf(&base, &adapter, &out, &options, &mut |done, total| {
-        bar.set_length(total);
-        bar.set_position(done);
-    });
+    let report = merge_gguf(base, adapter, out, options, &mut track(&bar));
     bar.finish_and_clear();
     let report = report?;
     if !quiet {
