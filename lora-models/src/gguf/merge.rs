@@ -452,3 +452,47 @@ fn check_extents(file: &File, content: &Content, path: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn k_quants_fall_back_per_tensor_as_llama_cpp_does() {
+        use GgmlDType::*;
+        // SmolLM2: rows of 576 (q, k, v, o, gate, up) do not fit K-quants, rows of 1536 (down) do.
+        for (wanted, fallback) in [
+            (Q4K, Q5_0),
+            (Q5K, Q5_1),
+            (Q6K, Q8_0),
+            (Q2K, Q4_0),
+            (Q3K, Q4_0),
+        ] {
+            assert_eq!(fallback_type(wanted, 576), fallback, "{wanted:?}");
+            assert_eq!(fallback_type(wanted, 1536), wanted, "{wanted:?}");
+        }
+        // A row that not even the fallback's block of 32 divides: f16, for any block type.
+        assert_eq!(fallback_type(Q4K, 48), F16);
+        assert_eq!(fallback_type(Q8_0, 48), F16);
+        for t in [F32, F16, BF16] {
+            assert_eq!(fallback_type(t, 7), t);
+        }
+    }
+
+    #[test]
+    fn type_names_are_llama_cpp_s() {
+        assert_eq!("same".parse::<TargetType>(), Ok(TargetType::Same));
+        assert_eq!(
+            "Q4_K".parse::<TargetType>(),
+            Ok(TargetType::To(GgmlDType::Q4K))
+        );
+        let err = "q8_k".parse::<TargetType>().unwrap_err();
+        assert!(err.contains("`q8_k`") && err.contains("q6_k"), "{err}");
+        for name in TYPE_NAMES.split(", ").skip(1) {
+            let TargetType::To(t) = name.parse::<TargetType>().unwrap() else {
+                panic!("{name}")
+            };
+            assert_eq!(type_name(t), name);
+        }
+    }
+}
