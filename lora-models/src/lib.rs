@@ -18,6 +18,7 @@ pub mod cache;
 pub mod chat;
 pub mod error;
 pub mod generate;
+pub mod gguf;
 pub mod hub;
 pub mod llama;
 pub mod pretrained;

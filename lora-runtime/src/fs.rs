@@ -25,6 +25,24 @@ pub(crate) fn temp_path_for(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.tmp-{}-{n}", std::process::id()))
 }
 
+/// Writes `target` through `write`, which is handed a temporary path next to it: when `write`
+/// succeeds the file is synced and renamed over `target`; when it fails (or the rename does) the
+/// temporary file is removed and `target` is as it was. What `lora merge` of a GGUF file uses, so
+/// a failed merge leaves no output behind.
+///
+/// # Errors
+/// What `write` returns; [`Error::Io`] naming the file when syncing or renaming fails.
+pub fn write_atomically<E: From<Error>>(
+    target: &Path,
+    write: impl FnOnce(&Path) -> std::result::Result<(), E>,
+) -> std::result::Result<(), E> {
+    let mut staging = Staging::new(&RealFs);
+    let tmp = staging.path_for(target);
+    write(&tmp)?;
+    staging.commit()?;
+    Ok(())
+}
+
 /// The file-system operations of a replacement, so tests can make them fail part-way (a writer
 /// that fails after N bytes, a rename that fails), which permission tricks cannot do for root.
 pub(crate) trait SaveFs {

@@ -68,6 +68,7 @@ pub use config::{LayerConfig, LoraConfig, LoraInit, TargetModules};
 pub use error::{Error, Factor, LayerError, LayerResult, Result};
 pub use ext::LoraModelExt;
 pub use fingerprint::BaseFingerprint;
+pub use fs::write_atomically;
 pub use layer::{
     FrozenLinear, LoraConv1d, LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear, MergedWeight,
 };

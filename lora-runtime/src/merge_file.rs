@@ -113,8 +113,15 @@ fn plan(base: &Path, out: &Path) -> Result<Plan> {
     })
 }
 
-/// The delta to add to one base tensor.
-struct Delta {
+/// The change a PEFT adapter makes to one base weight, ready to be added to that weight's values
+/// in any storage: what [`merge_safetensors`] writes, and what the GGUF merge of `lora-models`
+/// adds to dequantized weights.
+///
+/// Each targeted weight becomes `W + s * B A` (transposed for `fan_in_fan_out` and for embedding
+/// tables), or for a DoRA adapter `(m / ||W + s B A||) * (W + s B A)` per output feature, all in
+/// f32.
+#[derive(Debug, Clone)]
+pub struct WeightDelta {
     /// `s * B`, f32 `[out, r]` (a convolution's `B [out, r, 1...]` flattened).
     b: Tensor,
     /// `A`, f32 `[r, in]` (a convolution's `A [r, in, k...]` flattened to `[r, in * k...]`).
@@ -126,7 +133,107 @@ struct Delta {
     transposed: bool,
 }
 
-impl Delta {
+impl WeightDelta {
+    /// The delta of `module` (whose factors are `factors`) in `adapter`, checked against the base
+    /// weight's `shape` (`base` names the base file in errors).
+    ///
+    /// # Errors
+    /// [`Error::BadTensor`] when the factors do not fit a weight of `shape`; candle's errors.
+    pub fn of_module(
+        adapter: &AdapterFile,
+        module: &str,
+        factors: &Factors,
+        shape: &[usize],
+        base: &Path,
+    ) -> Result<Self> {
+        let fan_in_fan_out = adapter.config.fan_in_fan_out;
+        check_fits(adapter, module, factors, shape, fan_in_fan_out, base)?;
+        let scale = adapter.config.scaling_for(module);
+        Ok(Self {
+            b: factors
+                .b
+                .to_dtype(DType::F32)?
+                .flatten_from(1)?
+                .affine(scale, 0.0)?,
+            a: factors.a.to_dtype(DType::F32)?.flatten_from(1)?,
+            magnitude: match &factors.magnitude {
+                Some((_, m)) => Some(m.to_dtype(DType::F32)?),
+                None => None,
+            },
+            transposed: stored_transposed(factors, fan_in_fan_out),
+        })
+    }
+
+    /// Whether the weight stores the delta transposed (`[in, out]`): embedding tables and
+    /// `fan_in_fan_out` linear layers.
+    pub fn is_transposed(&self) -> bool {
+        self.transposed
+    }
+
+    /// The delta with its output features reordered by `reorder`, which is applied to `s * B`
+    /// (`[out, r]`) and to DoRA's magnitude (`[out]`) and must move whole rows, as a permutation
+    /// of the weight's rows does (the q/k row order of llama.cpp's GGUF files).
+    ///
+    /// # Errors
+    /// Whatever `reorder` returns; [`Error::InvalidConfig`] for a transposed delta, whose output
+    /// features are columns.
+    pub fn reorder_outputs(
+        self,
+        reorder: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
+    ) -> Result<Self> {
+        if self.transposed {
+            return Err(Error::InvalidConfig {
+                file: None,
+                field: "fan_in_fan_out".into(),
+                reason: "the output features of a transposed weight cannot be reordered as rows"
+                    .into(),
+            });
+        }
+        Ok(Self {
+            b: reorder(&self.b)?,
+            magnitude: match &self.magnitude {
+                Some(m) => Some(reorder(m)?),
+                None => None,
+            },
+            ..self
+        })
+    }
+
+    /// `w` (the f32 values of a weight of `cols` columns, row-major) with the delta added, in one
+    /// pass on the CPU.
+    ///
+    /// # Errors
+    /// [`Error::NonFinite`] naming `key` when a merged value is not finite; candle's errors for
+    /// sizes that do not match.
+    pub fn merge_f32(&self, key: &str, w: &[f32], cols: usize) -> Result<Vec<f32>> {
+        let mut out = vec![0f32; w.len()];
+        if !self.merge_f32_into(w, cols, &mut out)? {
+            return Err(Error::NonFinite {
+                path: key.to_string(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Writes `w + delta` into `out`; whether every value is finite.
+    fn merge_f32_into(&self, w: &[f32], cols: usize, out: &mut [f32]) -> Result<bool> {
+        let (l, rt) = if self.transposed {
+            (self.a.t()?, self.b.t()?)
+        } else {
+            (self.b.clone(), self.a.clone())
+        };
+        let l = l.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let rt = rt.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let rank = self.a.dim(0)?;
+        let finite = add_low_rank(w, &l, &rt, rank, cols, out)?;
+        match &self.magnitude {
+            Some(m) => {
+                Ok(finite && dora_rescale(out, cols, &m.to_vec1::<f32>()?, self.transposed)?)
+            }
+            None => Ok(finite),
+        }
+    }
+
     /// The merged tensor's bytes. f32 weights take the one-pass CPU kernel (read `W` once, write
     /// the result once, finite check folded in); other dtypes the general candle path.
     fn merged_bytes(
@@ -140,18 +247,6 @@ impl Delta {
         // A kernel `[out, in, k...]` is the matrix `[out, in * k...]` in memory.
         let cols: usize = shape.iter().skip(1).product();
         if let (DType::F32, 2.., true) = (dtype, shape.len(), cfg!(target_endian = "little")) {
-            let (l, rt) = if self.transposed {
-                (self.a.t()?, self.b.t()?)
-            } else {
-                (self.b.clone(), self.a.clone())
-            };
-            let l = l.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-            let rt = rt.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-            let rank = self.a.dim(0)?;
-            let magnitude = match &self.magnitude {
-                Some(m) => Some(m.to_vec1::<f32>()?),
-                None => None,
-            };
             let copied: Vec<f32>;
             // The mapping is unaligned only after tensors of odd byte counts: then copy the row data.
             let w: &[f32] = match bytemuck::try_cast_slice(bytes) {
@@ -165,18 +260,11 @@ impl Delta {
                 }
             };
             let mut out = vec![0u8; bytes.len()];
-            let merge = |out32: &mut [f32]| -> candle_core::Result<bool> {
-                let finite = add_low_rank(w, &l, &rt, rank, cols, out32)?;
-                match &magnitude {
-                    Some(m) => Ok(finite && dora_rescale(out32, cols, m, self.transposed)?),
-                    None => Ok(finite),
-                }
-            };
             let finite = match bytemuck::try_cast_slice_mut::<u8, f32>(&mut out) {
-                Ok(out32) => merge(out32)?,
+                Ok(out32) => self.merge_f32_into(w, cols, out32)?,
                 Err(_) => {
                     let mut out32 = vec![0f32; w.len()];
-                    let finite = merge(&mut out32)?;
+                    let finite = self.merge_f32_into(w, cols, &mut out32)?;
                     out = out32.iter().flat_map(|v| v.to_le_bytes()).collect();
                     finite
                 }
@@ -222,7 +310,7 @@ struct OutTensor<'a> {
     dtype: Dtype,
     shape: Vec<usize>,
     source: &'a [u8],
-    delta: Option<(&'a str, Delta)>,
+    delta: Option<(&'a str, WeightDelta)>,
     ctx: &'a WriteCtx<'a>,
 }
 
@@ -356,8 +444,7 @@ pub fn merge_safetensors_with(
             location.insert(name.to_string(), i);
         }
     }
-    let fan_in_fan_out = adapter.config.fan_in_fan_out;
-    let mut deltas: HashMap<String, (String, Delta)> = HashMap::new();
+    let mut deltas: HashMap<String, (String, WeightDelta)> = HashMap::new();
     for (module, f) in &adapter.factors {
         let weight = format!("{module}.weight");
         let Some(&i) = location.get(&weight) else {
@@ -373,15 +460,17 @@ pub fn merge_safetensors_with(
                 path: shards[i].input.clone(),
                 source,
             })?;
-        check_fits(
-            &adapter,
-            module,
-            f,
-            view.shape(),
-            view.dtype(),
-            fan_in_fan_out,
-            &shards[i].input,
-        )?;
+        let delta = WeightDelta::of_module(&adapter, module, f, view.shape(), &shards[i].input)?;
+        if candle_of(view.dtype()).is_none() {
+            return Err(Error::bad_tensor(
+                &shards[i].input,
+                &weight,
+                format!(
+                    "dtype {:?} cannot be merged: only F32, F16, BF16 and F64 weights",
+                    view.dtype()
+                ),
+            ));
+        }
         if options.verify_base && adapter.base_fingerprints.contains_key(module) {
             // Safetensors stores little-endian bytes: the fingerprint is their XXH3.
             let found = BaseFingerprint {
@@ -391,19 +480,6 @@ pub fn merge_safetensors_with(
             };
             adapter.check_base(module, &found)?;
         }
-        let scale = adapter.config.scaling_for(module);
-        let delta = Delta {
-            b: f.b
-                .to_dtype(DType::F32)?
-                .flatten_from(1)?
-                .affine(scale, 0.0)?,
-            a: f.a.to_dtype(DType::F32)?.flatten_from(1)?,
-            magnitude: match &f.magnitude {
-                Some((_, m)) => Some(m.to_dtype(DType::F32)?),
-                None => None,
-            },
-            transposed: stored_transposed(f, fan_in_fan_out),
-        };
         deltas.insert(weight, (module.clone(), delta));
     }
 
@@ -529,7 +605,6 @@ fn check_fits(
     module: &str,
     f: &Factors,
     shape: &[usize],
-    dtype: Dtype,
     fan_in_fan_out: bool,
     base: &Path,
 ) -> Result<()> {
@@ -571,13 +646,6 @@ fn check_fits(
                 f.b.dims(),
                 base.display()
             ),
-        ));
-    }
-    if candle_of(dtype).is_none() {
-        return Err(Error::bad_tensor(
-            base,
-            format!("{module}.weight"),
-            format!("dtype {dtype:?} cannot be merged: only F32, F16, BF16 and F64 weights"),
         ));
     }
     Ok(())

@@ -16,7 +16,8 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
+use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use lora_runtime::{BaseFingerprint, LoraModel, ModulePath};
@@ -193,7 +194,7 @@ impl Meta<'_> {
 }
 
 /// The GGUF tensor name of each transformers parameter (without `.weight` / `.bias`).
-fn gguf_name(hf: &str) -> Option<String> {
+pub(crate) fn gguf_name(hf: &str) -> Option<String> {
     let map = |rest: &str| -> Option<&'static str> {
         Some(match rest {
             "self_attn.q_proj" => "attn_q",
@@ -236,6 +237,88 @@ fn unpermute(w: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
         .reshape(dims)
 }
 
+/// llama.cpp's converter permutation (`LlamaModel.permute`): rows `(heads, 2, d/2)` ->
+/// `(heads, d/2, 2)`, the inverse of [`unpermute`]. Applied to whatever is added to the rows of
+/// a stored `attn_q` / `attn_k` (a merged delta, a LoRA `B`).
+pub(crate) fn permute(w: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
+    let dims = w.dims().to_vec();
+    let rows = dims[0];
+    let rest: usize = dims[1..].iter().product();
+    let half = rows / heads / 2;
+    w.reshape((heads, 2, half, rest))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(dims)
+}
+
+/// The architecture of a GGUF file and what its tensor layout depends on.
+#[derive(Debug, Clone)]
+pub(crate) struct GgufArch {
+    /// `general.architecture`: `llama` or `qwen2`.
+    pub(crate) name: String,
+    /// Attention heads (`<arch>.attention.head_count`).
+    pub(crate) heads: usize,
+    /// Key/value heads (`<arch>.attention.head_count_kv`, else `heads`).
+    pub(crate) kv_heads: usize,
+}
+
+impl GgufArch {
+    /// Reads and checks the architecture of `content` (the header of `path`).
+    ///
+    /// # Errors
+    /// [`ModelError::Unsupported`] naming the metadata key: a missing architecture, one that is
+    /// not Llama-family, missing head counts.
+    pub(crate) fn of(path: &Path, content: &Content) -> Result<Self> {
+        let name = match content.metadata.get("general.architecture") {
+            Some(Value::String(a)) => a.clone(),
+            _ => {
+                return Err(ModelError::Unsupported {
+                    path: path.to_path_buf(),
+                    field: "general.architecture".into(),
+                    reason: "missing".into(),
+                })
+            }
+        };
+        if !matches!(name.as_str(), "llama" | "qwen2") {
+            return Err(ModelError::Unsupported {
+                path: path.to_path_buf(),
+                field: "general.architecture".into(),
+                reason: format!("`{name}` is not a Llama-family architecture (`llama`, `qwen2`)"),
+            });
+        }
+        let meta = Meta {
+            content,
+            arch: name.clone(),
+            path,
+        };
+        let heads = meta.arch_usize("attention.head_count")?;
+        let kv_heads = meta.arch_usize("attention.head_count_kv").unwrap_or(heads);
+        Ok(Self {
+            name,
+            heads,
+            kv_heads,
+        })
+    }
+
+    /// The head count by which the rows of the stored tensor `name` are permuted (llama.cpp's
+    /// converter does it to `attn_q` and `attn_k` of the `llama` architecture), or `None`.
+    pub(crate) fn permuted_heads(&self, name: &str) -> Option<usize> {
+        if self.name != "llama" {
+            return None;
+        }
+        let stem = name
+            .strip_suffix(".weight")
+            .or_else(|| name.strip_suffix(".bias"))?;
+        if stem.ends_with(".attn_q") {
+            Some(self.heads)
+        } else if stem.ends_with(".attn_k") {
+            Some(self.kv_heads)
+        } else {
+            None
+        }
+    }
+}
+
 /// Loads a GGUF file of the `llama` (or `qwen2`) architecture, dequantizing every tensor to
 /// `dtype`.
 ///
@@ -269,31 +352,14 @@ pub(crate) fn load_gguf_content(
     dtype: DType,
     device: &Device,
 ) -> Result<LlamaForCausalLM> {
-    let arch = match content.metadata.get("general.architecture") {
-        Some(Value::String(a)) => a.clone(),
-        _ => {
-            return Err(ModelError::Unsupported {
-                path: path.to_path_buf(),
-                field: "general.architecture".into(),
-                reason: "missing".into(),
-            })
-        }
-    };
-    if !matches!(arch.as_str(), "llama" | "qwen2") {
-        return Err(ModelError::Unsupported {
-            path: path.to_path_buf(),
-            field: "general.architecture".into(),
-            reason: format!("`{arch}` is not a Llama-family architecture (`llama`, `qwen2`)"),
-        });
-    }
+    let layout = GgufArch::of(path, content)?;
+    let (arch, heads, kv_heads) = (layout.name.clone(), layout.heads, layout.kv_heads);
     let meta = Meta {
         content,
         arch: arch.clone(),
         path,
     };
     let hidden = meta.arch_usize("embedding_length")?;
-    let heads = meta.arch_usize("attention.head_count")?;
-    let kv_heads = meta.arch_usize("attention.head_count_kv").unwrap_or(heads);
     let vocab = match content.tensor_infos.get("token_embd.weight") {
         Some(info) => info.shape.dims().first().copied().unwrap_or(0),
         None => {
@@ -368,12 +434,8 @@ pub(crate) fn load_gguf_content(
         let mut t = qtensor
             .dequantize(device)
             .map_err(|e| tensor_error(path, &gguf, e))?;
-        if arch == "llama" {
-            if gguf.ends_with("attn_q.weight") || gguf.ends_with("attn_q.bias") {
-                t = unpermute(&t, heads).map_err(|e| tensor_error(path, &gguf, e))?;
-            } else if gguf.ends_with("attn_k.weight") || gguf.ends_with("attn_k.bias") {
-                t = unpermute(&t, kv_heads).map_err(|e| tensor_error(path, &gguf, e))?;
-            }
+        if let Some(heads) = layout.permuted_heads(&gguf) {
+            t = unpermute(&t, heads).map_err(|e| tensor_error(path, &gguf, e))?;
         }
         let t = t
             .to_dtype(dtype)
@@ -395,7 +457,7 @@ pub(crate) fn load_gguf_content(
     Ok(model)
 }
 
-fn tensor_error(path: &Path, name: &str, e: candle_core::Error) -> ModelError {
+pub(crate) fn tensor_error(path: &Path, name: &str, e: candle_core::Error) -> ModelError {
     ModelError::Tensor {
         path: path.to_path_buf(),
         name: name.to_string(),
@@ -478,15 +540,73 @@ fn read_tensor(
     content: &Content,
     name: &str,
     path: &Path,
-) -> Result<(candle_core::quantized::QTensor, BaseFingerprint)> {
-    let info = content
+) -> Result<(QTensor, BaseFingerprint)> {
+    let raw = read_raw(file, content, name, path)?;
+    let info = tensor_info(content, name, path)?;
+    Ok((
+        qtensor_of(info, &raw, name, path)?,
+        stored_fingerprint(info, &raw),
+    ))
+}
+
+/// The index entry of the tensor `name` of the GGUF file `path`.
+///
+/// # Errors
+/// [`ModelError::Tensor`] when the file has no such tensor.
+pub(crate) fn tensor_info<'a>(
+    content: &'a Content,
+    name: &str,
+    path: &Path,
+) -> Result<&'a TensorInfo> {
+    content
         .tensor_infos
         .get(name)
         .ok_or_else(|| ModelError::Tensor {
             path: path.to_path_buf(),
             name: name.to_string(),
             reason: "missing from the file".into(),
-        })?;
+        })
+}
+
+/// The tensor `name` (index entry `info`) from its stored bytes `raw`, on the CPU.
+///
+/// # Errors
+/// [`ModelError::Tensor`] when the bytes do not hold the tensor.
+pub(crate) fn qtensor_of(
+    info: &TensorInfo,
+    raw: &[u8],
+    name: &str,
+    path: &Path,
+) -> Result<QTensor> {
+    candle_core::quantized::ggml_file::qtensor_from_ggml(
+        info.ggml_dtype,
+        raw,
+        info.shape.dims().to_vec(),
+        &Device::Cpu,
+    )
+    .map_err(|e| tensor_error(path, name, e))
+}
+
+/// The fingerprint of a GGUF tensor as stored: its GGML type and the XXH3 of its bytes.
+pub(crate) fn stored_fingerprint(info: &TensorInfo, raw: &[u8]) -> BaseFingerprint {
+    BaseFingerprint::of_stored(
+        info.shape.dims(),
+        &format!("{:?}", info.ggml_dtype).to_lowercase(),
+        xxhash_rust::xxh3::xxh3_64(raw),
+    )
+}
+
+/// The stored bytes of the tensor `name` of the GGUF file `path`.
+///
+/// # Errors
+/// [`ModelError::Tensor`] naming the tensor: missing, or beyond the end of the file.
+pub(crate) fn read_raw(
+    file: &mut File,
+    content: &Content,
+    name: &str,
+    path: &Path,
+) -> Result<Vec<u8>> {
+    let info = tensor_info(content, name, path)?;
     let elems = info.shape.elem_count();
     let block = info.ggml_dtype.block_size().max(1);
     let bytes = elems / block * info.ggml_dtype.type_size();
@@ -499,19 +619,7 @@ fn read_tensor(
             name: name.to_string(),
             reason: format!("cannot read {bytes} bytes at offset {start} (truncated file?): {e}"),
         })?;
-    let qtensor = candle_core::quantized::ggml_file::qtensor_from_ggml(
-        info.ggml_dtype,
-        &raw,
-        info.shape.dims().to_vec(),
-        &Device::Cpu,
-    )
-    .map_err(|e| tensor_error(path, name, e))?;
-    let fingerprint = BaseFingerprint::of_stored(
-        info.shape.dims(),
-        &format!("{:?}", info.ggml_dtype).to_lowercase(),
-        xxhash_rust::xxh3::xxh3_64(&raw),
-    );
-    Ok((qtensor, fingerprint))
+    Ok(raw)
 }
 
 /// Gives every LoRA layer the fingerprint of its tensor in the file.

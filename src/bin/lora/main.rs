@@ -4,6 +4,8 @@
 //! ```text
 //! lora merge --base model.safetensors --adapter my-adapter --out merged.safetensors
 //! lora merge --base sharded-model-dir --adapter my-adapter --out merged-dir
+//! lora merge --base model.gguf --adapter my-adapter --out merged.gguf --type q8_0
+//! lora export --format gguf --adapter my-adapter --base model.gguf --out adapter.gguf
 //! lora inspect my-adapter
 //! lora generate --model SmolLM2-135M-Instruct.Q4_1.gguf --prompt "What is the capital of France?"
 //! lora train --model SmolLM2-135M-Instruct.Q4_1.gguf --data train.jsonl --out my-adapter
@@ -15,13 +17,18 @@ mod serve;
 mod train;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use lora::merge_file::merge_safetensors_with;
+use lora::models::gguf::{
+    export_lora_gguf, merge_gguf, type_name, ExportOptions, ExportType, GgufMergeOptions,
+    TargetType,
+};
+use lora::models::llama::Checkpoint;
 use lora::peft::AdapterFile;
 use lora::TargetModules;
 
@@ -39,9 +46,10 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Merge an adapter into a safetensors model (a file, or a directory of shards with
-    /// model.safetensors.index.json). The output has the same form; dtypes are kept.
+    /// model.safetensors.index.json; the output has the same form, dtypes are kept) or into a
+    /// GGUF model (adapted tensors dequantized, merged and quantized again, see --type).
     Merge {
-        /// The base model: a .safetensors file or a sharded model directory.
+        /// The base model: a .safetensors file, a sharded model directory or a .gguf file.
         #[arg(long)]
         base: PathBuf,
         /// The PEFT adapter directory (adapter_model.safetensors + adapter_config.json).
@@ -56,6 +64,31 @@ enum Command {
         /// Merge even if the adapter records a fingerprint of a different base weight.
         #[arg(long)]
         no_verify_base: bool,
+        /// GGUF only: the type adapted tensors are written in (`same`: each tensor's own; f32,
+        /// f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k). K-quants fall
+        /// back per tensor as llama.cpp's quantizer does when rows are not multiples of 256.
+        #[arg(long = "type", value_name = "TYPE")]
+        target: Option<TargetType>,
+    },
+    /// Export an adapter for another runtime: `--format gguf` writes llama.cpp's LoRA adapter
+    /// GGUF (`llama-cli --lora adapter.gguf`), each module's PEFT scaling folded into one alpha.
+    Export {
+        /// The output format.
+        #[arg(long, value_enum)]
+        format: ExportFormat,
+        /// The PEFT adapter directory.
+        #[arg(long)]
+        adapter: PathBuf,
+        /// The GGUF model the adapter belongs to (tensor names, shapes, head counts).
+        #[arg(long)]
+        base: PathBuf,
+        /// Where to write the adapter GGUF.
+        #[arg(long)]
+        out: PathBuf,
+        /// The type of the factors: f32, f16, bf16 or q8_0 (factors whose rows are not
+        /// multiples of 32 fall back to f16).
+        #[arg(long, default_value = "f32")]
+        outtype: ExportType,
     },
     /// Print an adapter's ranks, alphas, scalings, targets, parameter count, dtype and size.
     Inspect {
@@ -91,7 +124,15 @@ fn main() -> ExitCode {
             out,
             quiet,
             no_verify_base,
-        } => merge(base, adapter, out, quiet, !no_verify_base).map_err(Into::into),
+            target,
+        } => merge(base, adapter, out, quiet, !no_verify_base, target),
+        Command::Export {
+            format: ExportFormat::Gguf,
+            adapter,
+            base,
+            out,
+            outtype,
+        } => export_gguf(adapter, base, out, outtype).map_err(Into::into),
         Command::Inspect { adapter } => inspect(adapter).map_err(Into::into),
         Command::Generate(args) => generate::run(args),
         Command::Train(args) => train::run(*args),
@@ -101,12 +142,16 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
-            if merging
-                && matches!(
-                    e.downcast_ref::<lora::Error>(),
-                    Some(lora::Error::BaseMismatch { .. })
-                )
-            {
+            let mismatch = matches!(
+                e.downcast_ref::<lora::Error>(),
+                Some(lora::Error::BaseMismatch { .. })
+            ) || matches!(
+                e.downcast_ref::<lora::models::ModelError>(),
+                Some(lora::models::ModelError::Lora(
+                    lora::Error::BaseMismatch { .. }
+                ))
+            );
+            if merging && mismatch {
                 eprintln!("hint: pass --no-verify-base to merge anyway");
             }
             ExitCode::FAILURE
@@ -114,14 +159,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn merge(
-    base: PathBuf,
-    adapter: PathBuf,
-    out: PathBuf,
-    quiet: bool,
-    verify_base: bool,
-) -> Result<(), lora::Error> {
-    let start = Instant::now();
+fn merge_bar(quiet: bool) -> ProgressBar {
     let bar = if quiet {
         ProgressBar::hidden()
     } else {
@@ -134,11 +172,43 @@ fn merge(
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> "),
     );
-    let options = lora::LoadOptions::default().with_verify_base(verify_base);
-    let report = merge_safetensors_with(&base, &adapter, &out, &options, &mut |done, total| {
+    bar
+}
+
+/// A progress callback that moves `bar`.
+fn track(bar: &ProgressBar) -> impl FnMut(u64, u64) + '_ {
+    |done, total| {
         bar.set_length(total);
         bar.set_position(done);
-    });
+    }
+}
+
+fn merge(
+    base: PathBuf,
+    adapter: PathBuf,
+    out: PathBuf,
+    quiet: bool,
+    verify_base: bool,
+    target: Option<TargetType>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    if matches!(Checkpoint::of(&base), Ok(Checkpoint::Gguf(_))) {
+        let options = GgufMergeOptions {
+            target: target.unwrap_or_default(),
+            verify_base,
+        };
+        return merge_gguf_cli(&base, &adapter, &out, quiet, &options);
+    }
+    if target.is_some() {
+        return Err(format!(
+            "--type applies to GGUF bases only: {} is not a GGUF file (safetensors merges keep each tensor's dtype)",
+            base.display()
+        )
+        .into());
+    }
+    let start = Instant::now();
+    let bar = merge_bar(quiet);
+    let options = lora::LoadOptions::default().with_verify_base(verify_base);
+    let report = merge_safetensors_with(&base, &adapter, &out, &options, &mut track(&bar));
     bar.finish_and_clear();
     let report = report?;
     if !quiet {
@@ -151,6 +221,82 @@ fn merge(
             out.display(),
             start.elapsed().as_secs_f64()
         );
+    }
+    Ok(())
+}
+
+fn merge_gguf_cli(
+    base: &Path,
+    adapter: &Path,
+    out: &Path,
+    quiet: bool,
+    options: &GgufMergeOptions,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let start = Instant::now();
+    let bar = merge_bar(quiet);
+    let report = merge_gguf(base, adapter, out, options, &mut track(&bar));
+    bar.finish_and_clear();
+    let report = report?;
+    if !quiet {
+        println!(
+            "tensor                         stored -> written   max rel. error  mean rel. error"
+        );
+        for t in &report.merged {
+            println!(
+                "{:<30} {:>6} -> {:<7}{} {:>14.3e}  {:>15.3e}",
+                t.name,
+                type_name(t.stored),
+                t.written_name(),
+                if t.fell_back() {
+                    format!(" (fallback for {})", type_name(t.requested))
+                } else {
+                    String::new()
+                },
+                t.max_rel_error,
+                t.mean_rel_error
+            );
+        }
+        let fallbacks = report.merged.iter().filter(|t| t.fell_back()).count();
+        println!(
+            "merged {} of {} tensors ({} fell back) into {} ({:.1} MB) in {:.2} s; requantization error: max rel. {:.3e}, mean rel. {:.3e}",
+            report.merged.len(),
+            report.tensors,
+            fallbacks,
+            out.display(),
+            report.bytes as f64 / 1e6,
+            start.elapsed().as_secs_f64(),
+            report.max_rel_error(),
+            report.mean_rel_error()
+        );
+    }
+    Ok(())
+}
+
+/// The formats `lora export` writes.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ExportFormat {
+    /// llama.cpp's LoRA adapter GGUF.
+    Gguf,
+}
+
+fn export_gguf(
+    adapter: PathBuf,
+    base: PathBuf,
+    out: PathBuf,
+    outtype: ExportType,
+) -> Result<(), lora::models::ModelError> {
+    let report = export_lora_gguf(&adapter, &base, &out, &ExportOptions { outtype })?;
+    println!(
+        "exported {} modules to {} (adapter.lora.alpha = {})",
+        report.modules,
+        out.display(),
+        report.alpha
+    );
+    for (module, factor) in &report.folded {
+        println!("  {module}: scaling folded into lora_b (x {factor})");
+    }
+    for t in &report.fallbacks {
+        println!("  {t}: f16 (rows not a multiple of 32 for q8_0)");
     }
     Ok(())
 }
