@@ -397,7 +397,15 @@ pub fn merge_safetensors_with(
                 .to_dtype(DType::F32)?
                 .flatten_from(1)?
                 .affine(scale, 0.0)?,
-            a: f.a.to_dtype(DType::F32)?.flatten_from(1)?,
+            // AdaLoRA: `B (A * E)`, each row of `A` times its singular value.
+            a: match &f.e {
+                Some((_, e)) => {
+                    f.a.to_dtype(DType::F32)?
+                        .broadcast_mul(&e.to_dtype(DType::F32)?)?
+                }
+                None => f.a.to_dtype(DType::F32)?,
+            }
+            .flatten_from(1)?,
             magnitude: match &f.magnitude {
                 Some((_, m)) => Some(m.to_dtype(DType::F32)?),
                 None => None,
@@ -520,7 +528,7 @@ fn st_metadata(map: &[u8], path: &Path) -> Result<Option<HashMap<String, String>
 fn stored_transposed(f: &Factors, fan_in_fan_out: bool) -> bool {
     match f.names() {
         FactorNames::Embedding => true,
-        FactorNames::Lora => fan_in_fan_out && f.a.rank() == 2,
+        FactorNames::Lora | FactorNames::AdaLora => fan_in_fan_out && f.a.rank() == 2,
     }
 }
 
@@ -559,8 +567,8 @@ fn check_fits(
     if shape != expected {
         let why = match (f.names(), transposed) {
             (FactorNames::Embedding, _) => " (an embedding table)",
-            (FactorNames::Lora, true) => " (fan_in_fan_out)",
-            (FactorNames::Lora, false) => "",
+            (FactorNames::Lora | FactorNames::AdaLora, true) => " (fan_in_fan_out)",
+            (FactorNames::Lora | FactorNames::AdaLora, false) => "",
         };
         return Err(Error::bad_tensor(
             &adapter.path,
