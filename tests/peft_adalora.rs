@@ -308,6 +308,47 @@ fn gradients_of_a_e_and_b_match_peft() -> Result<()> {
     Ok(())
 }
 
+/// `merge_safetensors` (the `lora merge` command) on the file: PEFT's merged weights for both
+/// cases (the rank pattern's smaller factors with `ranknum = init_r`), other tensors untouched.
+#[test]
+fn merge_file_matches_peft() -> Result<()> {
+    let base_path = fixtures().join("base.safetensors");
+    let base = load(&base_path)?;
+    for case in ["plain", "pattern"] {
+        let dir = fixtures().join(case);
+        let tmp = tempfile::tempdir()?;
+        let out = tmp.path().join("merged.safetensors");
+        let report = lora::merge_file::merge_safetensors(
+            &base_path,
+            &dir.join("adapter"),
+            &out,
+            &mut |_, _| {},
+        )?;
+        ensure!(report.merged == 6, "{case}: merged {}", report.merged);
+        let ours = load(&out)?;
+        let reference = load(&dir.join("merged.safetensors"))?;
+        let mut worst = 0f32;
+        for (name, r) in &reference {
+            let o = tensor(&ours, name)?;
+            if name.ends_with("q_proj.weight")
+                || name.ends_with("v_proj.weight")
+                || name.ends_with("down_proj.weight")
+            {
+                worst = worst.max(assert_close(
+                    &format!("{case}: {name}"),
+                    &o,
+                    r,
+                    WEIGHT_RTOL,
+                )?);
+            } else {
+                assert_bit_equal(&format!("{case}: {name}"), &o, &tensor(&base, name)?)?;
+            }
+        }
+        println!("{case}: merge_safetensors worst relative error {worst:.2e}");
+    }
+    Ok(())
+}
+
 /// A schedule PEFT accepts (`total_step` set, a budgeting phase).
 fn schedule() -> AdaLoraSchedule {
     AdaLoraSchedule {
