@@ -580,6 +580,12 @@ impl LoraLayer for LoraLinear {
                 reason: "DoRA with PiSSA or OLoRA initialisation is not supported".into(),
             });
         }
+        if config.adalora.is_some() {
+            return Err(LayerError::InvalidConfig {
+                field: "init_lora_weights".into(),
+                reason: "AdaLoRA with PiSSA or OLoRA initialisation is not supported".into(),
+            });
+        }
         config.check()?;
         let (out, inp) = self.shape;
         let w: Vec<f32> = self
