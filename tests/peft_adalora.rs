@@ -547,6 +547,21 @@ fn refusals_are_clear() -> Result<()> {
         matches!(err, LayerError::Refused(_)) && err.to_string().contains("AdaLoRA"),
         "{err}"
     );
+    let conv = lora::LoraConv1d::from(candle_nn::Conv1d::new(
+        Tensor::randn(0f32, 1.0, (4, 3, 3), &dev)?,
+        None,
+        candle_nn::Conv1dConfig::default(),
+    ));
+    let err = conv.fresh_adapter(&config, 0).unwrap_err();
+    assert!(err.to_string().contains("AdaLoRA"), "{err}");
+    // An AdaLoRA adapter made elsewhere is refused by a convolution too.
+    let mut conv = conv;
+    let ad = adalora_layer()?.adapter().context("no adapter")?.clone();
+    let err = conv.insert_adapter(DEFAULT_ADAPTER, ad).unwrap_err();
+    assert!(
+        matches!(err, LayerError::FactorShape { .. } | LayerError::Refused(_)),
+        "{err}"
+    );
     // DoRA with AdaLoRA.
     let l = LoraLinear::new(Tensor::randn(0f32, 1.0, (5, 6), &dev)?, None);
     let err = l.fresh_adapter(&config.with_dora(true), 0).unwrap_err();

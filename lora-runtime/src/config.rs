@@ -825,7 +825,8 @@ impl LoraConfig {
     }
 
     /// The hyper-parameters of the adapter this config gives the module at `module_path`: rank
-    /// and alpha with their patterns, rsLoRA, DoRA, dropout and init. Whether the module is targeted
+    /// and alpha with their patterns, rsLoRA, DoRA, dropout and init; for AdaLoRA rank `init_r`
+    /// and the schedule. Whether the module is targeted
     /// at all is [`targets_module`](Self::targets_module).
     ///
     /// # Errors
@@ -836,8 +837,14 @@ impl LoraConfig {
             field: "init_lora_weights".into(),
             reason,
         })?;
+        // AdaLoRA creates every adapter at `init_r`, as PEFT's `AdaLoraModel` does (its rank
+        // pattern only shapes what a file holds).
+        let rank = match &self.adalora {
+            Some(adalora) => adalora.init_r,
+            None => self.rank_for(module_path),
+        };
         Ok(LayerConfig {
-            rank: self.rank_for(module_path),
+            rank,
             alpha: self.alpha_for(module_path),
             dropout: self.dropout as f32,
             use_rslora: self.use_rslora,
@@ -992,6 +999,41 @@ mod tests {
         // "q_proj" must not match "qq_proj": patterns match whole path components.
         assert_eq!(cfg.rank_for("model.qq_v_proj"), 8);
         assert!(!cfg.targets_module("model.layers.0.self_attn.kq_proj"));
+    }
+
+    /// PEFT's AdaLoRA config: its fields leave `extra`, `rank_pattern` holds masks (with or
+    /// without the adapter name), fresh adapters take `init_r`, and it round-trips.
+    #[test]
+    fn adalora_configs_follow_peft() {
+        let json = r#"{"peft_type": "ADALORA", "r": 8, "init_r": 4, "target_r": 2, "lora_alpha": 16,
+            "deltaT": 3, "total_step": 20, "target_modules": ["q_proj", "v_proj"], "loftq_config": {},
+            "rank_pattern": {"layers.0.q_proj.lora_E": [true, false, true, false],
+                             "layers.1.v_proj.lora_E.default": [false, false, false, true]}}"#;
+        let cfg = LoraConfig::from_json(json).unwrap();
+        cfg.validate().unwrap();
+        let ada = cfg.adalora.as_ref().unwrap();
+        assert_eq!(
+            (ada.init_r, ada.schedule.target_r, ada.schedule.delta_t),
+            (4, 2, 3)
+        );
+        assert_eq!(ada.schedule.beta1, 0.85);
+        assert!(cfg.rank_pattern.is_empty() && !cfg.extra.contains_key("init_r"));
+        assert_eq!(cfg.rank_for("layers.0.q_proj"), 2);
+        assert_eq!(cfg.rank_for("layers.1.v_proj"), 1);
+        assert_eq!(cfg.rank_for("layers.1.q_proj"), 4);
+        assert_eq!(cfg.scaling_for("layers.0.q_proj"), 16.0 / (4.0 + 1e-5));
+        let layer = cfg.layer_config("layers.0.q_proj").unwrap();
+        assert_eq!(
+            (layer.rank, layer.adalora.map(|s| s.total_step)),
+            (4, Some(Some(20)))
+        );
+        let again = LoraConfig::from_json(&cfg.to_json().unwrap()).unwrap();
+        assert_eq!(again, cfg);
+        let bad = json.replace("[true, false, true, false]", "[false, false, false, false]");
+        let err = LoraConfig::from_json(&bad).unwrap().validate().unwrap_err();
+        assert!(err.to_string().contains("keeps no singular value"), "{err}");
+        let lora = LoraConfig::from_json(r#"{"peft_type": "LORA", "init_r": 4}"#).unwrap();
+        assert!(lora.adalora.is_none() && lora.extra.contains_key("init_r"));
     }
 
     #[test]

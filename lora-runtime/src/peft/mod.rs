@@ -80,7 +80,8 @@ impl Factors {
         self.rank
     }
     /// How the file names these factors: [`FactorNames::Embedding`] for
-    /// `lora_embedding_A` / `lora_embedding_B` (an embedding layer), else [`FactorNames::Lora`].
+    /// `lora_embedding_A` / `lora_embedding_B` (an embedding layer), [`FactorNames::AdaLora`]
+    /// for AdaLoRA's bare `lora_A` / `lora_E` / `lora_B`, else [`FactorNames::Lora`].
     pub fn names(&self) -> FactorNames {
         self.names
     }
