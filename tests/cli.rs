@@ -374,6 +374,28 @@ fn inspect_prints_ranks_alphas_and_size() {
     assert!(s.contains("dtype:      F32"), "{s}");
 }
 
+/// PEFT's AdaLoRA adapter with a rank pattern (`tests/fixtures/peft/adalora`): ranks after
+/// pruning, AdaLoRA's scaling, the `lora_E` parameters counted.
+#[test]
+fn inspect_understands_adalora_adapters() {
+    let dir =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft/adalora/pattern/adapter");
+    let o = run(&["inspect", dir.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        s.contains("rank:       1 (1 modules), 2 (1 modules), 4 (4 modules)"),
+        "{s}"
+    );
+    assert!(s.contains("(AdaLoRA: alpha/(ranknum + 1e-5))"), "{s}");
+    assert!(
+        s.contains("adalora:    init_r 4 (ranknum), target_r 2, 3 modules with a rank pattern"),
+        "{s}"
+    );
+    // A, E and B: 4 modules of rank 4, one of rank 2 and one of rank 1.
+    assert!(s.contains("parameters: 907"), "{s}");
+}
+
 #[test]
 fn refuses_an_adapter_saved_for_another_base_unless_told_not_to_check() {
     use lora::{LoraLinear, LoraModelExt};

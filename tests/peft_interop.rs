@@ -1452,7 +1452,9 @@ fn write_rust_adapter<M: LoraModel + Build>(
             // An embedding's fresh A is zero (as in PEFT): give it values too.
             let a = match layer.factor_layout(ad.rank()).names() {
                 lora::layout::FactorNames::Embedding => wave(ad.a().dims(), -k)?,
-                lora::layout::FactorNames::Lora => ad.a().as_tensor().clone(),
+                lora::layout::FactorNames::Lora | lora::layout::FactorNames::AdaLora => {
+                    ad.a().as_tensor().clone()
+                }
             };
             (a, wave(ad.b().dims(), k)?, ad.alpha())
         };

@@ -64,6 +64,7 @@ fn expand(model: &Model) -> TokenStream {
                 use_rslora: #rslora,
                 init: #private::LoraInit::#init,
                 use_dora: #dora,
+                adalora: ::core::option::Option::None,
             };
         }
     });

@@ -40,6 +40,7 @@ fn targets() {
                     use_rslora: false,
                     init: ::lora::__private::LoraInit::Kaiming,
                     use_dora: false,
+                    adalora: ::core::option::Option::None,
                 };
                 #[automatically_derived]
                 impl ::lora::__private::LoraModel for Attention {
@@ -135,6 +136,7 @@ fn layer_kinds() {
                     use_rslora: false,
                     init: ::lora::__private::LoraInit::Kaiming,
                     use_dora: false,
+                    adalora: ::core::option::Option::None,
                 };
                 #[automatically_derived]
                 impl ::lora::__private::LoraModel for Model {
@@ -276,6 +278,7 @@ fn every_argument() {
                     use_rslora: true,
                     init: lora_runtime::__private::LoraInit::Gaussian,
                     use_dora: true,
+                    adalora: ::core::option::Option::None,
                 };
                 #[automatically_derived]
                 impl lora_runtime::__private::LoraModel for Mlp {
@@ -411,6 +414,7 @@ fn generic() {
                     use_rslora: false,
                     init: ::lora::__private::LoraInit::Kaiming,
                     use_dora: false,
+                    adalora: ::core::option::Option::None,
                 };
                 #[automatically_derived]
                 impl<'a, L: Clone, const N: usize> ::lora::__private::LoraModel for Model<'a, L, N>

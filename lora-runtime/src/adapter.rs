@@ -29,7 +29,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
 
-use crate::config::{scaling, LayerConfig, LoraInit};
+use crate::config::{adalora_scaling, scaling, AdaLoraSchedule, LayerConfig, LoraInit};
 use crate::error::{Factor, LayerError, LayerResult};
 use crate::layout::FactorLayout;
 
@@ -37,19 +37,27 @@ use crate::layout::FactorLayout;
 pub const DEFAULT_ADAPTER: &str = "default";
 
 /// A trainable low-rank adapter: `A [r, in]`, `B [out, r]` and the scaling of `B A`; for DoRA
-/// also a magnitude `m [out]`.
+/// also a magnitude `m [out]`; for AdaLoRA also singular values `E [r, 1]`.
 ///
 /// DoRA (Liu et al. 2024, PEFT's `use_dora`) decomposes the adapted weight into a direction and a
 /// magnitude: `W' = (m / ||W + s B A||) * (W + s B A)`, row by row (one norm per output feature).
 /// The magnitude lives here, beside the factors it rescales, and trains with them; the norm
 /// needs the base weight, so the layer computes it (see
 /// [`LoraLayer::dora_weight_norm`](crate::LoraLayer::dora_weight_norm)).
+///
+/// AdaLoRA (Zhang et al. 2023, PEFT's `AdaLoraConfig`) writes the update as an SVD-like triplet
+/// `B diag(E) A` whose singular values `E [r, 1]` a rank allocator prunes during training: the
+/// layers use [`effective_a`](Self::effective_a), `A * E` (row `i` of `A` times `E[i]`), in
+/// place of `A`, and the scaling is PEFT's `alpha / (ranknum + 1e-5)`, where `ranknum` is the
+/// rank the adapter started with (PEFT's `init_r`, kept when pruned singular values are dropped).
 #[derive(Debug, Clone)]
 pub struct Adapter {
     a: Var,
     b: Var,
     /// DoRA's `lora_magnitude_vector`, `[out]`; `None` for a plain LoRA adapter.
     magnitude: Option<Var>,
+    /// AdaLoRA's singular values and `ranknum`; `None` for a LoRA adapter.
+    adalora: Option<AdaLoraParts>,
     rank: usize,
     alpha: f64,
     use_rslora: bool,
@@ -94,6 +102,7 @@ impl Adapter {
             a,
             b,
             magnitude: None,
+            adalora: None,
             rank: r,
             alpha,
             use_rslora,
@@ -144,6 +153,73 @@ impl Adapter {
         Ok(self)
     }
 
+    /// Makes this an AdaLoRA adapter with singular values `E [r, 1]` (PEFT's `lora_E`), the
+    /// `ranknum` its scaling divides by (PEFT's `init_r`: the rank before any singular value
+    /// was dropped) and the training schedule it was made with (saved in its config).
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor, Var};
+    /// use lora_runtime::{AdaLoraSchedule, Adapter, LayerConfig};
+    ///
+    /// let ad = Adapter::fresh(16, 32, &LayerConfig::new(4, 8.0), 0, DType::F32, &Device::Cpu)?;
+    /// let e = Var::from_tensor(&Tensor::ones((4, 1), DType::F32, &Device::Cpu)?)?;
+    /// let ada = ad.with_adalora(e, 6, AdaLoraSchedule::default())?;
+    /// assert_eq!((ada.is_adalora(), ada.ranknum()), (true, Some(6)));
+    /// assert_eq!(ada.scaling(), 8.0 / (6.0 + 1e-5));
+    /// assert_eq!(ada.num_parameters(), 4 * (16 + 32) + 4);
+    /// # Ok::<(), lora_runtime::LayerError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`LayerError::FactorShape`] when `E` is not `[r, 1]` or `A` and `B` are not matrices;
+    /// [`LayerError::InvalidConfig`] for a DoRA adapter, rsLoRA or a `ranknum` of 0.
+    pub fn with_adalora(
+        mut self,
+        e: Var,
+        ranknum: usize,
+        schedule: AdaLoraSchedule,
+    ) -> LayerResult<Self> {
+        if self.is_dora() {
+            return Err(LayerError::InvalidConfig {
+                field: "use_dora".into(),
+                reason: "DoRA with AdaLoRA is not supported (nor in PEFT)".into(),
+            });
+        }
+        if self.use_rslora {
+            return Err(LayerError::InvalidConfig {
+                field: "use_rslora".into(),
+                reason: "AdaLoRA scales by `alpha / (ranknum + 1e-5)`: rsLoRA does not apply"
+                    .into(),
+            });
+        }
+        if ranknum == 0 {
+            return Err(LayerError::InvalidConfig {
+                field: "init_r".into(),
+                reason: "AdaLoRA's ranknum must be at least 1".into(),
+            });
+        }
+        if self.a.rank() != 2 {
+            return Err(LayerError::FactorShape {
+                factor: Factor::A,
+                found: self.a.dims().to_vec(),
+                expected: "a matrix [r, in] (AdaLoRA is for linear layers)".into(),
+            });
+        }
+        if e.dims() != [self.rank, 1] {
+            return Err(LayerError::FactorShape {
+                factor: Factor::E,
+                found: e.dims().to_vec(),
+                expected: format!("[{}, 1] (the rank of lora_A)", self.rank),
+            });
+        }
+        self.adalora = Some(AdaLoraParts {
+            e,
+            ranknum,
+            schedule,
+        });
+        Ok(self)
+    }
+
     /// A fresh adapter for a layer `[out, in]`: `A` random as `config.init` says (from a
     /// generator seeded with `seed`), `B = 0`, so it does not change the layer's output yet.
     /// `config.use_dora` is not looked at here: the magnitude needs the base weight, which the
@@ -164,7 +240,9 @@ impl Adapter {
     }
 
     /// [`fresh`](Self::fresh) for factors of any [`FactorLayout`] (whose rank must be
-    /// `config.rank`): `A` random with the fan-in of its layout, `B = 0`.
+    /// `config.rank`): `A` random with the fan-in of its layout, `B = 0`. With
+    /// `config.adalora`, an AdaLoRA adapter initialised as PEFT's `reset_lora_parameters`:
+    /// `E = 0`, `A` and `B ~ N(0, 0.02)`, `ranknum = r` (a no-op, since `E = 0`).
     ///
     /// # Errors
     /// [`LayerError::InvalidConfig`] for invalid hyper-parameters or a layout of another rank.
@@ -185,6 +263,9 @@ impl Adapter {
         }
         let fan_in = layout.fan_in();
         let mut rng = StdRng::seed_from_u64(seed);
+        if let Some(schedule) = config.adalora {
+            return Self::fresh_adalora(layout, config, schedule, &mut rng, dtype, device);
+        }
         let values: Vec<f32> = match config.init {
             LoraInit::Kaiming => {
                 // kaiming_uniform(a = sqrt(5)) on a [r, in, k...] weight: bound = 1 / sqrt(fan_in).
@@ -222,6 +303,41 @@ impl Adapter {
         .with_init(config.init))
     }
 
+    /// The AdaLoRA part of [`fresh_for`](Self::fresh_for).
+    fn fresh_adalora(
+        layout: &FactorLayout,
+        config: &LayerConfig,
+        schedule: AdaLoraSchedule,
+        rng: &mut StdRng,
+        dtype: DType,
+        device: &Device,
+    ) -> LayerResult<Self> {
+        if config.use_dora || config.use_rslora || config.init.decomposition().is_some() {
+            return Err(LayerError::InvalidConfig {
+                field: "adalora".into(),
+                reason: "AdaLoRA takes neither DoRA, rsLoRA nor PiSSA / OLoRA initialisation"
+                    .into(),
+            });
+        }
+        let r = config.rank;
+        let normal = Normal::new(0.0f32, 0.02).map_err(|e| LayerError::InvalidConfig {
+            field: "init".into(),
+            reason: format!("AdaLoRA init: {e}"),
+        })?;
+        let mut draw = |shape: &[usize]| -> LayerResult<Var> {
+            let n = shape.iter().product();
+            let values: Vec<f32> = (0..n).map(|_| normal.sample(rng)).collect();
+            let t = Tensor::from_vec(values, shape, device)?.to_dtype(dtype)?;
+            Ok(Var::from_tensor(&t)?)
+        };
+        let a = draw(layout.a())?;
+        let b = draw(layout.b())?;
+        let e = Var::from_tensor(&Tensor::zeros((r, 1), dtype, device)?)?;
+        Self::new(a, b, config.alpha, false, config.dropout)?
+            .with_init(config.init)
+            .with_adalora(e, r, schedule)
+    }
+
     /// `A`, shape `[r, in]`.
     pub fn a(&self) -> &Var {
         &self.a
@@ -246,9 +362,39 @@ impl Adapter {
     pub fn dropout(&self) -> f32 {
         self.dropout
     }
-    /// The factor applied to `B A`.
+    /// The factor applied to `B A` (to `B (A * E)` for AdaLoRA: `alpha / (ranknum + 1e-5)`).
     pub fn scaling(&self) -> f64 {
-        scaling(self.rank, self.alpha, self.use_rslora)
+        match &self.adalora {
+            Some(parts) => adalora_scaling(self.rank, self.alpha, parts.ranknum),
+            None => scaling(self.rank, self.alpha, self.use_rslora),
+        }
+    }
+    /// AdaLoRA's singular values `E [r, 1]`, for an AdaLoRA adapter.
+    pub fn e(&self) -> Option<&Var> {
+        self.adalora.as_ref().map(|p| &p.e)
+    }
+    /// AdaLoRA's `ranknum` (the rank the adapter started with), for an AdaLoRA adapter.
+    pub fn ranknum(&self) -> Option<usize> {
+        self.adalora.as_ref().map(|p| p.ranknum)
+    }
+    /// AdaLoRA's training schedule, for an AdaLoRA adapter.
+    pub fn adalora_schedule(&self) -> Option<&AdaLoraSchedule> {
+        self.adalora.as_ref().map(|p| &p.schedule)
+    }
+    /// Whether this is an AdaLoRA adapter (it has singular values `E`).
+    pub fn is_adalora(&self) -> bool {
+        self.adalora.is_some()
+    }
+    /// `A` as the layers use it: `A * E` (each row times its singular value) for AdaLoRA, `A`
+    /// itself otherwise. Attached: a loss on the result gives gradients to `A` and `E`.
+    ///
+    /// # Errors
+    /// A candle error.
+    pub fn effective_a(&self) -> candle_core::Result<Tensor> {
+        match &self.adalora {
+            Some(parts) => self.a.as_tensor().broadcast_mul(parts.e.as_tensor()),
+            None => Ok(self.a.as_tensor().clone()),
+        }
     }
     /// DoRA's magnitude `m [out]`, for a DoRA adapter.
     pub fn magnitude(&self) -> Option<&Var> {
@@ -258,31 +404,36 @@ impl Adapter {
     pub fn is_dora(&self) -> bool {
         self.magnitude.is_some()
     }
-    /// Number of trainable parameters: `r * (in + out)`, plus `out` for DoRA.
+    /// Number of trainable parameters: `r * (in + out)`, plus `out` for DoRA, plus `r` for
+    /// AdaLoRA.
     pub fn num_parameters(&self) -> usize {
         self.a.elem_count()
             + self.b.elem_count()
             + self.magnitude.as_ref().map_or(0, |m| m.elem_count())
+            + self.adalora.as_ref().map_or(0, |p| p.e.elem_count())
     }
-    /// The trainable variables: `A`, `B` and, for DoRA, the magnitude, with which each is.
+    /// The trainable variables: `A`, `B` and, for DoRA, the magnitude, for AdaLoRA `E`, with
+    /// which each is.
     pub fn vars(&self) -> Vec<(Factor, &Var)> {
         let mut vars = vec![(Factor::A, &self.a), (Factor::B, &self.b)];
         if let Some(m) = &self.magnitude {
             vars.push((Factor::Magnitude, m));
         }
+        if let Some(parts) = &self.adalora {
+            vars.push((Factor::E, &parts.e));
+        }
         vars
     }
 
-    /// `s * B A` in f32, `[out, in]`, detached: no gradient flows through it. Convolution
-    /// factors are flattened first (`B [out, r]`, `A [r, in * k...]`): the layer reshapes the
-    /// result to its kernel.
+    /// `s * B A` in f32, `[out, in]` (AdaLoRA: `s * B (A * E)`), detached: no gradient flows
+    /// through it. Convolution factors are flattened first (`B [out, r]`, `A [r, in * k...]`):
+    /// the layer reshapes the result to its kernel.
     ///
     /// # Errors
     /// A candle error.
     pub fn delta(&self) -> LayerResult<Tensor> {
         let a = self
-            .a
-            .as_tensor()
+            .effective_a()?
             .detach()
             .to_dtype(DType::F32)?
             .flatten_from(1)?;
@@ -296,6 +447,17 @@ impl Adapter {
             .affine(self.scaling(), 0.0)?;
         Ok(b.matmul(&a)?)
     }
+}
+
+/// AdaLoRA's additions to an adapter.
+#[derive(Debug, Clone)]
+struct AdaLoraParts {
+    /// `lora_E`, `[r, 1]`.
+    e: Var,
+    /// PEFT's `ranknum`: the scaling divides by it.
+    ranknum: usize,
+    /// The hyper-parameters it trains with (written to its config on save).
+    schedule: AdaLoraSchedule,
 }
 
 /// The adapters of one layer by name, and which one is active.

@@ -65,6 +65,12 @@ fn combine(parts: &[(&Adapter, f64)], how: Combination) -> LayerResult<(Tensor, 
             "DoRA adapters cannot be combined: their updates are not low-rank deltas".into(),
         ));
     }
+    if parts.iter().any(|(ad, _)| ad.is_adalora()) {
+        // PEFT refuses `add_weighted_adapter` for AdaLoRA too.
+        return Err(LayerError::Refused(
+            "AdaLoRA adapters cannot be combined (as in PEFT): merge them one at a time".into(),
+        ));
+    }
     let device = first.a().device().clone();
     let f32_of = |t: &Tensor| -> LayerResult<Tensor> { Ok(t.to_dtype(DType::F32)?) };
     match how {

@@ -108,6 +108,10 @@ pub struct LayerConfig {
     /// DoRA (weight-decomposed LoRA, PEFT's `use_dora`): a trainable magnitude per output
     /// feature rescales `W + s B A` row by row (see [`Adapter`](crate::Adapter)).
     pub use_dora: bool,
+    /// AdaLoRA (PEFT's `peft_type: "ADALORA"`): fresh adapters are SVD-like triplets
+    /// `B diag(E) A` of rank `rank` (PEFT's `init_r`) with these training hyper-parameters,
+    /// scaled by `alpha / (ranknum + 1e-5)` (see [`Adapter`](crate::Adapter)). `None`: LoRA.
+    pub adalora: Option<AdaLoraSchedule>,
 }
 
 impl Default for LayerConfig {
@@ -127,7 +131,22 @@ impl LayerConfig {
             use_rslora: false,
             init: LoraInit::Kaiming,
             use_dora: false,
+            adalora: None,
         }
+    }
+
+    /// Makes fresh adapters AdaLoRA adapters (`Some`) with this schedule, or LoRA ones (`None`):
+    /// `E = 0` and `A`, `B ~ N(0, 0.02)`, as PEFT's `reset_lora_parameters` for AdaLoRA, so a
+    /// fresh adapter changes nothing.
+    ///
+    /// ```
+    /// use lora_runtime::{AdaLoraSchedule, LayerConfig};
+    /// let cfg = LayerConfig::new(12, 32.0).with_adalora(Some(AdaLoraSchedule::default()));
+    /// assert_eq!(cfg.scaling(), 32.0 / (12.0 + 1e-5));
+    /// ```
+    pub const fn with_adalora(mut self, adalora: Option<AdaLoraSchedule>) -> Self {
+        self.adalora = adalora;
+        self
     }
 
     /// Switches DoRA on or off: fresh adapters then carry a magnitude vector initialised to the
@@ -160,8 +179,12 @@ impl LayerConfig {
         self
     }
 
-    /// The factor applied to `B A`: `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
+    /// The factor applied to `B A`: `alpha / r`, or `alpha / sqrt(r)` with rsLoRA; for AdaLoRA
+    /// `alpha / (r + 1e-5)` (the rank of a fresh adapter is its `ranknum`).
     pub fn scaling(&self) -> f64 {
+        if self.adalora.is_some() {
+            return adalora_scaling(self.rank, self.alpha, self.rank);
+        }
         scaling(self.rank, self.alpha, self.use_rslora)
     }
 
@@ -185,6 +208,13 @@ impl LayerConfig {
             },
         )
     }
+}
+
+/// AdaLoRA's factor on `B (A * E)`, as PEFT's `SVDLinear`: `scaling / (ranknum + 1e-5)` with
+/// `scaling = lora_alpha if lora_alpha > 0 else r`.
+pub(crate) fn adalora_scaling(rank: usize, alpha: f64, ranknum: usize) -> f64 {
+    let numerator = if alpha > 0.0 { alpha } else { rank as f64 };
+    numerator / (ranknum as f64 + 1e-5)
 }
 
 /// `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
@@ -227,6 +257,126 @@ fn out_of_range(rank: usize, alpha: f64, dropout: f64) -> Option<(&'static str, 
         ));
     }
     None
+}
+
+/// AdaLoRA's training hyper-parameters: the fields of PEFT's `AdaLoraConfig` other than
+/// `init_r` (the rank of the adapters) and `rank_pattern` (what the allocation kept). Defaults
+/// are PEFT's, except `total_step`, which PEFT requires and has no default for.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AdaLoraSchedule {
+    /// `target_r`: the average rank the budget ends at.
+    #[serde(default = "default_target_r")]
+    pub target_r: usize,
+    /// `tinit`: warm-up steps before the budget starts to fall.
+    #[serde(default)]
+    pub tinit: usize,
+    /// `tfinal`: final steps at the final budget.
+    #[serde(default)]
+    pub tfinal: usize,
+    /// `deltaT`: steps between two allocations.
+    #[serde(rename = "deltaT", default = "default_delta_t")]
+    pub delta_t: usize,
+    /// `beta1`: the EMA factor of the sensitivity.
+    #[serde(default = "default_beta")]
+    pub beta1: f64,
+    /// `beta2`: the EMA factor of the uncertainty.
+    #[serde(default = "default_beta")]
+    pub beta2: f64,
+    /// `orth_reg_weight`: the weight of the orthogonal regulariser in the loss.
+    #[serde(default = "default_orth_reg_weight")]
+    pub orth_reg_weight: f64,
+    /// `total_step`: the number of training steps (PEFT refuses a config without it).
+    #[serde(default)]
+    pub total_step: Option<usize>,
+}
+
+fn default_target_r() -> usize {
+    8
+}
+fn default_delta_t() -> usize {
+    1
+}
+fn default_beta() -> f64 {
+    0.85
+}
+fn default_orth_reg_weight() -> f64 {
+    0.5
+}
+
+impl Default for AdaLoraSchedule {
+    fn default() -> Self {
+        Self {
+            target_r: default_target_r(),
+            tinit: 0,
+            tfinal: 0,
+            delta_t: default_delta_t(),
+            beta1: default_beta(),
+            beta2: default_beta(),
+            orth_reg_weight: default_orth_reg_weight(),
+            total_step: None,
+        }
+    }
+}
+
+/// The AdaLoRA part of an `adapter_config.json` with `peft_type: "ADALORA"`: `init_r`, the
+/// schedule and `rank_pattern`, which for AdaLoRA maps `<module path>.lora_E` to the kept
+/// singular values (a list of `init_r` booleans). A module with a pattern holds as many
+/// singular values as the list has `true`s and keeps `ranknum = init_r`, as PEFT's
+/// `resize_modules_by_rank_pattern` leaves it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdaLoraConfig {
+    /// `init_r`: the rank every adapter starts with (and its `ranknum`).
+    #[serde(default = "default_init_r")]
+    pub init_r: usize,
+    /// The training hyper-parameters.
+    #[serde(flatten)]
+    pub schedule: AdaLoraSchedule,
+    /// `rank_pattern`: `<module path>.lora_E` -> kept singular values (`None`: all kept).
+    #[serde(default)]
+    pub rank_pattern: Option<BTreeMap<String, Vec<bool>>>,
+}
+
+fn default_init_r() -> usize {
+    12
+}
+
+/// The fields an [`AdaLoraConfig`] takes out of an `adapter_config.json`.
+const ADALORA_FIELDS: &[&str] = &[
+    "init_r",
+    "target_r",
+    "tinit",
+    "tfinal",
+    "deltaT",
+    "beta1",
+    "beta2",
+    "orth_reg_weight",
+    "total_step",
+    "rank_pattern",
+];
+
+impl AdaLoraConfig {
+    /// The kept singular values of the module at `module_path`, if the `rank_pattern` names it
+    /// (as `<path>.lora_E`, or with an adapter name after it, `<path>.lora_E.default`).
+    pub fn mask_for(&self, module_path: &str) -> Option<&[bool]> {
+        let patterns = self.rank_pattern.as_ref()?;
+        let key = format!("{module_path}.lora_E");
+        patterns
+            .get(&key)
+            .or_else(|| {
+                patterns.iter().find_map(|(k, v)| {
+                    let rest = k.strip_prefix(&key)?.strip_prefix('.')?;
+                    (!rest.contains('.')).then_some(v)
+                })
+            })
+            .map(Vec::as_slice)
+    }
+
+    /// The rank of the module at `module_path` in the file: the `true`s of its rank pattern,
+    /// else `init_r`.
+    pub fn rank_for(&self, module_path: &str) -> usize {
+        self.mask_for(module_path)
+            .map_or(self.init_r, |m| m.iter().filter(|&&k| k).count())
+    }
 }
 
 /// PEFT's `target_modules`: a list of module names (matched as the whole path or its last
@@ -355,6 +505,11 @@ pub struct LoraConfig {
     /// `peft_version`.
     #[serde(default)]
     pub peft_version: Option<String>,
+    /// The AdaLoRA fields of a `peft_type: "ADALORA"` config (`None` for LoRA). Read and
+    /// written by [`from_json`](Self::from_json) / [`to_json`](Self::to_json) (its
+    /// `rank_pattern` replaces LoRA's, which is then empty).
+    #[serde(skip)]
+    pub adalora: Option<AdaLoraConfig>,
     /// Every other field, kept as it was read.
     #[serde(flatten)]
     pub extra: BTreeMap<String, Value>,
@@ -408,8 +563,37 @@ impl LoraConfig {
             layers_pattern: None,
             exclude_modules: None,
             peft_version: None,
+            adalora: None,
             extra: BTreeMap::new(),
         }
+    }
+
+    /// An AdaLoRA config (`peft_type: "ADALORA"`) for adapters of rank `init_r` with alpha
+    /// `alpha` on `targets`; `r` keeps PEFT's default 8, which AdaLoRA ignores.
+    ///
+    /// ```
+    /// use lora_runtime::{AdaLoraSchedule, LoraConfig};
+    /// let cfg = LoraConfig::adalora(12, 32.0, ["q_proj"], AdaLoraSchedule::default());
+    /// let json = cfg.to_json()?;
+    /// assert!(json.contains("\"peft_type\": \"ADALORA\"") && json.contains("\"init_r\": 12"));
+    /// assert_eq!(LoraConfig::from_json(&json)?, cfg);
+    /// assert_eq!(cfg.layer_config("q_proj")?.rank, 12);
+    /// # Ok::<(), lora_runtime::Error>(())
+    /// ```
+    pub fn adalora(
+        init_r: usize,
+        alpha: f64,
+        targets: impl IntoIterator<Item = impl Into<String>>,
+        schedule: AdaLoraSchedule,
+    ) -> Self {
+        let mut config = Self::new(default_rank(), alpha, targets);
+        config.peft_type = ADALORA.into();
+        config.adalora = Some(AdaLoraConfig {
+            init_r,
+            schedule,
+            rank_pattern: None,
+        });
+        config
     }
 
     /// Parses an `adapter_config.json` text.
@@ -421,10 +605,27 @@ impl LoraConfig {
     }
 
     pub(crate) fn parse(text: &str, path: &Path) -> Result<Self> {
-        serde_json::from_str(text).map_err(|source| Error::Json {
+        let json = |source| Error::Json {
             path: path.to_path_buf(),
             source,
-        })
+        };
+        let mut value: Value = serde_json::from_str(text).map_err(json)?;
+        let adalora = match &mut value {
+            Value::Object(fields)
+                if fields.get("peft_type").and_then(Value::as_str) == Some(ADALORA) =>
+            {
+                // AdaLoRA's fields (its `rank_pattern` holds lists of booleans, not ranks).
+                let own: serde_json::Map<String, Value> = ADALORA_FIELDS
+                    .iter()
+                    .filter_map(|k| fields.remove(*k).map(|v| ((*k).to_string(), v)))
+                    .collect();
+                Some(serde_json::from_value::<AdaLoraConfig>(Value::Object(own)).map_err(json)?)
+            }
+            _ => None,
+        };
+        let mut config: Self = serde_json::from_value(value).map_err(json)?;
+        config.adalora = adalora;
+        Ok(config)
     }
 
     /// Reads and parses an `adapter_config.json` file.
@@ -443,8 +644,15 @@ impl LoraConfig {
     /// [`Error::InvalidConfig`] if a value cannot be represented in JSON (a non-finite alpha).
     pub fn to_json(&self) -> Result<String> {
         // serde_json's `Value` keeps object keys in a BTreeMap: serializing through it sorts them.
-        let value = serde_json::to_value(self)
+        let mut value = serde_json::to_value(self)
             .map_err(|e| invalid(None, "adapter_config", e.to_string()))?;
+        if let (Some(adalora), Value::Object(fields)) = (&self.adalora, &mut value) {
+            let own = serde_json::to_value(adalora)
+                .map_err(|e| invalid(None, "adapter_config", e.to_string()))?;
+            if let Value::Object(own) = own {
+                fields.extend(own);
+            }
+        }
         serde_json::to_string_pretty(&value)
             .map_err(|e| invalid(None, "adapter_config", e.to_string()))
     }
@@ -472,14 +680,22 @@ impl LoraConfig {
             field: field.to_string(),
             reason,
         };
-        if self.peft_type != "LORA" {
-            return Err(unsupported(
+        match (self.peft_type.as_str(), &self.adalora) {
+            ("LORA", None) => {}
+            (ADALORA, Some(adalora)) => self.check_adalora(adalora, path)?,
+            (ADALORA, None) => return Err(invalid(
+                path,
                 "peft_type",
-                format!(
-                    "`{}` adapters are not supported, only `LORA`",
-                    self.peft_type
-                ),
-            ));
+                "`ADALORA` without AdaLoRA fields: build the config with `LoraConfig::adalora` \
+                     or read it with `LoraConfig::from_json`"
+                    .into(),
+            )),
+            (other, _) => {
+                return Err(unsupported(
+                    "peft_type",
+                    format!("`{other}` adapters are not supported, only `LORA` and `ADALORA`"),
+                ));
+            }
         }
         if self.bias != "none" {
             return Err(unsupported(
@@ -536,6 +752,61 @@ impl LoraConfig {
         Ok(())
     }
 
+    /// What AdaLoRA adds to the checks: a rank, a positive alpha (PEFT's fallback to `r` for
+    /// `lora_alpha <= 0` is not supported), no DoRA, rsLoRA or LoRA patterns, rank patterns of
+    /// `init_r` booleans.
+    fn check_adalora(&self, adalora: &AdaLoraConfig, path: Option<&Path>) -> Result<()> {
+        let unsupported = |field: &str, reason: &str| Error::Unsupported {
+            path: path.map(Path::to_path_buf),
+            field: field.to_string(),
+            reason: reason.to_string(),
+        };
+        if adalora.init_r == 0 {
+            return Err(invalid(path, "init_r", "must be at least 1".into()));
+        }
+        if self.use_dora {
+            return Err(unsupported(
+                "use_dora",
+                "DoRA with AdaLoRA is not supported (nor in PEFT)",
+            ));
+        }
+        if self.use_rslora {
+            return Err(unsupported(
+                "use_rslora",
+                "AdaLoRA scales by `lora_alpha / (ranknum + 1e-5)`: rsLoRA does not apply",
+            ));
+        }
+        if !self.rank_pattern.is_empty() || !self.alpha_pattern.is_empty() {
+            return Err(unsupported(
+                "alpha_pattern",
+                "AdaLoRA takes one `lora_alpha` and a `rank_pattern` of kept singular values",
+            ));
+        }
+        for (name, mask) in adalora.rank_pattern.iter().flatten() {
+            if mask.len() != adalora.init_r {
+                return Err(invalid(
+                    path,
+                    "rank_pattern",
+                    format!(
+                        "`{name}` has {} entries but `init_r` is {}",
+                        mask.len(),
+                        adalora.init_r
+                    ),
+                ));
+            }
+            if !mask.contains(&true) {
+                return Err(Error::Unsupported {
+                    path: path.map(Path::to_path_buf),
+                    field: "rank_pattern".into(),
+                    reason: format!(
+                        "`{name}` keeps no singular value (rank 0): such modules are not supported"
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// The initialisation `init_lora_weights` asks for.
     pub(crate) fn init_scheme(&self) -> std::result::Result<LoraInit, String> {
         match &self.init {
@@ -554,7 +825,8 @@ impl LoraConfig {
     }
 
     /// The hyper-parameters of the adapter this config gives the module at `module_path`: rank
-    /// and alpha with their patterns, rsLoRA, DoRA, dropout and init. Whether the module is targeted
+    /// and alpha with their patterns, rsLoRA, DoRA, dropout and init; for AdaLoRA rank `init_r`
+    /// and the schedule. Whether the module is targeted
     /// at all is [`targets_module`](Self::targets_module).
     ///
     /// # Errors
@@ -565,19 +837,37 @@ impl LoraConfig {
             field: "init_lora_weights".into(),
             reason,
         })?;
+        // AdaLoRA creates every adapter at `init_r`, as PEFT's `AdaLoraModel` does (its rank
+        // pattern only shapes what a file holds).
+        let rank = match &self.adalora {
+            Some(adalora) => adalora.init_r,
+            None => self.rank_for(module_path),
+        };
         Ok(LayerConfig {
-            rank: self.rank_for(module_path),
+            rank,
             alpha: self.alpha_for(module_path),
             dropout: self.dropout as f32,
             use_rslora: self.use_rslora,
             init,
             use_dora: self.use_dora,
+            adalora: self.adalora.as_ref().map(|a| a.schedule),
         })
     }
 
-    /// The rank of the module at `module_path`: the first matching `rank_pattern` entry, else `r`.
+    /// The rank of the module at `module_path`: the first matching `rank_pattern` entry, else `r`;
+    /// for AdaLoRA the kept singular values of its rank pattern, else `init_r`.
     pub fn rank_for(&self, module_path: &str) -> usize {
+        if let Some(adalora) = &self.adalora {
+            return adalora.rank_for(module_path);
+        }
         pattern_value(&self.rank_pattern, module_path).unwrap_or(self.rank)
+    }
+
+    /// AdaLoRA's `ranknum` of the module at `module_path` (`init_r`, with or without a rank
+    /// pattern, as PEFT loads it); `None` for LoRA.
+    pub fn ranknum_for(&self, module_path: &str) -> Option<usize> {
+        let _ = module_path;
+        self.adalora.as_ref().map(|a| a.init_r)
     }
 
     /// The alpha of the module at `module_path`: the first matching `alpha_pattern` entry, else
@@ -586,8 +876,12 @@ impl LoraConfig {
         pattern_value(&self.alpha_pattern, module_path).unwrap_or(self.alpha)
     }
 
-    /// The scaling of the module at `module_path`, with patterns and rsLoRA.
+    /// The scaling of the module at `module_path`, with patterns and rsLoRA (AdaLoRA's
+    /// `alpha / (ranknum + 1e-5)`).
     pub fn scaling_for(&self, module_path: &str) -> f64 {
+        if let Some(ranknum) = self.ranknum_for(module_path) {
+            return adalora_scaling(self.rank_for(module_path), self.alpha, ranknum);
+        }
         scaling(
             self.rank_for(module_path),
             self.alpha_for(module_path),
@@ -626,6 +920,9 @@ impl LoraConfig {
         }
     }
 }
+
+/// PEFT's `peft_type` of AdaLoRA adapters.
+pub const ADALORA: &str = "ADALORA";
 
 /// PEFT's `target_modules = "all-linear"`.
 pub const ALL_LINEAR: &str = "all-linear";
@@ -702,6 +999,41 @@ mod tests {
         // "q_proj" must not match "qq_proj": patterns match whole path components.
         assert_eq!(cfg.rank_for("model.qq_v_proj"), 8);
         assert!(!cfg.targets_module("model.layers.0.self_attn.kq_proj"));
+    }
+
+    /// PEFT's AdaLoRA config: its fields leave `extra`, `rank_pattern` holds masks (with or
+    /// without the adapter name), fresh adapters take `init_r`, and it round-trips.
+    #[test]
+    fn adalora_configs_follow_peft() {
+        let json = r#"{"peft_type": "ADALORA", "r": 8, "init_r": 4, "target_r": 2, "lora_alpha": 16,
+            "deltaT": 3, "total_step": 20, "target_modules": ["q_proj", "v_proj"], "loftq_config": {},
+            "rank_pattern": {"layers.0.q_proj.lora_E": [true, false, true, false],
+                             "layers.1.v_proj.lora_E.default": [false, false, false, true]}}"#;
+        let cfg = LoraConfig::from_json(json).unwrap();
+        cfg.validate().unwrap();
+        let ada = cfg.adalora.as_ref().unwrap();
+        assert_eq!(
+            (ada.init_r, ada.schedule.target_r, ada.schedule.delta_t),
+            (4, 2, 3)
+        );
+        assert_eq!(ada.schedule.beta1, 0.85);
+        assert!(cfg.rank_pattern.is_empty() && !cfg.extra.contains_key("init_r"));
+        assert_eq!(cfg.rank_for("layers.0.q_proj"), 2);
+        assert_eq!(cfg.rank_for("layers.1.v_proj"), 1);
+        assert_eq!(cfg.rank_for("layers.1.q_proj"), 4);
+        assert_eq!(cfg.scaling_for("layers.0.q_proj"), 16.0 / (4.0 + 1e-5));
+        let layer = cfg.layer_config("layers.0.q_proj").unwrap();
+        assert_eq!(
+            (layer.rank, layer.adalora.map(|s| s.total_step)),
+            (4, Some(Some(20)))
+        );
+        let again = LoraConfig::from_json(&cfg.to_json().unwrap()).unwrap();
+        assert_eq!(again, cfg);
+        let bad = json.replace("[true, false, true, false]", "[false, false, false, false]");
+        let err = LoraConfig::from_json(&bad).unwrap().validate().unwrap_err();
+        assert!(err.to_string().contains("keeps no singular value"), "{err}");
+        let lora = LoraConfig::from_json(r#"{"peft_type": "LORA", "init_r": 4}"#).unwrap();
+        assert!(lora.adalora.is_none() && lora.extra.contains_key("init_r"));
     }
 
     #[test]

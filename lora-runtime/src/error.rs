@@ -295,6 +295,14 @@ impl LayerError {
     /// The refusal of a DoRA adapter (`use_dora`) by a layer kind without DoRA (embeddings,
     /// convolutions, custom kinds that do not override
     /// [`supports_dora`](crate::LoraLayer::supports_dora)).
+    pub(crate) fn adalora_unsupported() -> Self {
+        Self::Refused(
+            "AdaLoRA is supported on linear layers only: this layer kind (an embedding, a \
+             convolution, ...) takes plain LoRA adapters"
+                .into(),
+        )
+    }
+
     pub(crate) fn dora_unsupported() -> Self {
         Self::Refused(
             "DoRA (`use_dora`) is supported on linear layers only: this layer kind (an embedding, \
@@ -314,6 +322,8 @@ pub enum Factor {
     B,
     /// `lora_magnitude_vector`, `[out]`: DoRA's magnitude per output feature.
     Magnitude,
+    /// `lora_E`, `[r, 1]`: AdaLoRA's singular values.
+    E,
 }
 
 impl std::fmt::Display for Factor {
@@ -322,6 +332,7 @@ impl std::fmt::Display for Factor {
             Factor::A => "lora_A",
             Factor::B => "lora_B",
             Factor::Magnitude => "lora_magnitude_vector",
+            Factor::E => "lora_E",
         })
     }
 }

@@ -33,26 +33,33 @@ pub enum FactorNames {
     /// `lora_embedding_A` / `lora_embedding_B`, without `.weight` (embedding layers: the
     /// factors are bare parameters in PEFT).
     Embedding,
+    /// `lora_A` / `lora_E` / `lora_B`, without `.weight` (AdaLoRA's linear layers: the factors
+    /// are bare parameters in PEFT).
+    AdaLora,
 }
 
 impl FactorNames {
     /// Every (naming, factor) pair a PEFT key can hold, in the order [`parse`](Self::parse)
     /// tries them.
-    const ALL: [(Self, Factor); 5] = [
+    /// `lora_A` and `lora_B` parse as [`Lora`](Self::Lora): the key's suffix tells AdaLoRA's
+    /// bare parameters apart (see `peft::keys`).
+    const ALL: [(Self, Factor); 6] = [
         (Self::Lora, Factor::A),
         (Self::Lora, Factor::B),
         (Self::Lora, Factor::Magnitude),
         (Self::Embedding, Factor::A),
         (Self::Embedding, Factor::B),
+        (Self::AdaLora, Factor::E),
     ];
 
     /// The name of `factor`: `lora_A` or `lora_embedding_A`, ...; DoRA's magnitude is
-    /// `lora_magnitude_vector` under either naming.
+    /// `lora_magnitude_vector` under every naming, AdaLoRA's singular values `lora_E`.
     pub fn factor_name(self, factor: Factor) -> &'static str {
         match (self, factor) {
             (_, Factor::Magnitude) => "lora_magnitude_vector",
-            (Self::Lora, Factor::A) => "lora_A",
-            (Self::Lora, Factor::B) => "lora_B",
+            (_, Factor::E) => "lora_E",
+            (Self::Lora | Self::AdaLora, Factor::A) => "lora_A",
+            (Self::Lora | Self::AdaLora, Factor::B) => "lora_B",
             (Self::Embedding, Factor::A) => "lora_embedding_A",
             (Self::Embedding, Factor::B) => "lora_embedding_B",
         }
@@ -70,12 +77,12 @@ impl FactorNames {
     /// Whether PEFT's key of `factor` ends in `.weight` after the factor name (and the adapter
     /// name when `named`): linear and convolution factors always (they are modules in PEFT),
     /// embedding factors never (bare parameters), DoRA's magnitude only with an adapter name
-    /// (PEFT 0.21 files store it as `...lora_magnitude_vector`).
+    /// (PEFT 0.21 files store it as `...lora_magnitude_vector`), AdaLoRA's factors never.
     pub fn has_weight_suffix(self, factor: Factor, named: bool) -> bool {
         match (self, factor) {
             (_, Factor::Magnitude) => named,
             (Self::Lora, _) => true,
-            (Self::Embedding, _) => false,
+            (Self::Embedding | Self::AdaLora, _) => false,
         }
     }
 }

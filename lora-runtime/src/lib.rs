@@ -64,7 +64,9 @@ pub mod train;
 
 pub use adapter::{Adapter, AdapterSet, DEFAULT_ADAPTER};
 pub use combine::Combination;
-pub use config::{LayerConfig, LoraConfig, LoraInit, TargetModules};
+pub use config::{
+    AdaLoraConfig, AdaLoraSchedule, LayerConfig, LoraConfig, LoraInit, TargetModules,
+};
 pub use error::{Error, Factor, LayerError, LayerResult, Result};
 pub use ext::LoraModelExt;
 pub use fingerprint::BaseFingerprint;

@@ -155,7 +155,15 @@ impl WeightDelta {
                 .to_dtype(DType::F32)?
                 .flatten_from(1)?
                 .affine(scale, 0.0)?,
-            a: factors.a.to_dtype(DType::F32)?.flatten_from(1)?,
+            // AdaLoRA: `B (A * E)`, each row of `A` times its singular value.
+            a: match &factors.e {
+                Some((_, e)) => factors
+                    .a
+                    .to_dtype(DType::F32)?
+                    .broadcast_mul(&e.to_dtype(DType::F32)?)?,
+                None => factors.a.to_dtype(DType::F32)?,
+            }
+            .flatten_from(1)?,
             magnitude: match &factors.magnitude {
                 Some((_, m)) => Some(m.to_dtype(DType::F32)?),
                 None => None,
@@ -596,7 +604,7 @@ fn st_metadata(map: &[u8], path: &Path) -> Result<Option<HashMap<String, String>
 fn stored_transposed(f: &Factors, fan_in_fan_out: bool) -> bool {
     match f.names() {
         FactorNames::Embedding => true,
-        FactorNames::Lora => fan_in_fan_out && f.a.rank() == 2,
+        FactorNames::Lora | FactorNames::AdaLora => fan_in_fan_out && f.a.rank() == 2,
     }
 }
 
@@ -634,8 +642,8 @@ fn check_fits(
     if shape != expected {
         let why = match (f.names(), transposed) {
             (FactorNames::Embedding, _) => " (an embedding table)",
-            (FactorNames::Lora, true) => " (fan_in_fan_out)",
-            (FactorNames::Lora, false) => "",
+            (FactorNames::Lora | FactorNames::AdaLora, true) => " (fan_in_fan_out)",
+            (FactorNames::Lora | FactorNames::AdaLora, false) => "",
         };
         return Err(Error::bad_tensor(
             &adapter.path,

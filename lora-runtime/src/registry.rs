@@ -215,7 +215,7 @@ pub(crate) fn init_adapter<M: LoraModel + ?Sized>(
             }
             // PEFT's state-dict names: the adapter name sits between the factor and `weight`,
             // except for the default adapter in files.
-            let names = layer.factor_layout(adapter.rank()).names();
+            let names = layer.factor_names(&adapter);
             for (factor, var) in adapter.vars() {
                 vars.insert(named_key(&path, names, factor, name), var.clone());
             }
@@ -332,7 +332,7 @@ pub(crate) fn named_trainable_vars<M: LoraModel + ?Sized>(model: &M) -> Vec<(Str
         .iter()
         .filter_map(|(p, l, _)| l.adapter().map(|ad| (p, l, ad)))
         .flat_map(|(p, l, ad)| {
-            let names = l.factor_layout(ad.rank()).names();
+            let names = l.factor_names(ad);
             ad.vars()
                 .into_iter()
                 .map(|(factor, v)| (peft_key(p, names, factor), v.clone()))

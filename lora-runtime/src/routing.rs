@@ -84,7 +84,7 @@ impl Routing {
         let mut b_blocks = Vec::with_capacity(adapters.len());
         for ad in adapters {
             let pad = r_max - ad.rank();
-            let a = ad.a().as_tensor().detach().to_dtype(dtype)?;
+            let a = ad.effective_a()?.detach().to_dtype(dtype)?;
             let b = ad
                 .b()
                 .as_tensor()
@@ -139,7 +139,7 @@ impl Routing {
     ///
     /// # Errors
     /// [`LayerError::UnknownAdapter`] for a name the stacks lack, [`LayerError::Refused`] for a
-    /// row of a DoRA adapter; a candle error.
+    /// row of a DoRA or AdaLoRA adapter; a candle error.
     pub fn with_rows(&self, set: &AdapterSet, rows: &[Option<&str>]) -> LayerResult<Self> {
         // A DoRA adapter rescales the base output of its rows as well: not a term the stacks
         // can add. Refused rather than run as plain LoRA.
@@ -150,6 +150,16 @@ impl Routing {
         {
             return Err(LayerError::Refused(format!(
                 "adapter `{name}` is a DoRA adapter: mixed-adapter batches support plain LoRA adapters only; run its rows in a batch of their own with the adapter active (or merge it)"
+            )));
+        }
+        // AdaLoRA adapters are not routed either (only plain LoRA is tested there).
+        if let Some(name) = rows
+            .iter()
+            .flatten()
+            .find(|name| set.get(name).is_some_and(Adapter::is_adalora))
+        {
+            return Err(LayerError::Refused(format!(
+                "adapter `{name}` is an AdaLoRA adapter: mixed-adapter batches support plain LoRA adapters only; run its rows in a batch of their own with the adapter active (or merge it)"
             )));
         }
         let slots = rows

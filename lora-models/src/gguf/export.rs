@@ -165,7 +165,14 @@ pub fn export_lora_gguf(
                 ),
             });
         }
-        let a = f.a.to_dtype(DType::F32)?;
+        // AdaLoRA: `B (A * E)` is a plain low-rank pair with `A * E` as its `A`.
+        let a = match &f.e {
+            Some((_, e)) => {
+                f.a.to_dtype(DType::F32)?
+                    .broadcast_mul(&e.to_dtype(DType::F32)?)?
+            }
+            None => f.a.to_dtype(DType::F32)?,
+        };
         let mut b = f.b.to_dtype(DType::F32)?;
         if let Some(heads) = arch.permuted_heads(&name) {
             b = permute(&b, heads).map_err(|e| tensor_error(&adapter.path, &f.b_key, e))?;

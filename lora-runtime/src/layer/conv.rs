@@ -395,6 +395,9 @@ macro_rules! lora_conv {
                 if config.use_dora {
                     return Err(LayerError::dora_unsupported());
                 }
+                if config.adalora.is_some() {
+                    return Err(LayerError::adalora_unsupported());
+                }
                 Adapter::fresh_for(
                     &self.0.factor_layout(config.rank),
                     config,

@@ -221,6 +221,9 @@ impl LoraLayer for LoraEmbedding {
         if config.use_dora {
             return Err(LayerError::dora_unsupported());
         }
+        if config.adalora.is_some() {
+            return Err(LayerError::adalora_unsupported());
+        }
         let layout = self.factor_layout(config.rank);
         let (dtype, device) = (self.adapter_dtype(), self.device());
         let mut rng = StdRng::seed_from_u64(seed);

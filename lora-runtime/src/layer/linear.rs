@@ -39,8 +39,11 @@ use crate::routing::{Routing, RoutingTarget};
 /// The forward pass is `x W^T + b + s * ((dropout(x) A^T) B^T)` with the active adapter; `B A` is
 /// never formed. A DoRA adapter (one with a magnitude `m`) runs PEFT's DoRA forward instead:
 /// `m / ||W + s B A||` (per output feature, the norm detached) times `x W^T + s (x A^T) B^T`,
-/// plus the bias; that needs `B A` once per forward, for the norm, as in PEFT. Built from a [`candle_nn::Linear`] with `.into()`; without an adapter its output
-/// is bit-identical to the base layer's.
+/// plus the bias; that needs `B A` once per forward, for the norm, as in PEFT. An AdaLoRA
+/// adapter runs PEFT's `SVDLinear` forward, `x W^T + b + ((dropout(x) (A * E)^T) B^T) * s` with
+/// `s = alpha / (ranknum + 1e-5)` (see [`Adapter::effective_a`]). Built from a
+/// [`candle_nn::Linear`] with `.into()`; without an adapter its output is bit-identical to the
+/// base layer's.
 ///
 /// The base weight and bias are detached plain tensors: no gradient flows into them. (For a
 /// full fine-tuning baseline, [`LoraLinear::new_unfrozen`] keeps them attached.)
@@ -204,7 +207,8 @@ impl LoraLinear {
     /// The CPU fast path of the merge for an f32 layer: `W + s B A` in one pass over `W` with
     /// the finite check folded in (see `kernels::add_low_rank`).
     fn merge_on_cpu(&self, ad: &Adapter) -> LayerResult<CpuMerge> {
-        let (a, b) = (ad.a().as_tensor(), ad.b().as_tensor());
+        let a = ad.effective_a()?;
+        let (a, b) = (&a, ad.b().as_tensor());
         let on_cpu_f32 = |t: &Tensor| t.dtype() == DType::F32 && matches!(t.device(), Device::Cpu);
         if !(on_cpu_f32(self.weight.current()) && on_cpu_f32(a) && on_cpu_f32(b)) {
             return Ok(CpuMerge::NotApplicable);
@@ -322,7 +326,7 @@ impl LoraLinear {
     /// `[n, out]` output.
     fn lora_hidden(ad: &Adapter, x2: &Tensor) -> candle_core::Result<Tensor> {
         x2.to_dtype(ad.a().dtype())?
-            .matmul(&ad.a().as_tensor().t()?)?
+            .matmul(&ad.effective_a()?.t()?)?
             .affine(ad.scaling(), 0.0)
     }
 
@@ -576,6 +580,12 @@ impl LoraLayer for LoraLinear {
                 reason: "DoRA with PiSSA or OLoRA initialisation is not supported".into(),
             });
         }
+        if config.adalora.is_some() {
+            return Err(LayerError::InvalidConfig {
+                field: "init_lora_weights".into(),
+                reason: "AdaLoRA with PiSSA or OLoRA initialisation is not supported".into(),
+            });
+        }
         config.check()?;
         let (out, inp) = self.shape;
         let w: Vec<f32> = self
@@ -636,6 +646,10 @@ impl LoraLayer for LoraLinear {
     }
 
     fn supports_dora(&self) -> bool {
+        true
+    }
+
+    fn supports_adalora(&self) -> bool {
         true
     }
 

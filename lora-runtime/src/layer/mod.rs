@@ -37,7 +37,7 @@ use crate::adapter::{Adapter, AdapterSet, DEFAULT_ADAPTER};
 use crate::config::LayerConfig;
 use crate::error::{LayerError, LayerResult};
 use crate::fingerprint::BaseFingerprint;
-use crate::layout::FactorLayout;
+use crate::layout::{FactorLayout, FactorNames};
 use crate::rng::DropoutRng;
 use crate::routing::Routing;
 
@@ -134,6 +134,11 @@ pub trait LoraLayer: Send + Sync + std::fmt::Debug + Any {
     fn supports_dora(&self) -> bool {
         false
     }
+    /// Whether this layer kind implements AdaLoRA (its forward and merge use an adapter's
+    /// singular values `E`). Kinds that do not are refused AdaLoRA adapters.
+    fn supports_adalora(&self) -> bool {
+        false
+    }
     /// DoRA's weight norm for `adapter` on this layer: `||W + s B A||` per output feature, f32
     /// `[out]`, computed from the unmerged base weight and detached (no gradient flows through
     /// it, as in PEFT and the DoRA paper, section 4.3).
@@ -175,6 +180,17 @@ pub trait LoraLayer: Send + Sync + std::fmt::Debug + Any {
         FactorLayout::matrix(self.in_features(), self.out_features(), rank)
     }
 
+    /// PEFT's names for the factors of `adapter` on this layer: AdaLoRA's bare `lora_A` /
+    /// `lora_E` / `lora_B` for an AdaLoRA adapter, else those of the layer's
+    /// [`factor_layout`](Self::factor_layout).
+    fn factor_names(&self, adapter: &Adapter) -> FactorNames {
+        if adapter.is_adalora() {
+            FactorNames::AdaLora
+        } else {
+            self.factor_layout(adapter.rank()).names()
+        }
+    }
+
     /// Checks that `A` and `B` of these shapes fit the layer's
     /// [`factor_layout`](Self::factor_layout): `A [r, in]`, `B [out, r]` for a linear layer.
     ///
@@ -194,6 +210,9 @@ pub trait LoraLayer: Send + Sync + std::fmt::Debug + Any {
     /// [`LayerError::InvalidConfig`] for invalid hyper-parameters, [`LayerError::Refused`] for
     /// DoRA on a layer kind without it.
     fn fresh_adapter(&self, config: &LayerConfig, seed: u64) -> LayerResult<Adapter> {
+        if config.adalora.is_some() && !self.supports_adalora() {
+            return Err(LayerError::adalora_unsupported());
+        }
         let adapter = Adapter::fresh_for(
             &self.factor_layout(config.rank),
             config,
@@ -235,7 +254,8 @@ pub trait LoraLayer: Send + Sync + std::fmt::Debug + Any {
     }
 
     /// Adds or replaces the adapter `name` after checking that the layer is not merged, that
-    /// the factors fit and that a DoRA adapter goes to a layer kind with DoRA. A mixed-adapter
+    /// the factors fit and that a DoRA (AdaLoRA) adapter goes to a layer kind with DoRA
+    /// (AdaLoRA). A mixed-adapter
     /// routing is cleared (it holds a snapshot of the factors).
     ///
     /// # Errors
@@ -247,6 +267,9 @@ pub trait LoraLayer: Send + Sync + std::fmt::Debug + Any {
         self.check_factors(adapter.a().dims(), adapter.b().dims())?;
         if adapter.is_dora() && !self.supports_dora() {
             return Err(LayerError::dora_unsupported());
+        }
+        if adapter.is_adalora() && !self.supports_adalora() {
+            return Err(LayerError::adalora_unsupported());
         }
         self.set_routing(None);
         self.adapter_set_mut().insert(name, adapter);

@@ -11,6 +11,7 @@ use crate::adapter::Adapter;
 use crate::error::{Error, Factor, LayerError, Result};
 use crate::fingerprint::BaseFingerprint;
 use crate::layer::{install_default, LoraLayer};
+use crate::layout::FactorNames;
 use crate::model::{layers, parallel_map, prepare_then_commit, LoraModel};
 
 impl AdapterFile {
@@ -75,10 +76,19 @@ impl AdapterFile {
                 });
             };
             let names = layer.factor_layout(f.rank()).names();
-            if names != f.names() {
-                let expected = match names {
-                    crate::layout::FactorNames::Embedding => "an embedding layer takes `lora_embedding_A` / `lora_embedding_B`",
-                    crate::layout::FactorNames::Lora => "only embedding layers take `lora_embedding_A` / `lora_embedding_B`; this layer takes `lora_A` / `lora_B`",
+            // AdaLoRA's bare `lora_A` / `lora_B` go to layers that take `lora_A.weight` and
+            // implement AdaLoRA (linear layers).
+            let fits = names == f.names()
+                || (f.names() == FactorNames::AdaLora
+                    && names == FactorNames::Lora
+                    && layer.supports_adalora());
+            if !fits {
+                let expected = match (names, f.names()) {
+                    (FactorNames::Lora, FactorNames::AdaLora) => {
+                        "AdaLoRA is supported on linear layers only".into()
+                    }
+                    (FactorNames::Embedding, _) => "an embedding layer takes `lora_embedding_A` / `lora_embedding_B`".to_string(),
+                    (FactorNames::Lora | FactorNames::AdaLora, _) => "only embedding layers take `lora_embedding_A` / `lora_embedding_B`; this layer takes `lora_A` / `lora_B`".to_string(),
                 };
                 return Err(Error::bad_tensor(
                     &self.path,
@@ -115,6 +125,17 @@ impl AdapterFile {
             )
             .map_err(|e| e.at(&module))?
             .with_init(self.config.init_scheme().unwrap_or_default());
+            let adapter = match (f.e, self.config.adalora.as_ref()) {
+                (Some((key, e)), Some(adalora)) => {
+                    let e = Var::from_tensor(&e.to_dtype(dtype)?.to_device(device)?)?;
+                    adapter
+                        .with_adalora(e, adalora.init_r, adalora.schedule)
+                        .map_err(|err| {
+                            Error::bad_tensor(&self.path, key, format!("does not fit: {err}"))
+                        })?
+                }
+                _ => adapter,
+            };
             let adapter = match f.magnitude {
                 None => adapter,
                 Some((key, m)) => {

@@ -50,18 +50,23 @@ pub(crate) fn parse_key(key: &str, file: &Path) -> Result<(String, Factor, Facto
         .iter()
         .enumerate()
         .find_map(|(i, p)| FactorNames::parse(p).map(|named| (i, named)));
-    let Some((pos, (factor, names))) = found.filter(|&(p, _)| p > 0) else {
+    let Some((pos, (factor, mut names))) = found.filter(|&(p, _)| p > 0) else {
         return Err(Error::bad_tensor(
             file,
             key,
             "not a LoRA factor: expected `<module>.lora_A.weight`, `<module>.lora_B.weight`, \
-             `<module>.lora_embedding_A` / `lora_embedding_B` or `<module>.lora_magnitude_vector`",
+             `<module>.lora_embedding_A` / `lora_embedding_B`, `<module>.lora_magnitude_vector` \
+             or AdaLoRA's `<module>.lora_A` / `lora_E` / `lora_B`",
         ));
     };
     let tail = &parts[pos + 1..];
     let with_weight =
         tail == ["weight"] || (tail.len() == 2 && tail[1] == "weight" && !tail[0].is_empty());
     let bare = tail.is_empty() || (tail.len() == 1 && !tail[0].is_empty() && tail[0] != "weight");
+    // AdaLoRA's `lora_A` / `lora_B` are bare parameters: the same names without `.weight`.
+    if names == FactorNames::Lora && matches!(factor, Factor::A | Factor::B) && bare {
+        names = FactorNames::AdaLora;
+    }
     let well_formed = match (factor, names.has_weight_suffix(factor, true)) {
         (Factor::Magnitude, _) => tail.is_empty() || with_weight,
         (_, true) => with_weight,
@@ -115,6 +120,9 @@ mod tests {
                 Some("x"),
                 "m.lora_embedding_B.x",
             ),
+            (FactorNames::AdaLora, Factor::A, None, "m.lora_A"),
+            (FactorNames::AdaLora, Factor::E, None, "m.lora_E"),
+            (FactorNames::AdaLora, Factor::B, Some("x"), "m.lora_B.x"),
         ];
         for (names, factor, name, tail) in cases {
             let key = named_key("m", names, factor, name);
@@ -127,7 +135,7 @@ mod tests {
         assert_eq!(f, Factor::Magnitude);
         for bad in [
             "m.lora_embedding_A.weight",
-            "m.lora_A",
+            "m.lora_E.weight",
             "m.lora_magnitude_vector.x",
             "lora_A.weight",
         ] {

@@ -50,7 +50,7 @@ pub const ADAPTER_FILE: &str = "adapter_model.safetensors";
 /// The config file of an adapter directory.
 pub const CONFIG_FILE: &str = "adapter_config.json";
 
-/// The `A` and `B` factors of one module (and DoRA's magnitude), as read from a file (on the
+/// The `A` and `B` factors of one module (and DoRA's magnitude, AdaLoRA's `E`), as read from a file (on the
 /// CPU, in the file's dtype).
 #[derive(Debug, Clone)]
 pub struct Factors {
@@ -65,6 +65,9 @@ pub struct Factors {
     /// DoRA's magnitude `[out]` and the key it was stored under, for a DoRA adapter
     /// (`use_dora`; checked to be present exactly then).
     pub magnitude: Option<(String, Tensor)>,
+    /// AdaLoRA's singular values `[r, 1]` and the key they were stored under, for an AdaLoRA
+    /// adapter (`peft_type: ADALORA`; checked to be present exactly then).
+    pub e: Option<(String, Tensor)>,
     /// The rank, checked to agree between `A`, `B` and the config when read.
     pub(crate) rank: usize,
     /// How the keys name the factors: `lora_A`/`lora_B` or `lora_embedding_A`/`_B`.
@@ -77,7 +80,8 @@ impl Factors {
         self.rank
     }
     /// How the file names these factors: [`FactorNames::Embedding`] for
-    /// `lora_embedding_A` / `lora_embedding_B` (an embedding layer), else [`FactorNames::Lora`].
+    /// `lora_embedding_A` / `lora_embedding_B` (an embedding layer), [`FactorNames::AdaLora`]
+    /// for AdaLoRA's bare `lora_A` / `lora_E` / `lora_B`, else [`FactorNames::Lora`].
     pub fn names(&self) -> FactorNames {
         self.names
     }

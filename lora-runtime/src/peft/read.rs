@@ -21,12 +21,13 @@ use crate::layout::FactorNames;
 /// A factor read from a file, with its key and naming (`None` until seen).
 type KeyedTensor = Option<(String, Tensor, FactorNames)>;
 
-/// What a file holds for one module: `A`, `B` and DoRA's magnitude.
+/// What a file holds for one module: `A`, `B`, DoRA's magnitude and AdaLoRA's `E`.
 #[derive(Default)]
 struct ModuleTensors {
     a: KeyedTensor,
     b: KeyedTensor,
     magnitude: KeyedTensor,
+    e: KeyedTensor,
 }
 
 pub(crate) fn candle_of(dtype: Dtype) -> Option<DType> {
@@ -256,7 +257,11 @@ impl AdapterFile {
                 (Factor::Magnitude, _) => {
                     (view.shape().len() != 1).then_some("a vector [out_features]")
                 }
-                (_, FactorNames::Embedding) => (view.shape().len() != 2).then_some("a matrix"),
+                (Factor::E, _) => (view.shape().len() != 2 || view.shape()[1] != 1)
+                    .then_some("a column [r, 1] (AdaLoRA's singular values)"),
+                (_, FactorNames::Embedding | FactorNames::AdaLora) => {
+                    (view.shape().len() != 2).then_some("a matrix")
+                }
                 (_, FactorNames::Lora) => (!(2..=4).contains(&view.shape().len())).then_some(
                     "a matrix (linear layers) or a kernel of 1 or 2 spatial dimensions \
                      (Conv1d, Conv2d; Conv3d is not supported)",
@@ -282,6 +287,7 @@ impl AdapterFile {
                 Factor::A => &mut slot.a,
                 Factor::B => &mut slot.b,
                 Factor::Magnitude => &mut slot.magnitude,
+                Factor::E => &mut slot.e,
             };
             if let Some((other, _, _)) = slot {
                 return Err(Error::bad_tensor(
@@ -294,34 +300,35 @@ impl AdapterFile {
         }
 
         let mut factors = BTreeMap::new();
-        for (module, ModuleTensors { a, b, magnitude }) in halves {
-            let ((a_key, a, names), (b_key, b, b_names)) = match (a, b, &magnitude) {
-                (Some(a), Some(b), _) => (a, b),
-                (Some((k, _, names)), None, _) => {
-                    let other = names.factor_name(Factor::B);
-                    return Err(Error::bad_tensor(
-                        file,
-                        k,
-                        format!("has no matching {other}"),
-                    ));
-                }
-                (None, Some((k, _, names)), _) => {
-                    let other = names.factor_name(Factor::A);
-                    return Err(Error::bad_tensor(
-                        file,
-                        k,
-                        format!("has no matching {other}"),
-                    ));
-                }
-                (None, None, Some((k, _, _))) => {
-                    return Err(Error::bad_tensor(
-                        file,
-                        k,
-                        "has no matching lora_A and lora_B",
-                    ))
-                }
-                (None, None, None) => continue,
-            };
+        for (module, ModuleTensors { a, b, magnitude, e }) in halves {
+            let ((a_key, a, names), (b_key, b, b_names)) =
+                match (a, b, magnitude.as_ref().or(e.as_ref())) {
+                    (Some(a), Some(b), _) => (a, b),
+                    (Some((k, _, names)), None, _) => {
+                        let other = names.factor_name(Factor::B);
+                        return Err(Error::bad_tensor(
+                            file,
+                            k,
+                            format!("has no matching {other}"),
+                        ));
+                    }
+                    (None, Some((k, _, names)), _) => {
+                        let other = names.factor_name(Factor::A);
+                        return Err(Error::bad_tensor(
+                            file,
+                            k,
+                            format!("has no matching {other}"),
+                        ));
+                    }
+                    (None, None, Some((k, _, _))) => {
+                        return Err(Error::bad_tensor(
+                            file,
+                            k,
+                            "has no matching lora_A and lora_B",
+                        ))
+                    }
+                    (None, None, None) => continue,
+                };
             if names != b_names {
                 return Err(Error::bad_tensor(
                     file,
@@ -362,6 +369,61 @@ impl AdapterFile {
                     format!("has rank {ra} but {} says r = {expected} for `{module}` (field `r` / `rank_pattern`)", config_path.display()),
                 ));
             }
+            let e = match (e, config.adalora.is_some()) {
+                (Some((k, e, _)), true) => {
+                    if names != FactorNames::AdaLora {
+                        return Err(Error::bad_tensor(
+                            file,
+                            a_key,
+                            "is stored with `.weight`, but AdaLoRA's factors are bare parameters \
+                             (`<module>.lora_A`, `.lora_E`, `.lora_B`)",
+                        ));
+                    }
+                    if e.dims() != [ra, 1] {
+                        return Err(Error::bad_tensor(
+                            file,
+                            k,
+                            format!(
+                                "has shape {:?} but `{a_key}` has rank {ra}: expected [{ra}, 1]",
+                                e.dims()
+                            ),
+                        ));
+                    }
+                    Some((k, e))
+                }
+                (Some((k, _, _)), false) => {
+                    return Err(Error::bad_tensor(
+                        file,
+                        k,
+                        format!(
+                            "is AdaLoRA's `lora_E` but {} does not say `peft_type: ADALORA`",
+                            config_path.display()
+                        ),
+                    ))
+                }
+                (None, true) => {
+                    return Err(Error::bad_tensor(
+                        file,
+                        a_key,
+                        format!(
+                            "{} says `peft_type: ADALORA` but `{module}` has no `lora_E`",
+                            config_path.display()
+                        ),
+                    ))
+                }
+                (None, false) if names == FactorNames::AdaLora => {
+                    return Err(Error::bad_tensor(
+                        file,
+                        a_key,
+                        format!(
+                            "has no `.weight` suffix, as AdaLoRA's factors, but {} does not say \
+                             `peft_type: ADALORA` (a LoRA factor is `<module>.lora_A.weight`)",
+                            config_path.display()
+                        ),
+                    ))
+                }
+                (None, false) => None,
+            };
             let magnitude = magnitude.map(|(k, m, _)| (k, m));
             match (&magnitude, config.use_dora) {
                 (Some((k, _)), true) if names == FactorNames::Embedding || a.rank() != 2 => {
@@ -422,6 +484,7 @@ impl AdapterFile {
                     a_key,
                     b_key,
                     magnitude,
+                    e,
                     rank: ra,
                     names,
                 },

@@ -191,7 +191,7 @@ pub(crate) fn save_layers(
         layer.base_fingerprint().map_err(|e| e.at(path))
     });
     for (&(path, layer, ad), fingerprint) in layers.iter().zip(fingerprints) {
-        let names = layer.factor_layout(ad.rank()).names();
+        let names = layer.factor_names(ad);
         for (factor, var) in ad.vars() {
             let key = peft_key(path, names, factor);
             let (dtype, bytes) = tensor_bytes(var.as_tensor(), &tensor_path, &key)?;
@@ -251,6 +251,9 @@ fn config_for(layers: &[SavedLayer<'_>], all: &[&str]) -> Result<LoraConfig> {
         .iter()
         .map(|&(p, l, a)| (p, a, l.fan_in_fan_out()))
         .collect();
+    if adapters.iter().any(|(_, a, _)| a.is_adalora()) {
+        return adalora_config_for(&adapters, all);
+    }
     let use_dora = adapters.iter().any(|(_, a, _)| a.is_dora());
     if let Some((path, _, _)) = adapters.iter().find(|(_, a, _)| a.is_dora() != use_dora) {
         return Err(Error::InvalidConfig {
@@ -276,24 +279,7 @@ fn config_for(layers: &[SavedLayer<'_>], all: &[&str]) -> Result<LoraConfig> {
         }
     };
     let alpha = mode(adapters.iter().map(|(_, a, _)| effective_alpha(a))).unwrap_or(8.0);
-    let mut names: Vec<String> = adapters
-        .iter()
-        .map(|(p, _, _)| p.rsplit('.').next().unwrap_or(p).to_string())
-        .collect();
-    names.sort();
-    names.dedup();
-    // PEFT matches a name against a path's last components: the short names say exactly what
-    // was adapted only if they select no other LoRA layer of the model; else list full paths.
-    let adapted: std::collections::HashSet<&str> = adapters.iter().map(|(p, _, _)| *p).collect();
-    let by_names = LoraConfig::new(rank, alpha, names.clone());
-    if all
-        .iter()
-        .any(|p| !adapted.contains(p) && by_names.targets_module(p))
-    {
-        names = adapters.iter().map(|(p, _, _)| (*p).to_string()).collect();
-        names.sort();
-    }
-    let mut config = LoraConfig::new(rank, alpha, names);
+    let mut config = LoraConfig::new(rank, alpha, target_names(&adapters, all));
     config.use_rslora = use_rslora;
     config.use_dora = use_dora;
     config.dropout = adapters
@@ -316,6 +302,91 @@ fn config_for(layers: &[SavedLayer<'_>], all: &[&str]) -> Result<LoraConfig> {
         }
     }
     debug_assert!(matches!(config.targets, TargetModules::List(_)));
+    Ok(config)
+}
+
+/// The target names of `adapters`: their last path components, or full paths when those
+/// would select other LoRA layers of the model (`all`) as well (PEFT matches a name against a
+/// path's last components: the short names say exactly what was adapted only if they select no
+/// other LoRA layer).
+fn target_names(adapters: &[(&str, &Adapter, bool)], all: &[&str]) -> Vec<String> {
+    let mut names: Vec<String> = adapters
+        .iter()
+        .map(|(p, _, _)| p.rsplit('.').next().unwrap_or(p).to_string())
+        .collect();
+    names.sort();
+    names.dedup();
+    let adapted: std::collections::HashSet<&str> = adapters.iter().map(|(p, _, _)| *p).collect();
+    let by_names = LoraConfig::new(1, 1.0, names.clone());
+    if all
+        .iter()
+        .any(|p| !adapted.contains(p) && by_names.targets_module(p))
+    {
+        names = adapters.iter().map(|(p, _, _)| (*p).to_string()).collect();
+        names.sort();
+    }
+    names
+}
+
+/// The PEFT config of an AdaLoRA adapter: `peft_type: ADALORA`, `init_r` the common `ranknum`,
+/// one `lora_alpha`, the schedule of the adapters, and a `rank_pattern` that gives each layer
+/// holding fewer than `init_r` singular values that many `true`s (PEFT then builds the layer at
+/// that rank with `ranknum = init_r`, as this adapter has it).
+fn adalora_config_for(adapters: &[(&str, &Adapter, bool)], all: &[&str]) -> Result<LoraConfig> {
+    let invalid = |field: &str, reason: String| Error::InvalidConfig {
+        file: None,
+        field: field.into(),
+        reason,
+    };
+    if let Some((path, _, _)) = adapters.iter().find(|(_, a, _)| !a.is_adalora()) {
+        return Err(invalid(
+            "peft_type",
+            format!("layer `{path}` has a LoRA adapter while others use AdaLoRA: PEFT's config has one `peft_type` for the whole adapter"),
+        ));
+    }
+    let (_, first, _) = adapters[0];
+    let (init_r, alpha) = (first.ranknum().unwrap_or(first.rank()), first.alpha());
+    let schedule = first.adalora_schedule().copied().unwrap_or_default();
+    for (path, ad, _) in adapters {
+        if ad.ranknum() != Some(init_r) {
+            return Err(invalid(
+                "init_r",
+                format!("layer `{path}` has ranknum {:?} but others {init_r}: PEFT's AdaLoRA config has one `init_r`", ad.ranknum()),
+            ));
+        }
+        if ad.rank() > init_r {
+            return Err(invalid(
+                "init_r",
+                format!(
+                    "layer `{path}` has rank {} above its ranknum {init_r}",
+                    ad.rank()
+                ),
+            ));
+        }
+        if ad.alpha() != alpha {
+            return Err(invalid(
+                "lora_alpha",
+                format!("layer `{path}` has alpha {} but others {alpha}: PEFT's AdaLoRA config has one `lora_alpha`", ad.alpha()),
+            ));
+        }
+    }
+    let mut config = LoraConfig::adalora(init_r, alpha, target_names(adapters, all), schedule);
+    config.dropout = adapters
+        .iter()
+        .map(|(_, a, _)| f64::from(a.dropout()))
+        .fold(0.0, f64::max);
+    config.fan_in_fan_out = adapters.iter().any(|(_, _, f)| *f);
+    let pattern: std::collections::BTreeMap<String, Vec<bool>> = adapters
+        .iter()
+        .filter(|(_, ad, _)| ad.rank() < init_r)
+        .map(|(path, ad, _)| {
+            let mask = (0..init_r).map(|i| i < ad.rank()).collect();
+            (format!("{path}.lora_E"), mask)
+        })
+        .collect();
+    if let Some(adalora) = config.adalora.as_mut() {
+        adalora.rank_pattern = (!pattern.is_empty()).then_some(pattern);
+    }
     Ok(config)
 }
 

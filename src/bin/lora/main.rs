@@ -324,7 +324,10 @@ fn inspect(dir: PathBuf) -> Result<(), lora::Error> {
             .entry(format!("{:.6}", cfg.scaling_for(module)))
             .or_default() += 1;
         *dtypes.entry(format!("{:?}", f.a.dtype())).or_default() += 1;
-        params += f.a.elem_count() + f.b.elem_count();
+        params += f.a.elem_count()
+            + f.b.elem_count()
+            + f.magnitude.as_ref().map_or(0, |(_, m)| m.elem_count())
+            + f.e.as_ref().map_or(0, |(_, e)| e.elem_count());
     }
     let counted = |m: &BTreeMap<String, usize>| {
         m.iter()
@@ -350,12 +353,28 @@ fn inspect(dir: PathBuf) -> Result<(), lora::Error> {
     println!(
         "scaling:    {}{}",
         counted(&scalings),
-        if cfg.use_rslora {
+        if cfg.adalora.is_some() {
+            " (AdaLoRA: alpha/(ranknum + 1e-5))"
+        } else if cfg.use_rslora {
             " (rsLoRA: alpha/sqrt(r))"
         } else {
             " (alpha/r)"
         }
     );
+    if let Some(ada) = &cfg.adalora {
+        let s = &ada.schedule;
+        println!(
+            "adalora:    init_r {} (ranknum), target_r {}, {} modules with a rank pattern; \
+             tinit {}, tfinal {}, deltaT {}, total_step {}",
+            ada.init_r,
+            s.target_r,
+            ada.rank_pattern.as_ref().map_or(0, |p| p.len()),
+            s.tinit,
+            s.tfinal,
+            s.delta_t,
+            s.total_step.map_or("none".into(), |t| t.to_string()),
+        );
+    }
     println!("targets:    {targets}");
     println!("fan_in_fan_out: {}", cfg.fan_in_fan_out);
     println!("parameters: {params}");

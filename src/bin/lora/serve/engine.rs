@@ -312,18 +312,25 @@ pub fn load(
     // Sequences of different adapters share each decoding step, and a DoRA adapter rescales
     // its rows' base output, which mixed-adapter batches do not do: refused here, by name,
     // rather than failing every request for it.
-    let dora = model
-        .lora_layers()
-        .iter()
-        .any(|(_, l, _)| l.adapter_named(name).is_some_and(lora::Adapter::is_dora));
-    if dora {
+    // AdaLoRA adapters are not routed either.
+    let kind = model.lora_layers().iter().find_map(|(_, l, _)| {
+        let ad = l.adapter_named(name)?;
+        if ad.is_dora() {
+            Some("a DoRA adapter (`use_dora`)")
+        } else if ad.is_adalora() {
+            Some("an AdaLoRA adapter (`peft_type: ADALORA`)")
+        } else {
+            None
+        }
+    });
+    if let Some(kind) = kind {
         model
             .delete_adapter(name)
             .map_err(|e| ApiError::server(e.to_string()))?;
         return Err(ApiError::bad_field(
             "lora_path",
             format!(
-                "cannot serve `{path}`: it is a DoRA adapter (`use_dora`), and mixed-adapter batches support plain LoRA adapters only; fold it into the base with `lora merge` and serve the merged model"
+                "cannot serve `{path}`: it is {kind}, and mixed-adapter batches support plain LoRA adapters only; fold it into the base with `lora merge` and serve the merged model"
             ),
         ));
     }
