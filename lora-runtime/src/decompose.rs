@@ -155,7 +155,7 @@ fn top_svd(w: &DMatrix<f64>, r: usize) -> LayerResult<(DMatrix<f64>, Vec<f64>, D
         .map(|&k| eig.eigenvalues[k].max(0.0).sqrt())
         .collect();
     let smallest = s_r.last().copied().unwrap_or(0.0);
-    if pick.len() < r || !(smallest > s_r[0] * 1e-6) {
+    if pick.len() < r || smallest <= s_r[0] * 1e-6 {
         return full_svd(w, r);
     }
     // The eigenvectors are one side's singular vectors; the other side is `W v / s` or `W^T u / s`.
