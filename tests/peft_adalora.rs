@@ -562,6 +562,14 @@ fn refusals_are_clear() -> Result<()> {
         matches!(err, LayerError::FactorShape { .. } | LayerError::Refused(_)),
         "{err}"
     );
+    // Saving without `total_step` (PEFT would refuse the file): refused, nothing written.
+    let mut l = LoraLinear::new(Tensor::randn(0f32, 1.0, (5, 6), &dev)?, None);
+    let no_total = LayerConfig::new(2, 4.0).with_adalora(Some(AdaLoraSchedule::default()));
+    l.init_adapter_with(&VarMap::new(), &InitOptions::default().with_config(no_total))?;
+    let dir = tempfile::tempdir()?;
+    let err = l.save_adapter(dir.path().join("a")).unwrap_err();
+    assert!(err.to_string().contains("total_step"), "{err}");
+    assert!(!dir.path().join("a").exists());
     // DoRA with AdaLoRA.
     let l = LoraLinear::new(Tensor::randn(0f32, 1.0, (5, 6), &dev)?, None);
     let err = l.fresh_adapter(&config.with_dora(true), 0).unwrap_err();

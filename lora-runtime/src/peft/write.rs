@@ -347,6 +347,15 @@ fn adalora_config_for(adapters: &[(&str, &Adapter, bool)], all: &[&str]) -> Resu
     let (_, first, _) = adapters[0];
     let (init_r, alpha) = (first.ranknum().unwrap_or(first.rank()), first.alpha());
     let schedule = first.adalora_schedule().copied().unwrap_or_default();
+    if schedule.total_step.is_none() {
+        // PEFT's `AdaLoraConfig` refuses a config without it: the file would not load there.
+        return Err(invalid(
+            "total_step",
+            "an AdaLoRA adapter is saved with its schedule's `total_step` (PEFT refuses a config \
+             without it): set it in the `AdaLoraSchedule`"
+                .into(),
+        ));
+    }
     for (path, ad, _) in adapters {
         if ad.ranknum() != Some(init_r) {
             return Err(invalid(
