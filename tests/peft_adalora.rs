@@ -565,7 +565,10 @@ fn refusals_are_clear() -> Result<()> {
     // Saving without `total_step` (PEFT would refuse the file): refused, nothing written.
     let mut l = LoraLinear::new(Tensor::randn(0f32, 1.0, (5, 6), &dev)?, None);
     let no_total = LayerConfig::new(2, 4.0).with_adalora(Some(AdaLoraSchedule::default()));
-    l.init_adapter_with(&VarMap::new(), &InitOptions::default().with_config(no_total))?;
+    l.init_adapter_with(
+        &VarMap::new(),
+        &InitOptions::default().with_config(no_total),
+    )?;
     let dir = tempfile::tempdir()?;
     let err = l.save_adapter(dir.path().join("a")).unwrap_err();
     assert!(err.to_string().contains("total_step"), "{err}");
