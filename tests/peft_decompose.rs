@@ -16,6 +16,9 @@ use lora::peft::{convert_to_lora, AdapterFile};
 use lora::prelude::*;
 use lora::{InitOptions, LoraInit, LoraLayer};
 
+mod common;
+use common::max_abs_diff as max_diff;
+
 const CASES: [&str; 3] = ["pissa", "pissa_niter_2", "olora"];
 
 /// `v_proj(q_proj(x))`, mirrored from the fixture script's `Net`.
@@ -75,18 +78,7 @@ fn io(dir: &Path) -> (Tensor, Tensor) {
 }
 
 fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    max_abs(&(a - b).unwrap())
+    max_diff(t, &t.zeros_like().unwrap())
 }
 
 fn frobenius(t: &Tensor) -> f32 {

@@ -204,6 +204,26 @@ impl LoraLinear {
         })
     }
 
+    /// `s B A` as two thin factors `(L, R)` of the stored layout, flattened for the CPU kernels
+    /// (`a` is the adapter's `A`, or AdaLoRA's `A * E`): `W [out, in] + (s B) A`, or for a weight
+    /// stored `[in, out]` (`fan_in_fan_out`) `+ A^T (s B)^T`.
+    fn stored_low_rank(
+        &self,
+        a: &Tensor,
+        ad: &Adapter,
+    ) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
+        let sb = ad.b().as_tensor().detach().affine(ad.scaling(), 0.0)?;
+        let (l, r) = if self.fan_in_fan_out {
+            (a.t()?, sb.t()?)
+        } else {
+            (sb, a.detach())
+        };
+        Ok((
+            l.contiguous()?.flatten_all()?.to_vec1::<f32>()?,
+            r.contiguous()?.flatten_all()?.to_vec1::<f32>()?,
+        ))
+    }
+
     /// The CPU fast path of the merge for an f32 layer: `W + s B A` in one pass over `W` with
     /// the finite check folded in (see `kernels::add_low_rank`).
     fn merge_on_cpu(&self, ad: &Adapter) -> LayerResult<CpuMerge> {
@@ -221,15 +241,7 @@ impl LoraLinear {
             return Ok(CpuMerge::NotApplicable);
         };
         let w = &storage.as_slice::<f32>()?[start..end];
-        let sb = b.detach().affine(ad.scaling(), 0.0)?;
-        // W [out, in] += sB [out, r] A [r, in]; stored [in, out] (fan_in_fan_out): += A^T (sB)^T.
-        let (l, rt) = if self.fan_in_fan_out {
-            (a.t()?, sb.t()?)
-        } else {
-            (sb, a.detach())
-        };
-        let l = l.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let rt = rt.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let (l, rt) = self.stored_low_rank(a, ad)?;
         let mut out = vec![0f32; w.len()];
         let finite = kernels::add_low_rank(w, &l, &rt, ad.rank(), cols, &mut out)?;
         drop(guard);
@@ -250,15 +262,8 @@ impl LoraLinear {
             return Ok(None);
         }
         let (_, cols) = w.dims2()?;
-        let sb = b.detach().affine(ad.scaling(), 0.0)?;
-        // W [out, in] + sB A, norms of rows; stored [in, out]: + A^T (sB)^T, norms of columns.
-        let (l, rt) = if self.fan_in_fan_out {
-            (a.t()?, sb.t()?)
-        } else {
-            (sb, a.detach())
-        };
-        let l = l.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let rt = rt.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        // Norms of the rows of `W + sB A`; stored [in, out]: of the columns.
+        let (l, rt) = self.stored_low_rank(a, ad)?;
         let (guard, layout) = w.storage_and_layout();
         let (candle_core::Storage::Cpu(storage), Some((start, end))) =
             (&*guard, layout.contiguous_offsets())
