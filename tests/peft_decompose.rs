@@ -257,6 +257,17 @@ fn a_pissa_adapter_made_here_converts_for_the_original_base() {
     let _ = DType::F32;
 }
 
+/// `convert_to_lora` refuses an AdaLoRA adapter (its `lora_E` would be lost) and writes nothing.
+#[test]
+fn converting_an_adalora_adapter_is_refused() {
+    let dir =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft/adalora/plain/adapter");
+    let out = tempfile::tempdir().unwrap();
+    let err = convert_to_lora(&dir, &dir, out.path().join("c")).unwrap_err();
+    assert!(err.to_string().contains("AdaLoRA"), "{err}");
+    assert!(!out.path().join("c").exists());
+}
+
 /// Refusals: a layer kind without it, DoRA with it, a rank above the weight's.
 #[test]
 fn bad_decompositions_are_refused_and_change_nothing() {

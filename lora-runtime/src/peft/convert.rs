@@ -23,7 +23,7 @@ use crate::fs::{RealFs, Staging};
 ///
 /// # Errors
 /// Errors reading either adapter (naming the file), [`Error::InvalidConfig`] when the two do
-/// not describe the same modules with the same ranks or use DoRA, or rsLoRA with rank or alpha
+/// not describe the same modules with the same ranks or use DoRA or AdaLoRA, or rsLoRA with rank or alpha
 /// patterns (which PEFT refuses too), and I/O errors writing `out`.
 pub fn convert_to_lora(
     trained: impl AsRef<Path>,
@@ -43,6 +43,12 @@ pub fn convert_to_lora(
         return Err(invalid(
             "use_dora",
             "a DoRA adapter is not a low-rank change of the weight: it cannot be converted".into(),
+        ));
+    }
+    if t.config.adalora.is_some() || i.config.adalora.is_some() {
+        return Err(invalid(
+            "peft_type",
+            "an AdaLoRA adapter has no PiSSA / OLoRA initialisation to convert from".into(),
         ));
     }
     if t.config.use_rslora
