@@ -80,7 +80,7 @@ fn forward(c: &mut Criterion) {
         shape.push(d);
         let x = randn(&shape, 1.0, &mut rng);
         let unmerged = lora_layer(d, d, true, &mut rng);
-        let base = Linear::new(unmerged.weight().clone(), unmerged.bias().cloned());
+        let base = Linear::new(unmerged.weight().unwrap().clone(), unmerged.bias().cloned());
         let mut merged = unmerged.clone();
         merged.merge().unwrap();
         // The general (unfused) path, which a layer whose base weight needs a gradient takes:
@@ -162,7 +162,7 @@ fn merge(c: &mut Criterion) {
             // The general path merge() takes off the CPU or for other dtypes: the delta as a
             // tensor, the add, the finite check as a reduction.
             ("general_path", &mut || {
-                let merged = (general.weight() + general.delta_weight().unwrap()).unwrap();
+                let merged = (general.weight().unwrap() + general.delta_weight().unwrap()).unwrap();
                 let _finite = merged
                     .sum_all()
                     .unwrap()

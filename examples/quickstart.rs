@@ -64,7 +64,7 @@ pub fn run() -> Result<(f32, f32)> {
     println!("saved to and loaded from {}: same outputs", dir.display());
 
     // Merge: W += (alpha / r) B A, so the forward costs what the base's does. Unmerge restores W.
-    let w = model.fc1.weight().to_vec2::<f32>()?;
+    let w = model.fc1.weight()?.to_vec2::<f32>()?;
     model.merge()?;
     let diff = (model.forward(&x)? - &y_trained)?
         .abs()?
@@ -73,7 +73,7 @@ pub fn run() -> Result<(f32, f32)> {
     ensure!(model.is_merged());
     ensure!(diff < 1e-4, "merged output off by {diff}");
     model.unmerge()?;
-    ensure!(!model.is_merged() && model.fc1.weight().to_vec2::<f32>()? == w);
+    ensure!(!model.is_merged() && model.fc1.weight()?.to_vec2::<f32>()? == w);
     println!("merged: outputs within {diff:.1e}; unmerged: fc1's weight back bit for bit");
     Ok((first, last))
 }

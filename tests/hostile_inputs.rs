@@ -51,7 +51,7 @@ fn snapshot(m: &Attn) -> Vec<(String, Vec<u32>)> {
     let mut out = vec![("k_proj.weight".to_string(), bits(m.k_proj.weight()))];
     for (p, l, _) in m.lora_layers() {
         let l = common::linear(l);
-        out.push((format!("{p}.weight"), bits(l.weight())));
+        out.push((format!("{p}.weight"), bits(l.weight().unwrap())));
         out.push((format!("{p}.bias"), l.bias().map(bits).unwrap_or_default()));
         out.push((format!("{p}.merged"), vec![u32::from(l.is_merged())]));
         if let Some(ad) = l.adapter() {
@@ -563,7 +563,7 @@ fn save_records_fingerprints_and_loading_onto_another_base_is_refused_unless_opt
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let meta = meta.metadata().clone().unwrap();
     assert_eq!(meta.get("format").map(String::as_str), Some("pt"));
-    let fp = lora::peft::BaseFingerprint::of(m.q_proj.weight()).unwrap();
+    let fp = lora::peft::BaseFingerprint::of(m.q_proj.weight().unwrap()).unwrap();
     assert_eq!(
         meta.get("lora.base_fingerprint.q_proj"),
         Some(&fp.to_string())
@@ -591,8 +591,14 @@ fn save_records_fingerprints_and_loading_onto_another_base_is_refused_unless_opt
     assert!(other.q_proj.adapter().is_some());
     // The same base in another dtype: only the shape is compared.
     let mut half = model(2);
-    half.q_proj = LoraLinear::new(m.q_proj.weight().to_dtype(DType::BF16).unwrap(), None);
-    half.v_proj = LoraLinear::new(m.v_proj.weight().to_dtype(DType::BF16).unwrap(), None);
+    half.q_proj = LoraLinear::new(
+        m.q_proj.weight().unwrap().to_dtype(DType::BF16).unwrap(),
+        None,
+    );
+    half.v_proj = LoraLinear::new(
+        m.v_proj.weight().unwrap().to_dtype(DType::BF16).unwrap(),
+        None,
+    );
     half.load_adapter(dir.path()).unwrap();
     // A different shape never loads (a shape error, whatever the options).
     let mut wide = model(1);

@@ -84,7 +84,7 @@ fn switching_adapters_is_exact_and_names_are_checked() {
     let weights: Vec<Vec<u32>> = m
         .lora_layers()
         .iter()
-        .map(|(_, l, _)| bits(common::linear(*l).weight()))
+        .map(|(_, l, _)| bits(common::linear(*l).weight().unwrap()))
         .collect();
     let y_default = m.forward(&x).unwrap();
     m.set_active_adapter(Some("b")).unwrap();
@@ -106,7 +106,7 @@ fn switching_adapters_is_exact_and_names_are_checked() {
     let after: Vec<Vec<u32>> = m
         .lora_layers()
         .iter()
-        .map(|(_, l, _)| bits(common::linear(*l).weight()))
+        .map(|(_, l, _)| bits(common::linear(*l).weight().unwrap()))
         .collect();
     assert_eq!(weights, after, "switching never touches base weights");
 

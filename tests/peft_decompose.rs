@@ -53,7 +53,7 @@ impl Net {
     fn weights(&self) -> HashMap<&'static str, Tensor> {
         [("q_proj", &self.q_proj), ("v_proj", &self.v_proj)]
             .into_iter()
-            .map(|(n, l)| (n, l.weight().clone()))
+            .map(|(n, l)| (n, l.weight().unwrap().clone()))
             .collect()
     }
 

@@ -37,7 +37,7 @@ fn lin(layer: &dyn LoraLayer) -> &LoraLinear {
 /// The weight of a visited layer of any kind (merged when merged).
 fn weight_of(layer: &dyn LoraLayer) -> Tensor {
     if let Some(l) = layer.downcast_ref::<LoraLinear>() {
-        l.weight().clone()
+        l.weight().unwrap().clone()
     } else if let Some(l) = layer.downcast_ref::<LoraEmbedding>() {
         l.weight().clone()
     } else if let Some(l) = layer.downcast_ref::<LoraConv1d>() {
@@ -891,13 +891,13 @@ fn half_model_merge_errors() -> Result<(f32, f32)> {
         let layer = lin(layer);
         let name = format!("{path}.weight");
         ensure!(
-            layer.weight().dtype() == DType::BF16,
+            layer.weight().unwrap().dtype() == DType::BF16,
             "{name} is {:?}",
-            layer.weight().dtype()
+            layer.weight().unwrap().dtype()
         );
         let reference = tensor(&merged_ref, &name)?;
-        elementwise = elementwise.max(bf16_ulps(layer.weight(), &reference)?);
-        let (o, r) = (f32s(layer.weight())?, f32s(&reference)?);
+        elementwise = elementwise.max(bf16_ulps(layer.weight().unwrap(), &reference)?);
+        let (o, r) = (f32s(layer.weight().unwrap())?, f32s(&reference)?);
         let max_ref = r.iter().fold(0f32, |m, x| m.max(x.abs()));
         let max_diff = o
             .iter()
@@ -909,7 +909,7 @@ fn half_model_merge_errors() -> Result<(f32, f32)> {
     for (path, layer, _) in model.lora_layers() {
         assert_bit_equal(
             &format!("half: {path}.weight after unmerge"),
-            lin(layer).weight(),
+            lin(layer).weight().unwrap(),
             &tensor(&base, &format!("{path}.weight"))?,
         )?;
     }

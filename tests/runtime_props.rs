@@ -58,16 +58,16 @@ proptest! {
         let mut l = random_layer(&Spec { seed, inp, out, r, alpha, rslora, bias, fan_in_fan_out });
         let x = tensor(seed + 3, &[batch, seq, inp], 1.0);
         let unmerged = l.forward(&x).unwrap();
-        let w0 = bits(l.weight());
+        let w0 = bits(l.weight().unwrap());
         let ad = l.adapter().unwrap().clone();
-        let w_out_in = if fan_in_fan_out { l.weight().t().unwrap() } else { l.weight().clone() };
+        let w_out_in = if fan_in_fan_out { l.weight().unwrap().t().unwrap() } else { l.weight().unwrap().clone() };
         let bound = lora_bound(&x.reshape((batch * seq, inp)).unwrap(), &w_out_in, l.bias(), ad.a(), ad.b(), ad.scaling())
             .reshape((batch, seq, out)).unwrap();
         l.merge().unwrap();
         let merged = l.forward(&x).unwrap();
         assert_within(&merged, &unmerged, &bound, "merged vs unmerged");
         l.unmerge().unwrap();
-        prop_assert_eq!(bits(l.weight()), w0);
+        prop_assert_eq!(bits(l.weight().unwrap()), w0);
         prop_assert_eq!(bits(&l.forward(&x).unwrap()), bits(&unmerged));
     }
 
@@ -93,7 +93,7 @@ proptest! {
         ];
         let dir = tempfile::tempdir().unwrap();
         model.save_adapter(dir.path()).unwrap();
-        let mut fresh: Vec<LoraLinear> = model.iter().map(|l| LoraLinear::new(l.weight().clone(), l.bias().cloned())).collect();
+        let mut fresh: Vec<LoraLinear> = model.iter().map(|l| LoraLinear::new(l.weight().unwrap().clone(), l.bias().cloned())).collect();
         fresh.load_adapter(dir.path()).unwrap();
         let x = tensor(seed + 5, &[2, inp], 1.0);
         for (a, b) in model.iter().zip(&fresh) {
@@ -147,7 +147,7 @@ fn mixed_rslora_layers_save_with_an_equivalent_alpha() {
     assert_eq!(config.alpha_pattern.len(), 1, "{config:?}");
     let mut fresh: Vec<LoraLinear> = model
         .iter()
-        .map(|l| LoraLinear::new(l.weight().clone(), None))
+        .map(|l| LoraLinear::new(l.weight().unwrap().clone(), None))
         .collect();
     fresh.load_adapter(dir.path()).unwrap();
     for (a, b) in model.iter().zip(&fresh) {
@@ -187,7 +187,7 @@ fn init_adapter_registers_peft_names_and_only_adapters_train() {
         .sum_all()
         .unwrap();
     let grads = loss.backward().unwrap();
-    assert!(grads.get(model[0].weight()).is_none());
+    assert!(grads.get(model[0].weight().unwrap()).is_none());
     assert!(grads
         .get(model[0].adapter().unwrap().a().as_tensor())
         .is_some());
@@ -220,7 +220,10 @@ fn merge_is_all_or_nothing_and_refuses_double_merge_and_merged_loads() {
             fan_in_fan_out: false,
         }),
     ];
-    let w = [bits(model[0].weight()), bits(model[1].weight())];
+    let w = [
+        bits(model[0].weight().unwrap()),
+        bits(model[1].weight().unwrap()),
+    ];
     model[1]
         .adapter()
         .unwrap()
@@ -233,7 +236,13 @@ fn merge_is_all_or_nothing_and_refuses_double_merge_and_merged_loads() {
         "{err}"
     );
     assert!(!model.is_merged());
-    assert_eq!([bits(model[0].weight()), bits(model[1].weight())], w);
+    assert_eq!(
+        [
+            bits(model[0].weight().unwrap()),
+            bits(model[1].weight().unwrap())
+        ],
+        w
+    );
 
     model[1]
         .adapter()
@@ -250,7 +259,13 @@ fn merge_is_all_or_nothing_and_refuses_double_merge_and_merged_loads() {
         Err(lora::Error::Merged { .. })
     ));
     model.unmerge().unwrap();
-    assert_eq!([bits(model[0].weight()), bits(model[1].weight())], w);
+    assert_eq!(
+        [
+            bits(model[0].weight().unwrap()),
+            bits(model[1].weight().unwrap())
+        ],
+        w
+    );
     assert!(matches!(model.unmerge(), Err(lora::Error::NotMerged)));
 }
 
@@ -289,7 +304,7 @@ fn half_precision_merges_through_an_f32_delta() {
             .b()
             .set(&tensor(2, &[32, 4], 0.5))
             .unwrap();
-        let w0 = l.weight().clone();
+        let w0 = l.weight().unwrap().clone();
         let delta = l.delta_weight().unwrap();
         assert_eq!(delta.dtype(), DType::F32);
         l.merge().unwrap();
@@ -303,12 +318,12 @@ fn half_precision_merges_through_an_f32_delta() {
         };
         let bound = reference.abs().unwrap().affine(rel as f64, 1e-6).unwrap();
         assert_within(
-            &l.weight().to_dtype(DType::F32).unwrap(),
+            &l.weight().unwrap().to_dtype(DType::F32).unwrap(),
             &reference,
             &bound,
             "half merge",
         );
         l.unmerge().unwrap();
-        assert_eq!(bits(l.weight()), bits(&w0));
+        assert_eq!(bits(l.weight().unwrap()), bits(&w0));
     }
 }

@@ -289,9 +289,17 @@ pub enum LayerError {
     /// The layer cannot do what was asked (training a merged layer, combining unequal ranks, ...).
     #[error("{0}")]
     Refused(String),
+    /// The operation needs a dense base weight and the layer's is quantized (a QLoRA layer).
+    #[error("the base weight is quantized (GGUF): {0}")]
+    Quantized(String),
 }
 
 impl LayerError {
+    /// [`LayerError::Quantized`], saying what was asked.
+    pub(crate) fn quantized(what: &str) -> Self {
+        Self::Quantized(what.to_string())
+    }
+
     /// The refusal of a DoRA adapter (`use_dora`) by a layer kind without DoRA (embeddings,
     /// convolutions, custom kinds that do not override
     /// [`supports_dora`](crate::LoraLayer::supports_dora)).
@@ -305,8 +313,8 @@ impl LayerError {
 
     pub(crate) fn dora_unsupported() -> Self {
         Self::Refused(
-            "DoRA (`use_dora`) is supported on linear layers only: this layer kind (an embedding, \
-             a convolution, ...) takes plain LoRA adapters"
+            "DoRA (`use_dora`) is supported on linear layers with a dense base only: this layer \
+             (an embedding, a convolution, a quantized base, ...) takes plain LoRA adapters"
                 .into(),
         )
     }

@@ -21,7 +21,7 @@
 //! layer.merge()?;
 //! assert!(layer.is_merged());
 //! layer.unmerge()?;
-//! assert_eq!(layer.weight().to_vec2::<f32>()?, w.to_vec2::<f32>()?); // bit for bit
+//! assert_eq!(layer.weight()?.to_vec2::<f32>()?, w.to_vec2::<f32>()?); // bit for bit
 //! assert_eq!(layer.forward(&x)?.to_vec2::<f32>()?, before.to_vec2::<f32>()?);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```

@@ -73,6 +73,7 @@ pub use fingerprint::BaseFingerprint;
 pub use fs::write_atomically;
 pub use layer::{
     FrozenLinear, LoraConv1d, LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear, MergedWeight,
+    QuantizedWeight,
 };
 pub use model::{LoraModel, ModulePath, VisitFn, VisitMutFn};
 pub use peft::{LoadOptions, SaveOptions};

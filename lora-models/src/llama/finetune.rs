@@ -29,7 +29,11 @@ fn unfreeze_linear(
     path: &str,
     layer: &LoraLinear,
 ) -> Result<LoraLinear> {
-    let weight = var(vars, format!("{path}.weight"), layer.weight())?;
+    let weight = var(
+        vars,
+        format!("{path}.weight"),
+        layer.weight().map_err(|e| e.at(path))?,
+    )?;
     let bias = match layer.bias() {
         Some(b) => Some(var(vars, format!("{path}.bias"), b)?),
         None => None,
@@ -116,11 +120,15 @@ impl CausalLm for LlamaForCausalLM {
             "model.embed_tokens.weight".into(),
             m.embed_tokens.embeddings().clone(),
         ));
-        let mut linear = |path: String, l: &LoraLinear| {
-            tensors.push((format!("{path}.weight"), l.weight().clone()));
+        let mut linear = |path: String, l: &LoraLinear| -> Result<()> {
+            tensors.push((
+                format!("{path}.weight"),
+                l.weight().map_err(|e| e.at(&path))?.clone(),
+            ));
             if let Some(b) = l.bias() {
                 tensors.push((format!("{path}.bias"), b.clone()));
             }
+            Ok(())
         };
         for (i, layer) in m.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
@@ -134,11 +142,11 @@ impl CausalLm for LlamaForCausalLM {
                 ("mlp.up_proj", &layer.mlp.up_proj),
                 ("mlp.down_proj", &layer.mlp.down_proj),
             ] {
-                linear(format!("{p}.{name}"), l);
+                linear(format!("{p}.{name}"), l)?;
             }
         }
         if !self.config().tie_word_embeddings {
-            linear("lm_head".into(), &self.lm_head);
+            linear("lm_head".into(), &self.lm_head)?;
         }
         for (i, layer) in m.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");

@@ -29,7 +29,8 @@ use crate::decompose::decompose;
 use crate::error::{LayerError, LayerResult};
 use crate::fingerprint::BaseFingerprint;
 use crate::kernels;
-use crate::layer::weight::BaseWeight;
+use crate::layer::quantized::QuantizedWeight;
+use crate::layer::weight::{BaseWeight, Frozen, LinearWeight, MERGE};
 use crate::layer::{LoraLayer, MergedWeight};
 use crate::rng::DropoutRng;
 use crate::routing::{Routing, RoutingTarget};
@@ -46,12 +47,15 @@ use crate::routing::{Routing, RoutingTarget};
 /// base layer's.
 ///
 /// The base weight and bias are detached plain tensors: no gradient flows into them. (For a
-/// full fine-tuning baseline, [`LoraLinear::new_unfrozen`] keeps them attached.)
+/// full fine-tuning baseline, [`LoraLinear::new_unfrozen`] keeps them attached.) The base may
+/// also be a GGUF-quantized matrix ([`LoraLinear::from_quantized`], QLoRA): its forward is the
+/// quantized matmul, the LoRA factors stay f32, and everything that needs the dense weight
+/// (merging, DoRA, PiSSA / OLoRA) is refused with [`LayerError::Quantized`].
 #[derive(Debug, Clone)]
 pub struct LoraLinear {
     /// The weight as stored: `[out, in]`, or `[in, out]` when `fan_in_fan_out`; merged while
     /// merged. The only copy: the `[out, in]` view for the matmul is made per forward.
-    weight: BaseWeight,
+    weight: BaseWeight<LinearWeight>,
     bias: Option<Tensor>,
     /// `(out, in)`.
     shape: (usize, usize),
@@ -93,6 +97,20 @@ impl LoraLinear {
         Ok(Self::build(weight.detach(), bias.map(|b| b.detach()), true))
     }
 
+    /// A layer over a quantized weight `[out, in]` (QLoRA) and an optional bias `[out]`
+    /// (detached). Its adapters are f32; it trains (the input's gradient goes through the weight
+    /// dequantized per backward, transiently) but never merges: write a merged file with
+    /// `lora merge` instead.
+    pub fn from_quantized(weight: QuantizedWeight, bias: Option<Tensor>) -> Self {
+        let shape = weight.dims();
+        Self::assemble(
+            BaseWeight::new(LinearWeight::Quantized(weight)),
+            shape,
+            bias.map(|b| b.detach()),
+            false,
+        )
+    }
+
     /// Like `From<Linear>` but keeps the base weight and bias attached to their variables, so a
     /// full fine-tuning baseline can train them. LoRA training should use `.into()` instead.
     pub fn new_unfrozen(linear: Linear) -> Self {
@@ -109,13 +127,28 @@ impl LoraLinear {
                 (weight.elem_count() / cols, cols)
             }
         };
+        let shape = if fan_in_fan_out {
+            (cols, rows)
+        } else {
+            (rows, cols)
+        };
+        Self::assemble(
+            BaseWeight::new(LinearWeight::Dense(weight)),
+            shape,
+            bias,
+            fan_in_fan_out,
+        )
+    }
+
+    fn assemble(
+        weight: BaseWeight<LinearWeight>,
+        shape: (usize, usize),
+        bias: Option<Tensor>,
+        fan_in_fan_out: bool,
+    ) -> Self {
         Self {
-            shape: if fan_in_fan_out {
-                (cols, rows)
-            } else {
-                (rows, cols)
-            },
-            weight: BaseWeight::new(weight),
+            shape,
+            weight,
             bias,
             fan_in_fan_out,
             adapters: AdapterSet::default(),
@@ -127,8 +160,20 @@ impl LoraLinear {
 
     /// The weight as stored (`[out, in]`, or `[in, out]` with `fan_in_fan_out`); merged when
     /// merged.
-    pub fn weight(&self) -> &Tensor {
-        self.weight.current()
+    ///
+    /// # Errors
+    /// [`LayerError::Quantized`] for a quantized base (see
+    /// [`quantized_weight`](Self::quantized_weight)).
+    pub fn weight(&self) -> LayerResult<&Tensor> {
+        self.weight.current().dense(NOT_DENSE)
+    }
+    /// The quantized base weight, for a layer built with
+    /// [`from_quantized`](Self::from_quantized).
+    pub fn quantized_weight(&self) -> Option<&QuantizedWeight> {
+        match self.weight.current() {
+            LinearWeight::Quantized(q) => Some(q),
+            LinearWeight::Dense(_) => None,
+        }
     }
     /// The bias, if any.
     pub fn bias(&self) -> Option<&Tensor> {
@@ -174,17 +219,28 @@ impl LoraLinear {
     }
     /// The weight without the adapter: [`weight`](Self::weight), or while merged the weight
     /// from before the merge. This is what adapter files fingerprint.
-    pub fn base_weight(&self) -> &Tensor {
-        self.weight.original()
+    ///
+    /// # Errors
+    /// [`LayerError::Quantized`] for a quantized base.
+    pub fn base_weight(&self) -> LayerResult<&Tensor> {
+        self.weight.original().dense(NOT_DENSE)
     }
 
     /// The base layer as candle's `Linear` over the weight as `[out, in]` (a transposed view for
     /// `fan_in_fan_out`, no copy).
+    ///
+    /// # Errors
+    /// For a quantized base.
     fn base(&self) -> candle_core::Result<Linear> {
+        let weight = self
+            .weight
+            .current()
+            .dense(NOT_DENSE)
+            .map_err(candle_core::Error::wrap)?;
         let out_in = if self.fan_in_fan_out {
-            self.weight.current().t()?
+            weight.t()?
         } else {
-            self.weight.current().clone()
+            weight.clone()
         };
         Ok(Linear::new(out_in, self.bias.clone()))
     }
@@ -230,11 +286,12 @@ impl LoraLinear {
         let a = ad.effective_a()?;
         let (a, b) = (&a, ad.b().as_tensor());
         let on_cpu_f32 = |t: &Tensor| t.dtype() == DType::F32 && matches!(t.device(), Device::Cpu);
-        if !(on_cpu_f32(self.weight.current()) && on_cpu_f32(a) && on_cpu_f32(b)) {
+        let weight = self.weight.current().dense(MERGE)?;
+        if !(on_cpu_f32(weight) && on_cpu_f32(a) && on_cpu_f32(b)) {
             return Ok(CpuMerge::NotApplicable);
         }
-        let (rows, cols) = self.weight.current().dims2()?;
-        let (guard, layout) = self.weight.current().storage_and_layout();
+        let (rows, cols) = weight.dims2()?;
+        let (guard, layout) = weight.storage_and_layout();
         let (candle_core::Storage::Cpu(storage), Some((start, end))) =
             (&*guard, layout.contiguous_offsets())
         else {
@@ -248,14 +305,14 @@ impl LoraLinear {
         if !finite {
             return Ok(CpuMerge::NonFinite);
         }
-        let merged = Tensor::from_vec(out, (rows, cols), self.weight.current().device())?;
+        let merged = Tensor::from_vec(out, (rows, cols), weight.device())?;
         Ok(CpuMerge::Merged(merged))
     }
 
     /// The CPU fast path of [`LoraLayer::dora_weight_norm`] for an f32 layer (`None`: it does
     /// not apply).
     fn dora_weight_norm_on_cpu(&self, ad: &Adapter) -> LayerResult<Option<Tensor>> {
-        let w = self.base_weight();
+        let w = self.weight.original().dense(DORA)?;
         let (a, b) = (ad.a().as_tensor(), ad.b().as_tensor());
         let on_cpu_f32 = |t: &Tensor| t.dtype() == DType::F32 && matches!(t.device(), Device::Cpu);
         if !(on_cpu_f32(w) && on_cpu_f32(a) && on_cpu_f32(b)) {
@@ -286,18 +343,16 @@ impl LoraLinear {
     /// this layer does not have; a candle error for a row count that does not match `x`.
     pub fn forward_with_adapters(&self, x: &Tensor, rows: &[Option<&str>]) -> LayerResult<Tensor> {
         let routing = self.prepare_routing(rows)?;
-        let base = self.base()?;
-        Ok(self.routed_forward(&base, &routing, x)?)
+        Ok(self.routed_forward(&routing, x)?)
     }
 
     /// The base plus the routed LoRA terms: on the CPU in f32 one output buffer (the stacked
     /// `B` product and the base matmul accumulate into it, see `kernels::fused_forward`).
-    fn routed_forward(
-        &self,
-        base: &Linear,
-        routing: &Routing,
-        x: &Tensor,
-    ) -> candle_core::Result<Tensor> {
+    fn routed_forward(&self, routing: &Routing, x: &Tensor) -> candle_core::Result<Tensor> {
+        if self.quantized_weight().is_some() {
+            return self.base_forward(x)? + routing.term(x)?;
+        }
+        let base = self.base()?;
         let (weight, bias) = (base.weight(), base.bias());
         if let (true, Some((factors, slots))) = (
             kernels::fused_applies(x, routing.b_all(), routing.b_all(), weight, bias),
@@ -314,7 +369,7 @@ impl LoraLinear {
             let x2 = x.reshape((x.elem_count() / inp.max(1), inp))?;
             return kernels::routed_forward(&x2, weight, bias, factors, slots)?.reshape(out_dims);
         }
-        self.base_forward(base, x)? + routing.term(x)?
+        self.dense_forward(&base, x)? + routing.term(x)?
     }
 
     /// The input width and the output shape for an input `[..., in]`.
@@ -354,17 +409,16 @@ impl LoraLinear {
     /// # Errors
     /// Shape errors from candle; training a merged layer.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let base = self.base()?;
         if let (Some(routing), false) = (&self.routing, self.is_merged()) {
             if train {
                 return Err(candle_core::Error::msg(
                     "LoraLinear: mixed-adapter batches are for inference; call `set_batch_adapters(None)` before training",
                 ));
             }
-            return self.routed_forward(&base, routing, x);
+            return self.routed_forward(routing, x);
         }
         let Some(ad) = self.adapter() else {
-            return self.base_forward(&base, x);
+            return self.base_forward(x);
         };
         if self.is_merged() {
             if train {
@@ -372,7 +426,7 @@ impl LoraLinear {
                     "LoraLinear: cannot train a merged layer, call `unmerge()` first",
                 ));
             }
-            return self.base_forward(&base, x);
+            return self.base_forward(x);
         }
         let dropout = train && ad.dropout() > 0.0;
         let dropped;
@@ -385,6 +439,10 @@ impl LoraLinear {
         } else {
             x
         };
+        if self.quantized_weight().is_some() {
+            return self.base_forward(x)? + self.lora_term(ad, x_lora)?;
+        }
+        let base = self.base()?;
         if let Some(magnitude) = ad.magnitude() {
             return self.dora_forward(&base, ad, magnitude, x, dropout.then_some(x_lora));
         }
@@ -403,7 +461,7 @@ impl LoraLinear {
             )?;
             return y.reshape(out_dims);
         }
-        let y = self.base_forward(&base, x)?;
+        let y = self.dense_forward(&base, x)?;
         y + self.lora_term(ad, x_lora)?
     }
 
@@ -427,8 +485,8 @@ impl LoraLinear {
         let g = (magnitude.as_tensor().to_dtype(norm.dtype())? / norm)?.to_dtype(x.dtype())?;
         let unbiased = Linear::new(base.weight().clone(), None);
         if let Some(x_d) = dropped {
-            let y = self.base_forward(base, x)?;
-            let dropped_base = self.base_forward(&unbiased, x_d)?;
+            let y = self.dense_forward(base, x)?;
+            let dropped_base = self.dense_forward(&unbiased, x_d)?;
             let lora = self.lora_term(ad, x_d)?;
             let extra =
                 (dropped_base.broadcast_mul(&g.affine(1.0, -1.0)?)? + lora.broadcast_mul(&g)?)?;
@@ -447,7 +505,7 @@ impl LoraLinear {
             }
             y.reshape(out_dims)?
         } else {
-            (self.base_forward(&unbiased, x)? + self.lora_term(ad, x)?)?
+            (self.dense_forward(&unbiased, x)? + self.lora_term(ad, x)?)?
         };
         let y = y.broadcast_mul(&g)?;
         match base.bias() {
@@ -467,7 +525,13 @@ impl LoraLinear {
             CpuMerge::Merged(w) => w,
             CpuMerge::NonFinite => return Err(LayerError::NonFinite),
             CpuMerge::NotApplicable => {
-                (self.weight.current().detach().to_dtype(DType::F32)? + self.delta_weight()?)?
+                (self
+                    .weight
+                    .current()
+                    .dense(MERGE)?
+                    .detach()
+                    .to_dtype(DType::F32)?
+                    + self.delta_weight()?)?
             }
         };
         // The norm of each output feature: a row of `[out, in]`, a column of `[in, out]`.
@@ -483,10 +547,22 @@ impl LoraLinear {
         Ok(MergedWeight(merged))
     }
 
-    /// The base layer's output: in a graph that trains (the input tracks a gradient), a frozen
-    /// weight goes through [`kernels::frozen_linear`] (no weight gradient in the backward pass);
-    /// otherwise, and for an unfrozen weight (full fine-tuning), candle's `Linear`.
-    fn base_forward(&self, base: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// The base layer's output `x W^T + b`, dense or quantized.
+    fn base_forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let Some(q) = self.quantized_weight() else {
+            return self.dense_forward(&self.base()?, x);
+        };
+        let y = q.forward(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?;
+        match &self.bias {
+            Some(bias) => y.broadcast_add(bias),
+            None => Ok(y),
+        }
+    }
+
+    /// The dense base layer's output: in a graph that trains (the input tracks a gradient), a
+    /// frozen weight goes through [`kernels::frozen_linear`] (no weight gradient in the backward
+    /// pass); otherwise, and for an unfrozen weight (full fine-tuning), candle's `Linear`.
+    fn dense_forward(&self, base: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
         let frozen = !(base.weight().track_op() || base.bias().is_some_and(Tensor::track_op));
         if frozen && x.track_op() {
             kernels::frozen_linear(x, base.weight(), base.bias())
@@ -495,6 +571,15 @@ impl LoraLinear {
         }
     }
 }
+
+/// What [`LayerError::Quantized`] says when the dense weight is asked of a quantized layer.
+const NOT_DENSE: &str = "it has no dense weight (see `LoraLinear::quantized_weight`)";
+/// ... when DoRA needs it.
+const DORA: &str = "DoRA needs a dense base weight: load the model with a float dtype";
+/// ... when PiSSA / OLoRA would decompose it.
+const DECOMPOSE: &str =
+    "PiSSA and OLoRA decompose the base weight, which needs it dense: load the model with a \
+     float dtype";
 
 /// The outcome of the CPU fast path of a merge.
 enum CpuMerge {
@@ -593,6 +678,7 @@ impl LoraLayer for LoraLinear {
         }
         config.check()?;
         let (out, inp) = self.shape;
+        self.weight.current().dense(DECOMPOSE)?;
         let w: Vec<f32> = self
             .base()?
             .weight()
@@ -651,7 +737,7 @@ impl LoraLayer for LoraLinear {
     }
 
     fn supports_dora(&self) -> bool {
-        true
+        self.quantized_weight().is_none()
     }
 
     fn supports_adalora(&self) -> bool {
@@ -670,7 +756,12 @@ impl LoraLayer for LoraLinear {
             DType::F64 => DType::F64,
             _ => DType::F32,
         };
-        let w = self.base_weight().detach().to_dtype(dtype)?;
+        let w = self
+            .weight
+            .original()
+            .dense(DORA)?
+            .detach()
+            .to_dtype(dtype)?;
         let w = if self.fan_in_fan_out { w.t()? } else { w };
         let a = adapter.a().as_tensor().detach().to_dtype(dtype)?;
         let sb = adapter.b().as_tensor().detach().to_dtype(dtype)?;
@@ -753,7 +844,7 @@ mod tests {
             let mut l = with_adapter(fan_in_fan_out, LayerConfig::new(2, 4.0));
             let b = Tensor::randn(0f32, 1.0, (6, 2), &Device::Cpu).unwrap();
             l.adapter().unwrap().b().set(&b).unwrap();
-            let w0 = l.weight().to_vec2::<f32>().unwrap();
+            let w0 = l.weight().unwrap().to_vec2::<f32>().unwrap();
             let x = Tensor::randn(0f32, 1.0, (3, 5), &Device::Cpu).unwrap();
             let y0 = l.forward(&x).unwrap();
             let merged = l.prepare_merge().unwrap();
@@ -770,7 +861,7 @@ mod tests {
                 .unwrap();
             assert!(diff < 1e-5, "{diff}");
             l.revert_merge().unwrap();
-            assert_eq!(l.weight().to_vec2::<f32>().unwrap(), w0);
+            assert_eq!(l.weight().unwrap().to_vec2::<f32>().unwrap(), w0);
             assert!(matches!(l.revert_merge(), Err(LayerError::NotMerged)));
         }
     }
@@ -780,10 +871,10 @@ mod tests {
         let l = with_adapter(false, LayerConfig::new(2, 4.0));
         let b = Tensor::full(f32::INFINITY, (6, 2), &Device::Cpu).unwrap();
         l.adapter().unwrap().b().set(&b).unwrap();
-        let w0 = l.weight().to_vec2::<f32>().unwrap();
+        let w0 = l.weight().unwrap().to_vec2::<f32>().unwrap();
         assert!(matches!(l.prepare_merge(), Err(LayerError::NonFinite)));
         assert!(!l.is_merged());
-        assert_eq!(l.weight().to_vec2::<f32>().unwrap(), w0);
+        assert_eq!(l.weight().unwrap().to_vec2::<f32>().unwrap(), w0);
     }
 
     #[test]
@@ -969,7 +1060,7 @@ mod tests {
     /// `x W^T + b + (g - 1) * (x_d W^T) + g * s (x_d A^T) B^T` with `g = m / norm`.
     fn dora_reference(l: &LoraLinear, x: &Tensor, x_d: &Tensor, norm: &Tensor) -> Tensor {
         let ad = l.adapter().unwrap();
-        let w = out_in(l, l.weight());
+        let w = out_in(l, l.weight().unwrap());
         let g = (ad.magnitude().unwrap().as_tensor() / norm).unwrap();
         let base = x.broadcast_matmul(&w.t().unwrap()).unwrap();
         let y = base.broadcast_add(l.bias().unwrap()).unwrap();
@@ -992,7 +1083,9 @@ mod tests {
     /// `||W + s B A||` per output feature, in f64 from scratch.
     fn reference_norm(l: &LoraLinear) -> Tensor {
         let ad = l.adapter().unwrap();
-        let w = out_in(l, l.base_weight()).to_dtype(DType::F64).unwrap();
+        let w = out_in(l, l.base_weight().unwrap())
+            .to_dtype(DType::F64)
+            .unwrap();
         let ba = ad
             .b()
             .as_tensor()
@@ -1023,7 +1116,7 @@ mod tests {
             let ad = l.fresh_adapter(&config, 1).unwrap();
             assert!(ad.is_dora());
             assert_eq!(ad.num_parameters(), 2 * (5 + 6) + 6);
-            let norms = out_in(&l, l.weight())
+            let norms = out_in(&l, l.weight().unwrap())
                 .sqr()
                 .unwrap()
                 .sum(1)
@@ -1082,7 +1175,7 @@ mod tests {
             let l = dora_layer(fan_in_fan_out, DType::F64, 0.0);
             let ad = l.adapter().unwrap().clone();
             // The weight as a variable: the layer must not hand it a gradient.
-            let w = Var::from_tensor(l.weight()).unwrap();
+            let w = Var::from_tensor(l.weight().unwrap()).unwrap();
             let bias = l.bias().cloned();
             let mut l = if fan_in_fan_out {
                 LoraLinear::from_conv1d(w.as_tensor().clone(), bias).unwrap()
@@ -1128,7 +1221,7 @@ mod tests {
         for fan_in_fan_out in [false, true] {
             for dtype in [DType::F32, DType::F64] {
                 let mut l = dora_layer(fan_in_fan_out, dtype, 0.0);
-                let w0 = l.weight().copy().unwrap();
+                let w0 = l.weight().unwrap().copy().unwrap();
                 let x = Tensor::randn(0f32, 1.0, (3, 5), &dev)
                     .unwrap()
                     .to_dtype(dtype)
@@ -1150,12 +1243,12 @@ mod tests {
                 let expected = plain.broadcast_mul(&g.unsqueeze(1).unwrap()).unwrap();
                 let merged = l.prepare_merge().unwrap();
                 l.commit_merge(merged);
-                assert!(max_abs_diff(&out_in(&l, l.weight()), &expected) < 1e-5);
+                assert!(max_abs_diff(&out_in(&l, l.weight().unwrap()), &expected) < 1e-5);
                 assert!(max_abs_diff(&l.forward(&x).unwrap(), &y0) < 1e-4);
                 l.revert_merge().unwrap();
                 // Bit for bit: the conversion to f64 is exact.
                 let (a, b) = (
-                    l.weight().to_dtype(DType::F64).unwrap(),
+                    l.weight().unwrap().to_dtype(DType::F64).unwrap(),
                     w0.to_dtype(DType::F64).unwrap(),
                 );
                 assert_eq!(max_abs_diff(&a, &b), 0.0);
@@ -1175,9 +1268,10 @@ mod tests {
             assert_eq!(ad.magnitude().unwrap().dtype(), DType::F32);
             let to_f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
             let mut full = if fan_in_fan_out {
-                LoraLinear::from_conv1d(to_f32(half.weight()), half.bias().map(to_f32)).unwrap()
+                LoraLinear::from_conv1d(to_f32(half.weight().unwrap()), half.bias().map(to_f32))
+                    .unwrap()
             } else {
-                LoraLinear::new(to_f32(half.weight()), half.bias().map(to_f32))
+                LoraLinear::new(to_f32(half.weight().unwrap()), half.bias().map(to_f32))
             };
             full.insert_adapter(DEFAULT_ADAPTER, ad).unwrap();
             let x = Tensor::randn(0f32, 1.0, (3, 5), &dev).unwrap();
@@ -1185,17 +1279,17 @@ mod tests {
             let y_full = full.forward(&x).unwrap();
             let scale = max_abs_diff(&y_full, &y_full.zeros_like().unwrap());
             assert!(max_abs_diff(&y_half, &y_full) <= 0.02 * scale.max(1.0));
-            let w0 = half.weight().copy().unwrap();
+            let w0 = half.weight().unwrap().copy().unwrap();
             let merged = half.prepare_merge().unwrap();
             half.commit_merge(merged);
-            assert_eq!(half.weight().dtype(), DType::BF16);
+            assert_eq!(half.weight().unwrap().dtype(), DType::BF16);
             let merged_full = full.prepare_merge().unwrap().into_tensor();
             let expected = merged_full.to_dtype(DType::BF16).unwrap();
             // At most one bf16 ulp (2^-7 relative) where the two f32 sums round differently.
             let w_scale = max_abs_diff(&expected, &expected.zeros_like().unwrap());
-            assert!(max_abs_diff(half.weight(), &expected) <= w_scale / 128.0);
+            assert!(max_abs_diff(half.weight().unwrap(), &expected) <= w_scale / 128.0);
             half.revert_merge().unwrap();
-            assert_eq!(max_abs_diff(half.weight(), &w0), 0.0);
+            assert_eq!(max_abs_diff(half.weight().unwrap(), &w0), 0.0);
         }
     }
 

@@ -22,12 +22,14 @@ mod conv;
 mod embedding;
 mod frozen;
 mod linear;
+mod quantized;
 mod weight;
 
 pub use conv::{LoraConv1d, LoraConv2d};
 pub use embedding::LoraEmbedding;
 pub use frozen::FrozenLinear;
 pub use linear::LoraLinear;
+pub use quantized::QuantizedWeight;
 
 use std::any::Any;
 

@@ -2,23 +2,102 @@
 //! kind. It holds the weight in use (merged while merged), the original kept for a bit-exact
 //! unmerge, and the original's fingerprint, computed once (the base is frozen) or given by a
 //! loader whose file stores the weight otherwise (GGUF).
+//!
+//! The weight is a dense tensor for every kind; a linear layer's may also be quantized
+//! ([`LinearWeight`]), which never merges.
 
 use std::sync::OnceLock;
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::error::{LayerError, LayerResult};
 use crate::fingerprint::BaseFingerprint;
 use crate::kernels;
+use crate::layer::quantized::QuantizedWeight;
 use crate::layer::MergedWeight;
+
+/// What a frozen base weight must offer [`BaseWeight`].
+pub(crate) trait Frozen: Clone + From<Tensor> {
+    /// The weight as a dense tensor, or [`LayerError::Quantized`] saying `what` needed it.
+    fn dense(&self, what: &str) -> LayerResult<&Tensor>;
+    /// The fingerprint of the weight as held.
+    fn hash(&self) -> LayerResult<BaseFingerprint>;
+}
+
+impl Frozen for Tensor {
+    fn dense(&self, _what: &str) -> LayerResult<&Tensor> {
+        Ok(self)
+    }
+    fn hash(&self) -> LayerResult<BaseFingerprint> {
+        BaseFingerprint::of(self)
+    }
+}
+
+/// A linear layer's weight: dense, or GGUF blocks (QLoRA).
+#[derive(Debug, Clone)]
+pub(crate) enum LinearWeight {
+    /// A tensor in a float dtype.
+    Dense(Tensor),
+    /// Quantized blocks.
+    Quantized(QuantizedWeight),
+}
+
+impl From<Tensor> for LinearWeight {
+    fn from(t: Tensor) -> Self {
+        Self::Dense(t)
+    }
+}
+
+impl Frozen for LinearWeight {
+    fn dense(&self, what: &str) -> LayerResult<&Tensor> {
+        match self {
+            Self::Dense(t) => Ok(t),
+            Self::Quantized(_) => Err(LayerError::quantized(what)),
+        }
+    }
+    fn hash(&self) -> LayerResult<BaseFingerprint> {
+        match self {
+            Self::Dense(t) => BaseFingerprint::of(t),
+            Self::Quantized(q) => BaseFingerprint::of_quantized(q.tensor()),
+        }
+    }
+}
+
+impl LinearWeight {
+    /// The dtype computations with the weight run in: f32 for a quantized weight.
+    pub(crate) fn dtype(&self) -> DType {
+        match self {
+            Self::Dense(t) => t.dtype(),
+            Self::Quantized(_) => DType::F32,
+        }
+    }
+    /// The device the weight lives on.
+    pub(crate) fn device(&self) -> &Device {
+        match self {
+            Self::Dense(t) => t.device(),
+            Self::Quantized(q) => q.device(),
+        }
+    }
+    /// The number of weights.
+    pub(crate) fn elem_count(&self) -> usize {
+        match self {
+            Self::Dense(t) => t.elem_count(),
+            Self::Quantized(q) => q.tensor().shape().elem_count(),
+        }
+    }
+}
+
+/// What a merge asks of the weight (for [`LayerError::Quantized`]).
+pub(crate) const MERGE: &str =
+    "merging needs a dense weight: write a merged file with `lora merge` instead";
 
 /// A frozen weight with its merge state (see the module docs).
 #[derive(Debug, Clone)]
-pub(crate) struct BaseWeight {
+pub(crate) struct BaseWeight<W = Tensor> {
     /// The weight in use: merged while merged.
-    current: Tensor,
+    current: W,
     /// While merged: the weight from before the merge.
-    original: Option<Tensor>,
+    original: Option<W>,
     /// The fingerprint of the weight as its file stores it, when that is not the weight in
     /// memory (a GGUF tensor dequantized on load).
     stored: Option<BaseFingerprint>,
@@ -26,8 +105,8 @@ pub(crate) struct BaseWeight {
     cache: OnceLock<BaseFingerprint>,
 }
 
-impl BaseWeight {
-    pub(crate) fn new(weight: Tensor) -> Self {
+impl<W: Frozen> BaseWeight<W> {
+    pub(crate) fn new(weight: W) -> Self {
         Self {
             current: weight,
             original: None,
@@ -37,12 +116,12 @@ impl BaseWeight {
     }
 
     /// The weight in use (merged while merged).
-    pub(crate) fn current(&self) -> &Tensor {
+    pub(crate) fn current(&self) -> &W {
         &self.current
     }
 
     /// The weight without any adapter: the original while merged.
-    pub(crate) fn original(&self) -> &Tensor {
+    pub(crate) fn original(&self) -> &W {
         self.original.as_ref().unwrap_or(&self.current)
     }
 
@@ -60,7 +139,7 @@ impl BaseWeight {
         if let Some(fp) = self.stored.as_ref().or(self.cache.get()) {
             return Ok(fp.clone());
         }
-        let fp = BaseFingerprint::of(self.original())?;
+        let fp = self.original().hash()?;
         // Another thread may have set it meanwhile, to the same value.
         let _ = self.cache.set(fp.clone());
         Ok(fp)
@@ -70,16 +149,18 @@ impl BaseWeight {
     /// merge of every kind (`delta` in the stored layout).
     ///
     /// # Errors
-    /// [`LayerError::Merged`], [`LayerError::NonFinite`], candle errors.
+    /// [`LayerError::Merged`], [`LayerError::Quantized`], [`LayerError::NonFinite`], candle
+    /// errors.
     pub(crate) fn plus(&self, delta: &Tensor) -> LayerResult<MergedWeight> {
         if self.is_merged() {
             return Err(LayerError::Merged);
         }
-        let dtype = self.current.dtype();
+        let current = self.current.dense(MERGE)?;
+        let dtype = current.dtype();
         let merged = if dtype == DType::F32 {
-            (&self.current + delta)?
+            (current + delta)?
         } else {
-            (self.current.to_dtype(DType::F32)? + delta)?.to_dtype(dtype)?
+            (current.to_dtype(DType::F32)? + delta)?.to_dtype(dtype)?
         };
         if !kernels::all_finite(&merged)? {
             return Err(LayerError::NonFinite);
@@ -89,7 +170,7 @@ impl BaseWeight {
 
     /// Installs a merged weight, keeping the original.
     pub(crate) fn commit(&mut self, merged: MergedWeight) {
-        let original = std::mem::replace(&mut self.current, merged.0);
+        let original = std::mem::replace(&mut self.current, W::from(merged.0));
         self.original = Some(original);
     }
 
@@ -112,7 +193,7 @@ impl BaseWeight {
 
     /// Replaces the base (a PiSSA / OLoRA residual): another fingerprint, hashed afresh.
     pub(crate) fn replace(&mut self, weight: Tensor) {
-        self.current = weight;
+        self.current = W::from(weight);
         self.original = None;
         self.stored = None;
         self.cache = OnceLock::new();

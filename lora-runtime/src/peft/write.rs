@@ -616,7 +616,10 @@ mod tests {
         let file = AdapterFile::read(dir.path()).unwrap();
         assert_eq!(file.base_fingerprints.len(), 2);
         let fp = &file.base_fingerprints["layers.0.q"];
-        assert_eq!(fp, &BaseFingerprint::of(model[0].1.weight()).unwrap());
+        assert_eq!(
+            fp,
+            &BaseFingerprint::of(model[0].1.weight().unwrap()).unwrap()
+        );
         assert_eq!(
             fp.to_string().split(' ').take(2).collect::<Vec<_>>(),
             ["6x5", "f32"]
@@ -634,7 +637,7 @@ mod tests {
             .map(|(p, l)| {
                 (
                     p.clone(),
-                    LoraLinear::new(l.weight().to_dtype(DType::BF16).unwrap(), None),
+                    LoraLinear::new(l.weight().unwrap().to_dtype(DType::BF16).unwrap(), None),
                 )
             })
             .collect();
