@@ -2,7 +2,7 @@
 //! what `lora generate` (and later `train` and `serve`) load.
 //!
 //! ```no_run
-//! use candle_core::{DType, Device};
+//! use candle_core::Device;
 //! use lora_models::generate::GenerateOptions;
 //! use lora_models::{Message, Pretrained};
 //!
@@ -15,12 +15,14 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device};
+use candle_core::Device;
 
 use crate::chat::Message;
 use crate::error::Result;
 use crate::generate::{generate, GenerateOptions, Generation};
-use crate::llama::{load_gguf_content, load_hf_dir, open_gguf, Checkpoint, LlamaForCausalLM};
+use crate::llama::{
+    float_only, load_gguf_content, load_hf_dir, open_gguf, Checkpoint, LlamaForCausalLM, Precision,
+};
 use crate::tokenizer::TextTokenizer;
 
 /// A model and its tokenizer.
@@ -36,23 +38,26 @@ pub struct Pretrained {
 
 impl Pretrained {
     /// Loads a model and its tokenizer from a GGUF file or a Hugging Face model directory
-    /// (`tokenizer.json`, `tokenizer_config.json`), float weights in `dtype`.
+    /// (`tokenizer.json`, `tokenizer_config.json`), float weights in a dtype (a
+    /// [`candle_core::DType`]) or, from a GGUF file, the projections kept quantized
+    /// ([`Precision::Quantized`]).
     ///
     /// # Errors
     /// A [`ModelError`](crate::ModelError) naming the file and the field or tensor at fault.
-    pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn load(path: &Path, precision: impl Into<Precision>, device: &Device) -> Result<Self> {
+        let precision = precision.into();
         let (model, tokenizer) = match Checkpoint::of(path)? {
             Checkpoint::Gguf(p) => {
                 // One read of the header for both the model and the tokenizer.
                 let (mut file, content) = open_gguf(&p)?;
                 let tokenizer = TextTokenizer::from_gguf(&content, &p)?;
                 (
-                    load_gguf_content(&p, &mut file, &content, dtype, device)?,
+                    load_gguf_content(&p, &mut file, &content, precision, device)?,
                     tokenizer,
                 )
             }
             Checkpoint::HfDir(p) => (
-                load_hf_dir(&p, dtype, device)?,
+                load_hf_dir(&p, float_only(&p, precision)?, device)?,
                 TextTokenizer::from_hf_dir(&p)?,
             ),
         };

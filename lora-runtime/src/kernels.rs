@@ -57,7 +57,7 @@ fn strides2(l: &Layout) -> candle_core::Result<(isize, isize, usize)> {
 /// `dst = x W^T` for a contiguous `x [n, inp]`, `W [out, inp]` given by its storage and layout,
 /// and `dst [n, out]`: for 2 to [`skinny::MAX_ROWS`](crate::skinny::MAX_ROWS) rows (a server's
 /// decoding step) the few-rows kernel, gemm otherwise.
-fn base_matmul(
+pub(crate) fn base_matmul(
     dst: &mut [f32],
     x: &[f32],
     n: usize,

@@ -10,6 +10,11 @@
 //! The LoRA layers of a GGUF-loaded model carry the fingerprint of their tensor as stored in the
 //! file (GGML type and bytes), so an adapter saved on it records the file's weights whatever dtype
 //! they were dequantized to.
+//!
+//! With [`Precision::Quantized`] the projections of a GGUF file stay quantized in memory (QLoRA:
+//! [`LoraLinear::from_quantized`]); the q/k row permutation is then undone on the stored blocks,
+//! row by row, which is exact (each row is quantized on its own). The embedding, the norms and a
+//! tied LM head are f32.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -17,10 +22,10 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
-use candle_core::quantized::QTensor;
+use candle_core::quantized::{QStorage, QTensor};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use lora_runtime::{BaseFingerprint, LoraModel, ModulePath};
+use lora_runtime::{BaseFingerprint, LoraLinear, LoraModel, ModulePath, QuantizedWeight};
 
 use super::config::{LlamaConfig, RopeScaling};
 use super::model::LlamaForCausalLM;
@@ -67,14 +72,63 @@ impl Checkpoint {
     }
 }
 
-/// Loads a model from a GGUF file or a Hugging Face directory, with float weights in `dtype`.
+/// How a model's weights are held in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    /// Every weight in a float dtype (GGUF tensors dequantized).
+    Float(DType),
+    /// The projections of a GGUF file as stored, quantized (QLoRA); everything else in f32.
+    Quantized,
+}
+
+impl From<DType> for Precision {
+    fn from(dtype: DType) -> Self {
+        Self::Float(dtype)
+    }
+}
+
+impl Precision {
+    /// The dtype of the float weights (and of the activations).
+    pub fn float_dtype(self) -> DType {
+        match self {
+            Self::Float(dtype) => dtype,
+            Self::Quantized => DType::F32,
+        }
+    }
+}
+
+/// Loads a model from a GGUF file or a Hugging Face directory, with float weights in `dtype`
+/// (or, for a GGUF file, the projections kept quantized: [`Precision::Quantized`]).
 ///
 /// # Errors
-/// A [`ModelError`] naming the file and the field or tensor at fault.
-pub fn load_llama(path: &Path, dtype: DType, device: &Device) -> Result<LlamaForCausalLM> {
+/// A [`ModelError`] naming the file and the field or tensor at fault; a Hugging Face directory
+/// with [`Precision::Quantized`].
+pub fn load_llama(
+    path: &Path,
+    precision: impl Into<Precision>,
+    device: &Device,
+) -> Result<LlamaForCausalLM> {
+    let precision = precision.into();
     match Checkpoint::of(path)? {
-        Checkpoint::Gguf(p) => load_gguf(&p, dtype, device),
-        Checkpoint::HfDir(p) => load_hf_dir(&p, dtype, device),
+        Checkpoint::Gguf(p) => load_gguf(&p, precision, device),
+        Checkpoint::HfDir(p) => load_hf_dir(&p, float_only(&p, precision)?, device),
+    }
+}
+
+/// The float dtype of `precision` for a checkpoint that has no quantized weights (`path`).
+///
+/// # Errors
+/// [`ModelError::Unsupported`] for [`Precision::Quantized`].
+pub(crate) fn float_only(path: &Path, precision: Precision) -> Result<DType> {
+    match precision {
+        Precision::Float(dtype) => Ok(dtype),
+        Precision::Quantized => Err(ModelError::Unsupported {
+            path: path.to_path_buf(),
+            field: "dtype".into(),
+            reason: "quantized weights come from a GGUF file; this is a Hugging Face directory \
+                     (load it with a float dtype)"
+                .into(),
+        }),
     }
 }
 
@@ -320,14 +374,18 @@ impl GgufArch {
 }
 
 /// Loads a GGUF file of the `llama` (or `qwen2`) architecture, dequantizing every tensor to
-/// `dtype`.
+/// a float dtype, or keeping the projections quantized ([`Precision::Quantized`]).
 ///
 /// # Errors
 /// A [`ModelError`] naming the file and the metadata key or tensor at fault: another
 /// architecture, missing metadata, a missing or truncated tensor.
-pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<LlamaForCausalLM> {
+pub fn load_gguf(
+    path: &Path,
+    precision: impl Into<Precision>,
+    device: &Device,
+) -> Result<LlamaForCausalLM> {
     let (mut file, content) = open_gguf(path)?;
-    load_gguf_content(path, &mut file, &content, dtype, device)
+    load_gguf_content(path, &mut file, &content, precision.into(), device)
 }
 
 /// Opens a GGUF file and reads its header (metadata and tensor index).
@@ -349,9 +407,10 @@ pub(crate) fn load_gguf_content(
     path: &Path,
     file: &mut File,
     content: &Content,
-    dtype: DType,
+    precision: Precision,
     device: &Device,
 ) -> Result<LlamaForCausalLM> {
+    let dtype = precision.float_dtype();
     let layout = GgufArch::of(path, content)?;
     let (arch, heads, kv_heads) = (layout.name.clone(), layout.heads, layout.kv_heads);
     let meta = Meta {
@@ -425,11 +484,27 @@ pub(crate) fn load_gguf_content(
         |name| gguf_name(name).unwrap_or_else(|| name.to_string()),
     )?;
 
-    // Dequantize every tensor the model needs, under transformers' names.
+    // Dequantize every tensor the model needs, under transformers' names; with
+    // `Precision::Quantized` keep the projections' blocks, the model getting a placeholder that
+    // takes no memory (a broadcast zero) until the layer is swapped for its quantized form.
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     let mut fingerprints: HashMap<String, BaseFingerprint> = HashMap::new();
-    for (hf, _) in expected_tensors(&config) {
+    let mut quantized: HashMap<String, QuantizedWeight> = HashMap::new();
+    for (hf, shape) in expected_tensors(&config) {
         let gguf = gguf_name(&hf).unwrap_or_else(|| hf.clone());
+        let projection = hf
+            .strip_suffix(".weight")
+            .filter(|m| precision == Precision::Quantized && is_projection(m));
+        if let Some(module) = projection {
+            let weight = read_quantized(file, content, &gguf, path, &layout, device)?;
+            fingerprints.insert(module.to_string(), weight.1);
+            quantized.insert(module.to_string(), weight.0);
+            let placeholder = Tensor::zeros((), dtype, device)
+                .and_then(|z| z.broadcast_as(shape))
+                .map_err(|e| tensor_error(path, &gguf, e))?;
+            tensors.insert(hf, placeholder);
+            continue;
+        }
         let (qtensor, fingerprint) = read_tensor(file, content, &gguf, path)?;
         let mut t = qtensor
             .dequantize(device)
@@ -453,8 +528,90 @@ pub(crate) fn load_gguf_content(
     let vb = VarBuilder::from_tensors(tensors, dtype, device);
     // Every tensor and shape was checked: what is left are candle's own errors.
     let mut model = LlamaForCausalLM::new(config, vb)?;
+    install_quantized(&mut model, quantized)?;
     attach_fingerprints(&mut model, &fingerprints)?;
     Ok(model)
+}
+
+/// Whether the module `path` is one of the projections a quantized model keeps quantized (the
+/// attention and MLP projections, and an untied LM head).
+fn is_projection(path: &str) -> bool {
+    path == "lm_head" || path.ends_with("_proj")
+}
+
+/// Reads the tensor `name` keeping its blocks, with llama.cpp's q/k row permutation undone on
+/// the rows' bytes, onto `device`; and the fingerprint of the stored bytes.
+fn read_quantized(
+    file: &mut File,
+    content: &Content,
+    name: &str,
+    path: &Path,
+    layout: &GgufArch,
+    device: &Device,
+) -> Result<(QuantizedWeight, BaseFingerprint)> {
+    let raw = read_raw(file, content, name, path)?;
+    let info = tensor_info(content, name, path)?;
+    let fingerprint = stored_fingerprint(info, &raw);
+    let dims = info.shape.dims().to_vec();
+    let raw =
+        match layout.permuted_heads(name) {
+            Some(heads) => unpermute_rows(&raw, dims.first().copied().unwrap_or(0), heads)
+                .map_err(|reason| ModelError::Tensor {
+                    path: path.to_path_buf(),
+                    name: name.to_string(),
+                    reason,
+                })?,
+            None => raw,
+        };
+    let weight = QStorage::from_data(std::borrow::Cow::Owned(raw), device, info.ggml_dtype)
+        .and_then(|storage| QTensor::new(storage, dims))
+        .and_then(|q| QuantizedWeight::new(std::sync::Arc::new(q)))
+        .map_err(|e| tensor_error(path, name, e))?;
+    Ok((weight, fingerprint))
+}
+
+/// [`unpermute`] on the stored rows of a quantized tensor: rows `(heads, d/2, 2)` ->
+/// `(heads, 2, d/2)`, each row's bytes moved whole.
+fn unpermute_rows(raw: &[u8], rows: usize, heads: usize) -> std::result::Result<Vec<u8>, String> {
+    if rows == 0 || heads == 0 || !rows.is_multiple_of(2 * heads) || !raw.len().is_multiple_of(rows)
+    {
+        return Err(format!(
+            "{rows} rows of {} bytes cannot be split into {heads} heads of rotary pairs",
+            raw.len()
+        ));
+    }
+    let (row, half) = (raw.len() / rows, rows / heads / 2);
+    let mut out = vec![0u8; raw.len()];
+    for h in 0..heads {
+        for i in 0..half {
+            for j in 0..2 {
+                let from = (h * 2 * half + i * 2 + j) * row;
+                let to = (h * 2 * half + j * half + i) * row;
+                out[to..to + row].copy_from_slice(&raw[from..from + row]);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Swaps each placeholder projection for its quantized weight (keeping the bias).
+fn install_quantized(
+    model: &mut LlamaForCausalLM,
+    mut quantized: HashMap<String, QuantizedWeight>,
+) -> Result<()> {
+    if quantized.is_empty() {
+        return Ok(());
+    }
+    model.visit_lora_layers_mut(&mut ModulePath::new(), &mut |p, layer, _| {
+        if let (Some(linear), Some(weight)) = (
+            layer.as_any_mut().downcast_mut::<LoraLinear>(),
+            quantized.remove(p.as_str()),
+        ) {
+            *linear = LoraLinear::from_quantized(weight, linear.bias().cloned());
+        }
+        Ok(())
+    })?;
+    Ok(())
 }
 
 pub(crate) fn tensor_error(path: &Path, name: &str, e: candle_core::Error) -> ModelError {
@@ -630,9 +787,7 @@ fn attach_fingerprints(
     model.visit_lora_layers_mut(&mut ModulePath::new(), &mut |p, layer, _| {
         if let (Some(fp), Some(linear)) = (
             fingerprints.get(p.as_str()),
-            layer
-                .as_any_mut()
-                .downcast_mut::<lora_runtime::LoraLinear>(),
+            layer.as_any_mut().downcast_mut::<LoraLinear>(),
         ) {
             linear.set_stored_fingerprint(fp.clone());
         }

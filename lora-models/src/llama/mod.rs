@@ -19,8 +19,8 @@ mod model;
 pub use batch::SeqCache;
 pub use config::{Llama3RopeScaling, LlamaConfig, RopeScaling};
 pub(crate) use load::{
-    gguf_name, load_gguf_content, open_gguf, permute, qtensor_of, read_raw, stored_fingerprint,
-    tensor_error, tensor_info, GgufArch,
+    float_only, gguf_name, load_gguf_content, open_gguf, permute, qtensor_of, read_raw,
+    stored_fingerprint, tensor_error, tensor_info, GgufArch,
 };
-pub use load::{load_gguf, load_hf_dir, load_llama, Checkpoint};
+pub use load::{load_gguf, load_hf_dir, load_llama, Checkpoint, Precision};
 pub use model::{Attention, Cache, DecoderLayer, LlamaForCausalLM, LlamaModel, Mlp};

@@ -8,6 +8,7 @@ use std::time::Instant;
 use clap::{Args, ValueEnum};
 use lora::candle::{DType, Device};
 use lora::models::generate::GenerateOptions;
+use lora::models::llama::Precision;
 use lora::models::{Message, ModelError, Pretrained};
 use lora::LoraModelExt;
 
@@ -20,23 +21,18 @@ pub enum WeightDtype {
     F16,
     /// bf16.
     Bf16,
-    /// Quantized as stored in a GGUF file (not yet available).
+    /// The projections as stored in a GGUF file, quantized (QLoRA); the rest f32.
     Quantized,
 }
 
 impl WeightDtype {
-    /// The candle dtype of float weights; `quantized` is refused until quantized bases exist.
-    ///
-    /// # Errors
-    /// For `quantized`.
-    pub fn float(self) -> Result<DType, String> {
+    /// What the loader is asked for.
+    pub fn precision(self) -> Precision {
         match self {
-            Self::F32 => Ok(DType::F32),
-            Self::F16 => Ok(DType::F16),
-            Self::Bf16 => Ok(DType::BF16),
-            Self::Quantized => {
-                Err("--dtype quantized is not available yet: use f32, f16 or bf16".into())
-            }
+            Self::F32 => Precision::Float(DType::F32),
+            Self::F16 => Precision::Float(DType::F16),
+            Self::Bf16 => Precision::Float(DType::BF16),
+            Self::Quantized => Precision::Quantized,
         }
     }
 }
@@ -54,7 +50,7 @@ pub struct GenerateArgs {
     /// A PEFT adapter directory to apply (unmerged unless --merge).
     #[arg(long)]
     adapter: Option<PathBuf>,
-    /// Fold the adapter into the weights before generating.
+    /// Fold the adapter into the weights before generating (not with `--dtype quantized`).
     #[arg(long, requires = "adapter")]
     merge: bool,
     /// The prompt (read from stdin when absent).
@@ -82,7 +78,13 @@ pub struct GenerateArgs {
 
 /// Runs `lora generate`.
 pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let dtype = args.dtype.float()?;
+    if args.merge && args.dtype == WeightDtype::Quantized {
+        return Err(
+            "--merge needs dense weights: a quantized base does not merge (use --dtype f32, or \
+             write a merged GGUF with `lora merge --base model.gguf`)"
+                .into(),
+        );
+    }
     if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
         return Err(format!("--temperature must be >= 0, got {}", args.temperature).into());
     }
@@ -91,7 +93,7 @@ pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
     }
     let start = Instant::now();
     let path = lora::models::hub::resolve_model(&args.model)?;
-    let mut pretrained = Pretrained::load(&path, dtype, &Device::Cpu)?;
+    let mut pretrained = Pretrained::load(&path, args.dtype.precision(), &Device::Cpu)?;
     eprintln!(
         "loaded {} in {:.2} s",
         path.display(),

@@ -10,6 +10,7 @@ use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use lora::candle::Device;
 use lora::config::InitLoraWeights;
+use lora::models::llama::Checkpoint;
 use lora::models::sft::{self, DataOptions, Dataset, Duration, Event, LossOn, SftConfig, Tuning};
 use lora::models::Pretrained;
 use lora::peft::convert_to_lora;
@@ -57,9 +58,10 @@ pub struct TrainArgs {
     /// Where the adapter (or, with --full, the model) and the checkpoints go.
     #[arg(long)]
     out: PathBuf,
-    /// The weights' dtype while training.
-    #[arg(long, value_enum, default_value = "f32")]
-    dtype: WeightDtype,
+    /// The weights' dtype while training. Default: `quantized` for a `.gguf` model (QLoRA: the
+    /// projections stay as stored, the adapters are f32), else `f32`; `f32` with --full.
+    #[arg(long, value_enum)]
+    dtype: Option<WeightDtype>,
     /// Held-out data (same formats) for the eval loss.
     #[arg(long)]
     eval: Option<PathBuf>,
@@ -167,17 +169,36 @@ fn targets_json(targets: &str) -> serde_json::Value {
 
 /// Runs `lora train`.
 pub fn run(args: TrainArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let dtype = args.dtype.float()?;
     let path = lora::models::hub::resolve_model(&args.model)?;
+    let dtype = match (args.dtype, args.full) {
+        (Some(WeightDtype::Quantized), true) => {
+            return Err(
+                "--full trains every weight, which needs them dense: use --dtype f32 \
+                        (a quantized base trains LoRA adapters only)"
+                    .into(),
+            )
+        }
+        (Some(dtype), _) => dtype,
+        (None, false) if matches!(Checkpoint::of(&path)?, Checkpoint::Gguf(_)) => {
+            WeightDtype::Quantized
+        }
+        (None, _) => WeightDtype::F32,
+    };
     let start = Instant::now();
     let Pretrained {
         mut model,
         tokenizer,
         ..
-    } = Pretrained::load(&path, dtype, &Device::Cpu)?;
+    } = Pretrained::load(&path, dtype.precision(), &Device::Cpu)?;
     eprintln!(
-        "loaded {} in {:.1} s",
+        "loaded {} ({}) in {:.1} s",
         path.display(),
+        match dtype {
+            WeightDtype::Quantized => "base quantized as stored, adapters f32",
+            WeightDtype::F32 => "f32",
+            WeightDtype::F16 => "f16",
+            WeightDtype::Bf16 => "bf16",
+        },
         start.elapsed().as_secs_f64()
     );
 

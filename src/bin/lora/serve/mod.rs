@@ -55,12 +55,11 @@ pub struct ServeArgs {
 
 /// Runs `lora serve` until Ctrl-C.
 pub fn run(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let dtype = args.dtype.float()?;
     if args.max_batch == 0 {
         return Err("--max-batch must be at least 1".into());
     }
     let path = lora::models::hub::resolve_model(&args.model)?;
-    let pretrained = Pretrained::load(&path, dtype, &Device::Cpu)?;
+    let pretrained = Pretrained::load(&path, args.dtype.precision(), &Device::Cpu)?;
     let base_name = match args.served_model_name {
         Some(name) => name,
         // A hub id names itself; a file or directory by its stem.

@@ -1,0 +1,289 @@
+//! LoRA over a quantized base (QLoRA): a GGUF loaded with `Precision::Quantized` keeps its
+//! projections as stored and gives the logits of transformers' reference, with and without a
+//! PEFT adapter; adapters carry the same base fingerprints as on the f32 load; training
+//! gradients are the f32 base's; merging is refused and leaves the model as it was; the CLI
+//! takes `--dtype quantized` (the default of `lora train` on a GGUF) and refuses it with
+//! `--merge` and `--full`.
+//!
+//! References: transformers and PEFT on the tiny GGUF (llama.cpp's q/k row permutation, a Q8_0
+//! tensor; `scripts/llm_fixtures.py`), SmolLM2-135M-Instruct's Q4_1 GGUF when present.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::{DType, Device, Tensor};
+use lora::models::llama::{load_llama, LlamaForCausalLM, Precision};
+use lora::{LayerError, LoraModel, LoraModelExt, ModulePath};
+
+const LORA: &str = env!("CARGO_BIN_EXE_lora");
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llm/tiny-llama-gguf")
+}
+
+fn tiny() -> PathBuf {
+    fixtures().join("tiny-llama.gguf")
+}
+
+fn io() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixtures().join("io.safetensors"), &Device::Cpu).unwrap()
+}
+
+fn logits(model: &LlamaForCausalLM, ids: &Tensor) -> Tensor {
+    let ids = ids.to_dtype(DType::U32).unwrap();
+    model.forward(&ids, &mut model.new_cache()).unwrap()
+}
+
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs().unwrap().max_all().unwrap().to_scalar().unwrap()
+}
+
+/// As `lora-models/tests/llama.rs`: chains of sums of <= 256 f32 products in another order than
+/// PyTorch's (the quantized base computes with the weights dequantized exactly as transformers
+/// dequantizes them), a few 1e-6 relative per layer.
+const TINY_RTOL: f32 = 2e-5;
+
+fn check(what: &str, got: &Tensor, want: &Tensor) {
+    let (d, s) = (common::max_abs_diff(got, want), max_abs(want));
+    println!(
+        "tiny GGUF, quantized base, {what}: max |ours - reference| {d:.3e} (max |logit| {s:.2})"
+    );
+    assert!(d <= TINY_RTOL * s.max(1.0), "{what}: {d} vs scale {s}");
+}
+
+/// Every LoRA layer's path and base fingerprint.
+fn fingerprints(model: &LlamaForCausalLM) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    model
+        .visit_lora_layers(&mut ModulePath::new(), &mut |p, layer, _| {
+            out.push((p.to_string(), layer.base_fingerprint().unwrap().to_string()));
+            Ok(())
+        })
+        .unwrap();
+    out
+}
+
+#[test]
+fn a_quantized_gguf_gives_transformers_logits_with_and_without_a_peft_adapter() {
+    let io = io();
+    let ids = &io["input_ids"];
+    let mut model = load_llama(&tiny(), Precision::Quantized, &Device::Cpu).unwrap();
+    // The projections are quantized (attn_q of layer 0 is Q8_0 and permuted in the file).
+    let q = &model.model.layers[0].self_attn.q_proj;
+    assert_eq!(
+        q.quantized_weight().map(|w| w.ggml_dtype()),
+        Some(candle_core::quantized::GgmlDType::Q8_0)
+    );
+    assert!(matches!(q.weight(), Err(LayerError::Quantized(_))));
+    check("base", &logits(&model, ids), &io["logits"]);
+
+    // The same fingerprints as on the f32 load: those of the file's bytes.
+    let f32_model = load_llama(&tiny(), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(fingerprints(&model), fingerprints(&f32_model));
+
+    model.load_adapter(fixtures().join("adapter")).unwrap();
+    let with_adapter = logits(&model, ids);
+    check("PEFT adapter", &with_adapter, &io["logits_adapter"]);
+
+    // Merging is refused, naming the reason, and the model is left as it was.
+    let err = model.merge().unwrap_err().to_string();
+    assert!(
+        err.contains("quantized") && err.contains("lora merge"),
+        "{err}"
+    );
+    assert!(!model.is_merged());
+    assert_eq!(
+        common::bits(&logits(&model, ids)),
+        common::bits(&with_adapter)
+    );
+}
+
+#[test]
+fn training_on_a_quantized_base_gives_the_f32_bases_gradients() {
+    let io = io();
+    let ids = io["input_ids"].to_dtype(DType::U32).unwrap();
+    let mut grads = Vec::new();
+    for precision in [Precision::Quantized, Precision::Float(DType::F32)] {
+        let mut model = load_llama(&tiny(), precision, &Device::Cpu).unwrap();
+        model.load_adapter(fixtures().join("adapter")).unwrap();
+        model.set_training(true);
+        let vars = model.trainable_vars();
+        let logits = model.forward(&ids, &mut model.new_cache()).unwrap();
+        // Next-token cross-entropy over the sequence.
+        let (b, t, v) = logits.dims3().unwrap();
+        let pred = logits
+            .narrow(1, 0, t - 1)
+            .unwrap()
+            .reshape((b * (t - 1), v))
+            .unwrap();
+        let target = ids.narrow(1, 1, t - 1).unwrap().flatten_all().unwrap();
+        let loss = lora::candle_nn::loss::cross_entropy(&pred, &target).unwrap();
+        let store = loss.backward().unwrap();
+        grads.push(
+            vars.iter()
+                .map(|v| store.get(v.as_tensor()).unwrap().clone())
+                .collect::<Vec<_>>(),
+        );
+        // No base weight trains: only the adapters' factors are variables.
+        let base = model.model.layers[0].mlp.down_proj.clone();
+        assert!(base.quantized_weight().is_some() == (precision == Precision::Quantized));
+    }
+    assert!(!grads[0].is_empty());
+    for (gq, gf) in grads[0].iter().zip(&grads[1]) {
+        let (d, s) = (common::max_abs_diff(gq, gf), max_abs(gf));
+        assert!(d <= 1e-4 * s.max(1e-6), "{d} vs {s}");
+    }
+}
+
+#[test]
+fn decoding_a_smollm2_q4_1_base_kept_quantized_gives_the_f32_tokens() {
+    let Some(path) = lora::models::cache::smollm2_or_skip("QLoRA decoding").unwrap() else {
+        return;
+    };
+    use lora::models::generate::GenerateOptions;
+    use lora::models::{Message, Pretrained};
+    let mut texts = Vec::new();
+    let mut held = Vec::new();
+    for precision in [Precision::Quantized, Precision::Float(DType::F32)] {
+        let p = Pretrained::load(&path, precision, &Device::Cpu).unwrap();
+        let prompt = p
+            .chat_prompt(&[Message::new("user", "What is the capital of France?")])
+            .unwrap();
+        let options = GenerateOptions {
+            max_new_tokens: 12,
+            ..GenerateOptions::default()
+        };
+        texts.push(p.generate_text(&prompt, &options, |_| Ok(())).unwrap());
+        // What the projections hold: Q4_1 blocks (5 bits a weight) against f32.
+        let layer = &p.model.model.layers[0].mlp.up_proj;
+        held.push(
+            layer
+                .quantized_weight()
+                .map(|q| q.tensor().storage_size_in_bytes())
+                .unwrap_or_else(|| layer.weight().unwrap().elem_count() * 4),
+        );
+    }
+    assert_eq!(texts[0], texts[1]);
+    assert!(texts[0].contains("Paris"), "{}", texts[0]);
+    assert!(held[0] * 6 <= held[1], "{held:?}");
+}
+
+fn run(args: &[&str]) -> std::process::Output {
+    Command::new(LORA).args(args).output().unwrap()
+}
+
+#[test]
+fn the_cli_trains_on_a_quantized_gguf_by_default_and_refuses_merge_and_full_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d.jsonl");
+    std::fs::write(
+        &data,
+        "{\"prompt\": \"a b\", \"completion\": \" c d\"}\n{\"prompt\": \"e f\", \"completion\": \" g\"}\n",
+    )
+    .unwrap();
+    let out = dir.path().join("adapter");
+    let model = tiny();
+    let (model, data_s, out_s) = (
+        model.to_str().unwrap(),
+        data.to_str().unwrap(),
+        out.to_str().unwrap(),
+    );
+    let o = run(&[
+        "train",
+        "--model",
+        model,
+        "--data",
+        data_s,
+        "--out",
+        out_s,
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--targets",
+        "all-linear",
+        "--quiet",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("base quantized as stored"), "{err}");
+    // The adapter loads onto the f32 model and generates.
+    let g = run(&[
+        "generate",
+        "--model",
+        model,
+        "--adapter",
+        out_s,
+        "--raw",
+        "--prompt",
+        "a b",
+        "--max-new-tokens",
+        "3",
+    ]);
+    assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
+    let q = run(&[
+        "generate",
+        "--model",
+        model,
+        "--dtype",
+        "quantized",
+        "--adapter",
+        out_s,
+        "--raw",
+        "--prompt",
+        "a b",
+        "--max-new-tokens",
+        "3",
+    ]);
+    assert!(q.status.success(), "{}", String::from_utf8_lossy(&q.stderr));
+
+    let merge = run(&[
+        "generate",
+        "--model",
+        model,
+        "--dtype",
+        "quantized",
+        "--adapter",
+        out_s,
+        "--merge",
+        "--prompt",
+        "a b",
+    ]);
+    let err = String::from_utf8_lossy(&merge.stderr);
+    assert!(
+        !merge.status.success() && err.contains("--merge needs dense weights"),
+        "{err}"
+    );
+    let full_out = dir.path().join("full");
+    let full = run(&[
+        "train",
+        "--model",
+        model,
+        "--data",
+        data_s,
+        "--out",
+        full_out.to_str().unwrap(),
+        "--full",
+        "--dtype",
+        "quantized",
+    ]);
+    let err = String::from_utf8_lossy(&full.stderr);
+    assert!(!full.status.success() && err.contains("--full"), "{err}");
+    assert!(!full_out.exists());
+    // A Hugging Face directory has nothing quantized to keep.
+    let hf = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llm/tiny-chat");
+    let o = run(&[
+        "generate",
+        "--model",
+        hf.to_str().unwrap(),
+        "--dtype",
+        "quantized",
+        "--prompt",
+        "x",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("GGUF"), "{err}");
+}
