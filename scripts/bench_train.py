@@ -48,7 +48,7 @@ def ours(args, data, mode, batch, seq, steps, extra=()):
     cmd = [
         "/usr/bin/time", "-v", binary, "train", "--model", args.model, "--data", data, "--out", out,
         "--steps", str(steps), "--batch-size", str(batch), "--max-seq-len", str(seq + 1),
-        "--loss-on", "all", "--lr", "1e-4", "--quiet", *extra,
+        "--loss-on", "all", "--lr", "1e-4", "--quiet", "--dtype", "f32", *extra,
     ]
     cmd += ["--full"] if mode == "full" else ["--targets", "q_proj,v_proj"]
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))

@@ -132,10 +132,13 @@ fn bad_inputs_are_named_errors_with_a_non_zero_exit() {
                 gguf.to_str().unwrap(),
                 "--dtype",
                 "quantized",
+                "--adapter",
+                wrong_adapter.to_str().unwrap(),
+                "--merge",
                 "--prompt",
                 "x",
             ],
-            vec!["quantized"],
+            vec!["--merge needs dense weights"],
         ),
         (
             vec![

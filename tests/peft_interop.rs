@@ -1344,7 +1344,8 @@ fn dora_on_embedding_and_conv_is_refused() -> Result<()> {
             .init_adapter_with(&VarMap::new(), &InitOptions::default().with_config(dora))
             .expect_err("a DoRA config on an embedding/conv layer");
         ensure!(
-            err.to_string().contains("supported on linear layers only"),
+            err.to_string()
+                .contains("supported on linear layers with a dense base only"),
             "{case}: {err}"
         );
         ensure!(unchanged(&model), "{case}: the model changed");
@@ -1366,7 +1367,8 @@ fn dora_on_embedding_and_conv_is_refused() -> Result<()> {
                 .insert_adapter(lora::DEFAULT_ADAPTER, adapter)
                 .expect_err("a DoRA adapter on an embedding/conv layer");
             assert!(
-                err.to_string().contains("supported on linear layers only"),
+                err.to_string()
+                    .contains("supported on linear layers with a dense base only"),
                 "{p}: {err}"
             );
             refused += 1;

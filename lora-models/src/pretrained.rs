@@ -2,7 +2,7 @@
 //! what `lora generate` (and later `train` and `serve`) load.
 //!
 //! ```no_run
-//! use candle_core::Device;
+//! use candle_core::{DType, Device};
 //! use lora_models::generate::GenerateOptions;
 //! use lora_models::{Message, Pretrained};
 //!
