@@ -162,7 +162,7 @@ fn decoding_a_smollm2_q4_1_base_kept_quantized_gives_the_f32_tokens() {
         held.push(
             layer
                 .quantized_weight()
-                .map(|q| q.tensor().storage_size_in_bytes())
+                .map(|q| q.storage_size_in_bytes())
                 .unwrap_or_else(|| layer.weight().unwrap().elem_count() * 4),
         );
     }

@@ -163,7 +163,7 @@ pub fn generate(
             "token id {bad} is outside the vocabulary ({vocab} tokens)"
         )));
     }
-    let device = model.model.embed_tokens.embeddings().device().clone();
+    let device = model.model.embed_tokens.device().clone();
     let mut cache = model.new_cache();
     let mut rng = StdRng::seed_from_u64(options.seed);
     let mut input = Tensor::new(prompt, &device)?.unsqueeze(0)?;

@@ -89,21 +89,6 @@ impl BaseFingerprint {
         }
     }
 
-    /// The fingerprint of a quantized tensor's blocks as held in memory: its GGML type (as
-    /// [`of_stored`](Self::of_stored) names it) and the XXH3 of its bytes (copied to the CPU
-    /// when they live elsewhere).
-    ///
-    /// # Errors
-    /// A candle error when the blocks cannot be read.
-    pub fn of_quantized(tensor: &candle_core::quantized::QTensor) -> LayerResult<Self> {
-        let bytes = tensor.data()?;
-        Ok(Self::of_stored(
-            tensor.shape().dims(),
-            &format!("{:?}", tensor.dtype()).to_lowercase(),
-            xxhash_rust::xxh3::xxh3_64(&bytes),
-        ))
-    }
-
     /// Parses the metadata form written by [`Display`](std::fmt::Display); `None` when malformed.
     pub fn parse(text: &str) -> Option<Self> {
         let mut parts = text.split(' ');

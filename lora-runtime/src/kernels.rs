@@ -57,7 +57,7 @@ fn strides2(l: &Layout) -> candle_core::Result<(isize, isize, usize)> {
 /// `dst = x W^T` for a contiguous `x [n, inp]`, `W [out, inp]` given by its storage and layout,
 /// and `dst [n, out]`: for 2 to [`skinny::MAX_ROWS`](crate::skinny::MAX_ROWS) rows (a server's
 /// decoding step) the few-rows kernel, gemm otherwise.
-pub(crate) fn base_matmul(
+fn base_matmul(
     dst: &mut [f32],
     x: &[f32],
     n: usize,
@@ -355,6 +355,61 @@ impl CustomOp1 for FrozenMatmul {
             Ok(None)
         }
     }
+}
+
+/// `dst[r, col..col + w_rows] = (x W^T)[r, ..]` for a contiguous `x [n, inp]`, a contiguous
+/// `W [w_rows, inp]` and `dst` of row stride `dst_rs`: one block of columns of a product.
+///
+/// # Errors
+/// When the slices are too short for the shapes.
+pub(crate) fn matmul_t_into(
+    dst: &mut [f32],
+    dst_rs: usize,
+    col: usize,
+    x: &[f32],
+    n: usize,
+    inp: usize,
+    w: &[f32],
+    w_rows: usize,
+) -> candle_core::Result<()> {
+    if n == 0 || w_rows == 0 {
+        return Ok(());
+    }
+    let fits = col + w_rows <= dst_rs
+        && dst.len() >= (n - 1) * dst_rs + col + w_rows
+        && x.len() >= n * inp
+        && w.len() >= w_rows * inp;
+    if !fits {
+        candle_core::bail!(
+            "lora matmul: dst {} (stride {dst_rs}, column {col}), x [{n}, {inp}], w [{w_rows}, {inp}] do not fit",
+            dst.len()
+        );
+    }
+    // SAFETY: the checks above keep every access of gemm inside the three slices.
+    unsafe {
+        gemm(
+            n,
+            w_rows,
+            inp,
+            dst.as_mut_ptr().add(col),
+            1,
+            dst_rs as isize,
+            false,
+            x.as_ptr(),
+            1,
+            inp as isize,
+            w.as_ptr(),
+            inp as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism(),
+        );
+    }
+    Ok(())
 }
 
 /// `x W^T + b` for `x [..., in]` and a frozen `weight [out, in]` (any strides) and `bias [out]`:

@@ -92,7 +92,7 @@ impl LlamaForCausalLM {
         cache.check_fits(self.model.layers.len())?;
         let shape = self.heads();
         let (t, past) = (ids.len(), cache.len);
-        let device = self.model.embed_tokens.embeddings().device().clone();
+        let device = self.model.embed_tokens.device().clone();
         let mut x = self
             .model
             .embed_tokens
@@ -149,7 +149,7 @@ impl LlamaForCausalLM {
         }
         let shape = self.heads();
         let (hd, d) = (shape.heads, shape.head_dim);
-        let device = self.model.embed_tokens.embeddings().device().clone();
+        let device = self.model.embed_tokens.device().clone();
         let mut x = self
             .model
             .embed_tokens

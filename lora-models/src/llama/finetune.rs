@@ -10,7 +10,7 @@ use candle_nn::{Embedding, Linear, Module, RmsNorm};
 use lora_runtime::train::{write_safetensors, Checkpointing};
 use lora_runtime::LoraLinear;
 
-use super::model::LlamaForCausalLM;
+use super::model::{LlamaForCausalLM, TokenEmbedding};
 use crate::error::{ModelError, Result};
 use crate::sft::CausalLm;
 use crate::tokenizer::TextTokenizer;
@@ -21,6 +21,17 @@ fn var(vars: &mut Vec<(String, Var)>, name: String, t: &Tensor) -> Result<Tensor
     let tensor = v.as_tensor().clone();
     vars.push((name, v));
     Ok(tensor)
+}
+
+/// The dense embedding table (full fine-tuning and saving a model need one).
+fn dense_table(embedding: &TokenEmbedding) -> Result<&Embedding> {
+    embedding.dense().ok_or_else(|| {
+        ModelError::Input(
+            "the model's weights are quantized: full fine-tuning and saving a whole model need \
+             them dense (load the model with a float dtype)"
+                .into(),
+        )
+    })
 }
 
 /// `layer` with its weight and bias replaced by trainable copies.
@@ -73,12 +84,13 @@ impl CausalLm for LlamaForCausalLM {
         }
         let mut vars = Vec::new();
         let m = &mut self.model;
+        let table = dense_table(&m.embed_tokens)?;
         let embed = var(
             &mut vars,
             "model.embed_tokens.weight".into(),
-            m.embed_tokens.embeddings(),
+            table.embeddings(),
         )?;
-        m.embed_tokens = Embedding::new(embed.clone(), m.embed_tokens.hidden_size());
+        m.embed_tokens = TokenEmbedding::Dense(Embedding::new(embed.clone(), table.hidden_size()));
         for (i, layer) in m.layers.iter_mut().enumerate() {
             let p = format!("model.layers.{i}");
             let a = &mut layer.self_attn;
@@ -118,7 +130,7 @@ impl CausalLm for LlamaForCausalLM {
         let m = &self.model;
         tensors.push((
             "model.embed_tokens.weight".into(),
-            m.embed_tokens.embeddings().clone(),
+            dense_table(&m.embed_tokens)?.embeddings().clone(),
         ));
         let mut linear = |path: String, l: &LoraLinear| -> Result<()> {
             tensors.push((

@@ -28,7 +28,7 @@ use candle_nn::VarBuilder;
 use lora_runtime::{BaseFingerprint, LoraLinear, LoraModel, ModulePath, QuantizedWeight};
 
 use super::config::{LlamaConfig, RopeScaling};
-use super::model::LlamaForCausalLM;
+use super::model::{LlamaForCausalLM, TokenEmbedding};
 use crate::error::{ModelError, Result};
 
 /// What a checkpoint path is.
@@ -533,11 +533,13 @@ pub(crate) fn load_gguf_content(
     Ok(model)
 }
 
-/// Whether the module `path` is one of the projections a quantized model keeps quantized (the
-/// attention and MLP projections, and an untied LM head).
+/// Whether the module `path` is one a quantized model keeps quantized: the attention and MLP
+/// projections, the embedding table and an untied LM head (a tied one shares the table).
 fn is_projection(path: &str) -> bool {
-    path == "lm_head" || path.ends_with("_proj")
+    path == "lm_head" || path == EMBEDDING || path.ends_with("_proj")
 }
+
+const EMBEDDING: &str = "model.embed_tokens";
 
 /// Reads the tensor `name` keeping its blocks, with llama.cpp's q/k row permutation undone on
 /// the rows' bytes, onto `device`; and the fingerprint of the stored bytes.
@@ -565,7 +567,7 @@ fn read_quantized(
         };
     let weight = QStorage::from_data(std::borrow::Cow::Owned(raw), device, info.ggml_dtype)
         .and_then(|storage| QTensor::new(storage, dims))
-        .and_then(|q| QuantizedWeight::new(std::sync::Arc::new(q)))
+        .and_then(QuantizedWeight::new)
         .map_err(|e| tensor_error(path, name, e))?;
     Ok((weight, fingerprint))
 }
@@ -594,11 +596,18 @@ fn unpermute_rows(raw: &[u8], rows: usize, heads: usize) -> std::result::Result<
     Ok(out)
 }
 
-/// Swaps each placeholder projection for its quantized weight (keeping the bias).
+/// Swaps each placeholder for its quantized weight: the projections (keeping their bias), the
+/// embedding table, and a tied LM head (the table's blocks, shared).
 fn install_quantized(
     model: &mut LlamaForCausalLM,
     mut quantized: HashMap<String, QuantizedWeight>,
 ) -> Result<()> {
+    if let Some(table) = quantized.remove(EMBEDDING) {
+        if model.config().tie_word_embeddings {
+            quantized.insert("lm_head".into(), table.clone());
+        }
+        model.model.embed_tokens = TokenEmbedding::Quantized(table);
+    }
     if quantized.is_empty() {
         return Ok(());
     }

@@ -23,4 +23,6 @@ pub(crate) use load::{
     stored_fingerprint, tensor_error, tensor_info, GgufArch,
 };
 pub use load::{load_gguf, load_hf_dir, load_llama, Checkpoint, Precision};
-pub use model::{Attention, Cache, DecoderLayer, LlamaForCausalLM, LlamaModel, Mlp};
+pub use model::{
+    Attention, Cache, DecoderLayer, LlamaForCausalLM, LlamaModel, Mlp, TokenEmbedding,
+};

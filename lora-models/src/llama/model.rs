@@ -18,7 +18,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
 use lora_macros::lora;
 use lora_runtime::train::Checkpointing;
-use lora_runtime::LoraLinear;
+use lora_runtime::{LoraLinear, QuantizedWeight};
 
 use super::config::LlamaConfig;
 use crate::error::{ModelError, Result};
@@ -68,12 +68,49 @@ pub struct DecoderLayer {
     pub post_attention_layernorm: RmsNorm,
 }
 
+/// The token embedding table: dense, or as a quantized GGUF stores it (a model loaded with
+/// [`Precision::Quantized`](super::Precision::Quantized)). It never trains but in full
+/// fine-tuning, which needs it dense.
+#[derive(Debug, Clone)]
+pub enum TokenEmbedding {
+    /// A float table.
+    Dense(Embedding),
+    /// GGUF blocks, rows dequantized as they are looked up.
+    Quantized(QuantizedWeight),
+}
+
+impl TokenEmbedding {
+    /// The dense table, if it is one.
+    pub fn dense(&self) -> Option<&Embedding> {
+        match self {
+            Self::Dense(e) => Some(e),
+            Self::Quantized(_) => None,
+        }
+    }
+    /// The device the table lives on.
+    pub fn device(&self) -> &Device {
+        match self {
+            Self::Dense(e) => e.embeddings().device(),
+            Self::Quantized(q) => q.device(),
+        }
+    }
+}
+
+impl Module for TokenEmbedding {
+    fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Dense(e) => e.forward(ids),
+            Self::Quantized(q) => q.embedding(ids),
+        }
+    }
+}
+
 /// The decoder stack (`model.` in transformers' paths).
 #[lora(crate = "::lora_runtime")]
 #[derive(Debug, Clone)]
 pub struct LlamaModel {
     /// `embed_tokens`.
-    pub embed_tokens: Embedding,
+    pub embed_tokens: TokenEmbedding,
     /// `layers`.
     #[lora(nested)]
     pub layers: Vec<DecoderLayer>,
@@ -310,7 +347,7 @@ impl LlamaModel {
         let inv_freq = config.inv_freq();
         let n = inv_freq.len();
         Ok(Self {
-            embed_tokens,
+            embed_tokens: TokenEmbedding::Dense(embed_tokens),
             layers,
             norm,
             inv_freq: Tensor::from_vec(inv_freq, n, vb.device())?,
@@ -396,11 +433,12 @@ impl LlamaForCausalLM {
     /// A candle error naming a missing tensor or a wrong shape.
     pub fn new(config: LlamaConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let model = LlamaModel::new(&config, vb.pp("model"))?;
-        let lm_head = if config.tie_word_embeddings {
-            Linear::new(model.embed_tokens.embeddings().clone(), None)
-        } else {
-            candle_nn::linear_no_bias(config.hidden_size, config.vocab_size, vb.pp("lm_head"))?
-        };
+        let lm_head =
+            if let (true, Some(table)) = (config.tie_word_embeddings, model.embed_tokens.dense()) {
+                Linear::new(table.embeddings().clone(), None)
+            } else {
+                candle_nn::linear_no_bias(config.hidden_size, config.vocab_size, vb.pp("lm_head"))?
+            };
         Ok(Self {
             model,
             lm_head: LoraLinear::from(lm_head),

@@ -58,7 +58,7 @@ impl Frozen for LinearWeight {
     fn hash(&self) -> LayerResult<BaseFingerprint> {
         match self {
             Self::Dense(t) => BaseFingerprint::of(t),
-            Self::Quantized(q) => BaseFingerprint::of_quantized(q.tensor()),
+            Self::Quantized(q) => q.fingerprint(),
         }
     }
 }
@@ -82,7 +82,7 @@ impl LinearWeight {
     pub(crate) fn elem_count(&self) -> usize {
         match self {
             Self::Dense(t) => t.elem_count(),
-            Self::Quantized(q) => q.tensor().shape().elem_count(),
+            Self::Quantized(q) => q.dims().0 * q.dims().1,
         }
     }
 }
