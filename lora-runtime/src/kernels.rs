@@ -358,7 +358,8 @@ impl CustomOp1 for FrozenMatmul {
 }
 
 /// `dst[r, col..col + w_rows] = (x W^T)[r, ..]` for a contiguous `x [n, inp]`, a contiguous
-/// `W [w_rows, inp]` and `dst` of row stride `dst_rs`: one block of columns of a product.
+/// `W [w_rows, inp]` (`w_rows = w.len() / inp`) and `dst` of row stride `dst_rs`: one block of
+/// columns of a product.
 ///
 /// # Errors
 /// When the slices are too short for the shapes.
@@ -370,8 +371,8 @@ pub(crate) fn matmul_t_into(
     n: usize,
     inp: usize,
     w: &[f32],
-    w_rows: usize,
 ) -> candle_core::Result<()> {
+    let w_rows = w.len() / inp.max(1);
     if n == 0 || w_rows == 0 {
         return Ok(());
     }

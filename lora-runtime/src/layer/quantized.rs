@@ -233,13 +233,13 @@ impl CustomOp1 for QuantizedMatmul {
         let (x, rows) = (&x[start..end], (end - start) / inp.max(1));
         let mut dst = vec![0f32; rows * out];
         for part in w.parts.iter() {
-            let (first, n_out) = (part.rows.start, part.rows.len());
+            let first = part.rows.start;
             let dense = part.tensor.dequantize(&Device::Cpu)?;
             let (guard, _) = dense.storage_and_layout();
             let Storage::Cpu(CpuStorage::F32(values)) = &*guard else {
                 candle_core::bail!("quantized matmul: the dequantized weight is not f32");
             };
-            kernels::matmul_t_into(&mut dst, out, first, x, rows, inp, values, n_out)?;
+            kernels::matmul_t_into(&mut dst, out, first, x, rows, inp, values)?;
         }
         let mut dims = layout.dims().to_vec();
         if let Some(last) = dims.last_mut() {
