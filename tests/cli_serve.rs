@@ -3,16 +3,20 @@
 //! list, greedy completions equal to `lora generate --raw` while other adapters' requests run in
 //! the same batch, streaming, errors, and adapters loaded and unloaded at run time.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::process::Command;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
 const LORA: &str = env!("CARGO_BIN_EXE_lora");
+
+mod common;
+
+use common::server::{dechunk, Server};
 
 fn model_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llm/tiny-chat")
@@ -54,112 +58,6 @@ fn adapters() -> &'static (PathBuf, PathBuf) {
             train("b", "q_proj,v_proj", "2"),
         )
     })
-}
-
-/// A running server, killed when dropped; its stderr lines collected.
-struct Server {
-    child: Child,
-    addr: String,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Server {
-    fn start(args: &[&str]) -> Server {
-        let mut child = Command::new(LORA)
-            .args([
-                "serve",
-                "--model",
-                model_dir().to_str().unwrap(),
-                "--port",
-                "0",
-            ])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let lines = Arc::clone(&log);
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if let Some(addr) = line.strip_prefix("listening on http://") {
-                    let _ = tx.send(addr.to_string());
-                }
-                lines.lock().unwrap().push(line);
-            }
-        });
-        let addr = match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(addr) => addr,
-            Err(_) => {
-                let _ = child.kill();
-                panic!("the server did not start: {:?}", log.lock().unwrap());
-            }
-        };
-        Server { child, addr, log }
-    }
-
-    fn log(&self) -> Vec<String> {
-        self.log.lock().unwrap().clone()
-    }
-
-    /// Sends a request, returns the status and the (de-chunked) body.
-    fn request(&self, method: &str, path: &str, body: &str) -> (u16, String) {
-        let mut s = TcpStream::connect(&self.addr).unwrap();
-        write!(
-            s,
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            self.addr,
-            body.len()
-        )
-        .unwrap();
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw).unwrap();
-        let raw = String::from_utf8(raw).unwrap();
-        let (head, rest) = raw.split_once("\r\n\r\n").unwrap();
-        let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
-        let body = if head
-            .to_ascii_lowercase()
-            .contains("transfer-encoding: chunked")
-        {
-            dechunk(rest)
-        } else {
-            rest.to_string()
-        };
-        (status, body)
-    }
-
-    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let (status, text) = self.request("POST", path, &body.to_string());
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn dechunk(mut rest: &str) -> String {
-    let mut out = String::new();
-    loop {
-        let Some((size, tail)) = rest.split_once("\r\n") else {
-            return out;
-        };
-        let n = usize::from_str_radix(size.trim(), 16).unwrap();
-        if n == 0 {
-            return out;
-        }
-        out.push_str(&tail[..n]);
-        rest = &tail[n + 2..];
-    }
 }
 
 /// `lora generate --raw`'s completion (stdout without the final newline).
@@ -204,7 +102,7 @@ fn models_are_listed_and_greedy_completions_equal_generate_in_a_mixed_batch() {
     let (a, b) = adapters();
     let spec_a = format!("a={}", a.display());
     let spec_b = format!("b={}", b.display());
-    let server = Server::start(&["--adapter", &spec_a, "--adapter", &spec_b]);
+    let server = Server::start(&model_dir(), &["--adapter", &spec_a, "--adapter", &spec_b]);
     let (status, body) = server.request("GET", "/v1/models", "");
     assert_eq!(status, 200, "{body}");
     let list: Value = serde_json::from_str(&body).unwrap();
@@ -268,7 +166,7 @@ fn models_are_listed_and_greedy_completions_equal_generate_in_a_mixed_batch() {
 fn streamed_chunks_concatenate_to_the_whole_text() {
     let (a, _) = adapters();
     let spec = format!("a={}", a.display());
-    let server = Server::start(&["--adapter", &spec]);
+    let server = Server::start(&model_dir(), &["--adapter", &spec]);
     for chat in [false, true] {
         let (path, mut body) = if chat {
             (
@@ -341,7 +239,7 @@ fn streamed_chunks_concatenate_to_the_whole_text() {
 
 #[test]
 fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
-    let server = Server::start(&[]);
+    let server = Server::start(&model_dir(), &[]);
     let check = |status: u16, body: &Value, want: u16, param: Option<&str>| {
         assert_eq!(status, want, "{body}");
         let e = &body["error"];
@@ -397,7 +295,7 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
 #[test]
 fn adapters_load_and_unload_at_run_time_within_max_loras() {
     let (a, b) = adapters();
-    let server = Server::start(&["--allow-runtime-lora", "--max-loras", "1"]);
+    let server = Server::start(&model_dir(), &["--allow-runtime-lora", "--max-loras", "1"]);
     let load = |name: &str, path: &Path| {
         server.post(
             "/v1/load_lora_adapter",
@@ -467,7 +365,7 @@ fn adapters_load_and_unload_at_run_time_within_max_loras() {
 
 #[test]
 fn a_client_that_leaves_mid_stream_frees_its_slot() {
-    let server = Server::start(&[]);
+    let server = Server::start(&model_dir(), &[]);
     let mut s = TcpStream::connect(&server.addr).unwrap();
     let body = json!({"model": "tiny-chat", "prompt": "Once upon", "max_tokens": 240,
                       "temperature": 1.0, "seed": 7, "stream": true})
@@ -504,7 +402,7 @@ fn a_client_that_leaves_mid_stream_frees_its_slot() {
 fn unloading_an_adapter_in_use_ends_its_requests_cleanly() {
     let (a, _) = adapters();
     let spec = format!("a={}", a.display());
-    let server = Server::start(&["--adapter", &spec, "--allow-runtime-lora"]);
+    let server = Server::start(&model_dir(), &["--adapter", &spec, "--allow-runtime-lora"]);
     let body = json!({"model": "a", "prompt": "Once upon", "max_tokens": 240,
                       "temperature": 1.0, "seed": 3, "stream": true})
     .to_string();
@@ -567,7 +465,7 @@ fn a_dora_adapter_is_refused_by_name_and_the_server_keeps_serving() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let server = Server::start(&["--allow-runtime-lora"]);
+    let server = Server::start(&model_dir(), &["--allow-runtime-lora"]);
     let (s, e) = server.post(
         "/v1/load_lora_adapter",
         &json!({"lora_name": "d", "lora_path": dora.to_str().unwrap()}),

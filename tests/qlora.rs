@@ -287,3 +287,82 @@ fn the_cli_trains_on_a_quantized_gguf_by_default_and_refuses_merge_and_full_with
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("GGUF"), "{err}");
 }
+
+/// `lora generate --model tiny.gguf --dtype quantized --raw`'s completion.
+fn generate_quantized(adapter: Option<&Path>, prompt: &str) -> String {
+    let model = tiny();
+    let mut c = Command::new(LORA);
+    c.arg("generate").arg("--model").arg(&model);
+    c.args([
+        "--dtype",
+        "quantized",
+        "--raw",
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        "12",
+    ]);
+    if let Some(a) = adapter {
+        c.arg("--adapter").arg(a);
+    }
+    let o = c.output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut text = String::from_utf8(o.stdout).unwrap();
+    assert_eq!(text.pop(), Some('\n'));
+    text
+}
+
+#[test]
+fn lora_serve_on_a_quantized_base_completes_as_generate_in_a_mixed_batch() {
+    use common::server::Server;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d.jsonl");
+    std::fs::write(
+        &data,
+        "{\"prompt\": \"a b\", \"completion\": \" c d e f\"}\n",
+    )
+    .unwrap();
+    let adapter = dir.path().join("a");
+    let o = run(&[
+        "train",
+        "--model",
+        tiny().to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        adapter.to_str().unwrap(),
+        "--steps",
+        "3",
+        "--lr",
+        "0.2",
+        "--targets",
+        "all-linear",
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let spec = format!("a={}", adapter.display());
+    let server = std::sync::Arc::new(Server::start(
+        &tiny(),
+        &["--dtype", "quantized", "--adapter", &spec],
+    ));
+    let cases = [("a", Some(adapter.as_path())), ("tiny-llama", None)];
+    let handles: Vec<_> = cases
+        .iter()
+        .map(|&(model, _)| {
+            let server = std::sync::Arc::clone(&server);
+            std::thread::spawn(move || {
+                let body = serde_json::json!({"model": model, "prompt": "a b", "max_tokens": 12, "temperature": 0});
+                server.post("/v1/completions", &body)
+            })
+        })
+        .collect();
+    let mut texts = Vec::new();
+    for (h, &(model, path)) in handles.into_iter().zip(&cases) {
+        let (status, body) = h.join().unwrap();
+        assert_eq!(status, 200, "{body}");
+        let text = body["choices"][0]["text"].as_str().unwrap().to_string();
+        assert_eq!(text, generate_quantized(path, "a b"), "model {model}");
+        texts.push(text);
+    }
+    assert_ne!(texts[0], texts[1], "the adapter changes the completion");
+}

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod server;
+
 use candle_core::{DType, Device, Tensor};
 
 /// A deterministic pseudo-random f32 tensor (a simple LCG, so tests do not depend on candle's RNG).
