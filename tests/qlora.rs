@@ -210,48 +210,12 @@ fn the_cli_trains_on_a_quantized_gguf_by_default_and_refuses_merge_and_full_with
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert!(err.contains("base quantized as stored"), "{err}");
-    // The adapter loads onto the f32 model and generates.
-    let g = run(&[
-        "generate",
-        "--model",
-        model,
-        "--adapter",
-        out_s,
-        "--raw",
-        "--prompt",
-        "a b",
-        "--max-new-tokens",
-        "3",
-    ]);
-    assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
-    let q = run(&[
-        "generate",
-        "--model",
-        model,
-        "--dtype",
-        "quantized",
-        "--adapter",
-        out_s,
-        "--raw",
-        "--prompt",
-        "a b",
-        "--max-new-tokens",
-        "3",
-    ]);
-    assert!(q.status.success(), "{}", String::from_utf8_lossy(&q.stderr));
-
-    let merge = run(&[
-        "generate",
-        "--model",
-        model,
-        "--dtype",
-        "quantized",
-        "--adapter",
-        out_s,
-        "--merge",
-        "--prompt",
-        "a b",
-    ]);
+    // The adapter loads onto the f32 model and onto the quantized one, and generates.
+    for dtype in ["f32", "quantized"] {
+        let g = tiny_generate(&["--dtype", dtype, "--adapter", out_s]);
+        assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
+    }
+    let merge = tiny_generate(&["--dtype", "quantized", "--adapter", out_s, "--merge"]);
     let err = String::from_utf8_lossy(&merge.stderr);
     assert!(
         !merge.status.success() && err.contains("--merge needs dense weights"),
@@ -288,24 +252,26 @@ fn the_cli_trains_on_a_quantized_gguf_by_default_and_refuses_merge_and_full_with
     assert!(!o.status.success() && err.contains("GGUF"), "{err}");
 }
 
-/// `lora generate --model tiny.gguf --dtype quantized --raw`'s completion.
-fn generate_quantized(adapter: Option<&Path>, prompt: &str) -> String {
-    let model = tiny();
-    let mut c = Command::new(LORA);
-    c.arg("generate").arg("--model").arg(&model);
-    c.args([
-        "--dtype",
-        "quantized",
-        "--raw",
-        "--prompt",
-        prompt,
-        "--max-new-tokens",
-        "12",
-    ]);
+/// `lora generate --model tiny.gguf --raw --prompt "a b" --max-new-tokens 12 FLAGS`.
+fn tiny_generate(flags: &[&str]) -> std::process::Output {
+    Command::new(LORA)
+        .arg("generate")
+        .arg("--model")
+        .arg(tiny())
+        .args(["--raw", "--prompt", "a b", "--max-new-tokens", "12"])
+        .args(flags)
+        .output()
+        .unwrap()
+}
+
+/// [`tiny_generate`]'s completion with `--dtype quantized` (stdout without the final newline).
+fn generate_quantized(adapter: Option<&Path>) -> String {
+    let mut flags = vec!["--dtype", "quantized"];
+    let adapter = adapter.map(|a| a.to_str().unwrap());
     if let Some(a) = adapter {
-        c.arg("--adapter").arg(a);
+        flags.extend(["--adapter", a]);
     }
-    let o = c.output().unwrap();
+    let o = tiny_generate(&flags);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let mut text = String::from_utf8(o.stdout).unwrap();
     assert_eq!(text.pop(), Some('\n'));
@@ -361,7 +327,7 @@ fn lora_serve_on_a_quantized_base_completes_as_generate_in_a_mixed_batch() {
         let (status, body) = h.join().unwrap();
         assert_eq!(status, 200, "{body}");
         let text = body["choices"][0]["text"].as_str().unwrap().to_string();
-        assert_eq!(text, generate_quantized(path, "a b"), "model {model}");
+        assert_eq!(text, generate_quantized(path), "model {model}");
         texts.push(text);
     }
     assert_ne!(texts[0], texts[1], "the adapter changes the completion");

@@ -170,3 +170,21 @@ pub mod __private {
         path.scoped(name, |p| model.visit_lora_layers_mut(p, f))
     }
 }
+
+/// Helpers for the unit tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use candle_core::Tensor;
+
+    /// `max |a - b|`.
+    pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .and_then(|d| {
+                d.abs()?
+                    .max_all()?
+                    .to_dtype(candle_core::DType::F32)?
+                    .to_scalar()
+            })
+            .expect("tensors of one shape")
+    }
+}

@@ -692,22 +692,12 @@ pub fn cross_entropy_sum(logits: &Tensor, labels: &Tensor) -> candle_core::Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::max_diff;
     use candle_core::Var;
 
     /// The gradients of `sum(y * k)`: a loss that weights every output differently.
     fn weighted_grads(y: &Tensor, k: &Tensor) -> candle_core::backprop::GradStore {
         (y * k).unwrap().sum_all().unwrap().backward().unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap()
     }
 
     #[test]

@@ -307,6 +307,7 @@ mod tests {
     use crate::config::{LayerConfig, LoraInit};
     use crate::error::LayerError;
     use crate::layer::{LoraLayer, LoraLinear};
+    use crate::testing::max_diff;
 
     const TYPES: [GgmlDType; 10] = [
         GgmlDType::Q4_0,
@@ -355,17 +356,6 @@ mod tests {
         ql.insert_adapter(DEFAULT_ADAPTER, adapter).unwrap();
         dl.insert_adapter(DEFAULT_ADAPTER, twin).unwrap();
         (ql, dl)
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap()
     }
 
     #[test]
