@@ -9,7 +9,7 @@
 //! rounding), and for Q4_1, Q5_0, Q5_1 it has no SIMD kernel (at 512 rows of 576 into 1536,
 //! 143 ms for Q4_1 against 6 ms dequantized). In a graph that trains, the backward gives the
 //! input's gradient through the weight dequantized again and no weight gradient: the base is
-//! frozen. (On CUDA the forward is candle's quantized matmul.)
+//! frozen. (On CUDA the forward is candle's quantized matmul, one row block at a time.)
 //!
 //! The dequantized weight is transient and never whole: a large weight is held as row blocks of
 //! at most [`PART_ELEMS`] weights (an LM head of 128k x 4096 would otherwise need 2 GiB of f32
@@ -194,17 +194,44 @@ impl QuantizedWeight {
     /// A shape or dtype the quantized matmul does not take.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let x = x.contiguous()?;
-        let op = QuantizedMatmul(self.clone());
-        if x.track_op() {
-            x.apply_op1(op)
-        } else {
-            x.apply_op1_no_bwd(&op)
+        let apply = |parts: Range<usize>| {
+            let op = QuantizedMatmul {
+                weight: self.clone(),
+                parts,
+            };
+            if x.track_op() {
+                x.apply_op1(op)
+            } else {
+                x.apply_op1_no_bwd(&op)
+            }
+        };
+        if matches!(self.device, Device::Cpu) || self.parts.len() == 1 {
+            return apply(0..self.parts.len());
         }
+        // Elsewhere candle's quantized kernel, one block at a time.
+        let blocks = (0..self.parts.len())
+            .map(|i| apply(i..i + 1))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Tensor::cat(&blocks, D::Minus1)
     }
 }
 
-/// The quantized matmul as a custom op with a backward for the input only.
-struct QuantizedMatmul(QuantizedWeight);
+/// The quantized matmul over the row blocks `parts` of a weight (their output columns), as a
+/// custom op with a backward for the input only.
+struct QuantizedMatmul {
+    weight: QuantizedWeight,
+    parts: Range<usize>,
+}
+
+impl QuantizedMatmul {
+    /// The blocks, the first row they start at and the rows they cover.
+    fn blocks(&self) -> (&[Part], usize, usize) {
+        let blocks = self.weight.parts.get(self.parts.clone()).unwrap_or(&[]);
+        let first = blocks.first().map_or(0, |p| p.rows.start);
+        let rows = blocks.iter().map(|p| p.rows.len()).sum();
+        (blocks, first, rows)
+    }
+}
 
 impl CustomOp1 for QuantizedMatmul {
     fn name(&self) -> &'static str {
@@ -216,8 +243,8 @@ impl CustomOp1 for QuantizedMatmul {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let w = &self.0;
-        let (out, inp) = w.shape;
+        let inp = self.weight.shape.1;
+        let (blocks, first, out) = self.blocks();
         let (CpuStorage::F32(x), Some((start, end)), Some(&last)) =
             (storage, layout.contiguous_offsets(), layout.dims().last())
         else {
@@ -227,19 +254,18 @@ impl CustomOp1 for QuantizedMatmul {
             candle_core::bail!(
                 "quantized matmul: input {:?} for a weight {:?}",
                 layout.dims(),
-                w.shape
+                self.weight.shape
             );
         }
         let (x, rows) = (&x[start..end], (end - start) / inp.max(1));
         let mut dst = vec![0f32; rows * out];
-        for part in w.parts.iter() {
-            let first = part.rows.start;
+        for part in blocks {
             let dense = part.tensor.dequantize(&Device::Cpu)?;
             let (guard, _) = dense.storage_and_layout();
             let Storage::Cpu(CpuStorage::F32(values)) = &*guard else {
                 candle_core::bail!("quantized matmul: the dequantized weight is not f32");
             };
-            kernels::matmul_t_into(&mut dst, out, first, x, rows, inp, values)?;
+            kernels::matmul_t_into(&mut dst, out, part.rows.start - first, x, rows, inp, values)?;
         }
         let mut dims = layout.dims().to_vec();
         if let Some(last) = dims.last_mut() {
@@ -254,11 +280,9 @@ impl CustomOp1 for QuantizedMatmul {
         storage: &candle_core::CudaStorage,
         layout: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        match &self.0.parts[..] {
+        match self.blocks().0 {
             [part] => part.tensor.cuda_fwd(storage, layout),
-            _ => candle_core::bail!(
-                "quantized matmul: a weight split into row blocks runs on the CPU only"
-            ),
+            _ => candle_core::bail!("quantized matmul: one row block at a time on CUDA"),
         }
     }
 
@@ -270,16 +294,17 @@ impl CustomOp1 for QuantizedMatmul {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        let (out, inp) = self.0.shape;
+        let inp = self.weight.shape.1;
+        let (blocks, first, out) = self.blocks();
         let rows = grad_res.elem_count() / out.max(1);
         let grad = grad_res
             .reshape((rows, out))?
             .to_dtype(candle_core::DType::F32)?;
         let mut total: Option<Tensor> = None;
-        for part in self.0.parts.iter() {
+        for part in blocks {
             let w = part.tensor.dequantize(grad.device())?;
             let g = grad
-                .narrow(D::Minus1, part.rows.start, part.rows.len())?
+                .narrow(D::Minus1, part.rows.start - first, part.rows.len())?
                 .matmul(&w)?;
             total = Some(match total {
                 Some(t) => (t + g)?,
