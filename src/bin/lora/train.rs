@@ -59,7 +59,8 @@ pub struct TrainArgs {
     #[arg(long)]
     out: PathBuf,
     /// The weights' dtype while training. Default: `quantized` for a `.gguf` model (QLoRA: the
-    /// projections stay as stored, the adapters are f32), else `f32`; `f32` with --full.
+    /// projections stay as stored, the adapters are f32), else `f32`; `f32` with --full,
+    /// --use-dora and --init pissa/olora (which need the dense weights).
     #[arg(long, value_enum)]
     dtype: Option<WeightDtype>,
     /// Held-out data (same formats) for the eval loss.
@@ -179,7 +180,12 @@ pub fn run(args: TrainArgs) -> Result<(), Box<dyn std::error::Error>> {
             )
         }
         (Some(dtype), _) => dtype,
-        (None, false) if matches!(Checkpoint::of(&path)?, Checkpoint::Gguf(_)) => {
+        // DoRA and PiSSA / OLoRA read the dense weight: they keep the f32 default.
+        (None, false)
+            if !args.use_dora
+                && args.init.decomposition().is_none()
+                && matches!(Checkpoint::of(&path)?, Checkpoint::Gguf(_)) =>
+        {
             WeightDtype::Quantized
         }
         (None, _) => WeightDtype::F32,
