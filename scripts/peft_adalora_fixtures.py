@@ -80,8 +80,9 @@ PATTERN = {
 }
 
 
-def adalora_config() -> AdaLoraConfig:
-    return AdaLoraConfig(
+def adalora_config(**over) -> AdaLoraConfig:
+    """The fixtures' config; `over` replaces fields."""
+    fields = dict(
         init_r=INIT_R,
         target_r=2,
         lora_alpha=ALPHA,
@@ -92,6 +93,7 @@ def adalora_config() -> AdaLoraConfig:
         deltaT=2,
         total_step=10,
     )
+    return AdaLoraConfig(**{**fields, **over})
 
 
 def base_model() -> torch.nn.Module:
@@ -179,20 +181,7 @@ class LlamaLikeWithLoss(LlamaLike):
 
 
 def alloc_config(**over) -> AdaLoraConfig:
-    cfg = dict(
-        init_r=INIT_R,
-        target_r=2,
-        lora_alpha=ALPHA,
-        lora_dropout=0.0,
-        target_modules=TARGETS,
-        tinit=2,
-        tfinal=3,
-        deltaT=2,
-        total_step=ALLOC_STEPS,
-        orth_reg_weight=0.5,
-    )
-    cfg.update(over)
-    return AdaLoraConfig(**cfg)
+    return adalora_config(**{"lora_dropout": 0.0, "total_step": ALLOC_STEPS, "orth_reg_weight": 0.5, **over})
 
 
 def budget_table(init_bgt: int, target_r: int, n_modules: int, **sched) -> dict:
@@ -220,6 +209,7 @@ def generate_alloc(root: Path, base: dict[str, torch.Tensor]) -> None:
     out.mkdir(parents=True)
     model = LlamaLikeWithLoss(bias=True)
     model.load_state_dict(base, strict=True)
+    torch.manual_seed(4241)  # PEFT's initialisation of A and B: whatever ran before
     peft_model = get_peft_model(model, alloc_config())
     peft_model.train()
     torch.manual_seed(4242)

@@ -661,6 +661,16 @@ fn alloc_expected() -> Result<serde_json::Value> {
     Ok(serde_json::from_str(&text)?)
 }
 
+/// PEFT's recorded run: the tensors of each step and the rank pattern after each step.
+fn alloc_run() -> Result<(Weights, Vec<serde_json::Value>)> {
+    let steps = load(&fixtures().join("alloc/steps.safetensors"))?;
+    let patterns = alloc_expected()?["rank_pattern_after_step"]
+        .as_array()
+        .context("rank_pattern_after_step")?
+        .clone();
+    Ok((steps, patterns))
+}
+
 /// The fixture model with PEFT's adapter as it was before training.
 fn alloc_model() -> Result<Llama> {
     let mut model = Llama::build(&load(&fixtures().join("base.safetensors"))?)?;
@@ -685,13 +695,29 @@ fn set_recorded(vars: &[(String, Var)], steps: &Weights, step: usize) -> Result<
     Ok(())
 }
 
+/// Step `step` of PEFT's run: the factors as PEFT's allocator saw them, then
+/// `update_and_allocate` with PEFT's gradients.
+fn replay_step(
+    allocator: &mut RankAllocator,
+    vars: &[(String, Var)],
+    steps: &Weights,
+    step: usize,
+) -> Result<()> {
+    set_recorded(vars, steps, step)?;
+    let grads: HashMap<_, Tensor> = vars
+        .iter()
+        .map(|(name, var)| {
+            let grad = tensor(steps, &format!("{step}.{name}.grad"))?;
+            Ok((var.as_tensor().id(), grad))
+        })
+        .collect::<Result<_>>()?;
+    allocator.update_and_allocate(step as u64, |v| grads.get(&v.as_tensor().id()).cloned())?;
+    Ok(())
+}
+
 #[test]
 fn rank_allocation_replays_peft_s_masks_and_regulariser() -> Result<()> {
-    let steps = load(&fixtures().join("alloc/steps.safetensors"))?;
-    let expected = alloc_expected()?;
-    let patterns = expected["rank_pattern_after_step"]
-        .as_array()
-        .context("rank_pattern_after_step")?;
+    let (steps, patterns) = alloc_run()?;
     let model = alloc_model()?;
     let vars = recorded_vars(&model);
     ensure!(vars.len() == 18, "{} variables", vars.len());
@@ -714,17 +740,7 @@ fn rank_allocation_replays_peft_s_masks_and_regulariser() -> Result<()> {
         );
         worst_penalty = worst_penalty.max(err);
 
-        set_recorded(&vars, &steps, step)?;
-        let grads: HashMap<_, Tensor> = vars
-            .iter()
-            .map(|(name, var)| {
-                Ok((
-                    var.as_tensor().id(),
-                    tensor(&steps, &format!("{step}.{name}.grad"))?,
-                ))
-            })
-            .collect::<Result<_>>()?;
-        allocator.update_and_allocate(step as u64, |v| grads.get(&v.as_tensor().id()).cloned())?;
+        replay_step(&mut allocator, &vars, &steps, step)?;
         for (name, var) in vars.iter().filter(|(n, _)| n.ends_with("lora_E")) {
             assert_bit_equal(
                 &format!("step {step}: {name}"),
@@ -785,27 +801,13 @@ fn budget_schedule_is_peft_s() -> Result<()> {
 
 #[test]
 fn pruned_adapters_save_peft_s_rank_pattern_and_reload() -> Result<()> {
-    let steps = load(&fixtures().join("alloc/steps.safetensors"))?;
-    let expected = alloc_expected()?;
-    let patterns = expected["rank_pattern_after_step"]
-        .as_array()
-        .context("rank_pattern_after_step")?;
+    let (steps, patterns) = alloc_run()?;
     let last = patterns.len();
     let mut model = alloc_model()?;
     let vars = recorded_vars(&model);
     let mut allocator = RankAllocator::new(&model)?;
     for step in 1..=last {
-        set_recorded(&vars, &steps, step)?;
-        let grads: HashMap<_, Tensor> = vars
-            .iter()
-            .map(|(name, var)| {
-                Ok((
-                    var.as_tensor().id(),
-                    tensor(&steps, &format!("{step}.{name}.grad"))?,
-                ))
-            })
-            .collect::<Result<_>>()?;
-        allocator.update_and_allocate(step as u64, |v| grads.get(&v.as_tensor().id()).cloned())?;
+        replay_step(&mut allocator, &vars, &steps, step)?;
     }
     let x = tensor(&load(&fixtures().join("plain/io.safetensors"))?, "input")?;
     let y = model.forward(&x)?;
