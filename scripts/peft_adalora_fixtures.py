@@ -45,6 +45,7 @@ with no missing or unexpected keys and gives the same unmerged and merged output
     PEFT_ADALORA_OUT=target/rust_adalora cargo test --test peft_adalora -- --ignored write_rust_adalora_adapters
     /tmp/llmvenv/bin/python scripts/peft_adalora_fixtures.py --check-rust-adapter target/rust_adalora/fresh
     /tmp/llmvenv/bin/python scripts/peft_adalora_fixtures.py --check-rust-adapter target/rust_adalora/pattern
+    /tmp/llmvenv/bin/python scripts/peft_adalora_fixtures.py --check-rust-adapter target/rust_adalora/allocated
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@
 //! `1e-5`.
 //!
 //! The reverse check (an adapter saved here, loaded by PEFT) is the ignored test
-//! `write_rust_adalora_adapters` plus the script's `--check-rust-adapter` (see the script).
+//! `write_rust_adalora_adapters` plus the script's `--check-rust-adapter` (see the script); it
+//! includes the adapter of PEFT's recorded run replayed here and pruned to its rank pattern.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -642,6 +643,19 @@ fn write_rust_adalora_adapters() -> Result<()> {
     let mut model = Llama::build(&base)?;
     model.load_adapter(fixtures().join("pattern/adapter"))?;
     let dir = out.join("pattern");
+    model.save_adapter(&dir)?;
+    write_io(&dir, &model.forward(&x)?)?;
+
+    // PEFT's recorded run replayed through the allocator, pruned to the final rank pattern.
+    let (steps, patterns) = alloc_run()?;
+    let mut model = alloc_model()?;
+    let vars = recorded_vars(&model);
+    let mut allocator = RankAllocator::new(&model)?;
+    for step in 1..=patterns.len() {
+        replay_step(&mut allocator, &vars, &steps, step)?;
+    }
+    allocator.prune(&mut model)?;
+    let dir = out.join("allocated");
     model.save_adapter(&dir)?;
     write_io(&dir, &model.forward(&x)?)?;
     println!("wrote {}", out.display());
