@@ -19,6 +19,7 @@
 
 mod data;
 mod report;
+mod score;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -26,14 +27,15 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use lora::candle::{DType, Device, D};
+use lora::candle::{DType, Device};
 use lora::models::generate::GenerateOptions;
-use lora::models::sft::{self, Batch, CausalLm, DataOptions, Dataset, Duration, SftConfig, Tuning};
+use lora::models::sft::{self, DataOptions, Dataset, Duration, SftConfig, Tuning};
 use lora::models::{Message, Pretrained};
 use lora::prelude::*;
 use lora::train::TrainerConfig;
 
 use report::{peak_rss, print_table, reset_peak_rss, Row};
+use score::held_out_scores;
 
 #[derive(Parser, Debug)]
 #[command(about = "Fine-tune SmolLM2-135M-Instruct with LoRA and with full fine-tuning")]
@@ -78,35 +80,6 @@ fn smollm2() -> Result<PathBuf> {
     }
     lora::models::cache::smollm2()
         .context("the fetch script ran but the model is still not in the cache")
-}
-
-/// Held-out loss per target token and the share of examples whose every target token is the
-/// model's arg-max, which is exactly "greedy decoding reproduces the reference".
-fn held_out_scores<M: CausalLm>(model: &M, data: &Dataset, pad: u32) -> Result<(f32, f64)> {
-    let (mut loss, mut tokens, mut exact) = (0f64, 0usize, 0usize);
-    for e in &data.examples {
-        let batch = Batch::new(&[e], pad, &Device::Cpu)?;
-        let hidden = model.hidden_states(&batch.inputs)?;
-        let (b, t, h) = hidden.dims3()?;
-        let picked = hidden
-            .reshape((b * t, h))?
-            .index_select(&batch.positions, 0)?;
-        let logits = model.logits(&picked)?.detach();
-        loss +=
-            f64::from(lora::ops::cross_entropy_sum(&logits, &batch.labels)?.to_scalar::<f32>()?);
-        tokens += batch.loss_tokens;
-        let right = logits
-            .argmax(D::Minus1)?
-            .eq(&batch.labels)?
-            .to_dtype(DType::F32)?;
-        if right.sum_all()?.to_scalar::<f32>()? as usize == batch.loss_tokens {
-            exact += 1;
-        }
-    }
-    Ok((
-        (loss / tokens as f64) as f32,
-        exact as f64 / data.examples.len() as f64,
-    ))
 }
 
 /// Greedy answers to `inputs`.
