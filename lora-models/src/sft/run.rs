@@ -378,8 +378,10 @@ pub fn train<M: CausalLm>(
         // AdaLoRA's regulariser, counted once per step (a share in each micro-batch); the
         // reported loss leaves it out.
         let penalty = match &allocator {
-            Some(a) => Some((a.orth_penalty()? / batches.len() as f64)?),
-            None => None,
+            Some(a) if a.schedule().orth_reg_weight > 0.0 => {
+                Some((a.orth_penalty()? / batches.len() as f64)?)
+            }
+            _ => None,
         };
         let penalty_value = match &penalty {
             Some(p) => f64::from(p.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?),

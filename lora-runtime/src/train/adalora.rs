@@ -607,3 +607,114 @@ impl AdaLoraSchedule {
         check_schedule(self).map(|_| ())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{InitOptions, LayerConfig, LoraLinear, LoraModelExt};
+    use candle_core::Device;
+    use candle_nn::VarMap;
+
+    fn layer(schedule: Option<AdaLoraSchedule>) -> LoraLinear {
+        let w = Tensor::randn(0f32, 1.0, (6, 5), &Device::Cpu).unwrap();
+        let mut l = LoraLinear::new(w, None);
+        let config = LayerConfig::new(3, 6.0).with_adalora(schedule);
+        l.init_adapter_with(&VarMap::new(), &InitOptions::default().with_config(config))
+            .unwrap();
+        l
+    }
+
+    fn schedule() -> AdaLoraSchedule {
+        AdaLoraSchedule {
+            target_r: 1,
+            tinit: 1,
+            tfinal: 1,
+            total_step: Some(4),
+            ..AdaLoraSchedule::default()
+        }
+    }
+
+    #[test]
+    fn refusals_name_what_is_wrong() {
+        let err = RankAllocator::new(&layer(None)).unwrap_err().to_string();
+        assert!(err.contains("no active AdaLoRA adapter"), "{err}");
+        for (bad, field) in [
+            (
+                AdaLoraSchedule {
+                    total_step: None,
+                    ..schedule()
+                },
+                "total_step",
+            ),
+            (
+                AdaLoraSchedule {
+                    tinit: 3,
+                    ..schedule()
+                },
+                "tinit",
+            ),
+            (
+                AdaLoraSchedule {
+                    delta_t: 0,
+                    ..schedule()
+                },
+                "deltaT",
+            ),
+            (
+                AdaLoraSchedule {
+                    beta2: 1.0,
+                    ..schedule()
+                },
+                "beta2",
+            ),
+            (
+                AdaLoraSchedule {
+                    orth_reg_weight: -1.0,
+                    ..schedule()
+                },
+                "orth_reg_weight",
+            ),
+        ] {
+            let err = RankAllocator::new(&layer(Some(bad)))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(field), "{field}: {err}");
+        }
+        let mut alloc = RankAllocator::new(&layer(Some(schedule()))).unwrap();
+        let err = alloc
+            .update_and_allocate(1, |_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no gradient for `lora_A`"), "{err}");
+        let err = alloc
+            .update_and_allocate(4, |v| v.zeros_like().ok())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("after the final allocation (step 3)"), "{err}");
+    }
+
+    #[test]
+    fn ties_at_the_threshold_are_all_masked_and_the_final_mask_stays() {
+        let l = layer(Some(schedule()));
+        let ad = l.adapter().unwrap();
+        let e = ad.e().unwrap();
+        for v in [ad.a(), ad.b(), e] {
+            v.set(&v.ones_like().unwrap()).unwrap();
+        }
+        let mut alloc = RankAllocator::new(&l).unwrap();
+        // Equal factors and gradients: every singular value scores the same, so the threshold
+        // (the 2nd smallest score at step 2) masks all three, as PEFT's `<=` does.
+        let grad = |v: &Var| v.ones_like().ok();
+        assert_eq!(alloc.update_and_allocate(1, grad).unwrap(), None);
+        let pattern = alloc.update_and_allocate(2, grad).unwrap().cloned();
+        assert_eq!(pattern.unwrap()["lora_E"], vec![false; 3]);
+        let pattern = alloc.update_and_allocate(3, grad).unwrap().cloned();
+        assert_eq!(pattern.unwrap()["lora_E"], vec![false; 3]);
+        e.set(&e.ones_like().unwrap()).unwrap();
+        assert_eq!(alloc.update_and_allocate(4, grad).unwrap(), None);
+        assert_eq!(
+            e.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            vec![0.0; 3]
+        );
+    }
+}
