@@ -464,7 +464,8 @@ fn adalora_allocator<M: CausalLm>(model: &M, total: u64) -> Result<Option<RankAl
     let planned = allocator.schedule().total_step;
     if planned.map(|t| t as u64) != Some(total) {
         return Err(ModelError::Input(format!(
-            "the AdaLoRA schedule plans {} steps (total_step) but the run has {total}: set              `total_step` to the run's steps",
+            "the AdaLoRA schedule plans {} steps (total_step) but the run has {total}: set \
+             `total_step` to the run's steps",
             planned.map_or("no".to_string(), |t| t.to_string())
         )));
     }

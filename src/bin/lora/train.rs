@@ -216,7 +216,8 @@ fn adalora_config(
     };
     if args.tinit + args.tfinal >= usize::try_from(total)? {
         return Err(format!(
-            "--tinit {} must be below the run's {total} steps minus --tfinal {}: no step is left              to allocate ranks in (lower --tinit / --tfinal or train longer)",
+            "--tinit {} must be below the run's {total} steps minus --tfinal {}: no step is left \
+             to allocate ranks in (lower --tinit / --tfinal or train longer)",
             args.tinit, args.tfinal
         )
         .into());
