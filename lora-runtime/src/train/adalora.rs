@@ -324,8 +324,9 @@ impl RankAllocator {
                         ),
                     });
                 }
+                // Detached: scores kept across steps must not hold the steps' graphs alive.
                 let w = var.as_tensor().detach().to_dtype(DType::F32)?;
-                let ipt = (w * g.to_dtype(DType::F32)?)?.abs()?;
+                let ipt = (w * g.detach().to_dtype(DType::F32)?)?.abs()?;
                 let (old_ipt, old_unc) = match &t.stats[i] {
                     Some(s) => (s.ipt.clone(), s.unc.clone()),
                     None => (ipt.zeros_like()?, ipt.zeros_like()?),
@@ -691,6 +692,34 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("after the final allocation (step 3)"), "{err}");
+    }
+
+    /// Scores kept across steps hold no graph: a step's activations are freed after it.
+    #[test]
+    fn kept_gradients_and_scores_hold_no_graph() {
+        use crate::train::{Trainer, TrainerConfig};
+        use candle_core::Module;
+        let l = layer(Some(schedule()));
+        let mut trainer = Trainer::new(l.named_trainable_vars(), TrainerConfig::default()).unwrap();
+        trainer.keep_step_grads(true);
+        let mut alloc = RankAllocator::new(&l).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (4, 5), &Device::Cpu).unwrap();
+        let loss = (l.forward(&x).unwrap().sqr().unwrap().mean_all().unwrap()
+            + alloc.orth_penalty().unwrap())
+        .unwrap();
+        trainer.backward(&loss).unwrap();
+        let step = trainer.step().unwrap().step;
+        let ad = l.adapter().unwrap();
+        let a = trainer.step_grad(ad.a()).unwrap();
+        assert!(!a.track_op());
+        // Gradients straight from a backward pass (they carry the graph) are detached too.
+        let store = loss.backward().unwrap();
+        alloc
+            .update_and_allocate(step, |v| store.get(v.as_tensor()).cloned())
+            .unwrap();
+        for s in alloc.triplets[0].stats.iter().flatten() {
+            assert!(!s.ipt.track_op() && !s.unc.track_op());
+        }
     }
 
     #[test]

@@ -271,7 +271,8 @@ impl Trainer {
         let lr = self.next_lr();
         self.optimizer.step(&grads, lr)?;
         if let Some(kept) = self.step_grads.as_mut() {
-            *kept = grads;
+            // Detached: a gradient keeps the backward graph (and the step's activations) alive.
+            *kept = grads.into_iter().map(|g| g.map(|g| g.detach())).collect();
         }
         Ok(StepStats {
             step,
