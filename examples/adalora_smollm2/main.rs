@@ -45,9 +45,15 @@ struct Args {
     /// Held-out examples for the metrics.
     #[arg(long, default_value_t = 48)]
     held_out: usize,
-    /// Learning rate of both (the main example's for LoRA q,v).
+    /// Learning rate of LoRA (the main example's for LoRA q,v).
     #[arg(long, default_value_t = 2e-3)]
     lr: f64,
+    /// Learning rate of AdaLoRA (default: --lr).
+    #[arg(long)]
+    adalora_lr: Option<f64>,
+    /// Train AdaLoRA alone (LoRA's row is left out).
+    #[arg(long)]
+    skip_lora: bool,
     /// Seed of the data, the adapters and the shuffling.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -62,6 +68,7 @@ struct Args {
 /// One configuration's results.
 struct Row {
     name: &'static str,
+    lr: f64,
     /// Adapter parameters while training.
     trained: usize,
     /// Adapter parameters in the saved file.
@@ -97,13 +104,16 @@ fn main() -> Result<()> {
     let pad = tokenizer.eos_token_id();
     // PEFT's phases for this short run: 10% warm-up, 20% at the final mask, a mask every step.
     let (tinit, tfinal) = (steps / 10, steps / 5);
+    let adalora_lr = args.adalora_lr.unwrap_or(args.lr);
     let configs = [
         (
             "LoRA r=8 q,v",
+            args.lr,
             r#"{"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}"#.to_string(),
         ),
         (
             "AdaLoRA 12->8 q,v",
+            adalora_lr,
             format!(
                 r#"{{"peft_type": "ADALORA", "init_r": 12, "target_r": 8, "lora_alpha": 24,
                     "tinit": {tinit}, "tfinal": {tfinal}, "deltaT": 1, "total_step": {steps},
@@ -112,14 +122,17 @@ fn main() -> Result<()> {
         ),
     ];
     println!(
-        "task: {} training examples, {} held-out; {steps} steps x {batch_size} examples, lr {}; AdaLoRA tinit {tinit}, tfinal {tfinal}, deltaT 1, beta1 = beta2 = 0.85, orth_reg_weight 0.5",
+        "task: {} training examples, {} held-out; {steps} steps x {batch_size} examples, lr {} (AdaLoRA {adalora_lr}); AdaLoRA tinit {tinit}, tfinal {tfinal}, deltaT 1, beta1 = beta2 = 0.85, orth_reg_weight 0.5",
         train_data.examples.len(),
         eval_data.examples.len(),
         args.lr
     );
     let mut rows = Vec::new();
     let mut pattern: Option<RankPattern> = None;
-    for (name, json) in configs {
+    for (name, lr, json) in configs {
+        if args.skip_lora && !name.starts_with("AdaLoRA") {
+            continue;
+        }
         let mut p = Pretrained::load(&model_path, DType::F32, &Device::Cpu)?;
         p.model.init_adapter_with(
             &lora::candle_nn::VarMap::new(),
@@ -131,7 +144,7 @@ fn main() -> Result<()> {
         let dir = out.join(name.replace([' ', '=', ',', '>'], "-"));
         let config = SftConfig {
             trainer: TrainerConfig {
-                lr: args.lr,
+                lr,
                 warmup_steps: steps / 10,
                 ..Default::default()
             },
@@ -165,6 +178,7 @@ fn main() -> Result<()> {
         pattern = pattern.or(outcome.rank_pattern);
         rows.push(Row {
             name,
+            lr,
             trained,
             saved,
             loss,
@@ -173,12 +187,13 @@ fn main() -> Result<()> {
         });
     }
 
-    println!("\n| configuration | params while training | params saved | held-out loss | exact match | time |");
-    println!("|---|---|---|---|---|---|");
+    println!("\n| configuration | lr | params while training | params saved | held-out loss | exact match | time |");
+    println!("|---|---|---|---|---|---|---|");
     for r in &rows {
         println!(
-            "| {} | {} | {} | {:.4} | {:.1}% | {:.0} s |",
+            "| {} | {:.0e} | {} | {} | {:.4} | {:.1}% | {:.0} s |",
             r.name,
+            r.lr,
             r.trained,
             r.saved,
             r.loss,
