@@ -18,20 +18,21 @@
 mod data;
 #[path = "../smollm2/score.rs"]
 mod score;
+#[path = "../smollm2/train.rs"]
+mod train;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
-use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Parser;
 use lora::candle::{DType, Device};
-use lora::models::sft::{self, DataOptions, Dataset, Duration, SftConfig};
+use lora::models::sft::{DataOptions, Dataset, Tuning};
 use lora::models::Pretrained;
 use lora::prelude::*;
-use lora::train::{RankPattern, TrainerConfig};
+use lora::train::RankPattern;
 
 use score::held_out_scores;
+use train::run_config;
 
 #[derive(Parser, Debug)]
 #[command(about = "AdaLoRA vs LoRA r=8 on SmolLM2-135M-Instruct, the same final budget")]
@@ -93,10 +94,7 @@ fn main() -> Result<()> {
         .context("SmolLM2-135M-Instruct is not cached: run scripts/fetch-smollm2.sh")?;
 
     let n_train = (steps as usize * batch_size).max(16);
-    let (train, held_out) = data::make(args.seed, n_train, n_held);
-    let (train_path, eval_path) = (out.join("train.jsonl"), out.join("held_out.jsonl"));
-    std::fs::write(&train_path, data::jsonl(&train))?;
-    std::fs::write(&eval_path, data::jsonl(&held_out))?;
+    let (train_path, eval_path, _) = data::write_task(&out, args.seed, n_train, n_held)?;
     let tokenizer = Pretrained::load(&model_path, DType::F32, &Device::Cpu)?.tokenizer;
     let options = DataOptions::default();
     let train_data = Dataset::from_jsonl(&train_path, &tokenizer, &options)?;
@@ -142,29 +140,14 @@ fn main() -> Result<()> {
         )?;
         let trained = p.model.trainable_parameters().trainable;
         let dir = out.join(name.replace([' ', '=', ',', '>'], "-"));
-        let config = SftConfig {
-            trainer: TrainerConfig {
-                lr,
-                warmup_steps: steps / 10,
-                ..Default::default()
-            },
-            duration: Duration::Steps(steps),
-            batch_size,
-            seed: args.seed,
-            out: dir.clone(),
-            ..Default::default()
-        };
-        let start = Instant::now();
-        let outcome = sft::train(
-            &mut p.model,
-            &tokenizer,
+        let (outcome, seconds) = run_config(
+            &mut p,
             &train_data,
-            None,
-            &config,
-            &AtomicBool::new(false),
-            &mut |_| {},
+            Tuning::Lora,
+            lr,
+            (steps, batch_size, args.seed),
+            &dir,
         )?;
-        let seconds = start.elapsed().as_secs_f64();
         let (loss, exact) = held_out_scores(&p.model, &eval_data, pad)?;
         let saved =
             lora::candle::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu)?

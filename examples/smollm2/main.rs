@@ -20,22 +20,21 @@
 mod data;
 mod report;
 mod score;
+mod train;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
-use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use lora::candle::{DType, Device};
 use lora::models::generate::GenerateOptions;
-use lora::models::sft::{self, DataOptions, Dataset, Duration, SftConfig, Tuning};
+use lora::models::sft::{DataOptions, Dataset, Tuning};
 use lora::models::{Message, Pretrained};
 use lora::prelude::*;
-use lora::train::TrainerConfig;
 
 use report::{peak_rss, print_table, reset_peak_rss, Row};
 use score::held_out_scores;
+use train::run_config;
 
 #[derive(Parser, Debug)]
 #[command(about = "Fine-tune SmolLM2-135M-Instruct with LoRA and with full fine-tuning")]
@@ -116,10 +115,7 @@ pub(crate) fn run(args: Args) -> Result<Vec<Row>> {
 
     // The task, as the JSONL files `lora train --data` / `--eval` read.
     let n_train = (steps as usize * batch_size).max(16);
-    let (train, held_out) = data::make(args.seed, n_train, n_held);
-    let (train_path, eval_path) = (out.join("train.jsonl"), out.join("held_out.jsonl"));
-    std::fs::write(&train_path, data::jsonl(&train))?;
-    std::fs::write(&eval_path, data::jsonl(&held_out))?;
+    let (train_path, eval_path, held_out) = data::write_task(&out, args.seed, n_train, n_held)?;
     let base = Pretrained::load(&model_path, DType::F32, &Device::Cpu)?;
     let options = DataOptions::default();
     let train_data = Dataset::from_jsonl(&train_path, &base.tokenizer, &options)?;
@@ -184,31 +180,14 @@ pub(crate) fn run(args: Args) -> Result<Vec<Row>> {
             )?;
         }
         let dir = out.join(name.replace([' ', '=', ','], "-"));
-        let config = SftConfig {
-            trainer: TrainerConfig {
-                lr,
-                warmup_steps: steps / 10,
-                ..Default::default()
-            },
-            duration: Duration::Steps(steps),
-            batch_size,
-            seed: args.seed,
-            tuning,
-            out: dir.clone(),
-            ..Default::default()
-        };
-        let start = Instant::now();
-        let tokenizer = p.tokenizer.clone();
-        let outcome = sft::train(
-            &mut p.model,
-            &tokenizer,
+        let (outcome, secs) = run_config(
+            &mut p,
             &train_data,
-            None,
-            &config,
-            &AtomicBool::new(false),
-            &mut |_| {},
+            tuning,
+            lr,
+            (steps, batch_size, args.seed),
+            &dir,
         )?;
-        let secs = start.elapsed().as_secs_f64();
         let trainable = match tuning {
             Tuning::Lora => p.model.trainable_parameters().trainable,
             Tuning::Full => total,
