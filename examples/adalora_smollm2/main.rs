@@ -36,7 +36,7 @@ use train::run_config;
 
 #[derive(Parser, Debug)]
 #[command(about = "AdaLoRA vs LoRA r=8 on SmolLM2-135M-Instruct, the same final budget")]
-struct Args {
+pub(crate) struct Args {
     /// Optimizer steps for each configuration.
     #[arg(long, default_value_t = 40)]
     steps: u64,
@@ -67,20 +67,25 @@ struct Args {
 }
 
 /// One configuration's results.
-struct Row {
-    name: &'static str,
-    lr: f64,
+#[derive(Debug)]
+pub(crate) struct Row {
+    pub(crate) name: &'static str,
+    pub(crate) lr: f64,
     /// Adapter parameters while training.
-    trained: usize,
+    pub(crate) trained: usize,
     /// Adapter parameters in the saved file.
-    saved: usize,
-    loss: f32,
-    exact: f64,
-    seconds: f64,
+    pub(crate) saved: usize,
+    pub(crate) loss: f32,
+    pub(crate) exact: f64,
+    pub(crate) seconds: f64,
 }
 
 fn main() -> Result<()> {
-    let args = Args::parse();
+    run(Args::parse()).map(|_| ())
+}
+
+/// Trains and scores each configuration; returns the rows and AdaLoRA's final rank pattern.
+pub(crate) fn run(args: Args) -> Result<(Vec<Row>, Option<RankPattern>)> {
     let (steps, batch_size, n_held) = if args.quick {
         (6, 2, 4)
     } else {
@@ -184,10 +189,10 @@ fn main() -> Result<()> {
             r.seconds
         );
     }
-    if let Some(pattern) = pattern {
-        print_pattern(&pattern);
+    if let Some(pattern) = &pattern {
+        print_pattern(pattern);
     }
-    Ok(())
+    Ok((rows, pattern))
 }
 
 /// AdaLoRA's final ranks per layer, `q_proj` and `v_proj` side by side.
