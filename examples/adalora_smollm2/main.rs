@@ -21,8 +21,6 @@ mod score;
 #[path = "../smollm2/train.rs"]
 mod train;
 
-use std::path::{Path, PathBuf};
-
 use anyhow::{Context, Result};
 use clap::Parser;
 use lora::candle::{DType, Device};
@@ -32,20 +30,13 @@ use lora::prelude::*;
 use lora::train::RankPattern;
 
 use score::held_out_scores;
-use train::run_config;
+use train::{run_config, RunArgs};
 
 #[derive(Parser, Debug)]
 #[command(about = "AdaLoRA vs LoRA r=8 on SmolLM2-135M-Instruct, the same final budget")]
 pub(crate) struct Args {
-    /// Optimizer steps for each configuration.
-    #[arg(long, default_value_t = 40)]
-    steps: u64,
-    /// Examples per step.
-    #[arg(long, default_value_t = 8)]
-    batch_size: usize,
-    /// Held-out examples for the metrics.
-    #[arg(long, default_value_t = 48)]
-    held_out: usize,
+    #[command(flatten)]
+    run: RunArgs,
     /// Learning rate of LoRA (the main example's for LoRA q,v).
     #[arg(long, default_value_t = 2e-3)]
     lr: f64,
@@ -55,15 +46,6 @@ pub(crate) struct Args {
     /// Train AdaLoRA alone (LoRA's row is left out).
     #[arg(long)]
     skip_lora: bool,
-    /// Seed of the data, the adapters and the shuffling.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// A few steps and examples, to check that it runs.
-    #[arg(long)]
-    quick: bool,
-    /// Where the adapters and the data go (default target/lora-example/adalora).
-    #[arg(long)]
-    out: Option<PathBuf>,
 }
 
 /// One configuration's results.
@@ -86,20 +68,13 @@ fn main() -> Result<()> {
 
 /// Trains and scores each configuration; returns the rows and AdaLoRA's final rank pattern.
 pub(crate) fn run(args: Args) -> Result<(Vec<Row>, Option<RankPattern>)> {
-    let (steps, batch_size, n_held) = if args.quick {
-        (6, 2, 4)
-    } else {
-        (args.steps, args.batch_size, args.held_out)
-    };
-    let out = args.out.clone().unwrap_or_else(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("target/lora-example/adalora")
-    });
-    std::fs::create_dir_all(&out)?;
+    let (steps, batch_size, n_held) = args.run.sizes(6);
+    let out = args.run.out_dir("adalora")?;
     let model_path = lora::models::cache::smollm2()
         .context("SmolLM2-135M-Instruct is not cached: run scripts/fetch-smollm2.sh")?;
 
     let n_train = (steps as usize * batch_size).max(16);
-    let (train_path, eval_path, _) = data::write_task(&out, args.seed, n_train, n_held)?;
+    let (train_path, eval_path, _) = data::write_task(&out, args.run.seed, n_train, n_held)?;
     let tokenizer = Pretrained::load(&model_path, DType::F32, &Device::Cpu)?.tokenizer;
     let options = DataOptions::default();
     let train_data = Dataset::from_jsonl(&train_path, &tokenizer, &options)?;
@@ -141,7 +116,7 @@ pub(crate) fn run(args: Args) -> Result<(Vec<Row>, Option<RankPattern>)> {
             &lora::candle_nn::VarMap::new(),
             &InitOptions::default()
                 .with_peft_config(LoraConfig::from_json(&json)?)
-                .with_seed(args.seed),
+                .with_seed(args.run.seed),
         )?;
         let trained = p.model.trainable_parameters().trainable;
         let dir = out.join(name.replace([' ', '=', ',', '>'], "-"));
@@ -150,7 +125,7 @@ pub(crate) fn run(args: Args) -> Result<(Vec<Row>, Option<RankPattern>)> {
             &train_data,
             Tuning::Lora,
             lr,
-            (steps, batch_size, args.seed),
+            (steps, batch_size, args.run.seed),
             &dir,
         )?;
         let (loss, exact) = held_out_scores(&p.model, &eval_data, pad)?;

@@ -34,29 +34,13 @@ use lora::prelude::*;
 
 use report::{peak_rss, print_table, reset_peak_rss, Row};
 use score::held_out_scores;
-use train::run_config;
+use train::{run_config, RunArgs};
 
 #[derive(Parser, Debug)]
 #[command(about = "Fine-tune SmolLM2-135M-Instruct with LoRA and with full fine-tuning")]
 pub(crate) struct Args {
-    /// Optimizer steps for each configuration.
-    #[arg(long, default_value_t = 40)]
-    steps: u64,
-    /// Examples per step.
-    #[arg(long, default_value_t = 8)]
-    batch_size: usize,
-    /// Held-out examples for the metrics.
-    #[arg(long, default_value_t = 48)]
-    held_out: usize,
-    /// Seed of the data, the adapters and the shuffling.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// A tiny configuration (a few steps, a few examples) for the test suite.
-    #[arg(long)]
-    quick: bool,
-    /// Where the adapters, the full model and the data go (default target/lora-example/smollm2).
-    #[arg(long)]
-    out: Option<PathBuf>,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 fn main() -> Result<()> {
@@ -102,20 +86,13 @@ fn answers(p: &Pretrained, inputs: &[data::Record]) -> Result<Vec<String>> {
 }
 
 pub(crate) fn run(args: Args) -> Result<Vec<Row>> {
-    let (steps, batch_size, n_held) = if args.quick {
-        (2, 2, 4)
-    } else {
-        (args.steps, args.batch_size, args.held_out)
-    };
-    let out = args.out.clone().unwrap_or_else(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("target/lora-example/smollm2")
-    });
-    std::fs::create_dir_all(&out)?;
+    let (steps, batch_size, n_held) = args.run.sizes(2);
+    let out = args.run.out_dir("smollm2")?;
     let model_path = smollm2()?;
 
     // The task, as the JSONL files `lora train --data` / `--eval` read.
     let n_train = (steps as usize * batch_size).max(16);
-    let (train_path, eval_path, held_out) = data::write_task(&out, args.seed, n_train, n_held)?;
+    let (train_path, eval_path, held_out) = data::write_task(&out, args.run.seed, n_train, n_held)?;
     let base = Pretrained::load(&model_path, DType::F32, &Device::Cpu)?;
     let options = DataOptions::default();
     let train_data = Dataset::from_jsonl(&train_path, &base.tokenizer, &options)?;
@@ -176,7 +153,7 @@ pub(crate) fn run(args: Args) -> Result<Vec<Row>> {
                 &lora::candle_nn::VarMap::new(),
                 &InitOptions::default()
                     .with_peft_config(config)
-                    .with_seed(args.seed),
+                    .with_seed(args.run.seed),
             )?;
         }
         let dir = out.join(name.replace([' ', '=', ','], "-"));
@@ -185,7 +162,7 @@ pub(crate) fn run(args: Args) -> Result<Vec<Row>> {
             &train_data,
             tuning,
             lr,
-            (steps, batch_size, args.seed),
+            (steps, batch_size, args.run.seed),
             &dir,
         )?;
         let trainable = match tuning {
