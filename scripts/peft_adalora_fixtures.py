@@ -22,9 +22,20 @@ inactive in eval):
              The outputs are those of the adapter loaded back by PEFT (`PeftModel.from_pretrained`),
              checked equal to the model before saving. No gradients (PEFT trains the unpruned model).
 
+    alloc    PEFT's rank allocation during training (init_r 4 -> target_r 2, tinit 2, tfinal 3,
+             deltaT 2, total_step 12, E started random): 12 AdamW steps of a squared-error loss
+             plus PEFT's orthogonal regulariser (`AdaLoraModel.forward`), `update_and_allocate(step)`
+             after each step (steps 1..=12). Writes alloc/adapter/ (the adapter before training),
+             alloc/steps.safetensors: per step `<step>.<param key>.param` (what the allocator saw:
+             after the optimizer step), `.grad` (its gradient) and `<step>.<E key>.after` (E after
+             `update_and_allocate`), `<step>.loss` (PEFT's loss with the regulariser) and
+             `<step>.lm_loss` (without), both on the parameters before that step; and
+             alloc/expected.json: the rank pattern after each step and PEFT's `budget_schedule` for
+             the alloc config and a larger one.
+
 Regenerate (from the repository root):
 
-    /tmp/llmvenv/bin/python scripts/peft_adalora_fixtures.py
+    /tmp/llmvenv/bin/python scripts/peft_adalora_fixtures.py [--case alloc]
     cargo test --test peft_adalora
 
 Reverse direction: an adapter saved by the Rust side (DIR with adapter_model.safetensors,
@@ -34,6 +45,7 @@ with no missing or unexpected keys and gives the same unmerged and merged output
     PEFT_ADALORA_OUT=target/rust_adalora cargo test --test peft_adalora -- --ignored write_rust_adalora_adapters
     /tmp/llmvenv/bin/python scripts/peft_adalora_fixtures.py --check-rust-adapter target/rust_adalora/fresh
     /tmp/llmvenv/bin/python scripts/peft_adalora_fixtures.py --check-rust-adapter target/rust_adalora/pattern
+    /tmp/llmvenv/bin/python scripts/peft_adalora_fixtures.py --check-rust-adapter target/rust_adalora/allocated
 """
 
 from __future__ import annotations
@@ -45,6 +57,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import peft
 import torch
@@ -68,8 +81,9 @@ PATTERN = {
 }
 
 
-def adalora_config() -> AdaLoraConfig:
-    return AdaLoraConfig(
+def adalora_config(**over) -> AdaLoraConfig:
+    """The fixtures' config; `over` replaces fields."""
+    fields = dict(
         init_r=INIT_R,
         target_r=2,
         lora_alpha=ALPHA,
@@ -80,6 +94,7 @@ def adalora_config() -> AdaLoraConfig:
         deltaT=2,
         total_step=10,
     )
+    return AdaLoraConfig(**{**fields, **over})
 
 
 def base_model() -> torch.nn.Module:
@@ -151,6 +166,101 @@ def generate(case: str, root: Path, base: dict[str, torch.Tensor]) -> None:
     print(f"{case}: {len(tensors)} adapter tensors, E shapes {shapes}")
 
 
+ALLOC_STEPS = 12
+
+
+class LlamaLikeWithLoss(LlamaLike):
+    """LlamaLike whose forward with a target returns an output with `.loss` (squared error), so
+    that `AdaLoraModel.forward` adds its orthogonal regulariser as it does for transformers."""
+
+    def forward(self, x, target=None):  # noqa: D102
+        out = super().forward(x)
+        if target is None:
+            return out
+        lm_loss = ((out - target) ** 2).mean()
+        return SimpleNamespace(loss=lm_loss.clone(), lm_loss=lm_loss.detach().clone(), out=out)
+
+
+def alloc_config(**over) -> AdaLoraConfig:
+    return adalora_config(**{"lora_dropout": 0.0, "total_step": ALLOC_STEPS, "orth_reg_weight": 0.5, **over})
+
+
+def budget_table(init_bgt: int, target_r: int, n_modules: int, **sched) -> dict:
+    """PEFT's `RankAllocator.budget_schedule` for every step 0..=total_step + 1."""
+    model = base_model()
+    peft_model = get_peft_model(model, alloc_config(target_r=target_r, **sched))
+    alloc = peft_model.base_model.rankallocator
+    alloc.init_bgt = init_bgt
+    alloc.target_bgt = target_r * n_modules
+    steps = range(0, sched["total_step"] + 2)
+    return {
+        "init_bgt": init_bgt,
+        "target_r": target_r,
+        "n_modules": n_modules,
+        **sched,
+        "budget": [alloc.budget_schedule(s)[0] for s in steps],
+        "mask": [bool(alloc.budget_schedule(s)[1]) for s in steps],
+    }
+
+
+def generate_alloc(root: Path, base: dict[str, torch.Tensor]) -> None:
+    out = root / "alloc"
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    model = LlamaLikeWithLoss(bias=True)
+    model.load_state_dict(base, strict=True)
+    torch.manual_seed(4241)  # PEFT's initialisation of A and B: whatever ran before
+    peft_model = get_peft_model(model, alloc_config())
+    peft_model.train()
+    torch.manual_seed(4242)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if ".lora_E." in name:
+                param.copy_(0.3 * torch.randn_like(param))
+    save_adapter(peft_model, out / "adapter")
+    x = make_input()
+    target = torch.randn(x.shape, generator=torch.Generator().manual_seed(2024))
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=0.05)
+    record: dict[str, torch.Tensor] = {}
+    patterns = []
+
+    def key(name: str) -> str:  # the file key: no adapter name
+        return name.removeprefix("base_model.model.").replace(".default", "")
+
+    for step in range(1, ALLOC_STEPS + 1):
+        opt.zero_grad()
+        # `AdaLoraModel.forward` adds the regulariser (`PeftModel.forward` would skip it).
+        output = peft_model.base_model(x, target)
+        assert output.loss.item() != output.lm_loss.item(), "no orthogonal regulariser in the loss"
+        record[f"{step}.loss"] = output.loss.detach().reshape(1).clone()
+        record[f"{step}.lm_loss"] = output.lm_loss.reshape(1)
+        output.loss.backward()
+        opt.step()
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                record[f"{step}.{key(name)}.param"] = p.detach().clone()
+                record[f"{step}.{key(name)}.grad"] = p.grad.detach().clone()
+        peft_model.base_model.update_and_allocate(step)
+        for name, p in peft_model.named_parameters():
+            if ".lora_E." in name:
+                record[f"{step}.{key(name)}.after"] = p.detach().clone()
+        rp = peft_model.peft_config["default"].rank_pattern
+        patterns.append({key(k): list(v) for k, v in rp.items()} if rp else None)
+    save_file({k: v.contiguous() for k, v in record.items()}, out / "steps.safetensors", metadata=META)
+    expected = {
+        "rank_pattern_after_step": patterns,
+        "budget_schedules": [
+            budget_table(24, 2, 6, tinit=2, tfinal=3, deltaT=2, total_step=ALLOC_STEPS),
+            budget_table(360, 8, 30, tinit=10, tfinal=20, deltaT=5, total_step=100),
+            budget_table(12, 1, 3, tinit=0, tfinal=0, deltaT=1, total_step=7),
+        ],
+    }
+    (out / "expected.json").write_text(json.dumps(expected, indent=1))
+    final = patterns[-1] or {}
+    print(f"alloc: {len(record)} tensors, final rank pattern {final}")
+
+
 def check_rust_adapter(adapter_dir: Path, root: Path) -> None:
     model = base_model()
     model.load_state_dict(load_file(root / "base.safetensors"), strict=True)
@@ -207,6 +317,7 @@ def check_rust_adapter(adapter_dir: Path, root: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=FIXTURES, help="fixture root (default: tests/fixtures/peft/adalora)")
+    parser.add_argument("--case", choices=["plain", "pattern", "alloc"], action="append", help="only these cases (default: all)")
     parser.add_argument("--check-rust-adapter", metavar="DIR", help="load an adapter saved by the Rust side in PEFT")
     args = parser.parse_args()
     torch.set_num_threads(1)  # deterministic reductions
@@ -216,8 +327,11 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     base = state_dict(base_model())
     save_file(base, args.out / "base.safetensors", metadata=META)
-    for case in ["plain", "pattern"]:
-        generate(case, args.out, base)
+    for case in args.case or ["plain", "pattern", "alloc"]:
+        if case == "alloc":
+            generate_alloc(args.out, base)
+        else:
+            generate(case, args.out, base)
     (args.out / "VERSIONS.txt").write_text(f"torch {torch.__version__}\npeft {peft.__version__}\n")
     return 0
 

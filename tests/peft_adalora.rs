@@ -10,7 +10,8 @@
 //! `1e-5`.
 //!
 //! The reverse check (an adapter saved here, loaded by PEFT) is the ignored test
-//! `write_rust_adalora_adapters` plus the script's `--check-rust-adapter` (see the script).
+//! `write_rust_adalora_adapters` plus the script's `--check-rust-adapter` (see the script); it
+//! includes the adapter of PEFT's recorded run replayed here and pruned to its rank pattern.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -20,8 +21,8 @@ use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{Embedding, Linear, VarMap};
 use lora::prelude::*;
 use lora::{
-    AdaLoraSchedule, Adapter, InitOptions, LayerConfig, LayerError, LoraConfig, LoraEmbedding,
-    LoraLayer, DEFAULT_ADAPTER,
+    train::RankAllocator, AdaLoraSchedule, Adapter, InitOptions, LayerConfig, LayerError,
+    LoraConfig, LoraEmbedding, LoraLayer, DEFAULT_ADAPTER,
 };
 
 const WEIGHT_RTOL: f32 = 1e-5;
@@ -648,6 +649,208 @@ fn write_rust_adalora_adapters() -> Result<()> {
     let dir = out.join("pattern");
     model.save_adapter(&dir)?;
     write_io(&dir, &model.forward(&x)?)?;
+
+    // PEFT's recorded run replayed through the allocator, pruned to the final rank pattern.
+    let (steps, patterns) = alloc_run()?;
+    let mut model = alloc_model()?;
+    let vars = recorded_vars(&model);
+    let mut allocator = RankAllocator::new(&model)?;
+    for step in 1..=patterns.len() {
+        replay_step(&mut allocator, &vars, &steps, step)?;
+    }
+    allocator.prune(&mut model)?;
+    let dir = out.join("allocated");
+    model.save_adapter(&dir)?;
+    write_io(&dir, &model.forward(&x)?)?;
     println!("wrote {}", out.display());
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rank allocation: PEFT's training run of the `alloc` fixture (12 AdamW steps, an allocation
+// every other step between tinit 2 and total_step - tfinal = 9, the final mask at 9 and
+// re-applied after it) replayed through `RankAllocator`: at each step the factors and the
+// gradients PEFT's allocator saw, then E and the rank pattern compared with PEFT's after
+// `update_and_allocate`.
+
+fn alloc_expected() -> Result<serde_json::Value> {
+    let path = fixtures().join("alloc/expected.json");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
+    Ok(serde_json::from_str(&text)?)
+}
+
+/// PEFT's recorded run: the tensors of each step and the rank pattern after each step.
+fn alloc_run() -> Result<(Weights, Vec<serde_json::Value>)> {
+    let steps = load(&fixtures().join("alloc/steps.safetensors"))?;
+    let patterns = alloc_expected()?["rank_pattern_after_step"]
+        .as_array()
+        .context("rank_pattern_after_step")?
+        .clone();
+    Ok((steps, patterns))
+}
+
+/// The fixture model with PEFT's adapter as it was before training.
+fn alloc_model() -> Result<Llama> {
+    let mut model = Llama::build(&load(&fixtures().join("base.safetensors"))?)?;
+    model.load_adapter(fixtures().join("alloc/adapter"))?;
+    Ok(model)
+}
+
+/// The trainable variables by the fixture's names (`model.layers.0.self_attn.q_proj.lora_A`).
+fn recorded_vars(model: &Llama) -> Vec<(String, Var)> {
+    model
+        .named_trainable_vars()
+        .into_iter()
+        .map(|(n, v)| (n.trim_start_matches("base_model.model.").to_string(), v))
+        .collect()
+}
+
+/// Sets every trainable variable to its value recorded as `<step>.<key>.param`.
+fn set_recorded(vars: &[(String, Var)], steps: &Weights, step: usize) -> Result<()> {
+    for (name, var) in vars {
+        var.set(&tensor(steps, &format!("{step}.{name}.param"))?)?;
+    }
+    Ok(())
+}
+
+/// Step `step` of PEFT's run: the factors as PEFT's allocator saw them, then
+/// `update_and_allocate` with PEFT's gradients.
+fn replay_step(
+    allocator: &mut RankAllocator,
+    vars: &[(String, Var)],
+    steps: &Weights,
+    step: usize,
+) -> Result<()> {
+    set_recorded(vars, steps, step)?;
+    let grads: HashMap<_, Tensor> = vars
+        .iter()
+        .map(|(name, var)| {
+            let grad = tensor(steps, &format!("{step}.{name}.grad"))?;
+            Ok((var.as_tensor().id(), grad))
+        })
+        .collect::<Result<_>>()?;
+    allocator.update_and_allocate(step as u64, |v| grads.get(&v.as_tensor().id()).cloned())?;
+    Ok(())
+}
+
+#[test]
+fn rank_allocation_replays_peft_s_masks_and_regulariser() -> Result<()> {
+    let (steps, patterns) = alloc_run()?;
+    let model = alloc_model()?;
+    let vars = recorded_vars(&model);
+    ensure!(vars.len() == 18, "{} variables", vars.len());
+    let mut allocator = RankAllocator::new(&model)?;
+    let state = tempfile::tempdir()?;
+    let mut worst_penalty = 0f64;
+    for step in 1..=patterns.len() {
+        // PEFT's loss at this step, with and without the regulariser, on the factors before it
+        // (A and B: masking never changes them).
+        if step > 1 {
+            set_recorded(&vars, &steps, step - 1)?;
+        }
+        let scalar = |k: &str| -> Result<f64> { Ok(f64::from(f32s(&tensor(&steps, k)?)?[0])) };
+        let peft_penalty = scalar(&format!("{step}.loss"))? - scalar(&format!("{step}.lm_loss"))?;
+        let ours = f64::from(allocator.orth_penalty()?.to_scalar::<f32>()?);
+        let err = (ours - peft_penalty).abs();
+        ensure!(
+            err <= 1e-5 * peft_penalty.abs().max(1.0),
+            "step {step}: orthogonal penalty {ours} vs PEFT's {peft_penalty}"
+        );
+        worst_penalty = worst_penalty.max(err);
+
+        replay_step(&mut allocator, &vars, &steps, step)?;
+        for (name, var) in vars.iter().filter(|(n, _)| n.ends_with("lora_E")) {
+            assert_bit_equal(
+                &format!("step {step}: {name}"),
+                var.as_tensor(),
+                &tensor(&steps, &format!("{step}.{name}.after"))?,
+            )?;
+        }
+        let ours = serde_json::to_value(allocator.rank_pattern())?;
+        ensure!(
+            ours == patterns[step - 1],
+            "step {step}: rank pattern {ours} but PEFT's {}",
+            patterns[step - 1]
+        );
+        // Half way, continue from a saved state in a new allocator: the rest must not change.
+        if step == 5 {
+            allocator.save_state(state.path())?;
+            allocator = RankAllocator::new(&model)?;
+            allocator.load_state(state.path())?;
+        }
+    }
+    println!(
+        "{} steps: E and rank patterns equal to PEFT's, orthogonal penalty within {worst_penalty:.1e}",
+        patterns.len()
+    );
+    Ok(())
+}
+
+#[test]
+fn budget_schedule_is_peft_s() -> Result<()> {
+    let expected = alloc_expected()?;
+    for table in expected["budget_schedules"]
+        .as_array()
+        .context("budget_schedules")?
+    {
+        let n = |k: &str| table[k].as_u64().with_context(|| k.to_string());
+        let schedule = AdaLoraSchedule {
+            target_r: n("target_r")? as usize,
+            tinit: n("tinit")? as usize,
+            tfinal: n("tfinal")? as usize,
+            delta_t: n("deltaT")? as usize,
+            total_step: Some(n("total_step")? as usize),
+            ..AdaLoraSchedule::default()
+        };
+        let (init, target) = (
+            n("init_bgt")? as usize,
+            (n("target_r")? * n("n_modules")?) as usize,
+        );
+        let ours: Vec<(usize, bool)> = (0..=n("total_step")? + 1)
+            .map(|step| RankAllocator::budget_at(&schedule, init, target, step))
+            .collect();
+        let budgets: Vec<usize> = serde_json::from_value(table["budget"].clone())?;
+        let masks: Vec<bool> = serde_json::from_value(table["mask"].clone())?;
+        let peft: Vec<(usize, bool)> = budgets.into_iter().zip(masks).collect();
+        ensure!(ours == peft, "{schedule:?}: ours {ours:?}\nPEFT's {peft:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn pruned_adapters_save_peft_s_rank_pattern_and_reload() -> Result<()> {
+    let (steps, patterns) = alloc_run()?;
+    let last = patterns.len();
+    let mut model = alloc_model()?;
+    let vars = recorded_vars(&model);
+    let mut allocator = RankAllocator::new(&model)?;
+    for step in 1..=last {
+        replay_step(&mut allocator, &vars, &steps, step)?;
+    }
+    let x = tensor(&load(&fixtures().join("plain/io.safetensors"))?, "input")?;
+    let y = model.forward(&x)?;
+    allocator.prune(&mut model)?;
+    assert_close("pruned output", &model.forward(&x)?, &y, 1e-6)?;
+    let dir = tempfile::tempdir()?;
+    model.save_adapter(dir.path())?;
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        dir.path().join("adapter_config.json"),
+    )?)?;
+    ensure!(config["peft_type"] == "ADALORA" && config["init_r"] == 4);
+    ensure!(
+        config["rank_pattern"] == patterns[last - 1],
+        "saved rank pattern {} but PEFT's {}",
+        config["rank_pattern"],
+        patterns[last - 1]
+    );
+    let saved = load(&dir.path().join("adapter_model.safetensors"))?;
+    let e = tensor(
+        &saved,
+        "base_model.model.model.layers.0.mlp.down_proj.lora_E",
+    )?;
+    ensure!(e.dims() == [2, 1], "lora_E {:?}", e.dims());
+    let mut again = alloc_model()?;
+    again.load_adapter(dir.path())?;
+    assert_close("reloaded output", &again.forward(&x)?, &y, 1e-6)?;
     Ok(())
 }

@@ -202,12 +202,33 @@ fn lora_run_with(
     resume: Option<&Path>,
     checkpointing: bool,
 ) -> (Pretrained, sft::Outcome) {
+    adapter_run(
+        lora_config(),
+        out,
+        data,
+        steps,
+        stop_at,
+        resume,
+        checkpointing,
+    )
+}
+
+/// [`lora_run_with`] for an adapter of `adapter_config`.
+fn adapter_run(
+    adapter_config: LoraConfig,
+    out: &Path,
+    data: &Dataset,
+    steps: u64,
+    stop_at: Option<u64>,
+    resume: Option<&Path>,
+    checkpointing: bool,
+) -> (Pretrained, sft::Outcome) {
     let mut p = load();
     p.model
         .init_adapter_with(
             &lora::candle_nn::VarMap::new(),
             &InitOptions::default()
-                .with_peft_config(lora_config())
+                .with_peft_config(adapter_config)
                 .with_seed(1),
         )
         .unwrap();
@@ -265,52 +286,44 @@ fn training_lowers_the_loss_and_a_resumed_run_ends_bit_for_bit_the_same() {
     assert!(!split.join("adapter_model.safetensors").exists());
     let (_, outcome) = lora_run(&split, &data, 8, None, Some(&ckpt));
     assert_eq!(outcome.steps, 8);
-    let tensors = |dir: &Path| {
-        lora::candle::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu)
-            .unwrap()
-    };
-    let (a, b) = (tensors(&whole), tensors(&split));
+    let (a, b) = (adapter_bits(&whole), adapter_bits(&split));
     assert_eq!(a.len(), 18); // 3 layers x 3 targets x (A, B)
     for (key, t) in &a {
-        let bits = |t: &Tensor| -> Vec<u32> {
-            t.flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-                .iter()
-                .map(|x| x.to_bits())
-                .collect()
-        };
         assert!(
-            bits(t) == bits(&b[key]),
+            *t == b[key],
             "{key}: the resumed run differs from the uninterrupted one"
         );
     }
 
     // A checkpoint of other settings is refused before anything changes.
+    let mut config = run_config(&split, 8);
+    config.batch_size = 3;
+    config.resume = Some(ckpt.clone());
+    let err = refused_run(lora_config(), &data, &config);
+    assert!(err.contains("batch size 2, this run has 3"), "{err}");
+}
+
+/// The error of a run of `config` with a fresh adapter of `adapter_config`.
+fn refused_run(adapter_config: LoraConfig, data: &Dataset, config: &SftConfig) -> String {
     let mut p = load();
     p.model
         .init_adapter_with(
             &lora::candle_nn::VarMap::new(),
-            &InitOptions::default().with_peft_config(lora_config()),
+            &InitOptions::default().with_peft_config(adapter_config),
         )
         .unwrap();
-    let mut config = run_config(&split, 8);
-    config.batch_size = 3;
-    config.resume = Some(ckpt.clone());
     let tokenizer = p.tokenizer.clone();
-    let err = sft::train(
+    sft::train(
         &mut p.model,
         &tokenizer,
-        &data,
+        data,
         None,
-        &config,
+        config,
         &AtomicBool::new(false),
         &mut |_| {},
     )
     .unwrap_err()
-    .to_string();
-    assert!(err.contains("batch size 2, this run has 3"), "{err}");
+    .to_string()
 }
 
 /// The backward pass through the whole model (attention, RoPE, grouped heads, norms, MLP, the
@@ -455,6 +468,86 @@ fn full_fine_tuning_writes_a_model_that_loads_back() {
         tokenizer.encode_raw("the end").unwrap()
     );
     assert_eq!(back.tokenizer.chat_template(), tokenizer.chat_template());
+}
+
+/// The adapter file of `dir`, each tensor's bits.
+fn adapter_bits(dir: &Path) -> std::collections::BTreeMap<String, Vec<u32>> {
+    lora::candle::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(k, t)| {
+            let bits = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            (k, bits.iter().map(|x| x.to_bits()).collect())
+        })
+        .collect()
+}
+
+/// AdaLoRA in the SFT loop: the rank allocator runs after each step (the saved adapter is pruned
+/// to the final rank pattern, which the config records), and a run interrupted after an
+/// allocation and resumed from its checkpoint (the allocator's scores included) ends bit for bit
+/// where the uninterrupted run does.
+#[test]
+fn adalora_runs_allocate_ranks_and_resume_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(
+        &load(),
+        &write(dir.path(), "d.jsonl", DATA),
+        &DataOptions::default(),
+    );
+    let config = || {
+        LoraConfig::from_json(
+            r#"{"peft_type": "ADALORA", "init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 2,
+                "deltaT": 1, "total_step": 7, "lora_alpha": 8, "lora_dropout": 0.1,
+                "target_modules": ["q_proj", "v_proj"]}"#,
+        )
+        .unwrap()
+    };
+    let whole = dir.path().join("whole");
+    let (trained, outcome) = adapter_run(config(), &whole, &data, 7, None, None, false);
+    let pattern = outcome.rank_pattern.expect("a rank pattern");
+    assert_eq!(pattern.len(), 6, "{pattern:?}"); // 3 layers x q_proj, v_proj
+    let kept: usize = pattern.values().flatten().filter(|&&k| k).count();
+    assert_eq!(kept, 2 * 6, "{pattern:?}");
+    for (path, layer, _) in trained.model.lora_layers() {
+        let Some(ad) = layer.adapter() else { continue };
+        let kept = pattern[&format!("{path}.lora_E")]
+            .iter()
+            .filter(|&&k| k)
+            .count();
+        assert_eq!(ad.ranknum(), Some(4));
+        // A module left with no singular value keeps its rank, E = 0 (see `RankAllocator::prune`).
+        assert_eq!(ad.rank(), if kept == 0 { 4 } else { kept }, "{path}");
+    }
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(whole.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(saved["peft_type"], "ADALORA");
+    assert_eq!(saved["total_step"], 7);
+    let with_rank: std::collections::BTreeMap<_, _> =
+        pattern.iter().filter(|(_, m)| m.contains(&true)).collect();
+    assert_eq!(
+        saved["rank_pattern"],
+        serde_json::to_value(&with_rank).unwrap()
+    );
+
+    let split = dir.path().join("split");
+    let (_, outcome) = adapter_run(config(), &split, &data, 7, Some(3), None, false);
+    assert!(outcome.stopped && outcome.rank_pattern.is_some());
+    let ckpt = split.join("checkpoint-3");
+    assert!(ckpt.join("adalora_state.safetensors").is_file());
+    let (_, outcome) = adapter_run(config(), &split, &data, 7, None, Some(&ckpt), false);
+    assert_eq!(outcome.steps, 7);
+    assert_eq!(outcome.rank_pattern, Some(pattern));
+    assert!(
+        adapter_bits(&whole) == adapter_bits(&split),
+        "the resumed AdaLoRA run differs from the uninterrupted one"
+    );
+
+    // A schedule that does not fit the run is refused before training.
+    let other = dir.path().join("other");
+    let err = refused_run(config(), &data, &run_config(&other, 5));
+    assert!(err.contains("plans 7 steps"), "{err}");
+    assert!(!other.exists());
 }
 
 fn lora_train(args: &[&str]) -> Output {
@@ -771,4 +864,121 @@ fn the_command_trains_a_pissa_adapter_converted_for_the_original_base() {
         .forward(&ids, &mut base.model.new_cache())
         .unwrap();
     assert!(common::max_abs_diff(&a, &c) > 1e-4);
+}
+
+/// `lora train --adalora`: PEFT's AdaLoRA adapter with the final rank pattern, which `lora
+/// generate --adapter` loads; the flags' misuses are refused before anything is written.
+#[test]
+fn the_command_trains_an_adalora_adapter_and_refuses_bad_schedules() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = write(dir.path(), "d.jsonl", DATA);
+    let model = model_dir();
+    let model = model.to_str().unwrap();
+    let out = dir.path().join("adapter");
+    let common = [
+        "--model",
+        model,
+        "--data",
+        data.to_str().unwrap(),
+        "--batch-size",
+        "2",
+        "--lr",
+        "1e-2",
+        "--quiet",
+    ];
+    let o = lora_train(
+        &[
+            &common[..],
+            &[
+                "--adalora",
+                "--out",
+                out.to_str().unwrap(),
+                "--steps",
+                "6",
+                "--init-r",
+                "4",
+                "--target-r",
+                "2",
+                "--tinit",
+                "1",
+                "--tfinal",
+                "2",
+                "--delta-t",
+                "1",
+                "--beta1",
+                "0.8",
+                "--beta2",
+                "0.9",
+                "--orth-reg-weight",
+                "0.1",
+            ],
+        ]
+        .concat(),
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("AdaLoRA ranks kept"), "{err}");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["peft_type"], "ADALORA");
+    assert_eq!(
+        (&config["init_r"], &config["target_r"], &config["tinit"]),
+        (
+            &serde_json::json!(4),
+            &serde_json::json!(2),
+            &serde_json::json!(1)
+        )
+    );
+    assert_eq!(
+        (&config["tfinal"], &config["deltaT"], &config["total_step"]),
+        (
+            &serde_json::json!(2),
+            &serde_json::json!(1),
+            &serde_json::json!(6)
+        )
+    );
+    assert_eq!(config["beta1"], 0.8);
+    assert_eq!(config["beta2"], 0.9);
+    assert_eq!(config["orth_reg_weight"], 0.1);
+    let pattern = config["rank_pattern"].as_object().expect("a rank_pattern");
+    // 3 layers x q_proj, v_proj; a module left with no singular value has no entry.
+    assert!((1..=6).contains(&pattern.len()), "{pattern:?}");
+    let kept = pattern
+        .values()
+        .flat_map(|m| m.as_array().unwrap())
+        .filter(|b| b.as_bool() == Some(true))
+        .count();
+    assert_eq!(kept, 12, "{pattern:?}"); // target_r x modules
+    let g = Command::new(LORA)
+        .args(["generate", "--model", model, "--adapter"])
+        .arg(&out)
+        .args(["--prompt", "hi", "--max-new-tokens", "3"])
+        .output()
+        .unwrap();
+    assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
+
+    let none = dir.path().join("none");
+    let none = none.to_str().unwrap();
+    for (args, expected) in [
+        (
+            &["--adalora", "--rank", "4", "--steps", "4"][..],
+            "cannot be used with",
+        ),
+        (
+            &["--adalora", "--steps", "4", "--tinit", "2", "--tfinal", "2"],
+            "--tinit 2 must be below",
+        ),
+        (&["--adalora", "--steps", "0"], "at least one training step"),
+        (&["--adalora", "--steps", "4", "--beta1", "1.0"], "beta1"),
+        (&["--init-r", "4"], "--adalora"),
+    ] {
+        let o = lora_train(&[&common[..], &["--out", none], args].concat());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains(expected),
+            "{args:?}: {err}"
+        );
+    }
+    assert!(!Path::new(none).exists());
 }

@@ -4,6 +4,8 @@
 //! LoRA paper's E2E NLG experiment (its Table 3) with made-up data, not the real data set.
 //! Held-out examples use restaurant names never seen in training.
 
+use std::path::{Path, PathBuf};
+
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
@@ -113,4 +115,19 @@ pub(crate) fn jsonl(records: &[Record]) -> String {
                 + "\n"
         })
         .collect()
+}
+
+/// [`make`]s the task and writes it as the JSONL files `lora train --data` / `--eval` read,
+/// `out/train.jsonl` and `out/held_out.jsonl`: returns their paths and the held-out records.
+pub(crate) fn write_task(
+    out: &Path,
+    seed: u64,
+    n: usize,
+    m: usize,
+) -> std::io::Result<(PathBuf, PathBuf, Vec<Record>)> {
+    let (train, held_out) = make(seed, n, m);
+    let (train_path, eval_path) = (out.join("train.jsonl"), out.join("held_out.jsonl"));
+    std::fs::write(&train_path, jsonl(&train))?;
+    std::fs::write(&eval_path, jsonl(&held_out))?;
+    Ok((train_path, eval_path, held_out))
 }

@@ -19,43 +19,28 @@
 
 mod data;
 mod report;
+mod score;
+mod train;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
-use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use lora::candle::{DType, Device, D};
+use lora::candle::{DType, Device};
 use lora::models::generate::GenerateOptions;
-use lora::models::sft::{self, Batch, CausalLm, DataOptions, Dataset, Duration, SftConfig, Tuning};
+use lora::models::sft::{DataOptions, Dataset, Tuning};
 use lora::models::{Message, Pretrained};
 use lora::prelude::*;
-use lora::train::TrainerConfig;
 
 use report::{peak_rss, print_table, reset_peak_rss, Row};
+use score::held_out_scores;
+use train::{run_config, RunArgs};
 
 #[derive(Parser, Debug)]
 #[command(about = "Fine-tune SmolLM2-135M-Instruct with LoRA and with full fine-tuning")]
 pub(crate) struct Args {
-    /// Optimizer steps for each configuration.
-    #[arg(long, default_value_t = 40)]
-    steps: u64,
-    /// Examples per step.
-    #[arg(long, default_value_t = 8)]
-    batch_size: usize,
-    /// Held-out examples for the metrics.
-    #[arg(long, default_value_t = 48)]
-    held_out: usize,
-    /// Seed of the data, the adapters and the shuffling.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// A tiny configuration (a few steps, a few examples) for the test suite.
-    #[arg(long)]
-    quick: bool,
-    /// Where the adapters, the full model and the data go (default target/lora-example/smollm2).
-    #[arg(long)]
-    out: Option<PathBuf>,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 fn main() -> Result<()> {
@@ -80,35 +65,6 @@ fn smollm2() -> Result<PathBuf> {
         .context("the fetch script ran but the model is still not in the cache")
 }
 
-/// Held-out loss per target token and the share of examples whose every target token is the
-/// model's arg-max, which is exactly "greedy decoding reproduces the reference".
-fn held_out_scores<M: CausalLm>(model: &M, data: &Dataset, pad: u32) -> Result<(f32, f64)> {
-    let (mut loss, mut tokens, mut exact) = (0f64, 0usize, 0usize);
-    for e in &data.examples {
-        let batch = Batch::new(&[e], pad, &Device::Cpu)?;
-        let hidden = model.hidden_states(&batch.inputs)?;
-        let (b, t, h) = hidden.dims3()?;
-        let picked = hidden
-            .reshape((b * t, h))?
-            .index_select(&batch.positions, 0)?;
-        let logits = model.logits(&picked)?.detach();
-        loss +=
-            f64::from(lora::ops::cross_entropy_sum(&logits, &batch.labels)?.to_scalar::<f32>()?);
-        tokens += batch.loss_tokens;
-        let right = logits
-            .argmax(D::Minus1)?
-            .eq(&batch.labels)?
-            .to_dtype(DType::F32)?;
-        if right.sum_all()?.to_scalar::<f32>()? as usize == batch.loss_tokens {
-            exact += 1;
-        }
-    }
-    Ok((
-        (loss / tokens as f64) as f32,
-        exact as f64 / data.examples.len() as f64,
-    ))
-}
-
 /// Greedy answers to `inputs`.
 fn answers(p: &Pretrained, inputs: &[data::Record]) -> Result<Vec<String>> {
     let options = GenerateOptions {
@@ -130,23 +86,13 @@ fn answers(p: &Pretrained, inputs: &[data::Record]) -> Result<Vec<String>> {
 }
 
 pub(crate) fn run(args: Args) -> Result<Vec<Row>> {
-    let (steps, batch_size, n_held) = if args.quick {
-        (2, 2, 4)
-    } else {
-        (args.steps, args.batch_size, args.held_out)
-    };
-    let out = args.out.clone().unwrap_or_else(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("target/lora-example/smollm2")
-    });
-    std::fs::create_dir_all(&out)?;
+    let (steps, batch_size, n_held) = args.run.sizes(2);
+    let out = args.run.out_dir("smollm2")?;
     let model_path = smollm2()?;
 
     // The task, as the JSONL files `lora train --data` / `--eval` read.
     let n_train = (steps as usize * batch_size).max(16);
-    let (train, held_out) = data::make(args.seed, n_train, n_held);
-    let (train_path, eval_path) = (out.join("train.jsonl"), out.join("held_out.jsonl"));
-    std::fs::write(&train_path, data::jsonl(&train))?;
-    std::fs::write(&eval_path, data::jsonl(&held_out))?;
+    let (train_path, eval_path, held_out) = data::write_task(&out, args.run.seed, n_train, n_held)?;
     let base = Pretrained::load(&model_path, DType::F32, &Device::Cpu)?;
     let options = DataOptions::default();
     let train_data = Dataset::from_jsonl(&train_path, &base.tokenizer, &options)?;
@@ -207,35 +153,18 @@ pub(crate) fn run(args: Args) -> Result<Vec<Row>> {
                 &lora::candle_nn::VarMap::new(),
                 &InitOptions::default()
                     .with_peft_config(config)
-                    .with_seed(args.seed),
+                    .with_seed(args.run.seed),
             )?;
         }
         let dir = out.join(name.replace([' ', '=', ','], "-"));
-        let config = SftConfig {
-            trainer: TrainerConfig {
-                lr,
-                warmup_steps: steps / 10,
-                ..Default::default()
-            },
-            duration: Duration::Steps(steps),
-            batch_size,
-            seed: args.seed,
-            tuning,
-            out: dir.clone(),
-            ..Default::default()
-        };
-        let start = Instant::now();
-        let tokenizer = p.tokenizer.clone();
-        let outcome = sft::train(
-            &mut p.model,
-            &tokenizer,
+        let (outcome, secs) = run_config(
+            &mut p,
             &train_data,
-            None,
-            &config,
-            &AtomicBool::new(false),
-            &mut |_| {},
+            tuning,
+            lr,
+            (steps, batch_size, args.run.seed),
+            &dir,
         )?;
-        let secs = start.elapsed().as_secs_f64();
         let trainable = match tuning {
             Tuning::Lora => p.model.trainable_parameters().trainable,
             Tuning::Full => total,

@@ -216,8 +216,77 @@ impl Adapter {
             e,
             ranknum,
             schedule,
+            kept: None,
         });
         Ok(self)
+    }
+
+    /// The AdaLoRA adapter with only the singular values `keep` marks (rows of `A` and `E`,
+    /// columns of `B`), as PEFT's `resize_state_dict_by_rank_pattern` saves it: `ranknum` stays,
+    /// so the output is unchanged when the dropped singular values are 0, and `keep` is recorded
+    /// as this module's `rank_pattern` entry for the file. New variables: the result does not
+    /// share storage with `self`.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use lora_runtime::{AdaLoraSchedule, Adapter, LayerConfig};
+    ///
+    /// let cfg = LayerConfig::new(3, 6.0).with_adalora(Some(AdaLoraSchedule::default()));
+    /// let ad = Adapter::fresh(5, 4, &cfg, 0, DType::F32, &Device::Cpu)?;
+    /// let pruned = ad.pruned_to(&[true, false, true])?;
+    /// assert_eq!((pruned.rank(), pruned.ranknum()), (2, Some(3)));
+    /// assert_eq!(pruned.adalora_kept(), Some(&[true, false, true][..]));
+    /// # Ok::<(), lora_runtime::LayerError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`LayerError::InvalidConfig`] for a LoRA adapter, a mask whose length is not the rank or
+    /// that keeps nothing; candle errors.
+    pub fn pruned_to(&self, keep: &[bool]) -> LayerResult<Self> {
+        let invalid = |reason: String| LayerError::InvalidConfig {
+            field: "rank_pattern".into(),
+            reason,
+        };
+        let Some(parts) = &self.adalora else {
+            return Err(invalid(
+                "only AdaLoRA adapters have singular values to prune".into(),
+            ));
+        };
+        if keep.len() != self.rank || !keep.contains(&true) {
+            return Err(invalid(format!(
+                "a mask of {} singular values with at least one kept is needed, got {keep:?}",
+                self.rank
+            )));
+        }
+        let rows: Vec<u32> = (0..keep.len())
+            .filter(|&i| keep[i])
+            .filter_map(|i| u32::try_from(i).ok())
+            .collect();
+        let idx = Tensor::new(rows.as_slice(), self.a.device())?;
+        let pick = |v: &Var, dim: usize| -> LayerResult<Var> {
+            Ok(Var::from_tensor(
+                &v.as_tensor().index_select(&idx, dim)?.contiguous()?,
+            )?)
+        };
+        let mut pruned = Adapter::new(
+            pick(&self.a, 0)?,
+            pick(&self.b, 1)?,
+            self.alpha,
+            self.use_rslora,
+            self.dropout,
+        )?
+        .with_init(self.init)
+        .with_adalora(pick(&parts.e, 0)?, parts.ranknum, parts.schedule)?;
+        if let Some(p) = pruned.adalora.as_mut() {
+            p.kept = Some(keep.to_vec());
+        }
+        Ok(pruned)
+    }
+
+    /// Which of the `ranknum` singular values an adapter made by [`pruned_to`](Self::pruned_to)
+    /// kept (its `rank_pattern` entry); `None` otherwise.
+    pub fn adalora_kept(&self) -> Option<&[bool]> {
+        self.adalora.as_ref().and_then(|p| p.kept.as_deref())
     }
 
     /// A fresh adapter for a layer `[out, in]`: `A` random as `config.init` says (from a
@@ -458,6 +527,8 @@ struct AdaLoraParts {
     ranknum: usize,
     /// The hyper-parameters it trains with (written to its config on save).
     schedule: AdaLoraSchedule,
+    /// The singular values of the `ranknum` that [`Adapter::pruned_to`] kept.
+    kept: Option<Vec<bool>>,
 }
 
 /// The adapters of one layer by name, and which one is active.

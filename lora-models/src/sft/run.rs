@@ -8,7 +8,9 @@ use std::time::Instant;
 
 use candle_core::{Device, Var};
 use lora_runtime::rng::{DropoutRng, SeededRng};
-use lora_runtime::train::{Checkpointing, StepStats, Trainer, TrainerConfig};
+use lora_runtime::train::{
+    Checkpointing, RankAllocator, RankPattern, StepStats, Trainer, TrainerConfig,
+};
 use lora_runtime::{LoraModelExt, SaveOptions};
 use serde::{Deserialize, Serialize};
 
@@ -154,6 +156,9 @@ pub struct Outcome {
     pub tokens: usize,
     /// Wall time of the steps in this process, in seconds.
     pub seconds: f64,
+    /// AdaLoRA: the singular values the rank allocation kept (the saved adapter's
+    /// `rank_pattern`), once it made a mask.
+    pub rank_pattern: Option<RankPattern>,
 }
 
 /// The loop's state saved in a checkpoint's `trainer_state.json`.
@@ -173,6 +178,8 @@ struct LoopState {
     full: bool,
     #[serde(default)]
     loraplus_ratio: Option<f64>,
+    #[serde(default)]
+    adalora: bool,
 }
 
 /// Where the data stream is: the epoch's order and the next position in it.
@@ -246,15 +253,18 @@ pub fn evaluate<M: CausalLm + ?Sized>(
 /// A supervised fine-tuning run of `model` on `data`.
 ///
 /// With [`Tuning::Lora`] the model's active adapter is trained (create it first, e.g. with
-/// `init_adapter_with`); with [`Tuning::Full`] every weight is made trainable. `stop` is checked
+/// `init_adapter_with`); with [`Tuning::Full`] every weight is made trainable. An AdaLoRA
+/// adapter (its schedule's `total_step` the run's steps) trains as PEFT trains it: the
+/// orthogonal regulariser in the loss, a [`RankAllocator`] after each step, and the adapter
+/// saved pruned to the final rank pattern. `stop` is checked
 /// after each step: when set, a checkpoint is written and the run returns with
 /// [`Outcome::stopped`]. [`SftConfig::resume`] continues from a checkpoint of the same run
 /// settings and ends with the same weights as a run that was never interrupted.
 ///
 /// # Errors
 /// [`ModelError::Input`] for settings that do not fit (batch size 0, a checkpoint of other
-/// settings); I/O errors naming the file; [`lora_runtime::Error::Training`] for a non-finite
-/// loss.
+/// settings, an AdaLoRA schedule that does not fit the run); I/O errors naming the file;
+/// [`lora_runtime::Error::Training`] for a non-finite loss.
 pub fn train<M: CausalLm>(
     model: &mut M,
     tokenizer: &TextTokenizer,
@@ -293,6 +303,11 @@ pub fn train<M: CausalLm>(
         ..config.trainer
     };
     let mut trainer = Trainer::new(vars.clone(), trainer_config)?;
+    let mut allocator = match config.tuning {
+        Tuning::Lora => adalora_allocator(model, total)?,
+        Tuning::Full => None,
+    };
+    trainer.keep_step_grads(allocator.is_some());
     if let Some(ratio) = config.loraplus_ratio {
         if !(ratio.is_finite() && ratio > 0.0) {
             return Err(ModelError::Input(format!(
@@ -308,6 +323,7 @@ pub fn train<M: CausalLm>(
             dir,
             &vars,
             &mut trainer,
+            allocator.as_mut(),
             &mut stream,
             &dropout,
             config,
@@ -332,6 +348,7 @@ pub fn train<M: CausalLm>(
         stopped: false,
         tokens: 0,
         seconds: 0.0,
+        rank_pattern: None,
     };
     let start = Instant::now();
     let run_eval =
@@ -358,13 +375,32 @@ pub fn train<M: CausalLm>(
             })
             .collect::<Result<Vec<_>>>()?;
         let targets: usize = batches.iter().map(|b| b.loss_tokens).sum();
+        // AdaLoRA's regulariser, counted once per step (a share in each micro-batch); the
+        // reported loss leaves it out.
+        let penalty = match &allocator {
+            Some(a) if a.schedule().orth_reg_weight > 0.0 => {
+                Some((a.orth_penalty()? / batches.len() as f64)?)
+            }
+            _ => None,
+        };
+        let penalty_value = match &penalty {
+            Some(p) => f64::from(p.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?),
+            None => 0.0,
+        };
         let mut loss = 0f64;
         for batch in &batches {
-            let l = (loss_sum(model, batch)? / targets.max(1) as f64)?;
-            loss += f64::from(trainer.backward(&l)?);
+            let mut l = (loss_sum(model, batch)? / targets.max(1) as f64)?;
+            if let Some(p) = &penalty {
+                l = (l + p)?;
+            }
+            loss += f64::from(trainer.backward(&l)?) - penalty_value;
             outcome.tokens += batch.tokens;
         }
         let stats = trainer.step()?;
+        if let Some(a) = allocator.as_mut() {
+            a.update_and_allocate(stats.step, |v| trainer.step_grad(v).cloned())?;
+            outcome.rank_pattern = a.rank_pattern().cloned();
+        }
         outcome.steps = stats.step;
         outcome.last_loss = Some(loss as f32);
         outcome.seconds = start.elapsed().as_secs_f64();
@@ -384,7 +420,16 @@ pub fn train<M: CausalLm>(
         }
         let stopping = stop.load(Ordering::SeqCst);
         if stopping || config.save_every.is_some_and(|e| e > 0 && step % e == 0) {
-            let path = save_checkpoint(model, &trainer, &stream, &dropout, config, n, total)?;
+            let path = save_checkpoint(
+                model,
+                &trainer,
+                allocator.as_ref(),
+                &stream,
+                &dropout,
+                config,
+                n,
+                total,
+            )?;
             on_event(&Event::Checkpoint { path });
         }
         if stopping {
@@ -398,8 +443,33 @@ pub fn train<M: CausalLm>(
     model.set_training(false);
     model.set_dropout_rng(None);
     model.set_gradient_checkpointing(None)?;
+    if let Some(a) = &allocator {
+        a.prune(model)?;
+    }
     save_output(model, tokenizer, config, &config.out)?;
     Ok(outcome)
+}
+
+/// The rank allocator of an AdaLoRA run (`None` when the model's adapters are not AdaLoRA),
+/// its schedule checked against the run's `total` steps.
+fn adalora_allocator<M: CausalLm>(model: &M, total: u64) -> Result<Option<RankAllocator>> {
+    let is_adalora = model
+        .lora_layers()
+        .iter()
+        .any(|(_, l, _)| l.adapter().is_some_and(|a| a.is_adalora()));
+    if !is_adalora {
+        return Ok(None);
+    }
+    let allocator = RankAllocator::new(model)?;
+    let planned = allocator.schedule().total_step;
+    if planned.map(|t| t as u64) != Some(total) {
+        return Err(ModelError::Input(format!(
+            "the AdaLoRA schedule plans {} steps (total_step) but the run has {total}: set \
+             `total_step` to the run's steps",
+            planned.map_or("no".to_string(), |t| t.to_string())
+        )));
+    }
+    Ok(Some(allocator))
 }
 
 /// Writes what the run produces into `dir`: the adapter (LoRA) or the model (full).
@@ -421,6 +491,7 @@ fn save_output<M: CausalLm>(
 fn save_checkpoint<M: CausalLm>(
     model: &M,
     trainer: &Trainer,
+    allocator: Option<&RankAllocator>,
     stream: &Stream,
     dropout: &DropoutRng,
     config: &SftConfig,
@@ -455,6 +526,9 @@ fn save_checkpoint<M: CausalLm>(
             }
         }
         trainer.save_state(&tmp)?;
+        if let Some(a) = allocator {
+            a.save_state(&tmp)?;
+        }
         let state = LoopState {
             step,
             total_steps: total,
@@ -469,6 +543,7 @@ fn save_checkpoint<M: CausalLm>(
             seed: config.seed,
             full: config.tuning == Tuning::Full,
             loraplus_ratio: config.loraplus_ratio,
+            adalora: allocator.is_some(),
         };
         let path = tmp.join(STATE_FILE);
         let text = serde_json::to_string_pretty(&state).map_err(|source| ModelError::Json {
@@ -494,6 +569,7 @@ fn restore(
     dir: &Path,
     vars: &[(String, Var)],
     trainer: &mut Trainer,
+    allocator: Option<&mut RankAllocator>,
     stream: &mut Stream,
     dropout: &DropoutRng,
     config: &SftConfig,
@@ -524,6 +600,11 @@ fn restore(
             "full fine-tuning",
             u64::from(state.full),
             u64::from(config.tuning == Tuning::Full),
+        ),
+        (
+            "AdaLoRA",
+            u64::from(state.adalora),
+            u64::from(allocator.is_some()),
         ),
     ];
     for (what, saved, now) in expected {
@@ -573,6 +654,9 @@ fn restore(
             });
         }
         values.push(t.to_dtype(var.dtype())?.to_device(var.device())?);
+    }
+    if let Some(a) = allocator {
+        a.load_state(dir)?;
     }
     trainer.load_state(dir)?;
     for ((_, var), value) in vars.iter().zip(values) {

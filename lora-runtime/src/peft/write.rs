@@ -330,8 +330,9 @@ fn target_names(adapters: &[(&str, &Adapter, bool)], all: &[&str]) -> Vec<String
 
 /// The PEFT config of an AdaLoRA adapter: `peft_type: ADALORA`, `init_r` the common `ranknum`,
 /// one `lora_alpha`, the schedule of the adapters, and a `rank_pattern` that gives each layer
-/// holding fewer than `init_r` singular values that many `true`s (PEFT then builds the layer at
-/// that rank with `ranknum = init_r`, as this adapter has it).
+/// holding fewer than `init_r` singular values that many `true`s, at the positions the rank
+/// allocator kept when it pruned the adapter (PEFT then builds the layer at that rank with
+/// `ranknum = init_r`, as this adapter has it).
 fn adalora_config_for(adapters: &[(&str, &Adapter, bool)], all: &[&str]) -> Result<LoraConfig> {
     let invalid = |field: &str, reason: String| Error::InvalidConfig {
         file: None,
@@ -387,9 +388,13 @@ fn adalora_config_for(adapters: &[(&str, &Adapter, bool)], all: &[&str]) -> Resu
     config.fan_in_fan_out = adapters.iter().any(|(_, _, f)| *f);
     let pattern: std::collections::BTreeMap<String, Vec<bool>> = adapters
         .iter()
-        .filter(|(_, ad, _)| ad.rank() < init_r)
+        .filter(|(_, ad, _)| ad.rank() < init_r || ad.adalora_kept().is_some())
         .map(|(path, ad, _)| {
-            let mask = (0..init_r).map(|i| i < ad.rank()).collect();
+            // The positions the rank allocator kept, else the first `rank` (PEFT only counts).
+            let mask = ad.adalora_kept().map_or_else(
+                || (0..init_r).map(|i| i < ad.rank()).collect(),
+                <[bool]>::to_vec,
+            );
             (format!("{path}.lora_E"), mask)
         })
         .collect();

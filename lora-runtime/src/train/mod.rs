@@ -28,10 +28,12 @@
 //! # Ok::<(), lora_runtime::Error>(())
 //! ```
 
+mod adalora;
 mod checkpoint;
 mod optim;
 mod schedule;
 
+pub use adalora::{RankAllocator, RankPattern, ADALORA_STATE_FILE};
 pub use checkpoint::{Checkpointing, GradSink};
 pub use optim::{AdamW, AdamWConfig};
 pub use schedule::LrSchedule;
@@ -104,6 +106,8 @@ pub struct Trainer {
     grads: Vec<Option<Tensor>>,
     /// Gradients computed inside checkpointed blocks.
     sink: Option<GradSink>,
+    /// The gradients the last step applied (after clipping), kept when asked for.
+    step_grads: Option<Vec<Option<Tensor>>>,
 }
 
 impl Trainer {
@@ -138,6 +142,7 @@ impl Trainer {
             max_grad_norm: config.max_grad_norm,
             grads: vec![None; n],
             sink: None,
+            step_grads: None,
         })
     }
 
@@ -145,6 +150,25 @@ impl Trainer {
     /// each [`backward`](Self::backward).
     pub fn set_grad_sink(&mut self, sink: Option<GradSink>) {
         self.sink = sink;
+    }
+
+    /// Keeps the gradients each [`step`](Self::step) applies (after clipping) until the next
+    /// step, for [`step_grad`](Self::step_grad): what a rank allocator reads after the optimizer
+    /// step (see [`RankAllocator`]). Off by default: they hold one gradient-sized copy
+    /// alive between steps.
+    pub fn keep_step_grads(&mut self, keep: bool) {
+        self.step_grads = keep.then(|| vec![None; self.grads.len()]);
+    }
+
+    /// The gradient of `var` that the last step applied (clipped as it was applied), when
+    /// [`keep_step_grads`](Self::keep_step_grads) is on and `var` is one of the trainer's.
+    pub fn step_grad(&self, var: &Var) -> Option<&Tensor> {
+        let id = var.as_tensor().id();
+        let i = self
+            .optimizer
+            .vars()
+            .position(|(_, v)| v.as_tensor().id() == id)?;
+        self.step_grads.as_ref()?.get(i)?.as_ref()
     }
 
     /// Sets each variable's learning-rate multiplier from its name, e.g. [`loraplus`].
@@ -246,6 +270,10 @@ impl Trainer {
         };
         let lr = self.next_lr();
         self.optimizer.step(&grads, lr)?;
+        if let Some(kept) = self.step_grads.as_mut() {
+            // Detached: a gradient keeps the backward graph (and the step's activations) alive.
+            *kept = grads.into_iter().map(|g| g.map(|g| g.detach())).collect();
+        }
         Ok(StepStats {
             step,
             lr,
@@ -260,13 +288,12 @@ impl Trainer {
     /// # Errors
     /// [`Error::Io`] naming the file.
     pub fn save_state(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let path = dir.join(OPTIMIZER_FILE);
         let metadata = HashMap::from([("steps".to_string(), self.steps().to_string())]);
-        let bytes = serialize_tensors(&self.optimizer.state_tensors(), metadata, &path)?;
-        let mut staging = Staging::new(&RealFs);
-        staging.write(&path, &bytes)?;
-        staging.commit()
+        write_safetensors(
+            &dir.join(OPTIMIZER_FILE),
+            &self.optimizer.state_tensors(),
+            metadata,
+        )
     }
 
     /// Restores what [`save_state`](Self::save_state) wrote; the trainer is unchanged on error.
@@ -276,23 +303,15 @@ impl Trainer {
     /// moment that does not fit the variables.
     pub fn load_state(&mut self, dir: &Path) -> Result<()> {
         let path = dir.join(OPTIMIZER_FILE);
-        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
-        let st_err = |source| Error::SafeTensors {
-            path: path.clone(),
-            source,
-        };
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(st_err)?;
-        let steps = header
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get("steps"))
+        let (tensors, metadata) = read_safetensors(&path)?;
+        let steps = metadata
+            .get("steps")
             .and_then(|s| s.parse::<u64>().ok())
             .ok_or_else(|| Error::BadMetadata {
                 file: path.clone(),
                 key: "steps".into(),
                 reason: "missing or not a step count".into(),
             })?;
-        let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?;
         self.optimizer
             .load_state(tensors, steps)
             .map_err(|e| match e {
@@ -302,6 +321,9 @@ impl Trainer {
                 other => other,
             })?;
         self.grads = vec![None; self.grads.len()];
+        if let Some(kept) = self.step_grads.as_mut() {
+            *kept = vec![None; kept.len()];
+        }
         Ok(())
     }
 }
@@ -325,6 +347,24 @@ pub fn loraplus(ratio: f64) -> impl Fn(&str) -> f64 {
             1.0
         }
     }
+}
+
+/// The tensors (on the CPU) and the metadata of the safetensors file `path`.
+///
+/// # Errors
+/// [`Error::Io`], [`Error::SafeTensors`] naming the file.
+pub(crate) fn read_safetensors(
+    path: &Path,
+) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let (_, header) =
+        safetensors::SafeTensors::read_metadata(&bytes).map_err(|source| Error::SafeTensors {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let metadata = header.metadata().clone().unwrap_or_default();
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?;
+    Ok((tensors, metadata))
 }
 
 /// Writes `tensors` to the safetensors file `path` with `metadata`, atomically (a temporary file

@@ -15,7 +15,7 @@ use lora::models::sft::{self, DataOptions, Dataset, Duration, Event, LossOn, Sft
 use lora::models::Pretrained;
 use lora::peft::convert_to_lora;
 use lora::train::{AdamWConfig, TrainerConfig};
-use lora::{InitOptions, LoraConfig, LoraInit, LoraModelExt, SaveOptions};
+use lora::{AdaLoraSchedule, InitOptions, LoraConfig, LoraInit, LoraModelExt, SaveOptions};
 
 use crate::generate::WeightDtype;
 
@@ -144,6 +144,35 @@ pub struct TrainArgs {
     /// much less memory for long sequences, about one more forward per step.
     #[arg(long)]
     gradient_checkpointing: bool,
+    /// AdaLoRA (PEFT's AdaLoraConfig): adapters of rank --init-r whose singular values a rank
+    /// allocator prunes during training to an average of --target-r; the adapter is saved in
+    /// PEFT's AdaLoRA format with the final rank_pattern. Takes --alpha, --dropout, --targets.
+    #[arg(long, conflicts_with_all = ["rank", "full", "use_dora", "rslora", "init"])]
+    adalora: bool,
+    /// AdaLoRA: the rank every adapter starts with.
+    #[arg(long, requires = "adalora", default_value_t = 12)]
+    init_r: usize,
+    /// AdaLoRA: the average rank the budget ends at.
+    #[arg(long, requires = "adalora", default_value_t = 8)]
+    target_r: usize,
+    /// AdaLoRA: warm-up steps before the budget starts to fall.
+    #[arg(long, requires = "adalora", default_value_t = 0)]
+    tinit: usize,
+    /// AdaLoRA: final steps at the final budget (with the final mask).
+    #[arg(long, requires = "adalora", default_value_t = 0)]
+    tfinal: usize,
+    /// AdaLoRA: steps between two allocations (PEFT's deltaT).
+    #[arg(long, requires = "adalora", default_value_t = 1)]
+    delta_t: usize,
+    /// AdaLoRA: EMA factor of the sensitivity.
+    #[arg(long, requires = "adalora", default_value_t = 0.85)]
+    beta1: f64,
+    /// AdaLoRA: EMA factor of the uncertainty.
+    #[arg(long, requires = "adalora", default_value_t = 0.85)]
+    beta2: f64,
+    /// AdaLoRA: weight of the orthogonal regulariser in the loss.
+    #[arg(long, requires = "adalora", default_value_t = 0.5)]
+    orth_reg_weight: f64,
     /// Continue from OUT/checkpoint-STEP (same data and settings).
     #[arg(long)]
     resume: Option<PathBuf>,
@@ -166,6 +195,42 @@ fn targets_json(targets: &str) -> serde_json::Value {
     } else {
         serde_json::json!(targets)
     }
+}
+
+/// The AdaLoRA config of `--adalora`: `base`'s targets, alpha and dropout with the AdaLoRA
+/// flags and `total_step` the run's `total` steps, checked as PEFT checks it before training.
+fn adalora_config(
+    args: &TrainArgs,
+    base: LoraConfig,
+    total: u64,
+) -> Result<LoraConfig, Box<dyn std::error::Error>> {
+    if total == 0 {
+        return Err("--adalora needs at least one training step (total_step > 0)".into());
+    }
+    let schedule = AdaLoraSchedule {
+        target_r: args.target_r,
+        tinit: args.tinit,
+        tfinal: args.tfinal,
+        delta_t: args.delta_t,
+        beta1: args.beta1,
+        beta2: args.beta2,
+        orth_reg_weight: args.orth_reg_weight,
+        total_step: Some(usize::try_from(total)?),
+    };
+    if args.tinit + args.tfinal >= usize::try_from(total)? {
+        return Err(format!(
+            "--tinit {} must be below the run's {total} steps minus --tfinal {}: no step is left \
+             to allocate ranks in (lower --tinit / --tfinal or train longer)",
+            args.tinit, args.tfinal
+        )
+        .into());
+    }
+    schedule.check()?;
+    let mut config = LoraConfig::adalora(args.init_r, args.alpha, Vec::<String>::new(), schedule);
+    config.targets = base.targets;
+    config.dropout = base.dropout;
+    config.validate()?;
+    Ok(config)
 }
 
 /// Runs `lora train`.
@@ -247,8 +312,13 @@ pub fn run(args: TrainArgs) -> Result<(), Box<dyn std::error::Error>> {
     } else {
         Tuning::Lora
     };
+    let duration = match (args.steps, args.epochs) {
+        (Some(n), _) => Duration::Steps(n),
+        (None, Some(e)) => Duration::Epochs(e),
+        (None, None) => Duration::Epochs(1.0),
+    };
     if tuning == Tuning::Lora {
-        let config = LoraConfig::from_json(
+        let mut config = LoraConfig::from_json(
             &serde_json::json!({
                 "r": args.rank,
                 "lora_alpha": args.alpha,
@@ -260,6 +330,16 @@ pub fn run(args: TrainArgs) -> Result<(), Box<dyn std::error::Error>> {
             })
             .to_string(),
         )?;
+        if args.adalora {
+            let total = SftConfig {
+                duration,
+                batch_size: args.batch_size,
+                grad_accum: args.grad_accum,
+                ..SftConfig::default()
+            }
+            .total_steps(data.examples.len());
+            config = adalora_config(&args, config, total)?;
+        }
         model.init_adapter_with(
             &lora::candle_nn::VarMap::new(),
             &InitOptions::default()
@@ -283,11 +363,7 @@ pub fn run(args: TrainArgs) -> Result<(), Box<dyn std::error::Error>> {
             },
             ..Default::default()
         },
-        duration: match (args.steps, args.epochs) {
-            (Some(n), _) => Duration::Steps(n),
-            (None, Some(e)) => Duration::Epochs(e),
-            (None, None) => Duration::Epochs(1.0),
-        },
+        duration,
         batch_size: args.batch_size,
         grad_accum: args.grad_accum,
         eval_every: args.eval_every,
@@ -337,7 +413,13 @@ pub fn run(args: TrainArgs) -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> "),
     );
-    bar.set_prefix(if args.full { "full" } else { "lora" });
+    bar.set_prefix(if args.full {
+        "full"
+    } else if args.adalora {
+        "adalora"
+    } else {
+        "lora"
+    });
     let mut on_event = |event: &Event| match event {
         Event::Step {
             stats,
@@ -380,6 +462,16 @@ pub fn run(args: TrainArgs) -> Result<(), Box<dyn std::error::Error>> {
             .eval_loss
             .map_or(String::new(), |l| format!(", eval loss {l:.4}"))
     );
+    if let Some(pattern) = outcome.rank_pattern.as_ref().filter(|_| !outcome.stopped) {
+        let ranks: Vec<String> = pattern
+            .iter()
+            .map(|(k, m)| {
+                let kept = m.iter().filter(|&&b| b).count();
+                format!("{}: {kept}", k.trim_end_matches(".lora_E"))
+            })
+            .collect();
+        eprintln!("AdaLoRA ranks kept: {}", ranks.join(", "));
+    }
     if outcome.stopped {
         eprintln!(
             "stopped: resume with --resume {}",
