@@ -171,6 +171,31 @@ fn decoding_a_smollm2_q4_1_base_kept_quantized_gives_the_f32_tokens() {
     assert!(held[0] * 6 <= held[1], "{held:?}");
 }
 
+/// `lora train` on the tiny GGUF with `data` (JSONL text) into `dir/name`, plus `flags`.
+fn train_tiny(
+    dir: &Path,
+    name: &str,
+    data: &str,
+    flags: &[&str],
+) -> (PathBuf, std::process::Output) {
+    let data_path = dir.join(format!("{name}.jsonl"));
+    std::fs::write(&data_path, data).unwrap();
+    let out = dir.join(name);
+    let o = Command::new(LORA)
+        .arg("train")
+        .arg("--model")
+        .arg(tiny())
+        .arg("--data")
+        .arg(&data_path)
+        .arg("--out")
+        .arg(&out)
+        .arg("--quiet")
+        .args(flags)
+        .output()
+        .unwrap();
+    (out, o)
+}
+
 fn run(args: &[&str]) -> std::process::Output {
     Command::new(LORA).args(args).output().unwrap()
 }
@@ -178,38 +203,20 @@ fn run(args: &[&str]) -> std::process::Output {
 #[test]
 fn the_cli_trains_on_a_quantized_gguf_by_default_and_refuses_merge_and_full_with_it() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("d.jsonl");
-    std::fs::write(
-        &data,
-        "{\"prompt\": \"a b\", \"completion\": \" c d\"}\n{\"prompt\": \"e f\", \"completion\": \" g\"}\n",
-    )
-    .unwrap();
-    let out = dir.path().join("adapter");
-    let model = tiny();
-    let (model, data_s, out_s) = (
-        model.to_str().unwrap(),
-        data.to_str().unwrap(),
-        out.to_str().unwrap(),
-    );
-    let o = run(&[
-        "train",
-        "--model",
-        model,
-        "--data",
-        data_s,
-        "--out",
-        out_s,
+    let data = "{\"prompt\": \"a b\", \"completion\": \" c d\"}\n{\"prompt\": \"e f\", \"completion\": \" g\"}\n";
+    let flags = [
         "--steps",
         "2",
         "--batch-size",
         "2",
         "--targets",
         "all-linear",
-        "--quiet",
-    ]);
+    ];
+    let (out, o) = train_tiny(dir.path(), "adapter", data, &flags);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert!(err.contains("base quantized as stored"), "{err}");
+    let out_s = out.to_str().unwrap();
     // The adapter loads onto the f32 model and onto the quantized one, and generates.
     for dtype in ["f32", "quantized"] {
         let g = tiny_generate(&["--dtype", dtype, "--adapter", out_s]);
@@ -221,19 +228,12 @@ fn the_cli_trains_on_a_quantized_gguf_by_default_and_refuses_merge_and_full_with
         !merge.status.success() && err.contains("--merge needs dense weights"),
         "{err}"
     );
-    let full_out = dir.path().join("full");
-    let full = run(&[
-        "train",
-        "--model",
-        model,
-        "--data",
-        data_s,
-        "--out",
-        full_out.to_str().unwrap(),
-        "--full",
-        "--dtype",
-        "quantized",
-    ]);
+    let (full_out, full) = train_tiny(
+        dir.path(),
+        "full",
+        data,
+        &["--full", "--dtype", "quantized"],
+    );
     let err = String::from_utf8_lossy(&full.stderr);
     assert!(!full.status.success() && err.contains("--full"), "{err}");
     assert!(!full_out.exists());
@@ -282,29 +282,9 @@ fn generate_quantized(adapter: Option<&Path>) -> String {
 fn lora_serve_on_a_quantized_base_completes_as_generate_in_a_mixed_batch() {
     use common::server::Server;
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("d.jsonl");
-    std::fs::write(
-        &data,
-        "{\"prompt\": \"a b\", \"completion\": \" c d e f\"}\n",
-    )
-    .unwrap();
-    let adapter = dir.path().join("a");
-    let o = run(&[
-        "train",
-        "--model",
-        tiny().to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        adapter.to_str().unwrap(),
-        "--steps",
-        "3",
-        "--lr",
-        "0.2",
-        "--targets",
-        "all-linear",
-        "--quiet",
-    ]);
+    let data = "{\"prompt\": \"a b\", \"completion\": \" c d e f\"}\n";
+    let flags = ["--steps", "3", "--lr", "0.2", "--targets", "all-linear"];
+    let (adapter, o) = train_tiny(dir.path(), "a", data, &flags);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let spec = format!("a={}", adapter.display());
     let server = std::sync::Arc::new(Server::start(

@@ -392,9 +392,7 @@ mod tests {
             let layer = LoraLinear::from_quantized(ours, None);
             // The dense product of the dequantized weight, up to the summation order: within
             // the bound of a length-256 f32 dot product, k eps sum |x w|.
-            let amax =
-                |t: &Tensor| -> f32 { t.abs().unwrap().max_all().unwrap().to_scalar().unwrap() };
-            let bound = 256.0 * f32::EPSILON * 256.0 * amax(&many) * amax(&dense);
+            let bound = 256.0 * f32::EPSILON * 256.0 * max_abs(&many) * max_abs(&dense);
             let dense_layer = LoraLinear::new(dense.clone(), None);
             for x in [&few, &many] {
                 let y = layer.forward(x).unwrap();
@@ -431,13 +429,7 @@ mod tests {
                 .unwrap()
                 .affine(ad.scaling(), 0.0)
                 .unwrap();
-            let scale = term
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let scale = max_abs(&term);
             assert!(
                 max_diff(&(y.clone() - base).unwrap(), &term) <= 1e-5 * scale.max(1.0),
                 "{dtype:?}"
@@ -454,14 +446,7 @@ mod tests {
                 (qa.b().as_tensor(), da.b().as_tensor()),
             ] {
                 let (gq, gd) = (grads_q.get(tq).unwrap(), grads_d.get(td).unwrap());
-                let scale = gd
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
-                assert!(max_diff(gq, gd) <= 1e-5 * scale.max(1.0), "{dtype:?}");
+                assert!(max_diff(gq, gd) <= 1e-5 * max_abs(gd).max(1.0), "{dtype:?}");
             }
         }
     }
