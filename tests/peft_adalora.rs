@@ -13,12 +13,15 @@
 //! `write_rust_adalora_adapters` plus the script's `--check-rust-adapter` (see the script); it
 //! includes the adapter of PEFT's recorded run replayed here and pruned to its rank pattern.
 
+mod common;
+
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{Embedding, Linear, VarMap};
+use common::reference::{assert_close, f32s, load, rel_err};
 use lora::prelude::*;
 use lora::{
     train::RankAllocator, AdaLoraSchedule, Adapter, InitOptions, LayerConfig, LayerError,
@@ -131,38 +134,6 @@ impl Llama {
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft/adalora")
-}
-
-fn load(path: &Path) -> Result<Weights> {
-    candle_core::safetensors::load(path, &Device::Cpu)
-        .with_context(|| format!("reading {}", path.display()))
-}
-
-fn f32s(t: &Tensor) -> Result<Vec<f32>> {
-    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
-}
-
-/// `max |ours - reference| / max |reference|`.
-fn rel_err(ours: &Tensor, reference: &Tensor) -> Result<f32> {
-    ensure!(
-        ours.dims() == reference.dims(),
-        "shape {:?} vs {:?}",
-        ours.dims(),
-        reference.dims()
-    );
-    let (o, r) = (f32s(ours)?, f32s(reference)?);
-    let scale = r.iter().fold(0f32, |m, x| m.max(x.abs()));
-    let diff = o
-        .iter()
-        .zip(&r)
-        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-    Ok(diff / scale)
-}
-
-fn assert_close(what: &str, ours: &Tensor, reference: &Tensor, rtol: f32) -> Result<f32> {
-    let err = rel_err(ours, reference).with_context(|| what.to_string())?;
-    ensure!(err <= rtol, "{what}: relative error {err:e} > {rtol:e}");
-    Ok(err)
 }
 
 fn assert_bit_equal(what: &str, ours: &Tensor, reference: &Tensor) -> Result<()> {

@@ -19,12 +19,15 @@
 //!   rounding of the final cast; the delta itself is computed in f32 on both sides.
 //! - `unmerge()` restores the base weights bit for bit.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Conv1d, Conv1dConfig, Conv2d, Conv2dConfig, Embedding, Linear, VarMap};
+use common::reference::{assert_close, f32s, load};
 use lora::merge_file::merge_safetensors;
 use lora::prelude::*;
 use lora::{Adapter, LoraLayer, ModulePath};
@@ -445,11 +448,6 @@ fn case_dir(case: &str) -> PathBuf {
     fixtures().join(case)
 }
 
-fn load(path: &Path) -> Result<Weights> {
-    candle_core::safetensors::load(path, &Device::Cpu)
-        .with_context(|| format!("reading {}", path.display()))
-}
-
 /// A state dict: `DIR/<name>.safetensors`, or all shards of `DIR/<name>/`.
 fn load_state(case: &str, name: &str) -> Result<Weights> {
     let dir = case_dir(case);
@@ -480,39 +478,12 @@ fn read_json(path: &Path) -> Result<serde_json::Value> {
     Ok(serde_json::from_str(&text)?)
 }
 
-fn f32s(t: &Tensor) -> Result<Vec<f32>> {
-    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
-}
-
-/// `max |ours - reference| / max |reference|`.
-fn rel_err(ours: &Tensor, reference: &Tensor) -> Result<f32> {
-    ensure!(
-        ours.dims() == reference.dims(),
-        "shape {:?} vs {:?}",
-        ours.dims(),
-        reference.dims()
-    );
-    let (o, r) = (f32s(ours)?, f32s(reference)?);
-    let scale = r.iter().fold(0f32, |m, x| m.max(x.abs()));
-    let diff = o
-        .iter()
-        .zip(&r)
-        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-    Ok(diff / scale)
-}
-
 /// `max |ours - reference|`.
 fn max_abs(ours: &Tensor, reference: &Tensor) -> Result<f32> {
     let (o, r) = (f32s(ours)?, f32s(reference)?);
     Ok(o.iter()
         .zip(&r)
         .fold(0f32, |m, (a, b)| m.max((a - b).abs())))
-}
-
-fn assert_close(what: &str, ours: &Tensor, reference: &Tensor, rtol: f32) -> Result<f32> {
-    let err = rel_err(ours, reference).with_context(|| what.to_string())?;
-    ensure!(err <= rtol, "{what}: relative error {err:e} > {rtol:e}");
-    Ok(err)
 }
 
 fn assert_bit_equal(what: &str, ours: &Tensor, reference: &Tensor) -> Result<()> {

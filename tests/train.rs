@@ -554,6 +554,25 @@ fn lora_train(args: &[&str]) -> Output {
     Command::new(LORA).arg("train").args(args).output().unwrap()
 }
 
+/// `lora train --model tiny-chat --data DIR/d.jsonl --out DIR/OUT FLAGS` with [`DATA`]: the
+/// output directory and the process's output.
+fn train_tiny_chat(dir: &Path, out: &str, flags: &[&str]) -> (PathBuf, Output) {
+    let data = write(dir, "d.jsonl", DATA);
+    let out = dir.join(out);
+    let o = Command::new(LORA)
+        .arg("train")
+        .arg("--model")
+        .arg(model_dir())
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&out)
+        .args(flags)
+        .output()
+        .unwrap();
+    (out, o)
+}
+
 #[test]
 fn the_command_trains_an_adapter_that_generate_loads_and_refuses_bad_input() {
     let dir = tempfile::tempdir().unwrap();
@@ -698,27 +717,23 @@ fn the_command_trains_an_adapter_that_generate_loads_and_refuses_bad_input() {
 #[test]
 fn the_command_trains_a_dora_adapter_that_lora_merge_folds_in() {
     let dir = tempfile::tempdir().unwrap();
-    let data = write(dir.path(), "d.jsonl", DATA);
     let model = model_dir();
-    let out = dir.path().join("adapter");
-    let o = lora_train(&[
-        "--model",
-        model.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--steps",
-        "3",
-        "--batch-size",
-        "2",
-        "--lr",
-        "1e-2",
-        "--targets",
-        "q_proj,v_proj",
-        "--use-dora",
-        "--quiet",
-    ]);
+    let (out, o) = train_tiny_chat(
+        dir.path(),
+        "adapter",
+        &[
+            "--steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--lr",
+            "1e-2",
+            "--targets",
+            "q_proj,v_proj",
+            "--use-dora",
+            "--quiet",
+        ],
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
@@ -791,28 +806,23 @@ fn the_command_trains_a_dora_adapter_that_lora_merge_folds_in() {
 #[test]
 fn the_command_trains_a_pissa_adapter_converted_for_the_original_base() {
     let dir = tempfile::tempdir().unwrap();
-    let data = write(dir.path(), "d.jsonl", DATA);
-    let model = model_dir();
-    let out = dir.path().join("adapter");
-    let o = lora_train(&[
-        "--model",
-        model.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--steps",
-        "3",
-        "--batch-size",
-        "2",
-        "--lr",
-        "1e-3",
-        "--targets",
-        "q_proj,v_proj",
-        "--init",
-        "pissa_niter_2",
-        "--quiet",
-    ]);
+    let (out, o) = train_tiny_chat(
+        dir.path(),
+        "adapter",
+        &[
+            "--steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--lr",
+            "1e-3",
+            "--targets",
+            "q_proj,v_proj",
+            "--init",
+            "pissa_niter_2",
+            "--quiet",
+        ],
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let config = |d: &Path| -> serde_json::Value {
         serde_json::from_str(&std::fs::read_to_string(d.join("adapter_config.json")).unwrap())
