@@ -277,22 +277,8 @@ pub(crate) fn gguf_name(hf: &str) -> Option<String> {
     Some(format!("{gguf}.{suffix}"))
 }
 
-/// llama.cpp's converter permutes the rows of q and k per head (`(heads, 2, d/2)` -> `(heads,
-/// d/2, 2)`); this puts them back: rows `(heads, d/2, 2)` -> `(heads, 2, d/2)`, as
-/// transformers' `_reverse_permute_weights`.
-fn unpermute(w: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
-    let dims = w.dims().to_vec();
-    let rows = dims[0];
-    let rest: usize = dims[1..].iter().product();
-    let half = rows / heads / 2;
-    w.reshape((heads, half, 2, rest))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape(dims)
-}
-
 /// llama.cpp's converter permutation (`LlamaModel.permute`): rows `(heads, 2, d/2)` ->
-/// `(heads, d/2, 2)`, the inverse of [`unpermute`]. Applied to whatever is added to the rows of
+/// `(heads, d/2, 2)`, the inverse of [`unpermute_rows`]. Applied to whatever is added to the rows of
 /// a stored `attn_q` / `attn_k` (a merged delta, a LoRA `B`).
 pub(crate) fn permute(w: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
     let dims = w.dims().to_vec();
@@ -495,29 +481,23 @@ pub(crate) fn load_gguf_content(
         let projection = hf
             .strip_suffix(".weight")
             .filter(|m| precision == Precision::Quantized && is_projection(m));
+        let (qtensor, fingerprint) = read_tensor(file, content, &gguf, path, &layout, device)?;
+        if let Some(module) = hf.strip_suffix(".weight") {
+            fingerprints.insert(module.to_string(), fingerprint);
+        }
         if let Some(module) = projection {
-            let weight = read_quantized(file, content, &gguf, path, &layout, device)?;
-            fingerprints.insert(module.to_string(), weight.1);
-            quantized.insert(module.to_string(), weight.0);
+            let weight = QuantizedWeight::new(qtensor).map_err(|e| tensor_error(path, &gguf, e))?;
+            quantized.insert(module.to_string(), weight);
             let placeholder = Tensor::zeros((), dtype, device)
                 .and_then(|z| z.broadcast_as(shape))
                 .map_err(|e| tensor_error(path, &gguf, e))?;
             tensors.insert(hf, placeholder);
             continue;
         }
-        let (qtensor, fingerprint) = read_tensor(file, content, &gguf, path)?;
-        let mut t = qtensor
+        let t = qtensor
             .dequantize(device)
+            .and_then(|t| t.to_dtype(dtype))
             .map_err(|e| tensor_error(path, &gguf, e))?;
-        if let Some(heads) = layout.permuted_heads(&gguf) {
-            t = unpermute(&t, heads).map_err(|e| tensor_error(path, &gguf, e))?;
-        }
-        let t = t
-            .to_dtype(dtype)
-            .map_err(|e| tensor_error(path, &gguf, e))?;
-        if let Some(module) = hf.strip_suffix(".weight") {
-            fingerprints.insert(module.to_string(), fingerprint);
-        }
         tensors.insert(hf, t);
     }
     if config.tie_word_embeddings {
@@ -541,16 +521,17 @@ fn is_projection(path: &str) -> bool {
 
 const EMBEDDING: &str = "model.embed_tokens";
 
-/// Reads the tensor `name` keeping its blocks, with llama.cpp's q/k row permutation undone on
-/// the rows' bytes, onto `device`; and the fingerprint of the stored bytes.
-fn read_quantized(
+/// Reads the tensor `name` as stored (its blocks, onto `device`), with llama.cpp's q/k row
+/// permutation undone on the rows' bytes (exact for every type: each row is quantized on its
+/// own); and the fingerprint of the stored bytes.
+fn read_tensor(
     file: &mut File,
     content: &Content,
     name: &str,
     path: &Path,
     layout: &GgufArch,
     device: &Device,
-) -> Result<(QuantizedWeight, BaseFingerprint)> {
+) -> Result<(QTensor, BaseFingerprint)> {
     let raw = read_raw(file, content, name, path)?;
     let info = tensor_info(content, name, path)?;
     let fingerprint = stored_fingerprint(info, &raw);
@@ -565,15 +546,15 @@ fn read_quantized(
                 })?,
             None => raw,
         };
-    let weight = QStorage::from_data(std::borrow::Cow::Owned(raw), device, info.ggml_dtype)
+    let tensor = QStorage::from_data(std::borrow::Cow::Owned(raw), device, info.ggml_dtype)
         .and_then(|storage| QTensor::new(storage, dims))
-        .and_then(QuantizedWeight::new)
         .map_err(|e| tensor_error(path, name, e))?;
-    Ok((weight, fingerprint))
+    Ok((tensor, fingerprint))
 }
 
-/// [`unpermute`] on the stored rows of a quantized tensor: rows `(heads, d/2, 2)` ->
-/// `(heads, 2, d/2)`, each row's bytes moved whole.
+/// llama.cpp's converter permutes the rows of q and k per head (`(heads, 2, d/2)` -> `(heads,
+/// d/2, 2)`); this puts them back on the stored rows, each row's bytes moved whole: rows
+/// `(heads, d/2, 2)` -> `(heads, 2, d/2)`, as transformers' `_reverse_permute_weights`.
 fn unpermute_rows(raw: &[u8], rows: usize, heads: usize) -> std::result::Result<Vec<u8>, String> {
     if rows == 0 || heads == 0 || !rows.is_multiple_of(2 * heads) || !raw.len().is_multiple_of(rows)
     {
@@ -698,21 +679,6 @@ fn check_tensors(
         });
     }
     Ok(())
-}
-
-/// Reads a tensor of the file and the fingerprint of its stored bytes (GGML type and data).
-fn read_tensor(
-    file: &mut File,
-    content: &Content,
-    name: &str,
-    path: &Path,
-) -> Result<(QTensor, BaseFingerprint)> {
-    let raw = read_raw(file, content, name, path)?;
-    let info = tensor_info(content, name, path)?;
-    Ok((
-        qtensor_of(info, &raw, name, path)?,
-        stored_fingerprint(info, &raw),
-    ))
 }
 
 /// The index entry of the tensor `name` of the GGUF file `path`.
