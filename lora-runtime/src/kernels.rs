@@ -77,35 +77,14 @@ fn base_matmul(
             return Ok(());
         }
     }
-    if n == 0 || out == 0 {
-        return Ok(());
-    }
-    // SAFETY: the pointers and strides describe `x [n, inp]`, `w` and `dst [n, out]` as the
-    // caller checked them.
-    unsafe {
-        gemm(
-            n,
-            out,
-            inp,
-            dst.as_mut_ptr(),
-            1,
-            out as isize,
-            false,
-            x.as_ptr(),
-            1,
-            inp as isize,
-            w.as_ptr().add(w_off),
-            w_rs,
-            w_cs,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism(),
-        );
-    }
-    Ok(())
+    let view = WeightView {
+        values: w,
+        rows: out,
+        rs: usize::try_from(w_rs).unwrap_or(0),
+        cs: usize::try_from(w_cs).unwrap_or(0),
+        off: w_off,
+    };
+    matmul_t_into(dst, out, 0, x, n, inp, view)
 }
 
 /// The fused op over `(x [n, in], h = s x A^T [n, r], B [out, r])`; the frozen weight (as an
@@ -357,9 +336,32 @@ impl CustomOp1 for FrozenMatmul {
     }
 }
 
-/// `dst[r, col..col + w_rows] = (x W^T)[r, ..]` for a contiguous `x [n, inp]`, a contiguous
-/// `W [w_rows, inp]` (`w_rows = w.len() / inp`) and `dst` of row stride `dst_rs`: one block of
-/// columns of a product.
+/// A weight `[rows, inp]` inside a slice: element `(i, k)` at `off + i * rs + k * cs`.
+#[derive(Clone, Copy)]
+pub(crate) struct WeightView<'a> {
+    pub(crate) values: &'a [f32],
+    pub(crate) rows: usize,
+    pub(crate) rs: usize,
+    pub(crate) cs: usize,
+    pub(crate) off: usize,
+}
+
+impl<'a> WeightView<'a> {
+    /// A contiguous `[values.len() / inp, inp]`.
+    pub(crate) fn contiguous(values: &'a [f32], inp: usize) -> Self {
+        Self {
+            values,
+            rows: values.len() / inp.max(1),
+            rs: inp,
+            cs: 1,
+            off: 0,
+        }
+    }
+}
+
+/// `dst[r, col..col + w.rows] = (x W^T)[r, ..]` for a contiguous `x [n, inp]` and `dst` of row
+/// stride `dst_rs` (one block of columns of a product, or all of them): gemm, every access
+/// checked to stay inside the slices.
 ///
 /// # Errors
 /// When the slices are too short for the shapes.
@@ -370,27 +372,28 @@ pub(crate) fn matmul_t_into(
     x: &[f32],
     n: usize,
     inp: usize,
-    w: &[f32],
+    w: WeightView<'_>,
 ) -> candle_core::Result<()> {
-    let w_rows = w.len() / inp.max(1);
-    if n == 0 || w_rows == 0 {
+    if n == 0 || w.rows == 0 || inp == 0 {
         return Ok(());
     }
-    let fits = col + w_rows <= dst_rs
-        && dst.len() >= (n - 1) * dst_rs + col + w_rows
+    let last_w = w.off + (w.rows - 1) * w.rs + (inp - 1) * w.cs;
+    let fits = col + w.rows <= dst_rs
+        && dst.len() >= (n - 1) * dst_rs + col + w.rows
         && x.len() >= n * inp
-        && w.len() >= w_rows * inp;
+        && last_w < w.values.len();
     if !fits {
         candle_core::bail!(
-            "lora matmul: dst {} (stride {dst_rs}, column {col}), x [{n}, {inp}], w [{w_rows}, {inp}] do not fit",
-            dst.len()
+            "lora matmul: dst {} (stride {dst_rs}, column {col}), x [{n}, {inp}], w [{}, {inp}] do not fit",
+            dst.len(),
+            w.rows
         );
     }
     // SAFETY: the checks above keep every access of gemm inside the three slices.
     unsafe {
         gemm(
             n,
-            w_rows,
+            w.rows,
             inp,
             dst.as_mut_ptr().add(col),
             1,
@@ -399,9 +402,9 @@ pub(crate) fn matmul_t_into(
             x.as_ptr(),
             1,
             inp as isize,
-            w.as_ptr(),
-            inp as isize,
-            1,
+            w.values.as_ptr().add(w.off),
+            w.rs as isize,
+            w.cs as isize,
             0.0,
             1.0,
             false,
