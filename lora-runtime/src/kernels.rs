@@ -359,9 +359,113 @@ impl<'a> WeightView<'a> {
     }
 }
 
+/// A matrix `[rows, cols]` inside a slice: element `(i, j)` at `off + i * rs + j * cs`.
+#[derive(Clone, Copy)]
+pub(crate) struct MatRef<'a> {
+    pub(crate) values: &'a [f32],
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+    pub(crate) rs: usize,
+    pub(crate) cs: usize,
+    pub(crate) off: usize,
+}
+
+impl<'a> MatRef<'a> {
+    /// A row-major `[rows, cols]` at the start of `values`.
+    pub(crate) fn row_major(values: &'a [f32], rows: usize, cols: usize) -> Self {
+        Self {
+            values,
+            rows,
+            cols,
+            rs: cols,
+            cs: 1,
+            off: 0,
+        }
+    }
+
+    /// The transpose (a view, nothing moves).
+    pub(crate) fn t(self) -> Self {
+        Self {
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+            ..self
+        }
+    }
+
+    /// Whether every element lies inside the slice (an empty matrix always does).
+    fn fits(&self) -> bool {
+        self.rows == 0
+            || self.cols == 0
+            || self.off + (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < self.values.len()
+    }
+}
+
+/// `dst = a b`, or `dst += a b` when `accumulate`, for `a [m, k]`, `b [k, n]` and a row-major
+/// `dst [m, n]` of row stride `dst_rs`: gemm on the configured threads, every access checked to
+/// stay inside the slices.
+///
+/// # Errors
+/// When the shapes disagree or a slice is too short for its shape.
+pub(crate) fn gemm_into(
+    dst: &mut [f32],
+    dst_rs: usize,
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    accumulate: bool,
+) -> candle_core::Result<()> {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    if b.rows != k {
+        candle_core::bail!("lora matmul: [{m}, {k}] times [{}, {n}]", b.rows);
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let dst_fits = n <= dst_rs && dst.len() >= (m - 1) * dst_rs + n;
+    if !(dst_fits && a.fits() && b.fits()) {
+        candle_core::bail!(
+            "lora matmul: dst {} (stride {dst_rs}), a [{m}, {k}], b [{k}, {n}] do not fit their slices",
+            dst.len()
+        );
+    }
+    if k == 0 {
+        if !accumulate {
+            for row in dst.chunks_mut(dst_rs).take(m) {
+                row[..n].fill(0.0);
+            }
+        }
+        return Ok(());
+    }
+    // SAFETY: the checks above keep every access of gemm inside the three slices.
+    unsafe {
+        gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            a.values.as_ptr().add(a.off),
+            a.cs as isize,
+            a.rs as isize,
+            b.values.as_ptr().add(b.off),
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism(),
+        );
+    }
+    Ok(())
+}
+
 /// `dst[r, col..col + w.rows] = (x W^T)[r, ..]` for a contiguous `x [n, inp]` and `dst` of row
-/// stride `dst_rs` (one block of columns of a product, or all of them): gemm, every access
-/// checked to stay inside the slices.
+/// stride `dst_rs` (one block of columns of a product, or all of them).
 ///
 /// # Errors
 /// When the slices are too short for the shapes.
@@ -374,46 +478,24 @@ pub(crate) fn matmul_t_into(
     inp: usize,
     w: WeightView<'_>,
 ) -> candle_core::Result<()> {
-    if n == 0 || w.rows == 0 || inp == 0 {
-        return Ok(());
-    }
-    let last_w = w.off + (w.rows - 1) * w.rs + (inp - 1) * w.cs;
-    let fits = col + w.rows <= dst_rs
-        && dst.len() >= (n - 1) * dst_rs + col + w.rows
-        && x.len() >= n * inp
-        && last_w < w.values.len();
-    if !fits {
+    if col + w.rows > dst_rs {
         candle_core::bail!(
-            "lora matmul: dst {} (stride {dst_rs}, column {col}), x [{n}, {inp}], w [{}, {inp}] do not fit",
-            dst.len(),
-            w.rows
+            "lora matmul: columns {col}..{} outside rows of {dst_rs}",
+            col + w.rows
         );
     }
-    // SAFETY: the checks above keep every access of gemm inside the three slices.
-    unsafe {
-        gemm(
-            n,
-            w.rows,
-            inp,
-            dst.as_mut_ptr().add(col),
-            1,
-            dst_rs as isize,
-            false,
-            x.as_ptr(),
-            1,
-            inp as isize,
-            w.values.as_ptr().add(w.off),
-            w.rs as isize,
-            w.cs as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism(),
-        );
-    }
-    Ok(())
+    let Some(dst) = dst.get_mut(col..) else {
+        candle_core::bail!("lora matmul: column {col} outside a dst of {}", dst.len());
+    };
+    let w = MatRef {
+        values: w.values,
+        rows: w.rows,
+        cols: inp,
+        rs: w.rs,
+        cs: w.cs,
+        off: w.off,
+    };
+    gemm_into(dst, dst_rs, MatRef::row_major(x, n, inp), w.t(), false)
 }
 
 /// `x W^T + b` for `x [..., in]` and a frozen `weight [out, in]` (any strides) and `bias [out]`:

@@ -17,9 +17,13 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
+use std::sync::{Arc, Mutex};
+
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Tensor, D,
 };
+
+use crate::kernels::{gemm_into, MatRef};
 
 /// Whether the fused CPU op with a backward applies.
 fn fused_cpu(t: &Tensor) -> bool {
@@ -507,10 +511,22 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
 
 /// Runs `f(first_row, rows)` over `n` rows split into one contiguous chunk a thread.
 fn par_rows<T: Send>(out: &mut [T], row_len: usize, f: impl Fn(usize, &mut [T]) + Sync) {
-    let rows = out.len() / row_len.max(1);
+    let mut none = vec![(); out.len() / row_len.max(1)];
+    par_rows_with(out, row_len, &mut none, |first, rows, _| f(first, rows));
+}
+
+/// [`par_rows`] with a second output of one element per row, split alike.
+fn par_rows_with<T: Send, U: Send>(
+    out: &mut [T],
+    row_len: usize,
+    per_row: &mut [U],
+    f: impl Fn(usize, &mut [T], &mut [U]) + Sync,
+) {
+    let row_len = row_len.max(1);
+    let rows = (out.len() / row_len).min(per_row.len());
     // Spawning threads costs tens of microseconds: small outputs (a decoding step's) run here.
     if out.len() < 1 << 16 {
-        f(0, out);
+        f(0, out, per_row);
         return;
     }
     let threads = std::thread::available_parallelism()
@@ -518,9 +534,10 @@ fn par_rows<T: Send>(out: &mut [T], row_len: usize, f: impl Fn(usize, &mut [T]) 
         .min(rows.max(1));
     let per = rows.div_ceil(threads).max(1);
     std::thread::scope(|s| {
-        for (i, chunk) in out.chunks_mut(per * row_len.max(1)).enumerate() {
+        let chunks = out.chunks_mut(per * row_len).zip(per_row.chunks_mut(per));
+        for (i, (chunk, side)) in chunks.enumerate() {
             let f = &f;
-            s.spawn(move || f(i * per, chunk));
+            s.spawn(move || f(i * per, chunk, side));
         }
     });
 }
@@ -689,6 +706,187 @@ pub fn cross_entropy_sum(logits: &Tensor, labels: &Tensor) -> candle_core::Resul
     logp.gather(&labels, 1)?.sum_all()?.neg()
 }
 
+/// Logits a chunk of [`LinearCrossEntropy`] holds at once (16 MiB of f32).
+const LOGIT_CHUNK_ELEMS: usize = 1 << 22;
+
+/// `sum_i cross_entropy(hidden_i W^T, label_i)` without the `[n, vocab]` logits: the forward
+/// makes them a chunk of rows at a time and, while a chunk is at hand, turns it into
+/// `softmax - onehot` and multiplies it out into the gradients of the inputs that want one
+/// (which the backward then only scales).
+struct LinearCrossEntropy {
+    grad_hidden: bool,
+    grad_weight: bool,
+    /// `(d/d hidden, d/d weight)` of the loss, made by the forward.
+    saved: Mutex<Option<(Option<Tensor>, Option<Tensor>)>>,
+}
+
+/// One row of logits: returns `logsumexp(row) - row[label]` and, with `grad`, overwrites the
+/// row with `softmax(row) - onehot(label)`.
+fn cross_entropy_row(row: &mut [f32], label: usize, grad: bool) -> f32 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let target = row[label];
+    if !grad {
+        let sum: f32 = row.iter().map(|v| (v - max).exp()).sum();
+        return max + sum.ln() - target;
+    }
+    let mut sum = 0f32;
+    for v in row.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1. / sum;
+    for v in row.iter_mut() {
+        *v *= inv;
+    }
+    row[label] -= 1.;
+    max + sum.ln() - target
+}
+
+impl CustomOp3 for LinearCrossEntropy {
+    fn name(&self) -> &'static str {
+        "lora-linear-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let h = f32_slice(s1, l1, "linear cross-entropy hidden states")?;
+        let w = f32_slice(s2, l2, "linear cross-entropy weight")?;
+        let (n, d) = l1.shape().dims2()?;
+        let (vocab, wd) = l2.shape().dims2()?;
+        if wd != d {
+            candle_core::bail!(
+                "linear cross-entropy: hidden states [{n}, {d}], weight [{vocab}, {wd}]"
+            );
+        }
+        let labels = labels_of(s3, l3)?;
+        check_labels(&labels, n, vocab)?;
+        let grad = self.grad_hidden || self.grad_weight;
+        let w_mat = MatRef::row_major(w, vocab, d);
+        let chunk = (LOGIT_CHUNK_ELEMS / vocab.max(1)).clamp(1, n.max(1));
+        let mut logits = vec![0f32; chunk.min(n) * vocab];
+        let mut losses = vec![0f32; chunk];
+        let mut grad_h = vec![0f32; if self.grad_hidden { n * d } else { 0 }];
+        let mut grad_w = vec![0f32; if self.grad_weight { vocab * d } else { 0 }];
+        let mut total = 0f64;
+        for first in (0..n).step_by(chunk) {
+            let m = chunk.min(n - first);
+            let hc = MatRef::row_major(&h[first * d..(first + m) * d], m, d);
+            let lc = &mut logits[..m * vocab];
+            gemm_into(lc, vocab, hc, w_mat.t(), false)?;
+            let labels = &labels[first..first + m];
+            par_rows_with(lc, vocab, &mut losses[..m], |r0, rows, out| {
+                for (k, (row, loss)) in rows.chunks_exact_mut(vocab).zip(out).enumerate() {
+                    *loss = cross_entropy_row(row, labels[r0 + k], grad);
+                }
+            });
+            total += losses[..m].iter().map(|&l| f64::from(l)).sum::<f64>();
+            let g = MatRef::row_major(lc, m, vocab);
+            if self.grad_hidden {
+                gemm_into(&mut grad_h[first * d..(first + m) * d], d, g, w_mat, false)?;
+            }
+            if self.grad_weight {
+                gemm_into(&mut grad_w, d, g.t(), hc, true)?;
+            }
+        }
+        let cpu = Device::Cpu;
+        let gh = self
+            .grad_hidden
+            .then(|| Tensor::from_vec(grad_h, (n, d), &cpu))
+            .transpose()?;
+        let gw = self
+            .grad_weight
+            .then(|| Tensor::from_vec(grad_w, (vocab, d), &cpu))
+            .transpose()?;
+        *self
+            .saved
+            .lock()
+            .map_err(|_| candle_core::Error::msg("linear cross-entropy: poisoned state"))? =
+            Some((gh, gw));
+        Ok((CpuStorage::F32(vec![total as f32]), Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        _hidden: &Tensor,
+        _weight: &Tensor,
+        _labels: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let saved = self
+            .saved
+            .lock()
+            .map_err(|_| candle_core::Error::msg("linear cross-entropy: poisoned state"))?
+            .clone();
+        let Some((gh, gw)) = saved else {
+            candle_core::bail!("linear cross-entropy: backward before the forward");
+        };
+        let g = grad.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let scale = |t: Option<Tensor>| -> candle_core::Result<Option<Tensor>> {
+            match t {
+                Some(t) if g != 1.0 => Ok(Some((t * g)?)),
+                t => Ok(t),
+            }
+        };
+        Ok((scale(gh)?, scale(gw)?, None))
+    }
+}
+
+/// `sum_i cross_entropy(hidden_i W^T, labels_i)` for `hidden [n, d]`, `weight [vocab, d]` and
+/// integer `labels [n]`: an LM head and its summed loss in one op, a scalar with a backward to
+/// `hidden` and `weight`.
+///
+/// On the CPU in f32 the `[n, vocab]` logits are never held whole: the forward works a chunk of
+/// rows at a time (16 MiB of logits), and while a chunk is at hand it also computes the
+/// gradients of the inputs that track one (which the backward only scales). The logits and
+/// their gradient (two `[n, vocab]` tensors, 400 MB for 1024 tokens of a 49152-token
+/// vocabulary) are never allocated. Elsewhere, the product and [`cross_entropy_sum`] in f32.
+///
+/// ```
+/// use candle_core::{Device, Tensor, Var};
+/// let dev = Device::Cpu;
+/// let h = Var::from_tensor(&Tensor::randn(0f32, 1., (3, 4), &dev)?)?;
+/// let w = Tensor::randn(0f32, 1., (5, 4), &dev)?;
+/// let labels = Tensor::new(&[4u32, 0, 2], &dev)?;
+/// let fused = lora_runtime::ops::linear_cross_entropy_sum(h.as_tensor(), &w, &labels)?;
+/// let logits = h.as_tensor().matmul(&w.t()?)?;
+/// let plain = lora_runtime::ops::cross_entropy_sum(&logits, &labels)?;
+/// let (a, b) = (fused.to_scalar::<f32>()?, plain.to_scalar::<f32>()?);
+/// assert!((a - b).abs() < 1e-5 * b.abs().max(1.));
+/// assert!(fused.backward()?.get(h.as_tensor()).is_some());
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+///
+/// # Errors
+/// Shape errors; a label outside the vocabulary.
+pub fn linear_cross_entropy_sum(
+    hidden: &Tensor,
+    weight: &Tensor,
+    labels: &Tensor,
+) -> candle_core::Result<Tensor> {
+    if fused_cpu(hidden) && fused_cpu(weight) {
+        let op = LinearCrossEntropy {
+            grad_hidden: hidden.track_op(),
+            grad_weight: weight.track_op(),
+            saved: Mutex::new(None),
+        };
+        return hidden.contiguous()?.apply_op3_arc(
+            &weight.contiguous()?,
+            &labels.contiguous()?,
+            Arc::new(Box::new(op) as Box<dyn CustomOp3 + Send + Sync>),
+        );
+    }
+    let logits = hidden.matmul(&weight.t()?)?.to_dtype(DType::F32)?;
+    cross_entropy_sum(&logits, labels)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -829,5 +1027,74 @@ mod tests {
             err.contains("label 300 is outside the 300 classes"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn linear_cross_entropy_matches_the_head_then_the_loss_across_chunks() {
+        let dev = Device::Cpu;
+        // 120 rows of a 40000-word vocabulary: two chunks of logits (104 rows, then 16).
+        let (n, d, vocab) = (120, 16, 40_000);
+        let h = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, d), &dev).unwrap()).unwrap();
+        let w = Var::from_tensor(&Tensor::randn(0f32, 0.5, (vocab, d), &dev).unwrap()).unwrap();
+        let ids: Vec<u32> = (0..n as u32)
+            .map(|i| (i * 331 + 7) % vocab as u32)
+            .collect();
+        let labels = Tensor::new(ids.as_slice(), &dev).unwrap();
+        let fused = linear_cross_entropy_sum(h.as_tensor(), w.as_tensor(), &labels).unwrap();
+        let logits = h.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap();
+        let composed = candle_nn::ops::log_softmax(&logits, D::Minus1)
+            .unwrap()
+            .gather(&labels.unsqueeze(1).unwrap(), 1)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .neg()
+            .unwrap();
+        let (a, b) = (
+            fused.to_scalar::<f32>().unwrap(),
+            composed.to_scalar::<f32>().unwrap(),
+        );
+        assert!((a - b).abs() < 1e-5 * b.abs(), "{a} vs {b}");
+        let g = (fused * 0.5).unwrap().backward().unwrap();
+        let g_ref = (composed * 0.5).unwrap().backward().unwrap();
+        // d/d hidden sums 40000 products `p_j w_j` (|w| ~ 0.5) in another order than the
+        // composed backward: f32's worst case k * eps * 0.5 = 1.2e-3, typically far below.
+        for (what, v, tol) in [
+            ("hidden", h.as_tensor(), 1e-4),
+            ("weight", w.as_tensor(), 1e-5),
+        ] {
+            let (x, y) = (g.get(v).unwrap(), g_ref.get(v).unwrap());
+            assert!(max_diff(x, y) < tol, "{what}: {}", max_diff(x, y));
+        }
+        // Detached inputs (evaluation): the same loss, no gradient anywhere.
+        let eval =
+            linear_cross_entropy_sum(&h.as_tensor().detach(), &w.as_tensor().detach(), &labels)
+                .unwrap();
+        assert_eq!(eval.to_scalar::<f32>().unwrap(), a);
+        assert!(eval.backward().unwrap().get(h.as_tensor()).is_none());
+        // Only the weight tracked (a frozen body): its gradient alone.
+        let g = linear_cross_entropy_sum(&h.as_tensor().detach(), w.as_tensor(), &labels)
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(g.get(h.as_tensor()).is_none());
+        let gw = g.get(w.as_tensor()).unwrap();
+        assert!(max_diff(&(gw * 0.5).unwrap(), g_ref.get(w.as_tensor()).unwrap()) < 1e-5);
+        let bad = Tensor::new(&[vocab as u32; 120], &dev).unwrap();
+        let err = linear_cross_entropy_sum(h.as_tensor(), w.as_tensor(), &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("label 40000 is outside the 40000 classes"),
+            "{err}"
+        );
+        let err = linear_cross_entropy_sum(
+            h.as_tensor(),
+            &w.as_tensor().narrow(1, 0, 8).unwrap(),
+            &labels,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("weight [40000, 8]"), "{err}");
     }
 }

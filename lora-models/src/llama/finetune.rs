@@ -76,6 +76,10 @@ impl CausalLm for LlamaForCausalLM {
         Ok(self.lm_head.forward(hidden)?)
     }
 
+    fn lm_head_weight(&self) -> Option<&Tensor> {
+        self.lm_head.plain_weight()
+    }
+
     fn unfreeze(&mut self) -> Result<Vec<(String, Var)>> {
         if lora_runtime::LoraModelExt::is_merged(self) {
             return Err(ModelError::Input(

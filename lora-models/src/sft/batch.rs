@@ -23,6 +23,13 @@ pub trait CausalLm: LoraModel {
     /// # Errors
     /// Shape errors.
     fn logits(&self, hidden: &Tensor) -> Result<Tensor>;
+    /// The LM head's weight `W [vocab, hidden]` when [`logits`](Self::logits) is exactly
+    /// `hidden W^T` (`None`, the default: it is something else). With it the loss fuses the
+    /// head and the cross-entropy and never holds the `[n, vocab]` logits
+    /// ([`lora_runtime::ops::linear_cross_entropy_sum`]).
+    fn lm_head_weight(&self) -> Option<&Tensor> {
+        None
+    }
     /// Checkpoints the model's blocks in [`hidden_states`](Self::hidden_states) (`None`: off).
     ///
     /// # Errors
@@ -109,11 +116,29 @@ impl Batch {
 /// # Errors
 /// Model and shape errors.
 pub fn loss_sum<M: CausalLm + ?Sized>(model: &M, batch: &Batch) -> Result<Tensor> {
+    targets_loss(model, batch, true)
+}
+
+/// [`loss_sum`], with `grad` false for a loss nothing will differentiate (evaluation): the LM
+/// head then skips the gradients it would otherwise prepare.
+pub(crate) fn targets_loss<M: CausalLm + ?Sized>(
+    model: &M,
+    batch: &Batch,
+    grad: bool,
+) -> Result<Tensor> {
     let hidden = model.hidden_states(&batch.inputs)?;
     let (b, t, h) = hidden.dims3()?;
     let picked = hidden
         .reshape((b * t, h))?
         .index_select(&batch.positions, 0)?;
+    let detached = |x: &Tensor| if grad { x.clone() } else { x.detach() };
+    if let Some(w) = model.lm_head_weight() {
+        return Ok(lora_runtime::ops::linear_cross_entropy_sum(
+            &detached(&picked),
+            &detached(w),
+            &batch.labels,
+        )?);
+    }
     let logits = model.logits(&picked)?.to_dtype(DType::F32)?;
     Ok(lora_runtime::ops::cross_entropy_sum(
         &logits,

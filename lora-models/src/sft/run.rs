@@ -14,7 +14,7 @@ use lora_runtime::train::{
 use lora_runtime::{LoraModelExt, SaveOptions};
 use serde::{Deserialize, Serialize};
 
-use super::batch::{loss_sum, Batch, CausalLm};
+use super::batch::{loss_sum, targets_loss, Batch, CausalLm};
 use super::data::{Dataset, Example};
 use crate::error::{ModelError, Result};
 use crate::tokenizer::TextTokenizer;
@@ -243,7 +243,7 @@ pub fn evaluate<M: CausalLm + ?Sized>(
     for chunk in data.examples.chunks(batch_size.max(1)) {
         let refs: Vec<&Example> = chunk.iter().collect();
         let batch = Batch::new(&refs, pad, device)?;
-        let loss = loss_sum(model, &batch)?.detach();
+        let loss = targets_loss(model, &batch, false)?;
         sum += f64::from(loss.to_scalar::<f32>()?);
         n += batch.loss_tokens;
     }

@@ -226,6 +226,19 @@ impl LoraLinear {
         self.weight.original().dense(NOT_DENSE)
     }
 
+    /// The weight `W [out, in]` when this layer's output is exactly `x W^T`: a dense weight
+    /// stored `[out, in]`, no bias, no LoRA term (no active adapter, or merged into `W`) and no
+    /// mixed-adapter routing. Lets a caller fuse the product with what follows it, as
+    /// [`ops::linear_cross_entropy_sum`](crate::ops::linear_cross_entropy_sum) fuses an LM head
+    /// with its loss.
+    pub fn plain_weight(&self) -> Option<&Tensor> {
+        let lora_term = self.adapter().is_some() && !self.is_merged();
+        if lora_term || self.bias.is_some() || self.fan_in_fan_out || self.routing.is_some() {
+            return None;
+        }
+        self.weight().ok()
+    }
+
     /// The base layer as candle's `Linear` over the weight as `[out, in]` (a transposed view for
     /// `fan_in_fan_out`, no copy).
     ///
