@@ -644,9 +644,39 @@ fn smollm2_train_step(c: &mut Criterion) {
     g.finish();
 }
 
+/// The LM head and the summed cross-entropy of SmolLM2-135M's shapes (1024 tokens, hidden 576,
+/// vocabulary 49152), forward and backward to the hidden states: the fused op
+/// (`ops::linear_cross_entropy_sum`, logits a chunk of rows at a time) against the head's
+/// matmul followed by the fused cross-entropy (`[1024, 49152]` logits and their gradient).
+fn lm_loss(c: &mut Criterion) {
+    let dev = Device::Cpu;
+    let (n, d, vocab) = (1024, 576, 49152);
+    let h = Var::from_tensor(&Tensor::randn(0f32, 1., (n, d), &dev).unwrap()).unwrap();
+    let w = (Tensor::randn(0f32, 1., (vocab, d), &dev).unwrap() * 0.05).unwrap();
+    let mut rng = StdRng::seed_from_u64(3);
+    let ids: Vec<u32> = (0..n).map(|_| rng.random_range(0..vocab as u32)).collect();
+    let labels = Tensor::from_vec(ids, n, &dev).unwrap();
+    let mut g = c.benchmark_group("lm_loss/smollm2_b1024");
+    g.sample_size(10);
+    g.bench_function("fused", |b| {
+        b.iter(|| {
+            let loss = lora::ops::linear_cross_entropy_sum(h.as_tensor(), &w, &labels).unwrap();
+            loss.backward().unwrap()
+        })
+    });
+    g.bench_function("head_then_loss", |b| {
+        b.iter(|| {
+            let logits = h.as_tensor().matmul(&w.t().unwrap()).unwrap();
+            let loss = lora::ops::cross_entropy_sum(&logits, &labels).unwrap();
+            loss.backward().unwrap()
+        })
+    });
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = config();
-    targets = forward, merge, train_step, adapter_io, merge_file, mixed_batch, smollm2_train_step
+    targets = forward, merge, train_step, adapter_io, merge_file, mixed_batch, smollm2_train_step, lm_loss
 }
 criterion_main!(benches);

@@ -17,6 +17,7 @@
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
 use lora_macros::lora;
+use lora_runtime::ops::split_heads;
 use lora_runtime::train::Checkpointing;
 use lora_runtime::{LoraLinear, QuantizedWeight};
 
@@ -201,15 +202,11 @@ impl Attention {
         mask: Option<&Tensor>,
         cache: &mut Option<(Tensor, Tensor)>,
     ) -> candle_core::Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
         let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let heads = |y: Tensor, n: usize| y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous();
-        let q = heads(self.q_proj.forward(x)?, h)?;
-        let k = heads(self.k_proj.forward(x)?, kv)?;
-        let v = heads(self.v_proj.forward(x)?, kv)?;
-        let (cos, sin) = rope;
-        let q = lora_runtime::ops::rope(&q, cos, sin)?;
-        let k = lora_runtime::ops::rope(&k, cos, sin)?;
+        let rope = Some((&rope.0, &rope.1));
+        let q = split_heads(&self.q_proj.forward(x)?, h, rope)?;
+        let k = split_heads(&self.k_proj.forward(x)?, kv, rope)?;
+        let v = split_heads(&self.v_proj.forward(x)?, kv, None)?;
         let y = attend(&q, k, v, mask, cache, (h, kv, d))?;
         self.o_proj.forward(&y)
     }
@@ -248,9 +245,7 @@ pub(super) fn attend(
     // `lora_runtime::ops`: candle's fused kernels, with a backward when training.
     let probs =
         lora_runtime::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
-    let y = probs.matmul(&v)?.reshape((b, h, t, d))?;
-    let y = y.transpose(1, 2)?.reshape((b, t, h * d))?;
-    Ok(y)
+    lora_runtime::ops::merge_heads(&probs.matmul(&v)?, h)
 }
 
 impl Mlp {
