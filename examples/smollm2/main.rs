@@ -44,6 +44,8 @@ pub(crate) struct Args {
 }
 
 fn main() -> Result<()> {
+    // Training computes on this thread: thread pools and allocator set up for it.
+    lora::train::prepare_training_process();
     run(Args::parse()).map(|_| ())
 }
 

@@ -557,11 +557,9 @@ impl CustomOp1 for Heads {
 /// `silu(gate) * up`, the SwiGLU product, as one CPU pass.
 struct SwiGlu;
 
-/// Its backward for one operand: `which = 0` the gate's gradient `g * up * silu'(gate)`,
-/// `which = 1` the up projection's `g * silu(gate)`; one pass each.
-struct SwiGluGrad {
-    which: u8,
-}
+/// Its backward, both operands in one pass: `[2, ..]` holding the gate's gradient
+/// `g * up * silu'(gate)`, then the up projection's `g * silu(gate)`.
+struct SwiGluGrad;
 
 fn silu_f32(x: f32) -> (f32, f32) {
     let s = 1.0 / (1.0 + (-x).exp());
@@ -605,15 +603,9 @@ impl CustomOp2 for SwiGlu {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        let d = |which: u8, t: &Tensor| -> candle_core::Result<Option<Tensor>> {
-            if !t.track_op() {
-                return Ok(None);
-            }
-            gate.apply_op3_no_bwd(up, &grad, &SwiGluGrad { which })
-                .map(Some)
-        };
-        Ok((d(0, gate)?, d(1, up)?))
+        let both = gate.apply_op3_no_bwd(up, &grad.contiguous()?, &SwiGluGrad)?;
+        let part = |i: usize, t: &Tensor| t.track_op().then(|| both.get(i)).transpose();
+        Ok((part(0, gate)?, part(1, up)?))
     }
 }
 
@@ -636,28 +628,33 @@ impl CustomOp3 for SwiGluGrad {
             f32_slice(s2, l2, "swiglu up")?,
             f32_slice(s3, l3, "swiglu gradient")?,
         );
-        let out: Vec<f32> = if self.which == 0 {
-            g.iter()
-                .zip(u)
-                .zip(dy)
-                .map(|((&g, &u), &dy)| {
-                    let (y, s) = silu_f32(g);
-                    // d silu / dx = s + x s (1 - s) = s + y (1 - s)
-                    dy * u * (s + y * (1.0 - s))
-                })
-                .collect()
-        } else {
-            g.iter()
-                .zip(dy)
-                .map(|(&g, &dy)| dy * silu_f32(g).0)
-                .collect()
-        };
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        let n = g.len();
+        if u.len() != n || dy.len() != n {
+            candle_core::bail!(
+                "swiglu gradient: operands of {n}, {} and {} values",
+                u.len(),
+                dy.len()
+            );
+        }
+        let mut out = vec![0f32; 2 * n];
+        let (d_gate, d_up) = out.split_at_mut(n);
+        par_rows_with(d_gate, 1, d_up, |first, d_gate, d_up| {
+            for (k, (dg, du)) in d_gate.iter_mut().zip(d_up).enumerate() {
+                let i = first + k;
+                let (y, s) = silu_f32(g[i]);
+                // d silu / dx = s + x s (1 - s) = s + y (1 - s)
+                *dg = dy[i] * u[i] * (s + y * (1.0 - s));
+                *du = dy[i] * y;
+            }
+        });
+        let mut dims = vec![2];
+        dims.extend_from_slice(l1.dims());
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
 }
 
 /// `silu(gate) * up` (the SwiGLU MLP's product), with a backward: on the CPU in f32 one pass
-/// forward and one per operand backward (candle's `silu` then `mul` make five passes and four
+/// each way (candle's `silu` then `mul` make five passes and four
 /// temporaries for the same); elsewhere that composition.
 ///
 /// ```

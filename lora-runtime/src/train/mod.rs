@@ -31,11 +31,13 @@
 mod adalora;
 mod checkpoint;
 mod optim;
+mod process;
 mod schedule;
 
 pub use adalora::{RankAllocator, RankPattern, ADALORA_STATE_FILE};
 pub use checkpoint::{Checkpointing, GradSink};
 pub use optim::{AdamW, AdamWConfig};
+pub use process::prepare_training_process;
 pub use schedule::LrSchedule;
 
 use std::collections::HashMap;

@@ -234,36 +234,8 @@ fn adalora_config(
 }
 
 /// Runs `lora train`.
-/// Sets the process up for a training run, before anything starts a thread pool or allocates
-/// much (where a pool already runs, it keeps working as it is):
-/// - Training computes on this thread: it becomes one of the threads of rayon's global pool (the
-///   one gemm splits its matmuls over), so a matmul shares its work with it instead of waking
-///   the pool and sleeping until it is done; candle's element-wise ops run on it alone (unless
-///   `CANDLE_NUM_THREADS` says otherwise): candle's own worker pool would spin beside gemm's on
-///   the same cores (7% of a SmolLM2 step's samples).
-/// - glibc keeps freed memory for the next step instead of handing it back to the kernel and
-///   taking fresh zeroed pages again (each step frees and reallocates every activation; without
-///   this ~50k page faults a SmolLM2 step, 5% of its time; with it none after the first step,
-///   at the same peak RSS).
-fn prepare_for_training() {
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
-    }
-    // An error means the pool already exists.
-    let _ = rayon::ThreadPoolBuilder::new()
-        .use_current_thread()
-        .build_global();
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets allocator parameters (under the allocator's own locks).
-    unsafe {
-        // Tensors up to 32 MiB (glibc's maximum) come from the heap, which is never trimmed.
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX);
-    }
-}
-
 pub fn run(args: TrainArgs) -> Result<(), Box<dyn std::error::Error>> {
-    prepare_for_training();
+    lora::train::prepare_training_process();
     let path = lora::models::hub::resolve_model(&args.model)?;
     let dtype = match (args.dtype, args.full) {
         (Some(WeightDtype::Quantized), true) => {
