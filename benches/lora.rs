@@ -37,7 +37,7 @@ use std::time::Duration;
 
 use candle_core::{DType, Device, Module, Tensor, Var, D};
 use candle_nn::{Linear, Optimizer, ParamsAdamW, VarBuilder, VarMap};
-use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion};
+use criterion::{criterion_group, BatchSize, BenchmarkId, Criterion};
 use lora::prelude::*;
 use lora::{LoraLayer, DEFAULT_ADAPTER};
 use rand::rngs::StdRng;
@@ -679,4 +679,9 @@ criterion_group! {
     config = config();
     targets = forward, merge, train_step, adapter_io, merge_file, mixed_batch, smollm2_train_step, lm_loss
 }
-criterion_main!(benches);
+fn main() {
+    // What `lora train` and the examples do first: the training steps compute on this thread.
+    lora::train::prepare_training_process();
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

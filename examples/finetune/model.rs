@@ -107,20 +107,16 @@ impl Attention {
     }
 
     fn forward(&self, x: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
-        let (b, t, d) = x.dims3()?;
-        let hd = d / self.n_head;
-        let heads = |y: Tensor| {
-            y.reshape((b, t, self.n_head, hd))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
+        let hd = x.dim(2)? / self.n_head;
+        // `lora::ops`: fused layout changes and softmax with a backward pass (candle-nn's
+        // `softmax_last_dim` has none).
+        let heads = |y: Tensor| lora::ops::split_heads(&y, self.n_head, None);
         let q = heads(self.q_proj.forward(x)?)?;
         let k = heads(self.k_proj.forward(x)?)?;
         let v = heads(self.v_proj.forward(x)?)?;
         let att = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?.broadcast_add(mask)?;
-        // candle-nn's `softmax_last_dim` has no backward pass; `lora::ops`'s has.
         let att = lora::ops::softmax_last_dim(&att)?;
-        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
+        let y = lora::ops::merge_heads(&att.matmul(&v)?, self.n_head)?;
         self.o_proj.forward(&y)
     }
 }
@@ -141,7 +137,7 @@ impl Block {
 
     fn forward(&self, x: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
         let x = (x + self.attn.forward(&self.ln_1.forward(x)?, mask)?)?;
-        let h = self.mlp.c_fc.forward(&self.ln_2.forward(&x)?)?.gelu()?;
+        let h = lora::ops::gelu(&self.mlp.c_fc.forward(&self.ln_2.forward(&x)?)?)?;
         x + self.mlp.c_proj.forward(&h)?
     }
 }
