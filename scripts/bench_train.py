@@ -5,7 +5,7 @@ transformers + PEFT on the same GGUF (dequantized to f32), 2 threads each, one p
 (so each peak RSS is its own, model loading included). Then our activation checkpointing:
 batch 1 x 1024 tokens with and without `--gradient-checkpointing`.
 
-    /tmp/llmvenv/bin/python scripts/bench_train.py [--model GGUF] [--steps 6]
+    /tmp/llmvenv/bin/python scripts/bench_train.py [--model GGUF] [--steps 6] [--repeat 3]
 
 Data: `text` lines long enough to be cut to exactly 129 tokens by both sides (`--max-seq-len 129`,
 loss on every token), so every step is 8 x 128 input tokens. Throughput is over all steps after
@@ -116,6 +116,9 @@ def main():
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--skip-torch", action="store_true")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="runs per case, ours and theirs alternating; the table shows medians")
+    p.add_argument("--no-checkpointing", action="store_true", help="skip the batch 1 x 1024 cases")
     args = p.parse_args()
     if args.torch_child:
         return torch_child(args)
@@ -123,12 +126,19 @@ def main():
     data = os.path.join(tmp, "data.jsonl")
     make_data(data, 64)
     gib = 1 << 30
-    results = {}
+    runs = {}
     for mode in ["lora", "full"]:
-        results[("ours", mode)] = ours(args, data, mode, 8, 128, args.steps)
-        if not args.skip_torch:
-            results[("torch", mode)] = torch_case(args, data, mode, 8, 128, args.steps)
-    print(f"SmolLM2-135M-Instruct f32, batch 8 x 128 tokens, {args.steps} steps, {args.threads} threads")
+        for _ in range(args.repeat):
+            runs.setdefault(("ours", mode), []).append(ours(args, data, mode, 8, 128, args.steps))
+            if not args.skip_torch:
+                runs.setdefault(("torch", mode), []).append(torch_case(args, data, mode, 8, 128, args.steps))
+    median = lambda xs: sorted(xs)[len(xs) // 2]
+    results = {k: (median([r[0] for r in v]), median([r[1] for r in v])) for k, v in runs.items()}
+    if args.repeat > 1:
+        for (side, mode), v in sorted(runs.items()):
+            print(f"{side} {mode}: " + ", ".join(f"{t:.0f} tokens/s {r / gib:.2f} GiB" for t, r in v))
+    print(f"SmolLM2-135M-Instruct f32, batch 8 x 128 tokens, {args.steps} steps, {args.threads} threads"
+          + (f", medians of {args.repeat} alternating runs" if args.repeat > 1 else ""))
     print("| case | ours tokens/s | PyTorch + PEFT tokens/s | ratio | ours peak RSS | theirs | ratio |")
     print("|---|---|---|---|---|---|---|")
     for mode in ["lora", "full"]:
@@ -138,6 +148,8 @@ def main():
               f"{o[1] / gib:.2f} GiB | {t[1] / gib:.2f} GiB | {o[1] / t[1]:.2f}x |")
     lo, fu = results[("ours", "lora")], results[("ours", "full")]
     print(f"our LoRA step / our full step: {fu[0] / lo[0]:.2f}")
+    if args.no_checkpointing:
+        return
     # Activation checkpointing: batch 1 x 1024.
     long = os.path.join(tmp, "long.jsonl")
     with open(long, "w") as f:

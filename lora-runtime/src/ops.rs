@@ -578,22 +578,9 @@ impl CustomOp2 for SwiGlu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (g, u) = (
-            f32_slice(s1, l1, "swiglu gate")?,
-            f32_slice(s2, l2, "swiglu up")?,
-        );
-        if l1.shape() != l2.shape() {
-            return Err(candle_core::Error::msg(
-                "swiglu: gate and up differ in shape",
-            ));
-        }
-        let mut out = vec![0f32; g.len()];
-        par_rows(&mut out, 1, |first, dst| {
-            for (k, o) in dst.iter_mut().enumerate() {
-                *o = silu_f32(g[first + k]).0 * u[first + k];
-            }
-        });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        zip_map(s1, l1, s2, l2, ["swiglu gate", "swiglu up"], |g, u| {
+            silu_f32(g).0 * u
+        })
     }
 
     fn bwd(
@@ -731,20 +718,9 @@ impl CustomOp2 for GeluGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, g) = (
-            f32_slice(s1, l1, "gelu")?,
-            f32_slice(s2, l2, "gelu gradient")?,
-        );
-        if x.len() != g.len() {
-            candle_core::bail!("gelu gradient: {} values for {} inputs", g.len(), x.len());
-        }
-        let mut out = vec![0f32; x.len()];
-        par_rows(&mut out, 1, |first, dst| {
-            for (k, o) in dst.iter_mut().enumerate() {
-                *o = g[first + k] * gelu_f32(x[first + k]).1;
-            }
-        });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        zip_map(s1, l1, s2, l2, ["gelu input", "gelu gradient"], |x, g| {
+            g * gelu_f32(x).1
+        })
     }
 }
 
@@ -771,6 +747,35 @@ pub fn gelu(x: &Tensor) -> candle_core::Result<Tensor> {
         return x.contiguous()?.apply_op1(Gelu);
     }
     x.gelu()
+}
+
+/// `f(a_i, b_i)` over two f32 inputs of one shape (named `what` in errors), one pass split
+/// over the threads.
+fn zip_map(
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+    what: [&str; 2],
+    f: impl Fn(f32, f32) -> f32 + Sync,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    let (a, b) = (f32_slice(s1, l1, what[0])?, f32_slice(s2, l2, what[1])?);
+    if l1.shape() != l2.shape() {
+        candle_core::bail!(
+            "{} {:?} and {} {:?} differ in shape",
+            what[0],
+            l1.dims(),
+            what[1],
+            l2.dims()
+        );
+    }
+    let mut out = vec![0f32; a.len()];
+    par_rows(&mut out, 1, |first, dst| {
+        for (k, o) in dst.iter_mut().enumerate() {
+            *o = f(a[first + k], b[first + k]);
+        }
+    });
+    Ok((CpuStorage::F32(out), l1.shape().clone()))
 }
 
 /// Runs `f(first_row, rows)` over `n` rows split into one contiguous chunk a thread.
