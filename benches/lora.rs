@@ -30,6 +30,8 @@
 //!   public API, in two forms: PEFT's algorithm (`loop_delta`: the base on the whole batch, then
 //!   per adapter gather its rows, LoRA term, `index_add` back) and a layer per adapter
 //!   (`loop_layers`: gather the rows, full forward, `cat`, restore the row order).
+//! - `smollm2_train/135m`: the SmolLM2-135M LoRA step `lora train` runs (skipped without the
+//!   model); `lm_loss/smollm2_b1024`: its LM head and loss, fused and not.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -594,9 +596,12 @@ fn mixed_batch(c: &mut Criterion) {
 }
 
 /// A LoRA (q, v; r = 8, alpha = 16) training step of SmolLM2-135M-Instruct (the GGUF dequantized to
-/// f32), batch 8 x 128 tokens: what PyTorch + PEFT does at 163 tokens/s on this machine
-/// (`../shared/MODELS.md`). Skipped without the model (`scripts/fetch-smollm2.sh`).
+/// f32), batch 8 x 128 tokens, loss on every token: the step `lora train` runs (the SFT loss of
+/// `lora::models::sft`, `lora::train::Trainer`'s AdamW). `scripts/bench_train.py` compares the
+/// whole command with PyTorch + PEFT. Skipped without the model (`scripts/fetch-smollm2.sh`).
 fn smollm2_train_step(c: &mut Criterion) {
+    use lora::models::sft::{self, Batch, Example};
+    use lora::train::{Trainer, TrainerConfig};
     let Some(path) = lora::models::cache::smollm2() else {
         eprintln!("smollm2_train_step: skipped: run scripts/fetch-smollm2.sh");
         return;
@@ -615,30 +620,28 @@ fn smollm2_train_step(c: &mut Criterion) {
     model.set_training(true);
     let (batch, len) = (8, 128);
     let mut rng = StdRng::seed_from_u64(5);
-    let ids: Vec<u32> = (0..batch * (len + 1))
-        .map(|_| rng.random_range(0..49152u32))
+    let examples: Vec<Example> = (0..batch)
+        .map(|row| Example {
+            ids: (0..=len).map(|_| rng.random_range(0..49152u32)).collect(),
+            targets: (0..=len).map(|i| i > 0).collect(),
+            line: row + 1,
+        })
         .collect();
-    let ids = Tensor::from_vec(ids, (batch, len + 1), &Device::Cpu).unwrap();
-    let (inputs, targets) = (
-        ids.narrow(1, 0, len).unwrap(),
-        ids.narrow(1, 1, len).unwrap().flatten_all().unwrap(),
-    );
-    let mut opt = candle_nn::AdamW::new(
-        model.trainable_vars(),
-        ParamsAdamW {
-            lr: 1e-4,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let mut g = c.benchmark_group("train_step/smollm2_135m");
+    let refs: Vec<&Example> = examples.iter().collect();
+    let batch = Batch::new(&refs, 2, &Device::Cpu).unwrap();
+    let config = TrainerConfig {
+        lr: 1e-4,
+        total_steps: 1 << 20,
+        ..Default::default()
+    };
+    let mut trainer = Trainer::new(model.named_trainable_vars(), config).unwrap();
+    let mut g = c.benchmark_group("smollm2_train/135m");
     g.sample_size(10);
     g.bench_function("lora_qv_b8x128", |b| {
         b.iter(|| {
-            let logits = model.forward(&inputs, &mut model.new_cache()).unwrap();
-            let loss =
-                candle_nn::loss::cross_entropy(&logits.flatten_to(1).unwrap(), &targets).unwrap();
-            opt.backward_step(&loss).unwrap();
+            let loss = (sft::loss_sum(&model, &batch).unwrap() / batch.loss_tokens as f64).unwrap();
+            trainer.backward(&loss).unwrap();
+            trainer.step().unwrap();
         })
     });
     g.finish();

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """PyTorch + PEFT side of the SmolLM2-135M LoRA training step (benches/lora.rs,
-`train_step/smollm2_135m/lora_qv_b8x128`): the GGUF loaded by transformers in f32, LoRA r=8,
+`smollm2_train/135m/lora_qv_b8x128`): the GGUF loaded by transformers in f32, LoRA r=8,
 alpha=16 on q_proj and v_proj, batch 8 x 128 random tokens, AdamW, forward + backward + step.
 
     /tmp/llmvenv/bin/python scripts/bench_smollm2_train.py "$(scripts/fetch-smollm2.sh)"
