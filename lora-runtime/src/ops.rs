@@ -778,6 +778,179 @@ fn zip_map(
     Ok((CpuStorage::F32(out), l1.shape().clone()))
 }
 
+/// A SwiGLU MLP `down(silu(x Wg^T) * (x Wu^T))` over frozen weights, as one op: the forward
+/// keeps the two projections `G`, `U` for the backward and drops the product (the input of
+/// `down`, which a frozen `down` does not need for the input's gradient).
+struct SwiGluMlp {
+    gate: Tensor,
+    up: Tensor,
+    down: Tensor,
+    /// `(G, U)` of the forward.
+    saved: Mutex<Option<(Vec<f32>, Vec<f32>)>>,
+}
+
+/// A `[rows, cols]` f32 weight on the CPU as a row-major matrix.
+fn weight_mat<'a>(
+    storage: &'a candle_core::Storage,
+    layout: &Layout,
+    what: &str,
+) -> candle_core::Result<MatRef<'a>> {
+    let (rows, cols) = layout.shape().dims2()?;
+    let candle_core::Storage::Cpu(cpu) = storage else {
+        candle_core::bail!("{what}: not on the CPU");
+    };
+    Ok(MatRef::row_major(f32_slice(cpu, layout, what)?, rows, cols))
+}
+
+impl SwiGluMlp {
+    /// Runs `f(gate, up, down)` over the weights as row-major matrices.
+    fn with_weights<R>(
+        &self,
+        f: impl FnOnce(MatRef<'_>, MatRef<'_>, MatRef<'_>) -> candle_core::Result<R>,
+    ) -> candle_core::Result<R> {
+        let ((gs, gl), (us, ul), (ds, dl)) = (
+            self.gate.storage_and_layout(),
+            self.up.storage_and_layout(),
+            self.down.storage_and_layout(),
+        );
+        f(
+            weight_mat(&gs, gl, "mlp gate weight")?,
+            weight_mat(&us, ul, "mlp up weight")?,
+            weight_mat(&ds, dl, "mlp down weight")?,
+        )
+    }
+
+    /// The gradient of the input for the output gradient `dy [n, h]`.
+    fn input_grad(&self, dy: &[f32], n: usize) -> candle_core::Result<Vec<f32>> {
+        let saved = self
+            .saved
+            .lock()
+            .map_err(|_| candle_core::Error::msg("swiglu mlp: poisoned state"))?;
+        let Some((g, u)) = saved.as_ref() else {
+            candle_core::bail!("swiglu mlp: backward before the forward");
+        };
+        self.with_weights(|wg, wu, wd| {
+            let (inter, hidden) = (wg.rows, wg.cols);
+            // d product = dy Wd, then through SwiGLU into dG and dU.
+            let mut dg = vec![0f32; n * inter];
+            gemm_into(&mut dg, inter, MatRef::row_major(dy, n, hidden), wd, false)?;
+            let mut du = vec![0f32; n * inter];
+            par_rows_with(&mut dg, 1, &mut du, |first, dg, du| {
+                for (k, (dgk, duk)) in dg.iter_mut().zip(du).enumerate() {
+                    let i = first + k;
+                    let (y, s) = silu_f32(g[i]);
+                    let dp = *dgk;
+                    *dgk = dp * u[i] * (s + y * (1.0 - s));
+                    *duk = dp * y;
+                }
+            });
+            // dx = dG Wg + dU Wu, the second accumulated onto the first.
+            let mut dx = vec![0f32; n * hidden];
+            gemm_into(&mut dx, hidden, MatRef::row_major(&dg, n, inter), wg, false)?;
+            gemm_into(&mut dx, hidden, MatRef::row_major(&du, n, inter), wu, true)?;
+            Ok(dx)
+        })
+    }
+}
+
+impl CustomOp1 for SwiGluMlp {
+    fn name(&self) -> &'static str {
+        "lora-swiglu-mlp"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(xs, xl, "mlp input")?;
+        let (n, hidden) = xl.shape().dims2()?;
+        self.with_weights(|wg, wu, wd| {
+            let inter = wg.rows;
+            if wg.cols != hidden
+                || wu.rows != inter
+                || wu.cols != hidden
+                || wd.rows != hidden
+                || wd.cols != inter
+            {
+                candle_core::bail!(
+                    "swiglu mlp: input [{n}, {hidden}], gate [{}, {}], up [{}, {}], down [{}, {}]",
+                    wg.rows,
+                    wg.cols,
+                    wu.rows,
+                    wu.cols,
+                    wd.rows,
+                    wd.cols
+                );
+            }
+            let xm = MatRef::row_major(x, n, hidden);
+            let mut g = vec![0f32; n * inter];
+            gemm_into(&mut g, inter, xm, wg.t(), false)?;
+            let mut u = vec![0f32; n * inter];
+            gemm_into(&mut u, inter, xm, wu.t(), false)?;
+            let mut p = vec![0f32; n * inter];
+            par_rows(&mut p, 1, |first, dst| {
+                for (k, o) in dst.iter_mut().enumerate() {
+                    *o = silu_f32(g[first + k]).0 * u[first + k];
+                }
+            });
+            let mut y = vec![0f32; n * hidden];
+            gemm_into(
+                &mut y,
+                hidden,
+                MatRef::row_major(&p, n, inter),
+                wd.t(),
+                false,
+            )?;
+            *self
+                .saved
+                .lock()
+                .map_err(|_| candle_core::Error::msg("swiglu mlp: poisoned state"))? = Some((g, u));
+            Ok((CpuStorage::F32(y), Shape::from((n, hidden))))
+        })
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let n = x.dim(0)?;
+        let dy = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let dx = self.input_grad(&dy, n)?;
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
+/// The SwiGLU MLP `(silu(x Wg^T) * (x Wu^T)) Wd^T` of frozen weights `gate [i, h]`, `up [i, h]`,
+/// `down [h, i]` for `x [.., h]`, with a backward to `x` only: on the CPU in f32, when `x`
+/// tracks a gradient and the weights do not, one op (three gemms and one pass forward, three
+/// gemms and one pass backward; the `[n, i]` product is not kept for the backward, and the
+/// projections' outputs are not graph nodes that candle's backward zero-fills and adds into).
+/// Otherwise the same composition of [`swiglu`] and matmuls.
+///
+/// # Errors
+/// Shape errors.
+pub fn swiglu_mlp(
+    x: &Tensor,
+    gate: &Tensor,
+    up: &Tensor,
+    down: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let frozen = !(gate.track_op() || up.track_op() || down.track_op());
+    let cpu = [x, gate, up, down].iter().all(|t| fused_cpu(t));
+    if !(frozen && cpu && x.track_op()) {
+        let p = swiglu(
+            &x.broadcast_matmul(&gate.t()?)?,
+            &x.broadcast_matmul(&up.t()?)?,
+        )?;
+        return p.broadcast_matmul(&down.t()?);
+    }
+    let dims = x.dims().to_vec();
+    let hidden = *dims.last().unwrap_or(&0);
+    let flat = x.contiguous()?.reshape(((), hidden))?;
+    let op = SwiGluMlp {
+        gate: gate.contiguous()?,
+        up: up.contiguous()?,
+        down: down.contiguous()?,
+        saved: Mutex::new(None),
+    };
+    let y = flat.apply_op1_arc(Arc::new(Box::new(op) as Box<dyn CustomOp1 + Send + Sync>))?;
+    y.reshape(dims)
+}
+
 /// Runs `f(first_row, rows)` over `n` rows split into one contiguous chunk a thread.
 fn par_rows<T: Send>(out: &mut [T], row_len: usize, f: impl Fn(usize, &mut [T]) + Sync) {
     let mut none = vec![(); out.len() / row_len.max(1)];
@@ -1455,5 +1628,32 @@ mod tests {
         // candle's backward uses 6-digit constants (0.797885, 0.0356774, ...): |k| ~ 3 times
         // their relative error 1e-6.
         assert!(max_diff(ga, gr) < 1e-5, "{}", max_diff(ga, gr));
+    }
+
+    #[test]
+    fn swiglu_mlp_matches_the_composition_with_the_input_gradient() {
+        let dev = Device::Cpu;
+        let (n, h, i) = (2 * 37, 24, 40);
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, n / 2, h), &dev).unwrap()).unwrap();
+        let w = |r, c| (Tensor::randn(0f32, 1.0, (r, c), &dev).unwrap() * 0.2).unwrap();
+        let (gate, up, down) = (w(i, h), w(i, h), w(h, i));
+        let k = Tensor::randn(0f32, 1.0, (2, n / 2, h), &dev).unwrap();
+        let fused = swiglu_mlp(x.as_tensor(), &gate, &up, &down).unwrap();
+        let xs = x.as_tensor();
+        let p = swiglu(
+            &xs.broadcast_matmul(&gate.t().unwrap()).unwrap(),
+            &xs.broadcast_matmul(&up.t().unwrap()).unwrap(),
+        )
+        .unwrap();
+        let plain = p.broadcast_matmul(&down.t().unwrap()).unwrap();
+        assert_eq!(fused.dims(), plain.dims());
+        assert!(max_diff(&fused, &plain) < 1e-5);
+        let (a, r) = (weighted_grads(&fused, &k), weighted_grads(&plain, &k));
+        let (ga, gr) = (a.get(xs).unwrap(), r.get(xs).unwrap());
+        assert!(max_diff(ga, gr) < 1e-5, "{}", max_diff(ga, gr));
+        let err = swiglu_mlp(x.as_tensor(), &gate, &up, &w(h, i + 1))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("down [24, 41]"), "{err}");
     }
 }

@@ -265,6 +265,15 @@ impl Mlp {
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let plain = (
+            self.gate_proj.plain_weight(),
+            self.up_proj.plain_weight(),
+            self.down_proj.plain_weight(),
+        );
+        if let (true, (Some(gate), Some(up), Some(down))) = (x.track_op(), plain) {
+            // Training with no adapter on the MLP: one op with its own backward.
+            return lora_runtime::ops::swiglu_mlp(x, gate, up, down);
+        }
         let product =
             lora_runtime::ops::swiglu(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
         self.down_proj.forward(&product)
