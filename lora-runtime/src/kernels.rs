@@ -77,14 +77,15 @@ fn base_matmul(
             return Ok(());
         }
     }
-    let view = WeightView {
+    let w = MatRef {
         values: w,
         rows: out,
+        cols: inp,
         rs: usize::try_from(w_rs).unwrap_or(0),
         cs: usize::try_from(w_cs).unwrap_or(0),
         off: w_off,
     };
-    matmul_t_into(dst, out, 0, x, n, inp, view)
+    matmul_t_into(dst, out, 0, x, n, w)
 }
 
 /// The fused op over `(x [n, in], h = s x A^T [n, r], B [out, r])`; the frozen weight (as an
@@ -336,29 +337,6 @@ impl CustomOp1 for FrozenMatmul {
     }
 }
 
-/// A weight `[rows, inp]` inside a slice: element `(i, k)` at `off + i * rs + k * cs`.
-#[derive(Clone, Copy)]
-pub(crate) struct WeightView<'a> {
-    pub(crate) values: &'a [f32],
-    pub(crate) rows: usize,
-    pub(crate) rs: usize,
-    pub(crate) cs: usize,
-    pub(crate) off: usize,
-}
-
-impl<'a> WeightView<'a> {
-    /// A contiguous `[values.len() / inp, inp]`.
-    pub(crate) fn contiguous(values: &'a [f32], inp: usize) -> Self {
-        Self {
-            values,
-            rows: values.len() / inp.max(1),
-            rs: inp,
-            cs: 1,
-            off: 0,
-        }
-    }
-}
-
 /// A matrix `[rows, cols]` inside a slice: element `(i, j)` at `off + i * rs + j * cs`.
 #[derive(Clone, Copy)]
 pub(crate) struct MatRef<'a> {
@@ -464,8 +442,9 @@ pub(crate) fn gemm_into(
     Ok(())
 }
 
-/// `dst[r, col..col + w.rows] = (x W^T)[r, ..]` for a contiguous `x [n, inp]` and `dst` of row
-/// stride `dst_rs` (one block of columns of a product, or all of them).
+/// `dst[r, col..col + w.rows] = (x W^T)[r, ..]` for a contiguous `x [n, w.cols]`, a weight
+/// `w [out, in]` and `dst` of row stride `dst_rs` (one block of columns of a product, or all of
+/// them).
 ///
 /// # Errors
 /// When the slices are too short for the shapes.
@@ -475,8 +454,7 @@ pub(crate) fn matmul_t_into(
     col: usize,
     x: &[f32],
     n: usize,
-    inp: usize,
-    w: WeightView<'_>,
+    w: MatRef<'_>,
 ) -> candle_core::Result<()> {
     if col + w.rows > dst_rs {
         candle_core::bail!(
@@ -487,15 +465,7 @@ pub(crate) fn matmul_t_into(
     let Some(dst) = dst.get_mut(col..) else {
         candle_core::bail!("lora matmul: column {col} outside a dst of {}", dst.len());
     };
-    let w = MatRef {
-        values: w.values,
-        rows: w.rows,
-        cols: inp,
-        rs: w.rs,
-        cs: w.cs,
-        off: w.off,
-    };
-    gemm_into(dst, dst_rs, MatRef::row_major(x, n, inp), w.t(), false)
+    gemm_into(dst, dst_rs, MatRef::row_major(x, n, w.cols), w.t(), false)
 }
 
 /// `x W^T + b` for `x [..., in]` and a frozen `weight [out, in]` (any strides) and `bias [out]`:

@@ -325,6 +325,26 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tenso
     Tensor::cat(&[first, second], D::Minus1)
 }
 
+/// The values of `cos`, `sin` (`[t, d / 2]`) for vectors of `d` at `t` positions, checked.
+fn rope_tables(
+    cos: &Tensor,
+    sin: &Tensor,
+    t: usize,
+    d: usize,
+) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
+    let (c, s) = (
+        cos.flatten_all()?.to_vec1::<f32>()?,
+        sin.flatten_all()?.to_vec1::<f32>()?,
+    );
+    let half = d / 2;
+    if !d.is_multiple_of(2) || c.len() != t * half || s.len() != t * half {
+        candle_core::bail!(
+            "rope: cos/sin must be [{t}, {half}] for vectors of {d} at {t} positions"
+        );
+    }
+    Ok((c, s))
+}
+
 /// One vector `src [d]` rotated into `dst`: `x1 c - x2 s` and `x2 c + x1 s` on its halves.
 fn rotate(src: &[f32], dst: &mut [f32], c: &[f32], s: &[f32]) {
     let half = c.len();
@@ -357,15 +377,7 @@ impl CustomOp1 for Rope {
         };
         let t = dims[dims.len() - 2];
         let half = d / 2;
-        let (cos, sin) = (
-            self.cos.flatten_all()?.to_vec1::<f32>()?,
-            self.sin.flatten_all()?.to_vec1::<f32>()?,
-        );
-        if d % 2 != 0 || cos.len() != t * half || sin.len() != t * half {
-            return Err(candle_core::Error::msg(format!(
-                "rope: cos/sin must be [{t}, {half}] for an input {dims:?}"
-            )));
-        }
+        let (cos, sin) = rope_tables(&self.cos, &self.sin, t, d)?;
         let mut out = vec![0f32; x.len()];
         for (row, (src, dst)) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)).enumerate() {
             let p = (row % t) * half;
@@ -498,18 +510,7 @@ impl CustomOp1 for Heads {
         }
         let half = d / 2;
         let rot = match &self.rot {
-            Some((c, s)) => {
-                let (c, s) = (
-                    c.flatten_all()?.to_vec1::<f32>()?,
-                    s.flatten_all()?.to_vec1::<f32>()?,
-                );
-                if d % 2 != 0 || c.len() != t * half || s.len() != t * half {
-                    candle_core::bail!(
-                        "rope: cos/sin must be [{t}, {half}] for heads of {d} at {t} positions"
-                    );
-                }
-                Some((c, s))
-            }
+            Some((c, s)) => Some(rope_tables(c, s, t, d)?),
             None => None,
         };
         let mut out = vec![0f32; x.len()];
@@ -564,6 +565,13 @@ struct SwiGluGrad;
 fn silu_f32(x: f32) -> (f32, f32) {
     let s = 1.0 / (1.0 + (-x).exp());
     (x * s, s)
+}
+
+/// The gradients of `silu(g) * u` with respect to `g` and `u`, for its gradient `dp`.
+fn swiglu_grads(g: f32, u: f32, dp: f32) -> (f32, f32) {
+    let (y, s) = silu_f32(g);
+    // d silu / dx = s + x s (1 - s) = s + y (1 - s)
+    (dp * u * (s + y * (1.0 - s)), dp * y)
 }
 
 impl CustomOp2 for SwiGlu {
@@ -628,10 +636,7 @@ impl CustomOp3 for SwiGluGrad {
         par_rows_with(d_gate, 1, d_up, |first, d_gate, d_up| {
             for (k, (dg, du)) in d_gate.iter_mut().zip(d_up).enumerate() {
                 let i = first + k;
-                let (y, s) = silu_f32(g[i]);
-                // d silu / dx = s + x s (1 - s) = s + y (1 - s)
-                *dg = dy[i] * u[i] * (s + y * (1.0 - s));
-                *du = dy[i] * y;
+                (*dg, *du) = swiglu_grads(g[i], u[i], dy[i]);
             }
         });
         let mut dims = vec![2];
@@ -769,13 +774,18 @@ fn zip_map(
             l2.dims()
         );
     }
-    let mut out = vec![0f32; a.len()];
+    Ok((CpuStorage::F32(map2(a, b, f)), l1.shape().clone()))
+}
+
+/// `f(a_i, b_i)` over two slices of one length, one pass split over the threads.
+fn map2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
+    let mut out = vec![0f32; a.len().min(b.len())];
     par_rows(&mut out, 1, |first, dst| {
         for (k, o) in dst.iter_mut().enumerate() {
             *o = f(a[first + k], b[first + k]);
         }
     });
-    Ok((CpuStorage::F32(out), l1.shape().clone()))
+    out
 }
 
 /// A SwiGLU MLP `down(silu(x Wg^T) * (x Wu^T))` over frozen weights, as one op: the forward
@@ -838,10 +848,7 @@ impl SwiGluMlp {
             par_rows_with(&mut dg, 1, &mut du, |first, dg, du| {
                 for (k, (dgk, duk)) in dg.iter_mut().zip(du).enumerate() {
                     let i = first + k;
-                    let (y, s) = silu_f32(g[i]);
-                    let dp = *dgk;
-                    *dgk = dp * u[i] * (s + y * (1.0 - s));
-                    *duk = dp * y;
+                    (*dgk, *duk) = swiglu_grads(g[i], u[i], *dgk);
                 }
             });
             // dx = dG Wg + dU Wu, the second accumulated onto the first.
@@ -884,12 +891,7 @@ impl CustomOp1 for SwiGluMlp {
             gemm_into(&mut g, inter, xm, wg.t(), false)?;
             let mut u = vec![0f32; n * inter];
             gemm_into(&mut u, inter, xm, wu.t(), false)?;
-            let mut p = vec![0f32; n * inter];
-            par_rows(&mut p, 1, |first, dst| {
-                for (k, o) in dst.iter_mut().enumerate() {
-                    *o = silu_f32(g[first + k]).0 * u[first + k];
-                }
-            });
+            let p = map2(&g, &u, |g, u| silu_f32(g).0 * u);
             let mut y = vec![0f32; n * hidden];
             gemm_into(
                 &mut y,
@@ -907,9 +909,12 @@ impl CustomOp1 for SwiGluMlp {
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let n = x.dim(0)?;
-        let dy = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let dx = self.input_grad(&dy, n)?;
+        let grad = grad.contiguous()?;
+        let (storage, layout) = grad.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            candle_core::bail!("swiglu mlp: gradient not on the CPU");
+        };
+        let dx = self.input_grad(f32_slice(cpu, layout, "mlp output gradient")?, x.dim(0)?)?;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }
@@ -1216,7 +1221,7 @@ impl CustomOp3 for LinearCrossEntropy {
         let grad = self.grad_hidden || self.grad_weight;
         let w_mat = MatRef::row_major(w, vocab, d);
         let chunk = (self.chunk_elems / vocab.max(1)).clamp(1, n.max(1));
-        let mut logits = vec![0f32; chunk.min(n) * vocab];
+        let mut logits = vec![0f32; chunk * vocab];
         let mut losses = vec![0f32; chunk];
         let mut grad_h = vec![0f32; if self.grad_hidden { n * d } else { 0 }];
         let mut grad_w = vec![0f32; if self.grad_weight { vocab * d } else { 0 }];

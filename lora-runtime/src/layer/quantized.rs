@@ -265,8 +265,8 @@ impl CustomOp1 for QuantizedMatmul {
             let Storage::Cpu(CpuStorage::F32(values)) = &*guard else {
                 candle_core::bail!("quantized matmul: the dequantized weight is not f32");
             };
-            let w = kernels::WeightView::contiguous(values, inp);
-            kernels::matmul_t_into(&mut dst, out, part.rows.start - first, x, rows, inp, w)?;
+            let w = kernels::MatRef::row_major(values, values.len() / inp.max(1), inp);
+            kernels::matmul_t_into(&mut dst, out, part.rows.start - first, x, rows, w)?;
         }
         let mut dims = layout.dims().to_vec();
         if let Some(last) = dims.last_mut() {
