@@ -184,7 +184,7 @@ fn merge(c: &mut Criterion) {
 #[path = "../examples/finetune/model.rs"]
 mod model;
 
-use model::{causal_mask, Gpt, GptConfig, Mode};
+use model::{Gpt, GptConfig, Mode};
 
 /// The shapes `scripts/bench_peft.py` uses too.
 const GPT: GptConfig = GptConfig {
@@ -208,7 +208,6 @@ fn train_step(c: &mut Criterion) {
         .collect();
     let ids = Tensor::from_vec(ids, (BATCH, GPT.ctx), &Device::Cpu).unwrap();
     let targets = ids.flatten_all().unwrap();
-    let mask = causal_mask(GPT.ctx, &Device::Cpu).unwrap();
     let params = ParamsAdamW {
         lr: 1e-4,
         ..Default::default()
@@ -244,7 +243,7 @@ fn train_step(c: &mut Criterion) {
         let mut opt = candle_nn::AdamW::new(vars, params.clone()).unwrap();
         g.bench_function(name, |b| {
             b.iter(|| {
-                let logits = model.forward_masked(&ids, &mask).unwrap();
+                let logits = model.forward(&ids).unwrap();
                 let loss = candle_nn::loss::cross_entropy(&logits.flatten_to(1).unwrap(), &targets)
                     .unwrap();
                 opt.backward_step(&loss).unwrap();

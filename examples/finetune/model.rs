@@ -106,18 +106,14 @@ impl Attention {
         })
     }
 
-    fn forward(&self, x: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
-        let hd = x.dim(2)? / self.n_head;
-        // `lora::ops`: fused layout changes and softmax with a backward pass (candle-nn's
-        // `softmax_last_dim` has none).
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        // `lora::ops`: fused layout changes and causal attention with a backward pass.
         let heads = |y: Tensor| lora::ops::split_heads(&y, self.n_head, None);
         let q = heads(self.q_proj.forward(x)?)?;
         let k = heads(self.k_proj.forward(x)?)?;
         let v = heads(self.v_proj.forward(x)?)?;
-        let att = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?.broadcast_add(mask)?;
-        let att = lora::ops::softmax_last_dim(&att)?;
-        let y = lora::ops::merge_heads(&att.matmul(&v)?, self.n_head)?;
-        self.o_proj.forward(&y)
+        self.o_proj
+            .forward(&lora::ops::causal_attention(&q, &k, &v)?)
     }
 }
 
@@ -135,8 +131,8 @@ impl Block {
         })
     }
 
-    fn forward(&self, x: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
-        let x = (x + self.attn.forward(&self.ln_1.forward(x)?, mask)?)?;
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let x = (x + self.attn.forward(&self.ln_1.forward(x)?)?)?;
         let h = lora::ops::gelu(&self.mlp.c_fc.forward(&self.ln_2.forward(&x)?)?)?;
         x + self.mlp.c_proj.forward(&h)?
     }
@@ -162,34 +158,16 @@ impl Gpt {
     /// Logits `[b, t, vocab]` for token ids `[b, t]`.
     pub(crate) fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
         let (_, t) = ids.dims2()?;
-        self.forward_masked(ids, &causal_mask(t, ids.device())?)
-    }
-
-    /// [`forward`](Self::forward) with the `[t, t]` causal mask built beforehand.
-    pub(crate) fn forward_masked(
-        &self,
-        ids: &Tensor,
-        mask: &Tensor,
-    ) -> candle_core::Result<Tensor> {
-        let (_, t) = ids.dims2()?;
         let pos = Tensor::arange(0u32, t as u32, ids.device())?;
         let mut x = self
             .wte
             .forward(ids)?
             .broadcast_add(&self.wpe.forward(&pos)?)?;
         for block in &self.h {
-            x = block.forward(&x, mask)?;
+            x = block.forward(&x)?;
         }
         self.lm_head.forward(&self.ln_f.forward(&x)?)
     }
-}
-
-/// `0` on and below the diagonal, `-inf` above: position `i` sees positions `..=i`.
-pub(crate) fn causal_mask(t: usize, dev: &Device) -> candle_core::Result<Tensor> {
-    let m: Vec<f32> = (0..t)
-        .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
-    Tensor::from_vec(m, (t, t), dev)
 }
 
 /// Builds the model on a VarMap filled from `weights` (or freshly initialised from `seed`).

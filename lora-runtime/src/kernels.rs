@@ -361,6 +361,15 @@ impl<'a> MatRef<'a> {
         }
     }
 
+    /// Rows `start..start + count` (a view).
+    pub(crate) fn rows(self, start: usize, count: usize) -> Self {
+        Self {
+            rows: count,
+            off: self.off + start * self.rs,
+            ..self
+        }
+    }
+
     /// The transpose (a view, nothing moves).
     pub(crate) fn t(self) -> Self {
         Self {
@@ -392,6 +401,35 @@ pub(crate) fn gemm_into(
     a: MatRef<'_>,
     b: MatRef<'_>,
     accumulate: bool,
+) -> candle_core::Result<()> {
+    gemm_checked(dst, dst_rs, a, b, accumulate, 1.0, parallelism())
+}
+
+/// `dst = scale a b`, or `dst += scale a b` when `accumulate`: [`gemm_into`] on the calling
+/// thread alone, for the small products of work already split over the threads (one attention
+/// head each).
+///
+/// # Errors
+/// When the shapes disagree or a slice is too short for its shape.
+pub(crate) fn gemm_serial_into(
+    dst: &mut [f32],
+    dst_rs: usize,
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    accumulate: bool,
+    scale: f32,
+) -> candle_core::Result<()> {
+    gemm_checked(dst, dst_rs, a, b, accumulate, scale, Parallelism::None)
+}
+
+fn gemm_checked(
+    dst: &mut [f32],
+    dst_rs: usize,
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    accumulate: bool,
+    scale: f32,
+    parallelism: Parallelism,
 ) -> candle_core::Result<()> {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     if b.rows != k {
@@ -432,11 +470,11 @@ pub(crate) fn gemm_into(
             b.cs as isize,
             b.rs as isize,
             1.0,
-            1.0,
+            scale,
             false,
             false,
             false,
-            parallelism(),
+            parallelism,
         );
     }
     Ok(())

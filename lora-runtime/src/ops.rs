@@ -25,6 +25,10 @@ use candle_core::{
 
 use crate::kernels::{gemm_into, MatRef};
 
+mod attention;
+
+pub use attention::causal_attention;
+
 /// Whether the fused CPU op with a backward applies.
 fn fused_cpu(t: &Tensor) -> bool {
     t.dtype() == DType::F32 && matches!(t.device(), Device::Cpu)
@@ -806,10 +810,23 @@ fn weight_mat<'a>(
     what: &str,
 ) -> candle_core::Result<MatRef<'a>> {
     let (rows, cols) = layout.shape().dims2()?;
+    Ok(MatRef::row_major(
+        cpu_f32(storage, layout, what)?,
+        rows,
+        cols,
+    ))
+}
+
+/// The contiguous f32 values of a tensor's storage on the CPU, or an error naming `what`.
+fn cpu_f32<'a>(
+    storage: &'a candle_core::Storage,
+    layout: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
     let candle_core::Storage::Cpu(cpu) = storage else {
         candle_core::bail!("{what}: not on the CPU");
     };
-    Ok(MatRef::row_major(f32_slice(cpu, layout, what)?, rows, cols))
+    f32_slice(cpu, layout, what)
 }
 
 impl SwiGluMlp {

@@ -101,7 +101,7 @@ impl LlamaForCausalLM {
         let positions: Vec<usize> = (past..past + t).collect();
         let (cos, sin) = self.model.rope_at(&positions, dtype)?;
         let groups = shape.heads / shape.kv_heads;
-        let mask = if t > 1 {
+        let mask = if t > 1 && past > 0 {
             Some(causal_mask(t, past, groups, dtype, &device)?)
         } else {
             None

@@ -17,7 +17,7 @@
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
 use lora_macros::lora;
-use lora_runtime::ops::split_heads;
+use lora_runtime::ops::{causal_attention, split_heads};
 use lora_runtime::train::Checkpointing;
 use lora_runtime::{LoraLinear, QuantizedWeight};
 
@@ -213,9 +213,11 @@ impl Attention {
 }
 
 /// Scaled dot-product attention of rotated `q [b, h, t, d]` over the new `k`, `v`
-/// `[b, kv, t, d]` appended to `cache`, causal through `mask` (`[groups * t, past + t]`, see
-/// `causal_mask`); returns `[b, t, h * d]`, the input of `o_proj`. Shared by the model's forward
-/// and the per-sequence decoding of `batch.rs`.
+/// `[b, kv, t, d]` appended to `cache`; returns `[b, t, h * d]`, the input of `o_proj`. With
+/// no cache, causal over the new positions ([`causal_attention`], fused when training); after
+/// cached positions, causal through `mask` (`[groups * t, past + t]`, see `causal_mask`; `None`
+/// for one new position). Shared by the model's forward and the per-sequence decoding of
+/// `batch.rs`.
 pub(super) fn attend(
     q: &Tensor,
     k: Tensor,
@@ -225,10 +227,11 @@ pub(super) fn attend(
     (h, kv, d): (usize, usize, usize),
 ) -> candle_core::Result<Tensor> {
     let (b, _, t, _) = q.dims4()?;
-    let (k, v) = match cache.take() {
-        Some((k0, v0)) => (Tensor::cat(&[k0, k], 2)?, Tensor::cat(&[v0, v], 2)?),
-        None => (k, v),
+    let Some((k0, v0)) = cache.take() else {
+        *cache = Some((k.clone(), v.clone()));
+        return causal_attention(q, &k, &v);
     };
+    let (k, v) = (Tensor::cat(&[k0, k], 2)?, Tensor::cat(&[v0, v], 2)?);
     *cache = Some((k.clone(), v.clone()));
     // Grouped-query attention without repeating keys and values: the `n` query heads that
     // share a key/value head are stacked along the positions, `[b, kv, n * t, d]` (query
@@ -392,7 +395,7 @@ impl LlamaModel {
         let mut x = self.embed_tokens.forward(ids)?;
         let dtype = x.dtype();
         let rope = self.rope(past, t, dtype)?;
-        let mask = if t > 1 {
+        let mask = if t > 1 && past > 0 {
             Some(causal_mask(t, past, self.groups, dtype, x.device())?)
         } else {
             None
@@ -414,16 +417,9 @@ impl LlamaModel {
         let mut x = self.embed_tokens.forward(ids)?;
         let dtype = x.dtype();
         let rope = self.rope(0, t, dtype)?;
-        let mask = if t > 1 {
-            Some(causal_mask(t, 0, self.groups, dtype, x.device())?)
-        } else {
-            None
-        };
         for layer in &self.layers {
-            let (layer, rope, mask) = (layer.clone(), rope.clone(), mask.clone());
-            x = ck.run(&x, move |x| {
-                layer.forward(x, &rope, mask.as_ref(), &mut None)
-            })?;
+            let (layer, rope) = (layer.clone(), rope.clone());
+            x = ck.run(&x, move |x| layer.forward(x, &rope, None, &mut None))?;
         }
         Ok(norm(&self.norm, &x)?)
     }
