@@ -1,6 +1,8 @@
 //! Mixed-adapter batches for a whole model: row `i` of every layer's input runs the adapter
 //! `rows[i]`. The stacking and the batched matmuls are in [`routing`](crate::routing).
 
+use std::collections::HashSet;
+
 use crate::error::{Error, Result};
 use crate::model::{adapter_names, prepare_then_commit, LoraModel};
 use crate::registry::refuse_if_merged;
@@ -15,11 +17,8 @@ pub(crate) fn set_batch_adapters<M: LoraModel + ?Sized>(
         return Ok(());
     };
     let known = adapter_names(model);
-    if let Some(bad) = rows
-        .iter()
-        .flatten()
-        .find(|n| !known.iter().any(|k| k == *n))
-    {
+    let known_set: HashSet<&str> = known.iter().map(String::as_str).collect();
+    if let Some(bad) = rows.iter().flatten().find(|n| !known_set.contains(*n)) {
         return Err(Error::UnknownAdapter {
             name: (*bad).to_string(),
             known,
@@ -30,7 +29,7 @@ pub(crate) fn set_batch_adapters<M: LoraModel + ?Sized>(
         model,
         |_, layer, _| {
             // A layer without one of the adapters runs the base for those rows.
-            let names = layer.adapter_names();
+            let names: HashSet<&str> = layer.adapter_names().into_iter().collect();
             let local: Vec<Option<&str>> = rows
                 .iter()
                 .map(|r| r.filter(|n| names.contains(n)))

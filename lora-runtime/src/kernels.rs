@@ -15,6 +15,7 @@ use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Storage, Tensor,
 };
 use gemm::{gemm, Parallelism};
+use rayon::prelude::*;
 
 /// True when every element is finite. One reduction; a second exact pass only when the sum is
 /// not finite (a sum of finite values can overflow).
@@ -985,6 +986,7 @@ pub(crate) struct RoutedFactors {
 
 /// `sum_i a_i b_i` with eight independent accumulators, which the compiler turns into vector
 /// FMAs (a single running sum is a serial dependency it may not reorder).
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -1046,36 +1048,90 @@ impl CustomOp1 for RoutedLinear {
         let mut dst = vec![0f32; n * out];
         base_matmul(&mut dst, x, n, inp, w, wl)?;
         drop(w_guard);
-        let per_row = n / rows;
+        let bias = self.bias.as_ref().map(|b| b.to_vec1::<f32>()).transpose()?;
+        let terms = RoutedTerms {
+            a,
+            bt,
+            r,
+            inp,
+            out,
+            per_row: n / rows,
+            slots: &self.slots,
+            bias: bias.as_deref(),
+        };
+        // Positions split between the threads when the thin products are worth it.
+        let (inp1, out1) = (inp.max(1), out.max(1));
+        let chunk = if n * (inp + out) * r < 1 << 16 {
+            n.max(1)
+        } else {
+            n.div_ceil(rayon::current_num_threads()).max(1)
+        };
+        dst.par_chunks_mut(chunk * out1)
+            .zip(x.par_chunks(chunk * inp1))
+            .enumerate()
+            .for_each(|(c, (dst, x))| terms.add_dispatch(c * chunk, x, dst));
+        Ok((CpuStorage::F32(dst), Shape::from((n, out))))
+    }
+}
+
+/// What [`RoutedLinear`] adds to the base product: each position's thin product with its
+/// adapter's stacked factors, and the bias.
+struct RoutedTerms<'a> {
+    a: &'a [f32],
+    bt: &'a [f32],
+    r: usize,
+    inp: usize,
+    out: usize,
+    /// Positions a row of `slots`.
+    per_row: usize,
+    slots: &'a [Option<usize>],
+    bias: Option<&'a [f32]>,
+}
+
+impl RoutedTerms<'_> {
+    /// [`add`](Self::add) compiled for AVX2 where the CPU has it (twice the vector width of
+    /// the x86-64 baseline; the same operations in the same order, so the same results).
+    fn add_dispatch(&self, first: usize, x: &[f32], dst: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            #[target_feature(enable = "avx2")]
+            fn avx2(terms: &RoutedTerms<'_>, first: usize, x: &[f32], dst: &mut [f32]) {
+                terms.add(first, x, dst);
+            }
+            // SAFETY: the CPU has AVX2 (checked just above), the only feature `avx2` enables.
+            return unsafe { avx2(self, first, x, dst) };
+        }
+        self.add(first, x, dst);
+    }
+
+    /// Adds the terms of positions `first..` to their output rows `dst` for inputs `x`.
+    #[inline(always)]
+    fn add(&self, first: usize, x: &[f32], dst: &mut [f32]) {
+        let (inp, out, r) = (self.inp, self.out, self.r);
         let mut h = vec![0f32; r];
-        for (p, (xp, dp)) in x
+        for (k, (xp, dp)) in x
             .chunks_exact(inp.max(1))
             .zip(dst.chunks_exact_mut(out.max(1)))
             .enumerate()
         {
-            let Some(slot) = self.slots[p / per_row] else {
-                continue;
-            };
-            let a_block = &a[slot * r * inp..(slot + 1) * r * inp];
-            for (hj, aj) in h.iter_mut().zip(a_block.chunks_exact(inp)) {
-                *hj = dot(aj, xp);
-            }
-            let b_block = &bt[slot * r * out..(slot + 1) * r * out];
-            for (hj, bj) in h.iter().zip(b_block.chunks_exact(out)) {
-                for (d, bv) in dp.iter_mut().zip(bj) {
-                    *d += hj * bv;
+            if let Some(Some(slot)) = self.slots.get((first + k) / self.per_row.max(1)) {
+                let (a_block, b_block) = (
+                    &self.a[slot * r * inp..(slot + 1) * r * inp],
+                    &self.bt[slot * r * out..(slot + 1) * r * out],
+                );
+                for (hj, aj) in h.iter_mut().zip(a_block.chunks_exact(inp)) {
+                    *hj = dot(aj, xp);
+                }
+                for (hj, bj) in h.iter().zip(b_block.chunks_exact(out)) {
+                    for (d, bv) in dp.iter_mut().zip(bj) {
+                        *d += hj * bv;
+                    }
                 }
             }
-        }
-        if let Some(bias) = &self.bias {
-            let bias = bias.to_vec1::<f32>()?;
-            for row in dst.chunks_exact_mut(out.max(1)) {
-                for (d, b) in row.iter_mut().zip(&bias) {
-                    *d += b;
-                }
+            if let Some(bias) = self.bias {
+                dp.iter_mut().zip(bias).for_each(|(d, b)| *d += b);
             }
         }
-        Ok((CpuStorage::F32(dst), Shape::from((n, out))))
     }
 }
 

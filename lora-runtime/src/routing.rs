@@ -8,6 +8,7 @@
 //! of the whole batch: the BGMV idea, with candle's batched matmul as the kernel. The model-level
 //! verb is in [`batched`](crate::batched).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
@@ -141,42 +142,41 @@ impl Routing {
     /// [`LayerError::UnknownAdapter`] for a name the stacks lack, [`LayerError::Refused`] for a
     /// row of a DoRA or AdaLoRA adapter; a candle error.
     pub fn with_rows(&self, set: &AdapterSet, rows: &[Option<&str>]) -> LayerResult<Self> {
+        // Each name once (a batch repeats a few adapters over many rows).
+        let mut distinct: Vec<&str> = rows.iter().flatten().copied().collect();
+        distinct.sort_unstable();
+        distinct.dedup();
         // A DoRA adapter rescales the base output of its rows as well: not a term the stacks
-        // can add. Refused rather than run as plain LoRA.
-        if let Some(name) = rows
-            .iter()
-            .flatten()
-            .find(|name| set.get(name).is_some_and(Adapter::is_dora))
-        {
+        // can add. Refused rather than run as plain LoRA. AdaLoRA adapters are not routed
+        // either (only plain LoRA is tested there).
+        for name in &distinct {
+            let kind = match set.get(name) {
+                Some(a) if a.is_dora() => "a DoRA",
+                Some(a) if a.is_adalora() => "an AdaLoRA",
+                _ => continue,
+            };
             return Err(LayerError::Refused(format!(
-                "adapter `{name}` is a DoRA adapter: mixed-adapter batches support plain LoRA adapters only; run its rows in a batch of their own with the adapter active (or merge it)"
+                "adapter `{name}` is {kind} adapter: mixed-adapter batches support plain LoRA adapters only; run its rows in a batch of their own with the adapter active (or merge it)"
             )));
         }
-        // AdaLoRA adapters are not routed either (only plain LoRA is tested there).
-        if let Some(name) = rows
+        let index: HashMap<&str, usize> = self
+            .names
             .iter()
-            .flatten()
-            .find(|name| set.get(name).is_some_and(Adapter::is_adalora))
-        {
-            return Err(LayerError::Refused(format!(
-                "adapter `{name}` is an AdaLoRA adapter: mixed-adapter batches support plain LoRA adapters only; run its rows in a batch of their own with the adapter active (or merge it)"
-            )));
-        }
-        let slots = rows
-            .iter()
-            .map(|row| match row {
-                None => Ok(None),
-                Some(name) => self
-                    .names
-                    .iter()
-                    .position(|n| n == name)
-                    .map(Some)
-                    .ok_or_else(|| LayerError::UnknownAdapter {
-                        name: (*name).to_string(),
-                        known: set.names().into_iter().map(str::to_string).collect(),
+            .enumerate()
+            .map(|(i, n)| (n.as_str(), i))
+            .collect();
+        let slots =
+            rows.iter()
+                .map(|row| match row {
+                    None => Ok(None),
+                    Some(name) => index.get(name).copied().map(Some).ok_or_else(|| {
+                        LayerError::UnknownAdapter {
+                            name: (*name).to_string(),
+                            known: set.names().into_iter().map(str::to_string).collect(),
+                        }
                     }),
-            })
-            .collect::<LayerResult<Vec<_>>>()?;
+                })
+                .collect::<LayerResult<Vec<_>>>()?;
         let mut next = Self {
             slots: Arc::new(slots),
             mask: None,
