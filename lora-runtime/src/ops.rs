@@ -1,4 +1,5 @@
-//! Fused RMSNorm, layer norm, softmax and rotary embedding that models can train through.
+//! Fused RMSNorm, layer norm, softmax, rotary embedding, causal attention, SwiGLU and the LM
+//! head's cross-entropy that models can train through.
 //!
 //! candle-nn's fused `rms_norm`, `softmax_last_dim` and `rotary_emb::rope` have no backward: a model using them
 //! silently stops the gradient there, so adapters before a norm never learn. These run candle's

@@ -102,7 +102,7 @@ impl Checkpointing {
             Var::from_tensor(x)?.into_inner()
         };
         x.apply_op1(Recompute {
-            y,
+            y: Mutex::new(Some(y)),
             block: Arc::new(block),
             checkpointing: self.clone(),
             state,
@@ -112,8 +112,9 @@ impl Checkpointing {
 
 /// The custom op standing for a checkpointed block.
 struct Recompute {
-    /// The block's output, computed once in the forward.
-    y: Tensor,
+    /// The block's output, computed once in the forward; taken by the op's forward, which
+    /// returns a copy as the op's value (so one copy of each block's output lives on).
+    y: Mutex<Option<Tensor>>,
     block: Block,
     checkpointing: Checkpointing,
     /// The dropout generator's state before the forward.
@@ -121,15 +122,26 @@ struct Recompute {
 }
 
 impl Recompute {
+    /// The block's output, once (the op's forward runs once).
+    fn take_output(&self) -> candle_core::Result<Tensor> {
+        self.y
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .ok_or_else(|| candle_core::Error::msg("checkpoint: the block's output was taken"))
+    }
+
+    /// A copy of the block's output storage (`pick`: the device's storage).
     fn output<S: Clone>(
         &self,
         pick: impl Fn(&Storage) -> Option<&S>,
     ) -> candle_core::Result<(S, Shape)> {
-        let (storage, _) = self.y.storage_and_layout();
+        let y = self.take_output()?;
+        let (storage, _) = y.storage_and_layout();
         let s = pick(&storage).ok_or_else(|| {
             candle_core::Error::msg("checkpoint: the block's output is on another device")
         })?;
-        Ok((s.clone(), self.y.shape().clone()))
+        Ok((s.clone(), y.shape().clone()))
     }
 }
 
@@ -152,9 +164,10 @@ impl CustomOp1 for Recompute {
         _: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
-        let (storage, layout) = self.y.storage_and_layout();
+        let y = self.take_output()?;
+        let (storage, layout) = y.storage_and_layout();
         match &*storage {
-            Storage::Cuda(c) => Ok((c.try_clone(layout)?, self.y.shape().clone())),
+            Storage::Cuda(c) => Ok((c.try_clone(layout)?, y.shape().clone())),
             _ => Err(candle_core::Error::msg(
                 "checkpoint: the block's output is on another device",
             )),
@@ -178,12 +191,15 @@ impl CustomOp1 for Recompute {
             d.set_state(now);
         }
         let grads = (y? * grad.detach())?.sum_all()?.backward()?;
+        // Detached: candle's gradients can carry a graph back into the recomputed block (a
+        // matmul's gradient is a product with its forward operand), which would keep every
+        // block's recomputed activations alive in the sink until the optimizer step.
         for var in ck.vars.iter() {
             if let Some(g) = grads.get(var.as_tensor()) {
-                ck.sink.add(var.as_tensor().id(), g.clone())?;
+                ck.sink.add(var.as_tensor().id(), g.detach())?;
             }
         }
-        Ok(grads.get(leaf.as_tensor()).cloned())
+        Ok(grads.get(leaf.as_tensor()).map(Tensor::detach))
     }
 }
 
