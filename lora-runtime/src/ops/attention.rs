@@ -19,11 +19,12 @@ const ROWS: usize = 32;
 /// `repeat_kv` pairs them); returns the heads merged, `[b, t, h * d]`, the input of the output
 /// projection.
 ///
-/// When training on the CPU in f32 (an input tracks a gradient) one op: the scores a block of
-/// query rows at a time, only up to the diagonal, and a hand-written backward that recomputes
-/// them from the saved log-sum-exp of each row instead of keeping the `[b, h, t, t]`
-/// probabilities (as FlashAttention does). Otherwise candle's ops: the scaled scores, the mask,
-/// [`softmax_last_dim`], the product with `v` and [`merge_heads`].
+/// On the CPU in f32 one op: the scores a block of query rows at a time, only up to the
+/// diagonal, never the whole `[b, h, t, t]` at once, and, when an input tracks a gradient, a
+/// hand-written backward that recomputes them from the saved log-sum-exp of each row instead of
+/// keeping the probabilities (as FlashAttention does). Otherwise (other dtypes, CUDA) candle's
+/// ops: the scaled scores, the mask, [`softmax_last_dim`], the product with `v` and
+/// [`merge_heads`].
 ///
 /// ```
 /// use candle_core::{Device, Tensor, Var};
@@ -56,8 +57,7 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Resu
         );
     }
     let dims = Dims { b, h, kv, t, d };
-    let training = q.track_op() || k.track_op() || v.track_op();
-    if training && [q, k, v].iter().all(|x| fused_cpu(x)) {
+    if [q, k, v].iter().all(|x| fused_cpu(x)) {
         let op = CausalAttention {
             dims,
             lse: Mutex::new(None),
