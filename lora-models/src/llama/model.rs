@@ -214,7 +214,7 @@ impl Attention {
 
 /// Scaled dot-product attention of rotated `q [b, h, t, d]` over the new `k`, `v`
 /// `[b, kv, t, d]` appended to `cache`; returns `[b, t, h * d]`, the input of `o_proj`. With
-/// no cache, causal over the new positions ([`causal_attention`], fused when training); after
+/// no cache, causal over the new positions ([`causal_attention`], fused on the CPU); after
 /// cached positions, causal through `mask` (`[groups * t, past + t]`, see `causal_mask`; `None`
 /// for one new position). Shared by the model's forward and the per-sequence decoding of
 /// `batch.rs`.
