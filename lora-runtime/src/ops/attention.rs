@@ -378,19 +378,7 @@ mod tests {
     use candle_core::{Device, Tensor, Var};
 
     use super::*;
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
+    use crate::testing::max_diff;
 
     #[test]
     fn fused_attention_matches_the_composed_one_with_gradients() {
