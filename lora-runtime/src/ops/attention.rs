@@ -57,6 +57,10 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Resu
         );
     }
     let dims = Dims { b, h, kv, t, d };
+    if b * h * t * d == 0 {
+        // Nothing to attend to or over (candle's softmax refuses an empty row).
+        return Tensor::zeros((b, t, h * d), q.dtype(), q.device());
+    }
     if [q, k, v].iter().all(|x| fused_cpu(x)) {
         let op = CausalAttention {
             dims,
@@ -414,6 +418,14 @@ mod tests {
                 assert!(max_diff(a, r) < 1e-4, "{what}: {}", max_diff(a, r));
             }
         }
+        // No positions: an empty output, not a failure.
+        let empty = Tensor::zeros((1, 2, 0, 4), candle_core::DType::F32, &dev).unwrap();
+        let y = causal_attention(
+            &empty,
+            &empty.narrow(1, 0, 1).unwrap(),
+            &empty.narrow(1, 0, 1).unwrap(),
+        );
+        assert_eq!(y.unwrap().dims(), &[1, 0, 8]);
         // Frozen keys and values: only the queries' gradient.
         let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 2, 5, 4), &dev).unwrap()).unwrap();
         let kv = Tensor::randn(0f32, 1.0, (1, 1, 5, 4), &dev).unwrap();
