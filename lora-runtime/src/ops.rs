@@ -257,6 +257,20 @@ pub fn layer_norm(
         .broadcast_add(bias)
 }
 
+/// `row` replaced by its softmax; returns its log-sum-exp.
+fn softmax_in_place(row: &mut [f32]) -> f32 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for x in row.iter_mut() {
+        *x = (*x - max).exp();
+        sum += *x;
+    }
+    for x in row.iter_mut() {
+        *x /= sum;
+    }
+    max + sum.ln()
+}
+
 /// Softmax over the last dimension.
 struct Softmax;
 
@@ -270,15 +284,8 @@ impl CustomOp1 for Softmax {
         let d = xl.shape().dims().last().copied().unwrap_or(1).max(1);
         let mut out = vec![0f32; x.len()];
         for (row, dst) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for (o, v) in dst.iter_mut().zip(row) {
-                *o = (v - max).exp();
-                sum += *o;
-            }
-            for o in dst.iter_mut() {
-                *o /= sum;
-            }
+            dst.copy_from_slice(row);
+            softmax_in_place(dst);
         }
         Ok((CpuStorage::F32(out), xl.shape().clone()))
     }
@@ -929,10 +936,8 @@ impl CustomOp1 for SwiGluMlp {
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let grad = grad.contiguous()?;
         let (storage, layout) = grad.storage_and_layout();
-        let candle_core::Storage::Cpu(cpu) = &*storage else {
-            candle_core::bail!("swiglu mlp: gradient not on the CPU");
-        };
-        let dx = self.input_grad(f32_slice(cpu, layout, "mlp output gradient")?, x.dim(0)?)?;
+        let dy = cpu_f32(&storage, layout, "mlp output gradient")?;
+        let dx = self.input_grad(dy, x.dim(0)?)?;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{cpu_f32, f32_slice, fused_cpu, merge_heads, softmax_last_dim};
+use super::{cpu_f32, f32_slice, fused_cpu, merge_heads, softmax_in_place, softmax_last_dim};
 use crate::kernels::{gemm_serial_into, MatRef};
 
 /// Query rows a block: block `[r0, r1)` looks at keys `[0, r1)` only, so the products skip
@@ -143,15 +143,7 @@ fn softmax_rows(s: &mut [f32], r0: usize, cols: usize, lse: &mut [f32]) {
     for (ii, (row, lse)) in s.chunks_mut(cols).zip(lse).enumerate() {
         let (seen, masked) = row.split_at_mut(r0 + ii + 1);
         masked.fill(0.0);
-        let max = seen.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-        let mut sum = 0f32;
-        for x in seen.iter_mut() {
-            *x = (*x - max).exp();
-            sum += *x;
-        }
-        let inv = 1.0 / sum;
-        seen.iter_mut().for_each(|x| *x *= inv);
-        *lse = max + sum.ln();
+        *lse = softmax_in_place(seen);
     }
 }
 
@@ -309,23 +301,16 @@ impl CustomOp3 for CausalAttention {
             candle_core::bail!("causal attention: backward before the forward");
         };
         let grad = grad.contiguous()?;
-        let (guards, layouts): (Vec<_>, Vec<Layout>) = [q, k, v, res, &grad]
-            .iter()
-            .map(|x| {
-                let (s, l) = x.storage_and_layout();
-                (s, l.clone())
-            })
-            .unzip();
-        let names = ["queries", "keys", "values", "output", "output gradient"];
-        let slices = guards
-            .iter()
-            .zip(&layouts)
-            .zip(names)
-            .map(|((s, l), what)| cpu_f32(s, l, what))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let &[qv, kvv, vv, ov, gv] = slices.as_slice() else {
-            candle_core::bail!("causal attention: five inputs expected");
-        };
+        let (qs, ql) = q.storage_and_layout();
+        let (ks, kl) = k.storage_and_layout();
+        let (vs, vl) = v.storage_and_layout();
+        let (os, ol) = res.storage_and_layout();
+        let (gs, gl) = grad.storage_and_layout();
+        let qv = cpu_f32(&qs, ql, "attention queries")?;
+        let kvv = cpu_f32(&ks, kl, "attention keys")?;
+        let vv = cpu_f32(&vs, vl, "attention values")?;
+        let ov = cpu_f32(&os, ol, "attention output")?;
+        let gv = cpu_f32(&gs, gl, "attention output gradient")?;
         let size = b * h * t * d;
         if [qv.len(), ov.len(), gv.len()] != [size; 3]
             || [kvv.len(), vv.len()] != [b * kv * t * d; 2]
